@@ -1,0 +1,181 @@
+"""Load and validate a job spec, turning every pydantic error into a located, fixable line."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, SpecError
+from .yamlio import LoadedDoc, apply_overrides, load_file, parse_text
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_0-9][A-Za-z0-9_-]*)*): (.*)$", re.S)
+_METHOD_ONLY = {
+    "lora": "LoRA options apply only to method: lora; remove the `lora` section or set method: lora",
+    "deepspeed": "DeepSpeed/ZeRO options apply only to method: full (LoRA runs on one GPU, or data parallel, without ZeRO); remove the `deepspeed` section or set method: full",
+}
+
+
+@lru_cache(maxsize=1)
+def _adapter():
+    from pydantic import TypeAdapter
+
+    from .spec import JobSpec
+
+    return TypeAdapter(JobSpec)
+
+
+def _model_at(path: tuple[Any, ...], method: str | None):
+    """The pydantic model class that holds fields at ``path`` (for did-you-mean hints)."""
+    from pydantic import BaseModel
+
+    from .spec import FullJob, LoraJob
+
+    cls: Any = FullJob if method == "full" else LoraJob
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        cls = _unwrap_model(field.annotation, BaseModel)
+        if cls is None:
+            return None
+    return cls
+
+
+def _unwrap_model(tp: Any, base: type) -> Any:
+    if isinstance(tp, type) and issubclass(tp, base):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _unwrap_model(arg, base)
+        if found is not None:
+            return found
+    return None
+
+
+def _fmt_value(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _message(err: dict[str, Any], path: tuple[Any, ...], method: str | None) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(path[-1])
+        if len(path) == 1 and name in _METHOD_ONLY:
+            return _METHOD_ONLY[name]
+        cls = _model_at(path[:-1], method)
+        fields = sorted(cls.model_fields) if cls is not None else []
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        valid = f"valid fields: {', '.join(fields)}" if fields else "remove it"
+        return f"unknown field {name!r}; {hint}{valid}"
+    if kind == "missing":
+        return "required field is missing; add it (see `ftcluster schema`)"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {_fmt_value(err['input'])})"
+    return msg
+
+
+def _split_custom(err: dict[str, Any], loc: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str, dict[str, Any]]]:
+    """Model validators report 'field.path: message' lines; attach each to its field."""
+    if err["type"] != "value_error":
+        return [(loc, "", err)]
+    out = []
+    for line in err["msg"].removeprefix("Value error, ").split("\n"):
+        m = _FIELD_PREFIX.match(line)
+        if m:
+            sub = tuple(m.group(1).split("."))
+            # A top-level validator names full paths (data.seq_len); nested ones name their own field.
+            full = sub if loc == () else loc + sub
+            out.append((full, m.group(2), err))
+        else:
+            out.append((loc, line, err))
+    return out
+
+
+def problems_from_validation(exc: Any, doc: LoadedDoc) -> list[Problem]:
+    """Convert a pydantic ValidationError into located :class:`Problem` lines."""
+    method = doc.data.get("method") if isinstance(doc.data.get("method"), str) else None
+    problems: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            got = doc.data.get("method")
+            msg = ("required field is missing; set method: lora (adapters) or method: full (DeepSpeed full fine-tune)"
+                   if got is None else f"must be 'lora' or 'full' (got {_fmt_value(got)})")
+            problems.append(_problem(doc, ("method",), msg))
+            continue
+        if loc and loc[0] in ("lora", "full"):
+            loc = loc[1:]  # the discriminator tag pydantic puts first
+        for path, custom, e in _split_custom(err, loc):
+            msg = custom or _message(e, path, method)
+            problems.append(_problem(doc, path, msg))
+    seen, unique = set(), []
+    problems.sort(key=lambda p: (p.file != doc.source, p.line or 0, p.column or 0))
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            unique.append(p)
+    return unique
+
+
+def _problem(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
+    dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+    if doc.is_overridden(path):
+        return Problem("--set", None, None, dotted, msg)
+    line, col = doc.locate(path)
+    return Problem(doc.source, line, col, dotted, msg)
+
+
+def validate_doc(doc: LoadedDoc):
+    """Validate a loaded document; returns a LoraJob or FullJob, or raises SpecError."""
+    from pydantic import ValidationError
+
+    try:
+        spec = _adapter().validate_python(doc.data)
+    except ValidationError as exc:
+        raise SpecError(problems_from_validation(exc, doc)) from None
+    spec._source_file = doc.source
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None):
+    """Load, override (``key.path=value``) and validate a job YAML file.
+
+    Returns a :class:`~ftcluster.spec.LoraJob` or :class:`~ftcluster.spec.FullJob`.
+    Raises :class:`~ftcluster.errors.SpecError` listing every problem with file:line:column.
+    """
+    doc = load_file(path)
+    if overrides:
+        apply_overrides(doc, list(overrides))
+    return validate_doc(doc)
+
+
+def load_spec_text(text: str, source: str = "<string>", overrides: list[str] | None = None):
+    """Like :func:`load_spec` for YAML text."""
+    doc = parse_text(text, source)
+    if overrides:
+        apply_overrides(doc, list(overrides))
+    return validate_doc(doc)
+
+
+def spec_from_dict(data: dict[str, Any]):
+    """Validate an already-parsed spec dict (for the training runtime and the Python API)."""
+    return validate_doc(LoadedDoc(data=data, source="<dict>"))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the job spec, generated from the pydantic models."""
+    schema = _adapter().json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ftcluster job"
+    return schema
