@@ -136,7 +136,7 @@ def _problem(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
     return Problem(doc.source, line, col, dotted, msg)
 
 
-def validate_doc(doc: LoadedDoc):
+def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None):
     """Validate a loaded document; returns a LoraJob or FullJob, or raises SpecError."""
     from pydantic import ValidationError
 
@@ -145,6 +145,7 @@ def validate_doc(doc: LoadedDoc):
     except ValidationError as exc:
         raise SpecError(problems_from_validation(exc, doc)) from None
     spec._source_file = doc.source
+    spec._overrides = tuple(overrides or ())
     return spec
 
 
@@ -157,7 +158,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None):
     doc = load_file(path)
     if overrides:
         apply_overrides(doc, list(overrides))
-    return validate_doc(doc)
+    return validate_doc(doc, overrides)
 
 
 def load_spec_text(text: str, source: str = "<string>", overrides: list[str] | None = None):
@@ -165,7 +166,7 @@ def load_spec_text(text: str, source: str = "<string>", overrides: list[str] | N
     doc = parse_text(text, source)
     if overrides:
         apply_overrides(doc, list(overrides))
-    return validate_doc(doc)
+    return validate_doc(doc, overrides)
 
 
 def spec_from_dict(data: dict[str, Any]):

@@ -456,6 +456,7 @@ class _JobBase(_Model):
     local: LocalSpec = Field(default_factory=LocalSpec, description="Local backend settings.")
 
     _source_file: str | None = PrivateAttr(None)
+    _overrides: tuple[str, ...] = PrivateAttr(())
 
     @field_validator("name")
     @classmethod

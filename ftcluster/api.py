@@ -1,0 +1,51 @@
+"""Python API with the CLI's verbs: load_spec, render, submit, status, logs, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from .backends import get_backend
+from .backends.base import RunStatus, SubmitRequest, find_run, load_status
+from .loader import load_spec
+
+__all__ = ["load_spec", "submit", "submit_dryrun", "status", "logs", "cancel"]
+
+
+def _spec(spec_or_path: Any, overrides: list[str] | None = None):
+    if isinstance(spec_or_path, (str, Path)):
+        return load_spec(spec_or_path, overrides)
+    return spec_or_path
+
+
+def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
+    """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
+    spec = _spec(spec)
+    return get_backend(backend or spec.backend).submit_dryrun(spec)
+
+
+def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None) -> RunStatus:
+    """Submit a spec (object or YAML path) to its backend (or ``backend``)."""
+    spec = _spec(spec, overrides)
+    b = get_backend(backend or spec.backend)
+    return b.schedule(b.submit_dryrun(spec))
+
+
+def _backend_of(run_ref: str):
+    st = load_status(find_run(run_ref))
+    return get_backend(st.backend)
+
+
+def status(run_ref: str) -> RunStatus:
+    """Current status of a run (id, unique prefix or run folder)."""
+    return _backend_of(run_ref).status(run_ref)
+
+
+def logs(run_ref: str, follow: bool = False) -> Iterator[str]:
+    """Log lines of a run; ``follow`` keeps reading until it ends."""
+    return _backend_of(run_ref).logs(run_ref, follow=follow)
+
+
+def cancel(run_ref: str) -> RunStatus:
+    """Ask a run to stop (it checkpoints first when it can)."""
+    return _backend_of(run_ref).cancel(run_ref)

@@ -1,0 +1,185 @@
+"""The local backend: the same torchrun launch line, run on this machine.
+
+``submit`` writes a run folder (payload, launch command, status, log) and starts a
+detached supervisor (``python -m ftcluster.backends.local_supervisor RUN_DIR``) that
+runs the job and records its end, so ``status``/``logs``/``cancel`` work from any
+shell, after the submitting command has exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import BackendError
+from ..plan import compile_plan, derived_port
+from .base import (
+    RunStatus,
+    SubmitRequest,
+    find_run,
+    list_runs,
+    load_status,
+    new_run_id,
+    runs_root,
+    save_status,
+    tail_file,
+    write_atomic,
+)
+
+CANCEL_GRACE_S = 60.0
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if free on loopback, else the next free one (the run records it)."""
+    for port in list(range(preferred, min(preferred + 50, 65535))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise BackendError(f"no free rendezvous port near {preferred} on 127.0.0.1")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+class LocalBackend:
+    """Run jobs as managed subprocesses on this machine."""
+
+    name = "local"
+
+    def __init__(self, root: Path | None = None):
+        self.root = root
+
+    # -- submit -----------------------------------------------------------------
+    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
+        """Everything that would run, with no side effects."""
+        run_id = run_id or new_run_id(spec.name)
+        run_dir = (self.root or runs_root(spec)) / run_id
+        plan = compile_plan(spec, spec.local.env)
+        port = derived_port(run_id)
+        python = spec.local.python or sys.executable
+        argv = plan.torchrun_args(
+            rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id=run_id, python=python,
+            spec_arg=["--spec", str(run_dir / "payload.json")],
+        )
+        files = {"payload.json": plan.payload_json() + "\n", "launch.sh": _launch_script(argv, plan.env, os.getcwd())}
+        if plan.deepspeed is not None:
+            files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=1, sort_keys=True) + "\n"
+        meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": spec.output.uri, "port": port}
+        return SubmitRequest("local", run_id, run_dir, argv, files, dict(plan.env), os.getcwd(), meta)
+
+    def schedule(self, req: SubmitRequest) -> RunStatus:
+        """Write the run folder and start the supervisor."""
+        _check_runtime(req.argv[0])
+        port = _free_port(req.meta["port"])
+        if port != req.meta["port"]:
+            req.argv = [a.replace(f"127.0.0.1:{req.meta['port']}", f"127.0.0.1:{port}") for a in req.argv]
+            req.files["launch.sh"] = _launch_script(req.argv, req.env, req.cwd or os.getcwd())
+        req.run_dir.mkdir(parents=True, exist_ok=False)
+        for name, text in req.files.items():
+            write_atomic(req.run_dir / name, text)
+        launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd}
+        write_atomic(req.run_dir / "launch.json", json.dumps(launch, indent=1, sort_keys=True))
+        status = RunStatus(req.run_id, "local", req.meta["name"], "PENDING", str(req.run_dir),
+                           submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"])
+        save_status(req.run_dir, status)
+        log = open(req.run_dir / "supervisor.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ftcluster.backends.local_supervisor", str(req.run_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
+        )
+        log.close()
+        write_atomic(req.run_dir / "supervisor.pid", str(proc.pid))
+        status.job_id = str(proc.pid)
+        return status
+
+    def submit(self, spec: Any) -> RunStatus:
+        return self.schedule(self.submit_dryrun(spec))
+
+    # -- query ------------------------------------------------------------------
+    def status(self, run_ref: str) -> RunStatus:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = load_status(run_dir)
+        if not st.terminal and not _pid_alive(_read_int(run_dir / "supervisor.pid")):
+            st = load_status(run_dir)  # it may have just finished
+            if not st.terminal:
+                st.state, st.message = "FAILED", "the supervisor process is gone (machine restarted or killed)"
+                st.ended_at = st.ended_at or time.time()
+                save_status(run_dir, st)
+        return st
+
+    def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        return tail_file(run_dir / "log.txt", follow, lambda: self.status(str(run_dir)).terminal)
+
+    def cancel(self, run_ref: str) -> RunStatus:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = self.status(str(run_dir))
+        if st.terminal:
+            return st
+        (run_dir / "cancel-requested").write_text(str(time.time()))
+        pid = _read_int(run_dir / "supervisor.pid")
+        if pid and _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)  # the supervisor forwards it and escalates
+        return st
+
+    def list(self) -> list[RunStatus]:
+        out = []
+        for d in list_runs(self.root):
+            try:
+                out.append(self.status(str(d)))
+            except BackendError:
+                continue
+        return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _launch_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
+    lines = ["#!/bin/bash", "# The exact command the local backend runs (for reference and reruns).", "set -euo pipefail",
+             f"cd {shlex.quote(cwd)}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append("exec " + shlex.join(argv))
+    return "\n".join(lines) + "\n"
+
+
+def _check_runtime(python: str) -> None:
+    """Fail before writing anything when the training runtime is not installed."""
+    if python != sys.executable:
+        return
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendError(
+            f"the local backend trains on this machine but {', '.join(missing)} is not installed; "
+            "install the training extra: pip install 'ftcluster[train]' (see README)"
+        )

@@ -1,0 +1,244 @@
+"""The `ftcluster` command line.
+
+Only click is imported at start-up; every command imports what it needs, so
+`ftcluster --help` and `ftcluster render` stay fast on a login node without torch.
+Errors of the FtclusterError family are caught in one place (:class:`_Cli`) and printed
+as one line per problem; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from . import __version__
+
+SET_HELP = "Override a spec field, e.g. --set training.max_steps=10 (repeatable)."
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        from .errors import FtclusterError
+
+        try:
+            return super().invoke(ctx)
+        except FtclusterError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            for line in str(err).splitlines() or [type(err).__name__]:
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="ftcluster")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compile one fine-tuning job spec into Slurm or Kubernetes launch files, and run it."""
+    ctx.obj = {"debug": debug}
+
+
+def _load(path: str, sets: tuple[str, ...]):
+    from .loader import load_spec
+
+    return load_spec(path, list(sets))
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(job: str, sets: tuple[str, ...]) -> None:
+    """Check a job spec; prints a summary, or every problem with file:line:column."""
+    spec = _load(job, sets)
+    from .plan import compile_plan
+
+    plan = compile_plan(spec)
+    r = spec.resources
+    click.echo(
+        f"{job}: ok: {spec.name} ({spec.method}), {r.nodes} node(s) x {r.nproc_per_node} process(es) = "
+        f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}"
+    )
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", type=click.Choice(["slurm", "pytorchjob", "trainjob"]), default=None,
+              help="Output kind; default from the spec's backend.")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write files into this folder instead of printing them.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, ...]) -> None:
+    """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
+    from .render import render as do_render
+
+    files = do_render(_load(job, sets), target)
+    if out_dir is None:
+        for i, (name, text) in enumerate(files.items()):
+            if len(files) > 1:
+                click.echo(f"{'' if i == 0 else chr(10)}# ----- {name} -----")
+            click.echo(text, nl=False)
+        return
+    _write_files(out_dir, files)
+    for name in files:
+        click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
+
+
+def _write_files(out_dir: str, files: dict[str, str]) -> None:
+    """Write every file or none: each goes to a temp name first, then all are renamed."""
+    import os
+    from pathlib import Path
+
+    from .errors import FtclusterError
+
+    d = Path(out_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmps = []
+        for name, text in files.items():
+            tmp = d / f".{name}.tmp{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            tmps.append((tmp, d / name))
+        for tmp, final in tmps:
+            os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in locals().get("tmps", []):
+            tmp.unlink(missing_ok=True)
+        raise FtclusterError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--backend", "-b", type=click.Choice(["local", "slurm", "kubernetes"]), default=None,
+              help="Override the spec's backend.")
+@click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
+@click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...]) -> None:
+    """Submit a job to its backend (local, slurm)."""
+    from .backends import get_backend
+
+    spec = _load(job, sets)
+    b = get_backend(backend or spec.backend)
+    req = b.submit_dryrun(spec)
+    if dry_run:
+        click.echo(req.describe(), nl=False)
+        return
+    st = b.schedule(req)
+    click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
+    if wait:
+        sys.exit(_wait(b, st.run_dir))
+
+
+def _wait(backend, run_ref: str) -> int:
+    from .backends.base import EXIT_CODES
+
+    for line in backend.logs(run_ref, follow=True):
+        click.echo(line, nl=False)
+    st = backend.status(run_ref)
+    while not st.terminal:
+        time.sleep(1)
+        st = backend.status(run_ref)
+    click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
+    return EXIT_CODES.get(st.state, 1)
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run: str | None, as_json: bool) -> None:
+    """Show a run's state (or all runs)."""
+    from . import api
+
+    if run is None:
+        return _list(as_json)
+    st = api.status(run)
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=1, sort_keys=True))
+        return
+    _table([st])
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(as_json: bool) -> None:
+    """List runs recorded in the run folders."""
+    _list(as_json)
+
+
+def _list(as_json: bool) -> None:
+    from .backends import get_backend
+    from .backends.base import list_runs, load_status
+
+    runs = []
+    for d in list_runs():
+        try:
+            st = load_status(d)
+            runs.append(get_backend(st.backend).status(str(d)))
+        except Exception:  # one broken folder must not hide the others
+            continue
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in runs], indent=1, sort_keys=True))
+    else:
+        _table(runs)
+
+
+def _table(runs) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None)
+    for col in ("RUN", "BACKEND", "JOB", "STATE", "MESSAGE"):
+        t.add_column(col)
+    for r in runs:
+        t.add_row(r.run_id, r.backend, r.job_id or "-", r.state, r.message)
+    Console().print(t)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
+def logs(run: str, follow: bool) -> None:
+    """Print a run's log."""
+    from . import api
+
+    for line in api.logs(run, follow=follow):
+        click.echo(line, nl=False)
+
+
+@cli.command()
+@click.argument("run")
+def cancel(run: str) -> None:
+    """Stop a run; the training runtime checkpoints before it exits."""
+    from . import api
+
+    st = api.cancel(run)
+    click.echo(f"{st.run_id}: {'already ' + st.state if st.terminal else 'cancel requested'}")
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of the job spec (for editors)."""
+    from .loader import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if output:
+        _write_files(str(__import__("pathlib").Path(output).parent or "."), {__import__("pathlib").Path(output).name: text})
+    else:
+        click.echo(text, nl=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="ftcluster")
+
+
+if __name__ == "__main__":
+    main()
