@@ -1,0 +1,39 @@
+"""Shared pytest options and fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="Rewrite tests/golden/ from the current renderers instead of comparing.")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+@pytest.fixture
+def ftc_home(tmp_path, monkeypatch) -> Path:
+    """An isolated FTCLUSTER_HOME so run folders do not leak between tests."""
+    home = tmp_path / "ftc-home"
+    monkeypatch.setenv("FTCLUSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+def pytest_configure(config):
+    os.environ.setdefault("FTCLUSTER_CANCEL_GRACE_S", "30")
