@@ -173,3 +173,10 @@ def test_unknown_run_is_one_line(tmp_path):
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_examples_validate(example):
     ftc("validate", f"examples/{example}", check=True)
+
+
+def test_spec_reference_doc_in_sync():
+    from ftcluster.docgen import render_markdown
+
+    assert (ROOT / "docs" / "spec.md").read_text() == render_markdown(), (
+        "docs/spec.md is stale: run `python -m ftcluster.docgen > docs/spec.md`")

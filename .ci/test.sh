@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test command (`make test` runs it): start the real services the tests use,
+# run ruff and pytest, stop the services. Slurm needs root and apt; without them
+# the Slurm tests are skipped with a reason (in CI, STRICT=1 makes that an error).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+export PATH="$PWD/$VENV/bin:$PATH"
+export LAB=${LAB:-/tmp/ftcluster-slurm}
+
+started=0
+cleanup() { if [ "$started" = 1 ]; then bash .ci/slurm-down.sh >/dev/null 2>&1 || true; fi; }
+trap cleanup EXIT
+
+if [ -z "${SLURM_CONF:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    bash .ci/slurm-down.sh >/dev/null 2>&1 || true
+    NODES=2 bash .ci/slurm-up.sh
+    started=1
+    export SLURM_CONF=$LAB/etc/slurm.conf
+  elif [ "${STRICT:-0}" = 1 ]; then
+    echo "STRICT=1 but Slurm cannot be started here (needs root and apt-get)" >&2; exit 1
+  else
+    echo "note: not root; Slurm tests will be skipped" >&2
+  fi
+fi
+
+ruff check ftcluster tests benchmarks
+python -m pytest -q -p no:cacheprovider "$@"

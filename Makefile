@@ -1,0 +1,42 @@
+# Developer entry points. `make quickstart` and `make test` work on a fresh Debian/Ubuntu machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is installed first and pinned so that nothing pulls a multi-GB CUDA build by accident;
+# on a GPU machine, install the torch build that matches your CUDA instead (TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+DS_SPEC ?= deepspeed==0.19.8
+
+.PHONY: setup quickstart test lint schema golden bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# DeepSpeed ships only an sdist; building it against the installed torch avoids pulling another torch.
+	$(PIP) install -q --no-build-isolation "$(DS_SPEC)"
+	$(PIP) install -q -e ".[train,slurm,k8s,dev]"
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/ftcluster submit examples/quickstart.yaml --wait
+
+test: setup
+	bash .ci/test.sh
+
+lint: setup
+	$(VENV)/bin/ruff check ftcluster tests benchmarks
+
+schema: setup
+	$(VENV)/bin/ftcluster schema -o docs/ftcluster.schema.json
+
+golden: setup
+	$(PY) -m pytest -q tests/test_golden.py --update-golden
+
+bench: setup
+	$(PY) benchmarks/render_speed.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,199 @@
+"""The Slurm backend: sbatch / squeue / sacct / scontrol / scancel through one injected runner.
+
+The runner is the only thing that executes commands, so the same backend drives a local
+Slurm client or a login node over SSH (``slurm.login: user@host``), and tests can point
+it at a live cluster. The rendered script goes to ``sbatch`` on stdin, so nothing needs
+copying to the login node first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import BackendError
+from .base import (
+    RunStatus,
+    SubmitRequest,
+    find_run,
+    list_runs,
+    load_status,
+    new_run_id,
+    runs_root,
+    save_status,
+    tail_file,
+    write_atomic,
+)
+
+# Slurm job states -> ftcluster states.
+STATE_MAP = {
+    "PENDING": "PENDING", "CONFIGURING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING",
+    "REQUEUE_FED": "PENDING", "RESV_DEL_HOLD": "PENDING", "SUSPENDED": "PENDING", "RESIZING": "RUNNING",
+    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
+    "COMPLETED": "SUCCEEDED", "CANCELLED": "CANCELLED", "FAILED": "FAILED", "TIMEOUT": "FAILED",
+    "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED", "DEADLINE": "FAILED",
+    "PREEMPTED": "PENDING", "REVOKED": "FAILED", "SPECIAL_EXIT": "FAILED",
+}
+
+
+@dataclass
+class Runner:
+    """Runs Slurm client commands locally, or on ``login`` over SSH."""
+
+    login: str | None = None
+    timeout: float = 60.0
+
+    def __call__(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        if self.login:
+            cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", self.login, shlex.join(argv)]
+        else:
+            cmd = argv
+            if shutil.which(argv[0]) is None:
+                raise BackendError(
+                    f"`{argv[0]}` is not on PATH: run ftcluster on a Slurm login node, or set slurm.login: user@host "
+                    "to submit over SSH"
+                )
+        try:
+            return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"`{shlex.join(argv)}` did not answer within {self.timeout:.0f}s; is slurmctld up?") from None
+        except FileNotFoundError:
+            raise BackendError(f"cannot run {cmd[0]!r}; is it installed?") from None
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line.removeprefix("sbatch: error: ").removeprefix("error: ")
+    return "no output"
+
+
+class SlurmBackend:
+    """Submit and manage jobs on Slurm."""
+
+    name = "slurm"
+
+    def __init__(self, runner: Runner | None = None, root: Path | None = None):
+        self._runner = runner
+        self.root = root
+
+    def _run(self, login: str | None) -> Runner:
+        return self._runner or Runner(login=login)
+
+    # -- submit -----------------------------------------------------------------
+    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
+        """The sbatch command and script, with no side effects."""
+        from ..render import render
+
+        files = render(spec, "slurm")
+        (script_name, script), = files.items()
+        run_id = run_id or new_run_id(spec.name)
+        run_dir = (self.root or runs_root(spec)) / run_id
+        argv = ["sbatch", "--parsable"]
+        meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
+                "output_pattern": spec.slurm.output, "output_uri": spec.output.uri}
+        from ..plan import spec_hash
+
+        meta["spec_hash"] = spec_hash(spec)
+        return SubmitRequest("slurm", run_id, run_dir, argv + [f"< {script_name}"], files, {}, os.getcwd(), meta)
+
+    def schedule(self, req: SubmitRequest) -> RunStatus:
+        """Run sbatch; the run folder only stays when the submission succeeded."""
+        script = req.files[req.meta["script"]]
+        req.run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            for name, text in req.files.items():
+                write_atomic(req.run_dir / name, text)
+            proc = self._run(req.meta["login"])(["sbatch", "--parsable"], stdin=script)
+            if proc.returncode != 0:
+                raise BackendError(f"sbatch rejected the job: {_first_line(proc.stderr or proc.stdout)}")
+            job_id = proc.stdout.strip().split(";")[0]
+            if not job_id.isdigit():
+                raise BackendError(f"sbatch printed no job id ({_first_line(proc.stdout)!r})")
+        except BaseException:
+            shutil.rmtree(req.run_dir, ignore_errors=True)
+            raise
+        log = req.meta["output_pattern"].replace("%x", req.meta["name"]).replace("%j", job_id)
+        status = RunStatus(req.run_id, "slurm", req.meta["name"], "PENDING", str(req.run_dir), job_id=job_id,
+                           submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"])
+        extra = {"log": str(Path(req.cwd or ".") / log), "login": req.meta["login"], "cwd": req.cwd}
+        write_atomic(req.run_dir / "slurm.json", json.dumps(extra, indent=1, sort_keys=True))
+        save_status(req.run_dir, status)
+        return status
+
+    def submit(self, spec: Any) -> RunStatus:
+        return self.schedule(self.submit_dryrun(spec))
+
+    # -- query ------------------------------------------------------------------
+    def _extra(self, run_dir: Path) -> dict[str, Any]:
+        try:
+            return json.loads((run_dir / "slurm.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def query_state(self, job_id: str, login: str | None = None) -> tuple[str | None, int | None]:
+        """(Slurm state, exit code) from squeue, then sacct, then scontrol; (None, None) if unknown."""
+        run = self._run(login)
+        q = run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        if q.returncode == 0 and q.stdout.strip():
+            return q.stdout.split()[0], None
+        a = run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"])
+        if a.returncode == 0 and a.stdout.strip():
+            state, _, code = a.stdout.strip().splitlines()[0].partition("|")
+            return state.split()[0], int(code.split(":")[0]) if code.split(":")[0].isdigit() else None
+        s = run(["scontrol", "show", "job", "-o", job_id])
+        if s.returncode == 0 and "JobState=" in s.stdout:
+            fields = dict(kv.split("=", 1) for kv in s.stdout.split() if "=" in kv)
+            code = fields.get("ExitCode", "").split(":")[0]
+            return fields["JobState"], int(code) if code.isdigit() else None
+        return None, None
+
+    def status(self, run_ref: str) -> RunStatus:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = load_status(run_dir)
+        if st.terminal or not st.job_id:
+            return st
+        raw, code = self.query_state(st.job_id, self._extra(run_dir).get("login"))
+        if raw is None:
+            st.message = f"Slurm no longer knows job {st.job_id} (no accounting, past MinJobAge); last state {st.state}"
+            st.state = "UNKNOWN"
+            return st
+        st.state = STATE_MAP.get(raw, "RUNNING")
+        st.message = "" if raw in ("RUNNING", "PENDING", "COMPLETED") else raw
+        if code is not None:
+            st.returncode = code
+        if st.terminal:
+            st.ended_at = time.time()
+        save_status(run_dir, st)
+        return st
+
+    def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        extra = self._extra(run_dir)
+        if extra.get("login"):
+            proc = self._run(extra["login"])(["cat", extra["log"]])
+            return iter(proc.stdout.splitlines(keepends=True))
+        return tail_file(Path(extra.get("log", "")), follow, lambda: self.status(str(run_dir)).state in
+                         ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"))
+
+    def cancel(self, run_ref: str) -> RunStatus:
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = self.status(str(run_dir))
+        if st.terminal:
+            return st
+        # scancel sends SIGTERM to every step first; the runtime checkpoints on it (KillWait later).
+        proc = self._run(self._extra(run_dir).get("login"))(["scancel", st.job_id])
+        if proc.returncode != 0:
+            raise BackendError(f"scancel {st.job_id} failed: {_first_line(proc.stderr)}")
+        return st
+
+    def list(self) -> list[RunStatus]:
+        return [self.status(str(d)) for d in list_runs(self.root) if load_status(d).backend == "slurm"]
