@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DS_SPEC ?= deepspeed==0.19.8
 
-.PHONY: setup quickstart test lint schema golden bench clean
+.PHONY: setup quickstart test lint schema manifests golden bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check ftcluster tests benchmarks
+
+manifests: setup
+	$(PY) manifests/generate.py
 
 schema: setup
 	$(VENV)/bin/ftcluster schema -o docs/ftcluster.schema.json

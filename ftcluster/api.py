@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .backends import get_backend
 from .backends.base import RunStatus, SubmitRequest, find_run, load_status
@@ -14,20 +15,28 @@ __all__ = ["load_spec", "submit", "submit_dryrun", "status", "logs", "cancel"]
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None):
     if isinstance(spec_or_path, (str, Path)):
-        return load_spec(spec_or_path, overrides)
+        from .pipeline import load
+
+        return load(spec_or_path, overrides)  # a job spec or a pipeline file
     return spec_or_path
+
+
+def _backend_for(spec: Any, backend: str | None):
+    from .pipeline import Pipeline
+
+    return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend)
 
 
 def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
     spec = _spec(spec)
-    return get_backend(backend or spec.backend).submit_dryrun(spec)
+    return _backend_for(spec, backend).submit_dryrun(spec)
 
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None) -> RunStatus:
-    """Submit a spec (object or YAML path) to its backend (or ``backend``)."""
+    """Submit a spec or pipeline (object or YAML path) to its backend (or ``backend``)."""
     spec = _spec(spec, overrides)
-    b = get_backend(backend or spec.backend)
+    b = _backend_for(spec, backend)
     return b.schedule(b.submit_dryrun(spec))
 
 

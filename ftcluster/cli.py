@@ -46,24 +46,33 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _load(path: str, sets: tuple[str, ...]):
-    from .loader import load_spec
+    """A job spec, or a pipeline (a file with `pipeline:`); `--set` applies to every stage of a pipeline."""
+    from .pipeline import load
 
-    return load_spec(path, list(sets))
+    return load(path, list(sets))
 
 
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def validate(job: str, sets: tuple[str, ...]) -> None:
-    """Check a job spec; prints a summary, or every problem with file:line:column."""
+    """Check a job spec or pipeline; prints a summary, or every problem with file:line:column."""
     spec = _load(job, sets)
+    from .pipeline import Pipeline, describe
     from .plan import compile_plan
 
+    if isinstance(spec, Pipeline):
+        click.echo(f"{job}: ok: {describe(spec)}")
+        return
     plan = compile_plan(spec)
     r = spec.resources
+    array = ""
+    if plan.variants:
+        limit = f", at most {plan.array_parallelism} at once" if plan.array_parallelism else ""
+        array = f", {len(plan.variants)} variants ({', '.join(plan.variants)}){limit}"
     click.echo(
         f"{job}: ok: {spec.name} ({spec.method}), {r.nodes} node(s) x {r.nproc_per_node} process(es) = "
-        f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}"
+        f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}{array}"
     )
 
 
@@ -76,9 +85,11 @@ def validate(job: str, sets: tuple[str, ...]) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
+    from .pipeline import Pipeline, render_pipeline
     from .render import render as do_render
 
-    files = do_render(_load(job, sets), target)
+    spec = _load(job, sets)
+    files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:
@@ -102,9 +113,11 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
         d.mkdir(parents=True, exist_ok=True)
         tmps = []
         for name, text in files.items():
-            tmp = d / f".{name}.tmp{os.getpid()}"
+            final = d / name  # a pipeline's files sit in one folder per stage
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
             tmp.write_text(text, encoding="utf-8")
-            tmps.append((tmp, d / name))
+            tmps.append((tmp, final))
         for tmp, final in tmps:
             os.replace(tmp, final)
     except OSError as exc:
@@ -121,11 +134,17 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...]) -> None:
-    """Submit a job to its backend (local, slurm)."""
+    """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
     from .backends import get_backend
+    from .pipeline import Pipeline
 
     spec = _load(job, sets)
-    b = get_backend(backend or spec.backend)
+    if isinstance(spec, Pipeline):
+        if backend:
+            raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
+        b = get_backend("pipeline")
+    else:
+        b = get_backend(backend or spec.backend)
     req = b.submit_dryrun(spec)
     if dry_run:
         click.echo(req.describe(), nl=False)
@@ -198,6 +217,8 @@ def _table(runs) -> None:
         t.add_column(col)
     for r in runs:
         t.add_row(r.run_id, r.backend, r.job_id or "-", r.state, r.message)
+        for task in r.tasks:  # the variants of a job array, the stages of a pipeline
+            t.add_row(f"  {task['name']}", "", task.get("job_id") or "-", task["state"], task.get("message", ""))
     Console().print(t)
 
 
@@ -220,6 +241,23 @@ def cancel(run: str) -> None:
 
     st = api.cancel(run)
     click.echo(f"{st.run_id}: {'already ' + st.state if st.terminal else 'cancel requested'}")
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--remote", is_flag=True, help="Also probe a compute node (/dev/shm, port, python); queues a 1-node job.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None:
+    """Check a job against its cluster and storage before submitting; exit 1 if any check fails."""
+    from .doctor import diagnose, print_report
+
+    checks = diagnose(job, list(sets), remote=remote)
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in checks], indent=1))
+    else:
+        print_report(checks)
+    sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
 
 
 @cli.command()

@@ -59,3 +59,11 @@ class BackendError(FtclusterError):
 
 class RunNotFoundError(BackendError):
     """No run folder or job matches the given id."""
+
+
+class TrainError(FtclusterError):
+    """The training runtime cannot go on (bad model/data for this spec, a failed final save)."""
+
+
+class StorageError(TrainError):
+    """Object storage failed: an upload past its deadline, an unreadable checkpoint store or data URI."""

@@ -29,13 +29,13 @@ def _adapter():
     return TypeAdapter(JobSpec)
 
 
-def _model_at(path: tuple[Any, ...], method: str | None):
+def _model_at(path: tuple[Any, ...], method: str | None, root: Any = None):
     """The pydantic model class that holds fields at ``path`` (for did-you-mean hints)."""
     from pydantic import BaseModel
 
     from .spec import FullJob, LoraJob
 
-    cls: Any = FullJob if method == "full" else LoraJob
+    cls: Any = root or (FullJob if method == "full" else LoraJob)
     for part in path:
         if isinstance(part, int):
             continue
@@ -63,13 +63,13 @@ def _fmt_value(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _message(err: dict[str, Any], path: tuple[Any, ...], method: str | None) -> str:
+def _message(err: dict[str, Any], path: tuple[Any, ...], method: str | None, root: Any = None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         name = str(path[-1])
         if len(path) == 1 and name in _METHOD_ONLY:
             return _METHOD_ONLY[name]
-        cls = _model_at(path[:-1], method)
+        cls = _model_at(path[:-1], method, root)
         fields = sorted(cls.model_fields) if cls is not None else []
         close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -102,25 +102,35 @@ def _split_custom(err: dict[str, Any], loc: tuple[Any, ...]) -> list[tuple[tuple
     return out
 
 
-def problems_from_validation(exc: Any, doc: LoadedDoc) -> list[Problem]:
-    """Convert a pydantic ValidationError into located :class:`Problem` lines."""
-    method = doc.data.get("method") if isinstance(doc.data.get("method"), str) else None
-    problems: list[Problem] = []
+def validation_messages(exc: Any, data: dict[str, Any], root: Any = None) -> list[tuple[tuple[Any, ...], str]]:
+    """A pydantic ValidationError on a job spec (or on a ``root`` model) as (field path, message) pairs."""
+    method = data.get("method") if isinstance(data.get("method"), str) else None
+    out: list[tuple[tuple[Any, ...], str]] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            got = doc.data.get("method")
+            got = data.get("method")
             msg = ("required field is missing; set method: lora (adapters) or method: full (DeepSpeed full fine-tune)"
                    if got is None else f"must be 'lora' or 'full' (got {_fmt_value(got)})")
-            problems.append(_problem(doc, ("method",), msg))
+            out.append((("method",), msg))
             continue
         if loc and loc[0] in ("lora", "full"):
             loc = loc[1:]  # the discriminator tag pydantic puts first
         for path, custom, e in _split_custom(err, loc):
-            msg = custom or _message(e, path, method)
-            problems.append(_problem(doc, path, msg))
+            out.append((path, custom or _message(e, path, method, root)))
+    return out
+
+
+def problems_from_validation(exc: Any, doc: LoadedDoc) -> list[Problem]:
+    """Convert a pydantic ValidationError into located :class:`Problem` lines."""
+    problems = [_problem(doc, path, msg) for path, msg in validation_messages(exc, doc.data)]
+    return sort_unique(problems, doc.source)
+
+
+def sort_unique(problems: list[Problem], source: str) -> list[Problem]:
+    """Problems in file order (the spec's own file first), each once."""
     seen, unique = set(), []
-    problems.sort(key=lambda p: (p.file != doc.source, p.line or 0, p.column or 0))
+    problems = sorted(problems, key=lambda p: (p.file != source, p.line or 0, p.column or 0))
     for p in problems:
         if str(p) not in seen:
             seen.add(str(p))
@@ -128,24 +138,40 @@ def problems_from_validation(exc: Any, doc: LoadedDoc) -> list[Problem]:
     return unique
 
 
+def dotted_path(path: tuple[Any, ...]) -> str:
+    """("variants", 1, "set", "lora.r") -> "variants[1].set.lora.r"."""
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+
+
 def _problem(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
-    dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+    dotted = dotted_path(path)
     if doc.is_overridden(path):
         return Problem("--set", None, None, dotted, msg)
     line, col = doc.locate(path)
     return Problem(doc.source, line, col, dotted, msg)
 
 
-def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None):
-    """Validate a loaded document; returns a LoraJob or FullJob, or raises SpecError."""
+def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: Any = None):
+    """Validate a loaded document; returns a LoraJob or FullJob, or raises SpecError.
+
+    ``relocate(path, message)`` may return a :class:`Problem` placed elsewhere (a pipeline
+    puts problems in fields its stage overrides at the override), or None for the default.
+    """
     from pydantic import ValidationError
 
     try:
         spec = _adapter().validate_python(doc.data)
     except ValidationError as exc:
-        raise SpecError(problems_from_validation(exc, doc)) from None
+        if relocate is None:
+            raise SpecError(problems_from_validation(exc, doc)) from None
+        found = [relocate(path, msg) or _problem(doc, path, msg) for path, msg in validation_messages(exc, doc.data)]
+        raise SpecError(sort_unique(found, doc.source)) from None
     spec._source_file = doc.source
     spec._overrides = tuple(overrides or ())
+    if spec.variants:
+        from .variants import resolve_variants
+
+        resolve_variants(spec, doc)  # every variant is validated now, with errors located in this file
     return spec
 
 

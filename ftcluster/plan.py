@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,17 @@ def spec_hash(spec: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def slurm_output(pattern: str, array: bool) -> str:
+    """The sbatch ``--output`` pattern: for a job array each task gets its own log (``%j`` becomes
+    ``%A_%a``, array id and task index; a pattern without ``%j`` gets ``_%a`` before its extension)."""
+    if not array or "%a" in pattern:
+        return pattern
+    if "%j" in pattern:
+        return pattern.replace("%j", "%A_%a")
+    root, dot, ext = pattern.rpartition(".")
+    return f"{root}_%a.{ext}" if dot and root and "/" not in ext else f"{pattern}_%a"
+
+
 def derived_port(job_id: str | int) -> int:
     """A rendezvous port derived from a job id, so two jobs on one node do not collide."""
     try:
@@ -142,10 +154,20 @@ class LaunchPlan:
     hash: str
     version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] = ()  # a job array: one task per variant, in this order
+    array_parallelism: int | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def array(self) -> str | None:
+        """The sbatch ``--array`` value (``0-2%2``) of a job with variants, else None."""
+        if not self.variants:
+            return None
+        throttle = f"%{self.array_parallelism}" if self.array_parallelism else ""
+        return f"0-{len(self.variants) - 1}{throttle}"
 
     @property
     def world_size(self) -> int:
@@ -191,16 +213,63 @@ def build_env(spec: Any, backend_env: dict[str, str] | None = None) -> dict[str,
     return dict(sorted(env.items()))
 
 
+def _payload(spec: Any) -> dict[str, Any]:
+    payload = {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"),
+               "deepspeed": resolved_deepspeed_config(spec)}
+    if spec._variant is not None:
+        payload["variant"] = spec._variant
+    return payload
+
+
 def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> LaunchPlan:
-    """Compile a validated spec into a :class:`LaunchPlan`."""
-    ds = resolved_deepspeed_config(spec)
-    payload = {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"), "deepspeed": ds}
+    """Compile a validated spec into a :class:`LaunchPlan`.
+
+    A spec with ``variants`` compiles to one plan for a job array: its payload holds every
+    resolved variant's payload (``{"variants": [...]}``) and each task picks its own with
+    :func:`select_payload`.
+    """
+    from .variants import resolve_variants
+
+    resolved = resolve_variants(spec)
+    payload = _payload(spec)
+    if resolved:
+        payload = {"ftcluster_version": __version__, "variants": [_payload(v) for v in resolved]}
     return LaunchPlan(
         spec=spec,
         nnodes=spec.resources.nodes,
         nproc_per_node=spec.resources.nproc_per_node,
         env=build_env(spec, backend_env),
-        deepspeed=ds,
+        deepspeed=resolved_deepspeed_config(spec),
         payload=payload,
         hash=spec_hash(spec),
+        variants=tuple(v._variant for v in resolved),
+        array_parallelism=spec.array_parallelism if resolved else None,
     )
+
+
+def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The payload this process trains: ``payload`` itself, or for a job with variants the entry
+    of this process's variant.
+
+    ``FTCLUSTER_VARIANT`` (a variant name or index; for launchers other than Slurm) wins over
+    ``SLURM_ARRAY_TASK_ID`` (set by Slurm in every task of a job array). Pure: reads only
+    ``environ``. Raises :class:`~ftcluster.errors.TrainError` when no variant is chosen.
+    """
+    from .errors import TrainError
+
+    variants = payload.get("variants")
+    if variants is None:
+        return payload
+    names = [str(v.get("variant")) for v in variants]
+    source = "FTCLUSTER_VARIANT" if environ.get("FTCLUSTER_VARIANT") else "SLURM_ARRAY_TASK_ID"
+    want = (environ.get(source) or "").strip()
+    if not want:
+        raise TrainError(
+            f"this payload holds {len(variants)} variants ({', '.join(names)}); choose one with "
+            "FTCLUSTER_VARIANT=<name or index>, or run it as a task of the Slurm job array")
+    if want in names:
+        return variants[names.index(want)]
+    if want.isdigit() and int(want) < len(variants):
+        return variants[int(want)]
+    raise TrainError(f"{source}={want} names no variant of this job; use one of {', '.join(names)} "
+                     f"or an index 0-{len(variants) - 1}")

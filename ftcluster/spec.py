@@ -437,6 +437,20 @@ class LocalSpec(_Model):
         return _check_env(v)
 
 
+class Variant(_Model):
+    """One version of the job in a job array: the job's spec plus a few overrides."""
+
+    name: str = Field(..., description="Variant name, a DNS-1035 label: the variant runs as <job name>-<variant> and writes to <output.uri>/<variant>.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides as dotted field paths, e.g. {lora.r: 64, training.learning_rate: 1.0e-4}; a mapping value replaces the whole section. Not allowed: name, method, backend, resources, env, output.uri, slurm, kubernetes, local (one array runs one shape).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS1035.match(v):
+            raise ValueError(f"use lower-case letters, digits and '-', starting with a letter, e.g. {_suggest_name(v)!r}")
+        return v
+
+
 # --------------------------------------------------------------------------- job
 
 
@@ -454,9 +468,13 @@ class _JobBase(_Model):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Slurm backend settings.")
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec, description="Kubernetes settings.")
     local: LocalSpec = Field(default_factory=LocalSpec, description="Local backend settings.")
+    variants: list[Variant] = Field(default_factory=list, description="Run several versions of this job as one Slurm job array (one Kubernetes job each; one after another locally). Each variant is this spec plus its `set` overrides. See docs/pipelines.md.")
+    array_parallelism: int | None = Field(None, ge=1, description="At most this many variants run at once (sbatch --array=0-N%K); default: no limit.")
 
     _source_file: str | None = PrivateAttr(None)
     _overrides: tuple[str, ...] = PrivateAttr(())
+    _variant: str | None = PrivateAttr(None)  # set on a resolved variant spec (ftcluster.variants)
+    _resolved: tuple[Any, ...] | None = PrivateAttr(None)  # resolved variant specs, cached by ftcluster.variants
 
     @field_validator("name")
     @classmethod
@@ -480,6 +498,8 @@ class _JobBase(_Model):
             problems.append(f"data.seq_len: {self.data.seq_len} exceeds model.random_init.max_position_embeddings ({ri.max_position_embeddings}); lower seq_len or raise max_position_embeddings")
         if self.training.precision == "fp16" and self.method == "lora" and self.resources.gpus_per_node == 0:
             problems.append("training.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
+        if self.array_parallelism is not None and not self.variants:
+            problems.append("array_parallelism: only applies to a job with variants; remove it or add variants")
         if self.backend == "kubernetes" and not self.kubernetes.image:
             problems.append("kubernetes.image: the kubernetes backend needs an image with ftcluster[train]; set kubernetes.image to a pinned tag")
         if problems:
@@ -517,3 +537,38 @@ JobSpec = Annotated[Union[LoraJob, FullJob], Field(discriminator="method")]
 """A job: :class:`LoraJob` or :class:`FullJob`, picked by ``method``."""
 
 AnyJob = Union[LoraJob, FullJob]
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class PipelineStage(_Model):
+    """One stage of a pipeline: a job spec file, what it waits for and where its base model comes from."""
+
+    name: str | None = Field(None, description="Stage name (DNS-1035 label) that `after` and `model_from` refer to; default the job's name.")
+    spec: str = Field(..., description="Job spec file, relative to the pipeline file.")
+    after: list[str] = Field(default_factory=list, description="Stages that must succeed before this one starts (Slurm afterok; every task of an array).")
+    model_from: str | None = Field(None, description="Train on the model an earlier stage produces: sets model.path to its <output.uri>/final (full) or <output.uri>/merged (LoRA with merge_at_end); implies `after`.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides for this stage's spec as dotted field paths, e.g. {training.max_steps: 100}.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not DNS1035.match(v):
+            raise ValueError(f"use lower-case letters, digits and '-', starting with a letter, e.g. {_suggest_name(v)!r}")
+        return v
+
+
+class PipelineSpec(_Model):
+    """Several jobs submitted as one: each stage starts when the stages it depends on have succeeded."""
+
+    pipeline: str = Field(..., description="Pipeline name (DNS-1035 label); names the run folder.")
+    description: str | None = Field(None, description="Free text.")
+    stages: list[PipelineStage] = Field(..., min_length=1, description="Stages, in the order they are submitted; a stage may only depend on earlier ones.")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 50 or not DNS1035.match(v):
+            raise ValueError(f"use at most 50 lower-case letters, digits and '-', starting with a letter, e.g. {_suggest_name(v)!r}")
+        return v

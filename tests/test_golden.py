@@ -6,11 +6,13 @@ Regenerate only on purpose: ``pytest tests/test_golden.py --update-golden``.
 from __future__ import annotations
 
 import difflib
+import shutil
 from pathlib import Path
 
 import pytest
 
 from ftcluster.loader import load_spec
+from ftcluster.pipeline import Pipeline, load, load_pipeline, render_pipeline
 from ftcluster.render import TARGETS, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,12 @@ IMAGE = "kubernetes.image=registry.example.com/ml/ftcluster-train:0.1.0"
 
 def _render(example: str, target: str) -> dict[str, str]:
     path = f"examples/{example}"
+    if isinstance(load(ROOT / path), Pipeline):  # files under <stage>/, plus a submit script for Slurm
+        pipe = load_pipeline(ROOT / path)
+        overrides = [IMAGE] if target != "slurm" and any(not s.spec.kubernetes.image for s in pipe.stages) else []
+        pipe = load_pipeline(ROOT / path, overrides)
+        pipe.source = path
+        return render_pipeline(pipe, target)
     spec = load_spec(ROOT / path)
     overrides = [IMAGE] if target != "slurm" and not spec.kubernetes.image else []
     spec = load_spec(ROOT / path, overrides)
@@ -35,14 +43,14 @@ def test_golden(example: str, target: str, update_golden: bool):
     files = _render(example, target)
     folder = GOLDEN / example.removesuffix(".yaml") / target
     if update_golden:
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.iterdir():
-            old.unlink()
+        if folder.is_dir():
+            shutil.rmtree(folder)
         for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(text, encoding="utf-8")
         pytest.skip("golden files rewritten")
     assert folder.is_dir(), f"no golden files for {example} x {target}; run pytest --update-golden"
-    expected = sorted(p.name for p in folder.iterdir())
+    expected = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert sorted(files) == expected, "rendered file names differ from the golden set"
     for name, text in files.items():
         want = (folder / name).read_text(encoding="utf-8")

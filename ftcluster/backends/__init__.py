@@ -18,6 +18,10 @@ def get_backend(name: str):
         from .slurm import SlurmBackend
 
         return SlurmBackend()
+    if name == "pipeline":  # not a spec's backend: the runs of `ftcluster submit pipeline.yaml`
+        from .pipeline import PipelineBackend
+
+        return PipelineBackend()
     if name == "kubernetes":
         raise BackendError(
             "the kubernetes backend (submit/status through the API) is not available yet; render the manifests with "

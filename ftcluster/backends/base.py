@@ -11,9 +11,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import BackendError, RunNotFoundError
 
@@ -67,6 +68,9 @@ class RunStatus:
     message: str = ""
     spec_hash: str = ""
     output_uri: str = ""
+    # Parts of the run: the tasks of a job array (one per variant) or the stages of a pipeline,
+    # each {"name", "job_id", "state", "message"} (docs/pipelines.md).
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:

@@ -16,8 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import BackendError
 from ..plan import compile_plan, derived_port
@@ -88,7 +89,9 @@ class LocalBackend:
         files = {"payload.json": plan.payload_json() + "\n", "launch.sh": _launch_script(argv, plan.env, os.getcwd())}
         if plan.deepspeed is not None:
             files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=1, sort_keys=True) + "\n"
-        meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": spec.output.uri, "port": port}
+        meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": spec.output.uri, "port": port,
+                # Variants run one after another in this run; each picks its payload by FTCLUSTER_VARIANT.
+                "steps": [{"name": v, "env": {"FTCLUSTER_VARIANT": v}} for v in plan.variants]}
         return SubmitRequest("local", run_id, run_dir, argv, files, dict(plan.env), os.getcwd(), meta)
 
     def schedule(self, req: SubmitRequest) -> RunStatus:
@@ -101,10 +104,12 @@ class LocalBackend:
         req.run_dir.mkdir(parents=True, exist_ok=False)
         for name, text in req.files.items():
             write_atomic(req.run_dir / name, text)
-        launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd}
+        launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd, "steps": req.meta.get("steps", [])}
         write_atomic(req.run_dir / "launch.json", json.dumps(launch, indent=1, sort_keys=True))
         status = RunStatus(req.run_id, "local", req.meta["name"], "PENDING", str(req.run_dir),
-                           submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"])
+                           submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"],
+                           tasks=[{"name": s["name"], "job_id": None, "state": "PENDING", "message": ""}
+                                  for s in req.meta.get("steps", [])])
         save_status(req.run_dir, status)
         log = open(req.run_dir / "supervisor.log", "ab")
         proc = subprocess.Popen(

@@ -26,37 +26,70 @@ def main(run_dir_arg: str) -> int:
     run_dir = Path(run_dir_arg)
     launch = json.loads((run_dir / "launch.json").read_text())
     env = {**os.environ, **launch["env"], "FTCLUSTER_RUN_DIR": str(run_dir)}
-    status = load_status(run_dir)
+    # A spec with variants has one step per variant, run one after another; a failure stops the rest.
+    steps = launch.get("steps") or [{}]
+    current: list[subprocess.Popen] = []
+    _install_cancel(current)
+    rc = 0
     with open(run_dir / "log.txt", "ab", buffering=0) as log:
-        try:
-            proc = subprocess.Popen(launch["argv"], cwd=launch["cwd"], env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            status.state, status.message, status.ended_at = "FAILED", f"could not start: {exc}", time.time()
-            save_status(run_dir, status)
-            return 1
-        status.state, status.started_at = "RUNNING", time.time()
-        (run_dir / "job.pid").write_text(str(proc.pid))
-        save_status(run_dir, status)
-        _install_cancel(proc)
-        rc = proc.wait()
+        for n, step in enumerate(steps):
+            if (run_dir / "cancel-requested").exists():
+                break
+            if step.get("name"):
+                log.write(f"==> {step['name']} (variant {n + 1}/{len(steps)}) <==\n".encode())
+            try:
+                proc = subprocess.Popen(launch["argv"], cwd=launch["cwd"], env={**env, **step.get("env", {})},
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            except OSError as exc:
+                status = load_status(run_dir)
+                status.state, status.message, status.ended_at = "FAILED", f"could not start: {exc}", time.time()
+                save_status(run_dir, status)
+                return 1
+            current[:] = [proc]
+            (run_dir / "job.pid").write_text(str(proc.pid))
+            _record(run_dir, n, "RUNNING", None)
+            rc = proc.wait()
+            _record(run_dir, n, "SUCCEEDED" if rc == 0 else "FAILED", rc)
+            if rc != 0:
+                break
     status = load_status(run_dir)
     status.returncode, status.ended_at = rc, time.time()
+    failed = next((t["name"] for t in status.tasks if t["state"] == "FAILED"), None)
+    which = f"variant {failed}: " if failed else ""
     if (run_dir / "cancel-requested").exists():
         status.state, status.message = "CANCELLED", "cancelled by the user"
     elif rc == 0:
         status.state, status.message = "SUCCEEDED", ""
     elif rc == PREEMPTED_EXIT:
         status.state = "FAILED"
-        status.message = "stopped by a signal after saving a checkpoint (exit 143); resubmit to resume"
+        status.message = f"{which}stopped by a signal after saving a checkpoint (exit 143); resubmit to resume"
     else:
-        status.state, status.message = "FAILED", f"exit code {rc}; see `ftcluster logs {status.run_id}`"
+        status.state, status.message = "FAILED", f"{which}exit code {rc}; see `ftcluster logs {status.run_id}`"
+    for task in status.tasks:
+        if task["state"] == "PENDING":
+            task["state"] = "CANCELLED"
+            task["message"] = "not run: an earlier variant failed" if status.state == "FAILED" else "not run"
     save_status(run_dir, status)
     return 0
 
 
-def _install_cancel(proc: subprocess.Popen) -> None:
+def _record(run_dir: Path, n: int, state: str, rc: int | None) -> None:
+    """Note the run's start, and each variant's, in status.json."""
+    status = load_status(run_dir)
+    if status.state == "PENDING":
+        status.state, status.started_at = "RUNNING", time.time()
+    if n < len(status.tasks):
+        status.tasks[n].update(state=state, returncode=rc, message="" if rc in (None, 0) else f"exit code {rc}")
+    save_status(run_dir, status)
+
+
+def _install_cancel(current: list[subprocess.Popen]) -> None:
+    """On SIGTERM/SIGINT, forward SIGTERM to the running step's process group, then SIGKILL after GRACE_S."""
     def on_term(signum, frame):
+        if not current:
+            return
+        proc = current[0]
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:

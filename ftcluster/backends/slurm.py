@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import BackendError
 from .base import (
@@ -31,6 +33,7 @@ from .base import (
     tail_file,
     write_atomic,
 )
+from .slurm_array import array_log_pattern, array_logs, refresh_array
 
 # Slurm job states -> ftcluster states.
 STATE_MAP = {
@@ -45,27 +48,65 @@ STATE_MAP = {
 
 @dataclass
 class Runner:
-    """Runs Slurm client commands locally, or on ``login`` over SSH."""
+    """Runs Slurm client commands locally, or on ``login`` over SSH (see :mod:`.ssh`).
+
+    ``env`` adds environment variables for the command (sbatch exports them to the job);
+    over SSH they travel on stdin, not in argv. ssh's own failures (exit 255) and a
+    command missing on the remote PATH (exit 127) raise a one-line BackendError.
+    """
 
     login: str | None = None
     timeout: float = 60.0
 
-    def __call__(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    def __call__(self, argv: list[str], stdin: str | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         if self.login:
-            cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", self.login, shlex.join(argv)]
-        else:
-            cmd = argv
-            if shutil.which(argv[0]) is None:
-                raise BackendError(
-                    f"`{argv[0]}` is not on PATH: run ftcluster on a Slurm login node, or set slurm.login: user@host "
-                    "to submit over SSH"
-                )
+            return self._remote(argv, stdin, env or {})
+        if shutil.which(argv[0]) is None:
+            raise BackendError(
+                f"`{argv[0]}` is not on PATH: run ftcluster on a Slurm login node, or set slurm.login: user@host "
+                "to submit over SSH"
+            )
+        return self._exec(argv, argv, stdin, {**os.environ, **env} if env else None)
+
+    def _remote(self, argv: list[str], stdin: str | None, env: dict[str, str]) -> subprocess.CompletedProcess:
+        from . import ssh
+
+        cmd = ssh.ssh_argv(self.login, ssh.remote_command(argv, sorted(env)))
+        if env:
+            stdin = ssh.env_preamble(env) + (stdin or "")
+        proc = self._exec(cmd, argv, stdin, None)
+        if proc.returncode == 255:
+            raise ssh.ssh_error(self.login, proc.stderr)
+        if proc.returncode == 127 and ssh.BEGIN in proc.stdout:
+            raise BackendError(
+                f"`{argv[0]}` is not on PATH on {self.login}, even in a login shell (bash -l); load Slurm in "
+                "~/.bash_profile there (e.g. `module load slurm`)"
+            )
+        proc.stdout = ssh.strip_preamble(proc.stdout)
+        return proc
+
+    def _exec(self, cmd: list[str], argv: list[str], stdin: str | None,
+              env: dict[str, str] | None) -> subprocess.CompletedProcess:
+        where = f" on {self.login}" if self.login else ""
         try:
-            return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=self.timeout)
+            return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=self.timeout, env=env,
+                                  errors="surrogateescape",
+                                  stdin=None if stdin is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise BackendError(f"`{shlex.join(argv)}` did not answer within {self.timeout:.0f}s; is slurmctld up?") from None
+            raise BackendError(
+                f"`{shlex.join(argv)}`{where} did not answer within {self.timeout:.0f}s; is slurmctld up?") from None
         except FileNotFoundError:
             raise BackendError(f"cannot run {cmd[0]!r}; is it installed?") from None
+
+
+def _job_id(stdout: str) -> str:
+    """The job id from `sbatch --parsable` (``id`` or ``id;cluster``), ignoring any banner lines before it."""
+    for line in reversed(stdout.strip().splitlines()):
+        job_id = line.strip().split(";")[0]
+        if job_id.isdigit():
+            return job_id
+    raise BackendError(f"sbatch printed no job id ({_first_line(stdout)!r})")
 
 
 def _first_line(text: str) -> str:
@@ -91,6 +132,7 @@ class SlurmBackend:
     # -- submit -----------------------------------------------------------------
     def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
         """The sbatch command and script, with no side effects."""
+        from ..plan import slurm_output, spec_hash
         from ..render import render
 
         files = render(spec, "slurm")
@@ -99,9 +141,9 @@ class SlurmBackend:
         run_dir = (self.root or runs_root(spec)) / run_id
         argv = ["sbatch", "--parsable"]
         meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
-                "output_pattern": spec.slurm.output, "output_uri": spec.output.uri}
-        from ..plan import spec_hash
-
+                "variants": [v.name for v in spec.variants], "sbatch_args": [],
+                "output_pattern": slurm_output(spec.slurm.output, bool(spec.variants)), "output_uri": spec.output.uri,
+                "env_passthrough": list(spec.slurm.env_passthrough)}
         meta["spec_hash"] = spec_hash(spec)
         return SubmitRequest("slurm", run_id, run_dir, argv + [f"< {script_name}"], files, {}, os.getcwd(), meta)
 
@@ -112,22 +154,41 @@ class SlurmBackend:
         try:
             for name, text in req.files.items():
                 write_atomic(req.run_dir / name, text)
-            proc = self._run(req.meta["login"])(["sbatch", "--parsable"], stdin=script)
+            # Over SSH the submitting environment is the remote shell: send the passthrough variables along
+            # (on stdin, see .ssh); locally sbatch inherits them from this process anyway.
+            login = req.meta["login"]
+            env = {n: os.environ[n] for n in req.meta.get("env_passthrough", ()) if n in os.environ} if login else {}
+            proc = self._run(login)(["sbatch", "--parsable", *req.meta.get("sbatch_args", ())], stdin=script, env=env)
             if proc.returncode != 0:
                 raise BackendError(f"sbatch rejected the job: {_first_line(proc.stderr or proc.stdout)}")
-            job_id = proc.stdout.strip().split(";")[0]
-            if not job_id.isdigit():
-                raise BackendError(f"sbatch printed no job id ({_first_line(proc.stdout)!r})")
+            job_id = _job_id(proc.stdout)
         except BaseException:
             shutil.rmtree(req.run_dir, ignore_errors=True)
             raise
-        log = req.meta["output_pattern"].replace("%x", req.meta["name"]).replace("%j", job_id)
         status = RunStatus(req.run_id, "slurm", req.meta["name"], "PENDING", str(req.run_dir), job_id=job_id,
                            submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"])
-        extra = {"log": str(Path(req.cwd or ".") / log), "login": req.meta["login"], "cwd": req.cwd}
+        extra = {"log": self._log_path(req, job_id), "login": login, "cwd": req.cwd}
+        if req.meta.get("variants"):  # a job array: one log per task (see .slurm_array)
+            extra.update(variants=req.meta["variants"], log=array_log_pattern(req.meta, job_id, req.cwd))
         write_atomic(req.run_dir / "slurm.json", json.dumps(extra, indent=1, sort_keys=True))
         save_status(req.run_dir, status)
         return status
+
+    def _log_path(self, req: SubmitRequest, job_id: str) -> str:
+        """The job's stdout file: Slurm's own answer (StdOut=), else the pattern resolved by hand.
+
+        Over SSH a relative path is relative to the remote home, where sbatch ran.
+        """
+        login = req.meta["login"]
+        try:
+            proc = self._run(login)(["scontrol", "show", "job", "-o", job_id])
+            m = re.search(r"(?:^|\s)StdOut=(\S+)", proc.stdout) if proc.returncode == 0 else None
+        except BackendError:
+            m = None
+        if m:
+            return m.group(1)
+        log = req.meta["output_pattern"].replace("%x", req.meta["name"]).replace("%j", job_id)
+        return log if login else str(Path(req.cwd or ".") / log)
 
     def submit(self, spec: Any) -> RunStatus:
         return self.schedule(self.submit_dryrun(spec))
@@ -161,7 +222,10 @@ class SlurmBackend:
         st = load_status(run_dir)
         if st.terminal or not st.job_id:
             return st
-        raw, code = self.query_state(st.job_id, self._extra(run_dir).get("login"))
+        extra = self._extra(run_dir)
+        if extra.get("variants"):
+            return refresh_array(st, run_dir, extra, self._run(extra.get("login")))
+        raw, code = self.query_state(st.job_id, extra.get("login"))
         if raw is None:
             st.message = f"Slurm no longer knows job {st.job_id} (no accounting, past MinJobAge); last state {st.state}"
             st.state = "UNKNOWN"
@@ -178,11 +242,34 @@ class SlurmBackend:
     def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
         run_dir = find_run(run_ref, [self.root] if self.root else None)
         extra = self._extra(run_dir)
+        done = lambda: self.status(str(run_dir)).state in ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN")  # noqa: E731
+        if extra.get("variants"):
+            return array_logs(extra, follow, lambda: self.status(str(run_dir)),
+                              lambda log, f, d: self._tail(extra, log, f, d))
+        return self._tail(extra, extra.get("log", ""), follow, done)
+
+    def _tail(self, extra: dict[str, Any], log: str, follow: bool, done) -> Iterator[str]:
         if extra.get("login"):
-            proc = self._run(extra["login"])(["cat", extra["log"]])
-            return iter(proc.stdout.splitlines(keepends=True))
-        return tail_file(Path(extra.get("log", "")), follow, lambda: self.status(str(run_dir)).state in
-                         ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"))
+            return self._remote_tail(extra["login"], log, follow, done)
+        return tail_file(Path(log), follow, done)
+
+    def _remote_tail(self, login: str, log: str, follow: bool, is_done, poll: float = 1.0) -> Iterator[str]:
+        """Like :func:`tail_file`, reading the log on the login node: `tail -c +OFFSET` over the shared
+        ssh connection, so each poll costs one round trip, not a new login."""
+        run = self._run(login)
+        pos = 0
+        while True:
+            proc = run(["tail", "-c", f"+{pos + 1}", "--", log])
+            if proc.returncode == 0 and proc.stdout:
+                raw = proc.stdout.encode("utf-8", errors="surrogateescape")  # exact bytes: the next offset
+                pos += len(raw)
+                yield from raw.decode("utf-8", errors="replace").splitlines(keepends=True)
+            if not follow:
+                return
+            if is_done():
+                follow = False
+                continue
+            time.sleep(poll)
 
     def cancel(self, run_ref: str) -> RunStatus:
         run_dir = find_run(run_ref, [self.root] if self.root else None)

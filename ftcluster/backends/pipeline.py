@@ -1,0 +1,222 @@
+"""Submit a pipeline to Slurm as one unit, and follow it as one run.
+
+Every stage is submitted held (``sbatch --hold``), waiting for the stages it depends on
+(``--dependency=afterok:<ids>``, which for a job array means every task; with
+``--kill-on-invalid-dep=yes`` Slurm cancels a stage whose dependency failed instead of
+leaving it pending for ever); when all are queued they are released together. If any
+sbatch (or the release) fails, the jobs already queued are cancelled and the run folder
+removed: a pipeline is submitted whole or not at all.
+
+The pipeline run folder holds ``pipeline.json`` and one ordinary Slurm run folder per
+stage (``<run>/<stage>/``), so ``ftcluster status|logs|cancel <run>/<stage>`` work on a
+single stage too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError, FtclusterError
+from .base import (
+    TERMINAL,
+    RunStatus,
+    find_run,
+    list_runs,
+    load_status,
+    new_run_id,
+    runs_root,
+    save_status,
+    write_atomic,
+)
+
+
+@dataclass
+class StageRequest:
+    name: str
+    after: tuple[str, ...]
+    request: Any  # the stage's SubmitRequest
+
+
+@dataclass
+class PipelineRequest:
+    """What ``submit`` would do for a pipeline: one sbatch per stage, in order."""
+
+    name: str
+    run_id: str
+    run_dir: Path
+    stages: list[StageRequest] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"# pipeline: {self.name}", f"# run id: {self.run_id}", f"# run folder: {self.run_dir}",
+                 "# every stage is submitted held, then all are released; if one sbatch fails, the others are "
+                 "cancelled"]
+        for st in self.stages:
+            lines.append(f"\n===== stage {st.name} =====")
+            lines.append(st.request.describe().rstrip("\n"))
+        return "\n".join(lines) + "\n"
+
+
+def _sbatch_args(after_ids: list[str]) -> list[str]:
+    from ..pipeline import dependency_args
+
+    return ["--hold", *dependency_args(after_ids)]
+
+
+class PipelineBackend:
+    """Submit, query, follow and cancel pipelines (stages on the Slurm backend)."""
+
+    name = "pipeline"
+
+    def __init__(self, root: Path | None = None, slurm: Any = None):
+        self.root = root
+        self._slurm = slurm
+
+    @property
+    def slurm(self):
+        if self._slurm is None:
+            from .slurm import SlurmBackend
+
+            self._slurm = SlurmBackend(root=self.root)
+        return self._slurm
+
+    # -- submit -----------------------------------------------------------------
+    def submit_dryrun(self, pipe: Any, run_id: str | None = None) -> PipelineRequest:
+        """Every stage's sbatch command and script, with no side effects."""
+        from ..pipeline import pipeline_command
+        from ..render import header_lines, render
+
+        if pipe.backend != "slurm":
+            raise BackendError(
+                f"{pipe.source}: pipelines are submitted to Slurm, and these stages use backend {pipe.backend}; "
+                f"set backend: slurm (e.g. --set backend=slurm), or render the stages with "
+                f"`ftcluster render {pipe.source} -o DIR` and run them in order yourself")
+        run_id = run_id or new_run_id(pipe.name)
+        run_dir = (self.root or runs_root(pipe.stages[0].spec)) / run_id
+        req = PipelineRequest(pipe.name, run_id, run_dir)
+        header = header_lines(None, "slurm", pipeline_command(pipe, "slurm"))
+        for stage in pipe.stages:
+            sreq = self.slurm.submit_dryrun(stage.spec, run_id=f"{run_id}/{stage.name}")
+            sreq.run_dir = run_dir / stage.name
+            script = sreq.meta["script"]
+            sreq.files[script] = render(stage.spec, "slurm", header=header)[script]  # names the pipeline file
+            sreq.meta["sbatch_args"] = _sbatch_args([f"<job id of {a}>" for a in stage.after])
+            sreq.argv = ["sbatch", "--parsable", *sreq.meta["sbatch_args"], f"< {script}"]
+            req.stages.append(StageRequest(stage.name, stage.after, sreq))
+        return req
+
+    def schedule(self, req: PipelineRequest) -> RunStatus:
+        """Submit every stage, or none: on any failure, cancel what was queued and remove the run folder."""
+        req.run_dir.mkdir(parents=True, exist_ok=False)
+        ids: dict[str, str] = {}
+        current = req.stages[0].name
+        try:
+            for st in req.stages:
+                current = st.name
+                st.request.meta["sbatch_args"] = _sbatch_args([ids[a] for a in st.after])
+                ids[st.name] = self.slurm.schedule(st.request).job_id
+            current = "release"
+            for st in req.stages:
+                self._scontrol(st.request.meta["login"], ["release", ids[st.name]])
+        except BaseException as exc:
+            self._undo(req, ids)
+            if not isinstance(exc, FtclusterError):
+                raise
+            undone = f"; cancelled the jobs already queued ({', '.join(ids.values())})" if ids else ""
+            raise BackendError(f"pipeline {req.name} not submitted: stage {current}: {exc}{undone}") from None
+        record = {"name": req.name, "stages": [{"name": st.name, "after": list(st.after), "job_id": ids[st.name],
+                                                "run_dir": st.name} for st in req.stages]}
+        write_atomic(req.run_dir / "pipeline.json", json.dumps(record, indent=1, sort_keys=True))
+        status = RunStatus(req.run_id, "pipeline", req.name, "PENDING", str(req.run_dir),
+                           job_id=",".join(ids[st.name] for st in req.stages), submitted_at=time.time(),
+                           tasks=[{"name": st.name, "job_id": ids[st.name], "state": "PENDING", "message": ""}
+                                  for st in req.stages])
+        save_status(req.run_dir, status)
+        return status
+
+    def _scontrol(self, login: str | None, args: list[str]) -> None:
+        from .slurm import _first_line
+
+        proc = self.slurm._run(login)(["scontrol", *args])
+        if proc.returncode != 0:
+            raise BackendError(f"scontrol {' '.join(args)} failed: {_first_line(proc.stderr or proc.stdout)}")
+
+    def _undo(self, req: PipelineRequest, ids: dict[str, str]) -> None:
+        for st in reversed(req.stages):  # dependents first, so none of them starts meanwhile
+            if st.name in ids:
+                try:
+                    self.slurm._run(st.request.meta["login"])(["scancel", ids[st.name]])
+                except FtclusterError:
+                    pass
+        shutil.rmtree(req.run_dir, ignore_errors=True)
+
+    def submit(self, pipe: Any) -> RunStatus:
+        return self.schedule(self.submit_dryrun(pipe))
+
+    # -- query ------------------------------------------------------------------
+    def _stages(self, run_dir: Path) -> list[dict[str, Any]]:
+        try:
+            return json.loads((run_dir / "pipeline.json").read_text())["stages"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise BackendError(f"{run_dir}/pipeline.json is missing or corrupt ({exc}); remove the run folder") from None
+
+    def status(self, run_ref: str) -> RunStatus:
+        """The pipeline's state from its stages': one row per stage, and per task of a stage's array."""
+        from .slurm_array import aggregate
+
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = load_status(run_dir)
+        if st.terminal:
+            return st
+        rows = []
+        for stage in self._stages(run_dir):
+            sst = self.slurm.status(str(run_dir / stage["run_dir"]))
+            rows.append({"name": stage["name"], "job_id": sst.job_id, "state": sst.state,
+                         "message": sst.message, "returncode": sst.returncode})
+            rows += [{**t, "name": f"{stage['name']}/{t['name']}"} for t in sst.tasks]
+        st.tasks = rows
+        stage_rows = [r for r in rows if "/" not in r["name"]]
+        st.state, summary = aggregate(stage_rows)
+        st.message = _pipeline_message(stage_rows, summary)
+        if st.terminal:
+            st.ended_at = st.ended_at or time.time()
+            st.returncode = next((r["returncode"] for r in stage_rows if r.get("returncode")), 0)
+        save_status(run_dir, st)
+        return st
+
+    def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
+        """Each stage's log in order (a stage with variants: each task's), following each until it ends."""
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        for stage in self._stages(run_dir):
+            yield f"===== stage {stage['name']} (job {stage['job_id']}) =====\n"
+            yield from self.slurm.logs(str(run_dir / stage["run_dir"]), follow=follow)
+
+    def cancel(self, run_ref: str) -> RunStatus:
+        """Cancel every stage that has not ended, later stages first."""
+        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        st = self.status(str(run_dir))
+        if st.terminal:
+            return st
+        for stage in reversed(self._stages(run_dir)):
+            sdir = run_dir / stage["run_dir"]
+            if not load_status(sdir).terminal:
+                self.slurm.cancel(str(sdir))
+        return st
+
+    def list(self) -> list[RunStatus]:
+        return [self.status(str(d)) for d in list_runs(self.root) if load_status(d).backend == "pipeline"]
+
+
+def _pipeline_message(stages: list[dict[str, Any]], summary: str) -> str:
+    bad = next((r for r in stages if r["state"] in ("FAILED", "CANCELLED", "UNKNOWN")), None)
+    if bad is not None:
+        return f"stage {bad['name']} {bad['state']}" + (f": {bad['message']}" if bad["message"] else "")
+    if all(r["state"] in TERMINAL for r in stages):
+        return ""
+    active = next((r for r in stages if r["state"] != "SUCCEEDED"), None)
+    return f"stage {active['name']} {active['state'].lower()}" + (f" ({active['message']})" if active["message"] else "")

@@ -1,0 +1,290 @@
+"""Pipelines: several job specs submitted as one, each stage after the stages it depends on.
+
+The hybrid pattern as one submission: a full continual pre-training run, then LoRA adapters
+trained on the model it produces::
+
+    pipeline: cpt-then-lora
+    stages:
+      - {name: cpt, spec: full-slurm-2node.yaml}
+      - {name: adapters, spec: lora-variants-slurm.yaml, model_from: cpt}
+
+``model_from`` points a stage's ``model.path`` at what an earlier stage publishes
+(``<output.uri>/final`` for a full fine-tune, ``<output.uri>/merged`` for LoRA with
+``merge_at_end``) and implies ``after``. Loading checks every stage spec (with its ``set``
+overrides and the CLI's ``--set``, which applies to every stage) and the links between
+stages; problems point at the pipeline file's line, or at the stage file's. Pure: the
+Slurm submission lives in :mod:`ftcluster.backends.pipeline`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, SpecError
+from .yamlio import LoadedDoc, apply_overrides, load_file
+
+PIPELINE_KEYS = ("pipeline", "stages")
+SUBMIT_SCRIPT = "submit-pipeline.sh"
+
+
+@dataclass
+class Stage:
+    """One validated stage: its job spec (with overrides and model_from applied) and its links."""
+
+    name: str
+    spec: Any
+    after: tuple[str, ...]
+    model_from: str | None
+    spec_file: str
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: stages in submission order (each after the ones it depends on)."""
+
+    name: str
+    source: str
+    stages: list[Stage]
+    overrides: tuple[str, ...] = ()
+    description: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.stages[0].spec.backend
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def is_pipeline(data: dict[str, Any]) -> bool:
+    """A pipeline file has ``pipeline:`` or ``stages:`` at the top; a job spec has neither."""
+    return any(k in data for k in PIPELINE_KEYS)
+
+
+def load(path: str | Path, overrides: list[str] | None = None):
+    """Load a job spec or a pipeline file (told apart by a top-level ``pipeline:`` key)."""
+    from .loader import validate_doc
+
+    doc = load_file(path)
+    if is_pipeline(doc.data):
+        return load_pipeline_doc(doc, overrides)
+    if overrides:
+        apply_overrides(doc, list(overrides))
+    return validate_doc(doc, overrides)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Load and check a pipeline file and every stage spec it names; raises SpecError with every problem."""
+    return load_pipeline_doc(load_file(path), overrides)
+
+
+def model_source(spec: Any) -> tuple[str | None, str]:
+    """(URI of the model a stage publishes, or None; why not)."""
+    if spec.variants:
+        names = ", ".join(v.name for v in spec.variants)
+        return None, (f"it has variants ({names}), so it publishes one model per variant; model_from needs "
+                      "a stage that produces one model")
+    if spec.method == "full":
+        return f"{spec.output.uri.rstrip('/')}/final", ""
+    if spec.lora.merge_at_end:
+        return f"{spec.output.uri.rstrip('/')}/merged", ""
+    return None, "it is a LoRA run that publishes only an adapter; set lora.merge_at_end: true in that stage"
+
+
+def load_pipeline_doc(doc: LoadedDoc, overrides: list[str] | None = None) -> Pipeline:
+    """Check a parsed pipeline document and load its stages."""
+    from pydantic import ValidationError
+
+    from .loader import _problem, sort_unique, validation_messages
+    from .spec import PipelineSpec
+
+    try:
+        ps = PipelineSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SpecError(sort_unique([_problem(doc, p, m) for p, m in validation_messages(exc, doc.data, PipelineSpec)],
+                                    doc.source)) from None
+    base_dir = Path(doc.source).parent
+    problems: list[Problem] = []
+    stages: list[Stage] = []
+    for i, st in enumerate(ps.stages):
+        stage, found = _load_stage(doc, i, st, stages, list(overrides or ()), base_dir)
+        problems += found
+        if stage is not None:
+            problems += _check_links(doc, i, stage, stages)
+            stages.append(stage)
+    if problems:
+        raise SpecError(sort_unique(problems, doc.source))
+    return Pipeline(ps.pipeline, doc.source, stages, tuple(overrides or ()), ps.description)
+
+
+def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: list[str],
+                base_dir: Path) -> tuple[Stage | None, list[Problem]]:
+    from .loader import _problem, validate_doc
+    from .variants import OVERLAP, locate, overlap, set_dotted
+
+    where = ("stages", i)
+    file = st.spec if os.path.isabs(st.spec) else os.path.normpath(base_dir / st.spec)
+    if not Path(file).is_file():
+        return None, [_problem(doc, where + ("spec",), f"{file}: no such file; the path is relative to the pipeline file")]
+    try:
+        sdoc = load_file(file)
+        if is_pipeline(sdoc.data):
+            return None, [_problem(doc, where + ("spec",), f"{file} is a pipeline; a stage names a job spec")]
+        if overrides:
+            apply_overrides(sdoc, overrides)
+    except SpecError as err:
+        return None, err.problems
+    problems: list[Problem] = []
+    applied: dict[str, Any] = {}
+    nested = overlap(list(st.set))
+    for key, value in st.set.items():
+        err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else set_dotted(sdoc.data, key, value)
+        if err:
+            problems.append(_problem(doc, where + ("set", key), err))
+        else:
+            applied[key] = value
+    label = f"stage {st.name or sdoc.data.get('name')!r}"
+    if st.model_from:
+        upstream = next((s for s in done if s.name == st.model_from), None)
+        uri, why = model_source(upstream.spec) if upstream else (None, "")
+        if why:
+            problems.append(_problem(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
+        elif uri:
+            _point_model_at(sdoc.data, uri, upstream.spec.output.storage_options)
+
+    def relocate(path: tuple[Any, ...], msg: str) -> Problem | None:
+        keys = [tuple(k.split(".")) for k in applied]
+        if path and any(path[: len(k)] == k or k[: len(path)] == path for k in keys):
+            return locate(doc, where, applied, path, msg, label)
+        if st.model_from and path[:1] == ("model",):
+            return _problem(doc, where + ("model_from",), f"model: {msg}")
+        return None
+
+    try:
+        spec = validate_doc(sdoc, overrides, relocate)
+    except SpecError as err:
+        return None, problems + err.problems
+    if problems:
+        return None, problems
+    name = st.name or spec.name
+    after = tuple(dict.fromkeys([*st.after, *([st.model_from] if st.model_from else [])]))
+    return Stage(name, spec, after, st.model_from, file), []
+
+
+def _point_model_at(data: dict[str, Any], uri: str, storage_options: dict[str, Any]) -> None:
+    """model.path = ``uri``; the stage's other model sources go; the upstream's storage options carry over."""
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    for key in ("hub_id", "revision", "random_init"):
+        model.pop(key, None)
+    model["path"] = uri
+    if not model.get("storage_options") and storage_options:
+        model["storage_options"] = dict(storage_options)
+    data["model"] = model
+
+
+def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> list[Problem]:
+    """Names unique, dependencies on earlier stages only, one backend, one output folder per stage."""
+    from .loader import _problem
+    from .variants import resolve_variants
+
+    where = ("stages", i)
+    has_name = "name" in doc.data["stages"][i]
+    problems = []
+    earlier = {s.name: s for s in done}
+    if stage.name in earlier:
+        problems.append(_problem(doc, where + (("name",) if has_name else ("spec",)),
+                                 f"stage name {stage.name!r} is taken by an earlier stage; give this stage its own `name:`"))
+    listed = doc.data["stages"][i].get("after") or []
+    for j, ref in enumerate(stage.after):
+        if ref not in earlier:
+            field = ("after", j) if ref in listed else ("model_from",)
+            known = ", ".join(earlier) or "none"
+            problems.append(_problem(doc, where + field, f"no earlier stage is named {ref!r} (earlier stages: {known}); "
+                                                         "a stage can wait only for stages listed before it"))
+    if done and stage.spec.backend != done[0].spec.backend:
+        problems.append(_problem(doc, where + ("spec",), f"this stage runs on backend {stage.spec.backend} but stage "
+                                                         f"{done[0].name!r} on {done[0].spec.backend}; a pipeline runs on "
+                                                         "one backend: set the same backend in every stage spec"))
+    mine = [stage.spec.output.uri] + [v.output.uri for v in resolve_variants(stage.spec)]
+    for other in done:
+        theirs = {other.spec.output.uri} | {v.output.uri for v in resolve_variants(other.spec)}
+        clash = [u for u in mine if u in theirs]
+        if clash:
+            problems.append(_problem(doc, where + ("spec",), f"writes to {clash[0]}, as stage {other.name!r} does; give "
+                                                             "each stage its own output.uri (in its spec or its `set`)"))
+    return problems
+
+
+# --------------------------------------------------------------------------- render
+
+
+def pipeline_command(pipe: Pipeline, target: str) -> str:
+    from .render import command_for
+
+    return command_for(pipe.source, pipe.overrides, target)
+
+
+def render_pipeline(pipe: Pipeline, target: str | None = None) -> dict[str, str]:
+    """Every stage's launch files under ``<stage>/``; for Slurm also ``submit-pipeline.sh``, which
+    submits the stages with their dependencies (what ``ftcluster submit`` does, without ftcluster)."""
+    from .render import default_target, header_lines, render
+
+    target = target or default_target(pipe.stages[0].spec)
+    files: dict[str, str] = {}
+    scripts: dict[str, str] = {}
+    for stage in pipe.stages:
+        header = header_lines(stage.spec, target, pipeline_command(pipe, target))
+        for name, text in render(stage.spec, target, header=header).items():
+            files[f"{stage.name}/{name}"] = text
+            scripts[stage.name] = f"{stage.name}/{name}"
+    if target == "slurm":
+        files[SUBMIT_SCRIPT] = submit_script(pipe, scripts, header_lines(None, target, pipeline_command(pipe, target)))
+    return files
+
+
+def dependency_args(after_ids: list[str]) -> list[str]:
+    """sbatch options for a stage that waits for jobs ``after_ids`` (afterok covers every array task); a
+    failed dependency cancels the stage instead of leaving it pending forever."""
+    if not after_ids:
+        return []
+    return [f"--dependency=afterok:{':'.join(after_ids)}", "--kill-on-invalid-dep=yes"]
+
+
+def submit_script(pipe: Pipeline, scripts: dict[str, str], header: list[str]) -> str:
+    """A bash script that submits the rendered stages held, chained with afterok, then releases them;
+    if any sbatch fails it cancels what it queued, so nothing is left half-submitted."""
+    index = {s.name: i for i, s in enumerate(pipe.stages)}
+    lines = ["#!/bin/bash", *(f"# {h}" for h in header),
+             f"# Pipeline {pipe.name}: {' -> '.join(s.name for s in pipe.stages)}. Run from anywhere: bash {SUBMIT_SCRIPT}",
+             "set -euo pipefail", 'cd "$(dirname "$0")"', "queued=()",
+             "undo() { if [ ${#queued[@]} -gt 0 ]; then scancel \"${queued[@]}\" || true; fi; "
+             "echo \"pipeline not submitted; cancelled: ${queued[*]:-nothing}\" >&2; }",
+             "trap undo ERR"]
+    for i, stage in enumerate(pipe.stages):
+        deps = dependency_args([f"${{id{index[a]}}}" for a in stage.after])
+        argv = " ".join(["sbatch", "--parsable", "--hold", *deps, shlex.quote(scripts[stage.name])])
+        lines += [f"id{i}=$({argv})", f"id{i}=${{id{i}%%;*}}", f'queued+=("$id{i}")']
+    lines += ['scontrol release "${queued[@]}"', "trap - ERR"]
+    lines.append("echo " + shlex.quote(f"submitted pipeline {pipe.name}:") + " "
+                 + " ".join(f"{shlex.quote(s.name)}=\"$id{i}\"" for i, s in enumerate(pipe.stages)))
+    return "\n".join(lines) + "\n"
+
+
+def describe(pipe: Pipeline) -> str:
+    """One line for ``ftcluster validate``."""
+    parts = []
+    for s in pipe.stages:
+        r = s.spec.resources
+        bits = [f"{s.spec.method}", f"{r.nodes}x{r.nproc_per_node}"]
+        if s.spec.variants:
+            bits.append(f"{len(s.spec.variants)} variants")
+        if s.after:
+            bits.append(f"after {','.join(s.after)}")
+        if s.model_from:
+            bits.append(f"model from {s.model_from}")
+        parts.append(f"{s.name} ({', '.join(bits)})")
+    return f"pipeline {pipe.name}, backend {pipe.backend}: " + " -> ".join(parts)

@@ -1,0 +1,479 @@
+"""Kubernetes renderers: Kubeflow PyTorchJob (``kubeflow.org/v1``) and Trainer v2 TrainJob
+(``trainer.kubeflow.org/v1alpha1``) plus ftcluster's ClusterTrainingRuntime.
+
+Objects are built as plain data and dumped with ruamel.yaml (apiVersion, kind, metadata, name
+first, every other key sorted; no timestamps). One file per job, ``<name>.yaml``, holds the
+ConfigMap and then the job; the TrainJob target adds the shared runtime as its own file. Every
+file starts with the ``# header`` lines and each object with ``---``, so files concatenate into
+one applyable stream. Field-by-field mapping and the reasons behind each choice:
+docs/kubernetes.md. Checked in tests against the vendored CRD schemas (tests/schemas/).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import RenderError
+from ..plan import LaunchPlan
+
+SPEC_DIR = "/etc/ftcluster"
+PAYLOAD_KEY = "payload.json"
+SPEC_VOLUME = "ftcluster-spec"
+SHM_VOLUME = "dshm"
+SECRET_ENV_DIR = "/var/run/ftcluster/secret-env"
+DEFAULT_RUNTIME = "ftcluster-torch"
+PATCH_MANAGER = "ftcluster.dev/render"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+HASH_LABEL = "ftcluster.dev/spec-hash"
+GPU_RESOURCE = "nvidia.com/gpu"
+# A stopped pod (preemption, Kueue eviction, drain) gets SIGTERM, then SIGKILL after the grace
+# period. torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) to save a
+# checkpoint before it kills them; both are raised here, the shutdown timeout 30 s inside the grace.
+GRACE_SECONDS = 300
+K8S_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 30)}
+# Set by the Training Operator / Trainer torch plugin for torchrun; a user value would clash
+# (the Trainer webhook rejects PET_* in trainer.env).
+RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                          "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"})
+# Fields of `kubernetes:` that TrainJob v1alpha1 cannot carry per job (they live in the runtime).
+PYTORCHJOB_ONLY = {
+    "restart_policy": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy "
+                      "(ftcluster-torch: every node restarts together, at most 10 times)",
+    "backoff_limit": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy.maxRestarts",
+    "ttl_seconds_after_finished": "TrainJob has no TTL field",
+    "priority_class": "TrainJob cannot set a Pod priorityClassName per job; set it in the runtime, "
+                      "or with Kueue use the label kueue.x-k8s.io/priority-class in kubernetes.labels",
+    "image_pull_policy": "TrainJob has no per-job imagePullPolicy (Kubernetes pulls tagged images IfNotPresent)",
+}
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def render_pytorchjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
+    """``<name>.yaml``: the ConfigMap with the payload, then the PyTorchJob."""
+    _require_image(plan.spec)
+    return {f"{plan.name}.yaml": dump_yaml([config_map(plan), pytorchjob(plan)], header)}
+
+
+def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
+    """``ftcluster-torch.clustertrainingruntime.yaml`` and ``<name>.yaml`` (the ConfigMap, then
+    the TrainJob).
+
+    The runtime is cluster-scoped and the same for every job, so it gets its own file (GitOps
+    repositories keep it in one platform-owned place); it is rendered only when the spec uses
+    ftcluster's runtime, never for a runtime someone else owns. Fields a TrainJob cannot carry
+    are an error, or a header note when a PyTorchJob spec is rendered as a TrainJob on purpose.
+    """
+    _require_image(plan.spec)
+    notes = _trainjob_gaps(plan.spec)
+    files = {}
+    runtime = plan.spec.kubernetes.runtime
+    if runtime == DEFAULT_RUNTIME:  # first: the Trainer webhook rejects a TrainJob whose runtime is missing
+        files[f"{runtime}.clustertrainingruntime.yaml"] = dump_yaml([cluster_training_runtime(runtime)], header)
+    files[f"{plan.name}.yaml"] = dump_yaml([config_map(plan), trainjob(plan)], header + notes)
+    return files
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def config_map(plan: LaunchPlan) -> dict[str, Any]:
+    """The ConfigMap ``<name>-spec`` holding the payload (resolved spec + DeepSpeed config)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(plan, f"{plan.name}-spec"),
+        "data": {PAYLOAD_KEY: plan.payload_json() + "\n"},
+    }
+
+
+def pytorchjob(plan: LaunchPlan) -> dict[str, Any]:
+    """The PyTorchJob: a Master and ``nodes - 1`` Workers, one torchrun per pod."""
+    k = plan.spec.kubernetes
+    template = {"metadata": _pod_metadata(plan), "spec": _pod_spec(plan)}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": k.restart_policy, "template": template}}
+    if plan.nnodes > 1:
+        replicas["Worker"] = {"replicas": plan.nnodes - 1, "restartPolicy": k.restart_policy, "template": template}
+    run_policy: dict[str, Any] = {"backoffLimit": k.backoff_limit, "cleanPodPolicy": "Running"}
+    if k.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
+    if plan.spec.resources.time_limit_seconds:
+        run_policy["activeDeadlineSeconds"] = plan.spec.resources.time_limit_seconds
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(plan, plan.name, job=True),
+        "spec": {
+            # A string in the CRD; an explicit integer, never `auto` (kubeflow/trainer #1790, #1992).
+            "nprocPerNode": str(plan.nproc_per_node),
+            "pytorchReplicaSpecs": replicas,
+            "runPolicy": run_policy,
+        },
+    }
+
+
+def trainjob(plan: LaunchPlan) -> dict[str, Any]:
+    """The TrainJob: trainer fields plus a runtime patch for volumes, scheduling and metadata."""
+    spec = plan.spec
+    k = spec.kubernetes
+    pod = _pod_spec(plan, trainjob=True)
+    container = pod.pop("containers")[0]
+    pod_patch = {key: pod[key] for key in ("imagePullSecrets", "nodeSelector", "serviceAccountName",
+                                            "terminationGracePeriodSeconds", "tolerations", "volumes") if key in pod}
+    pod_patch["containers"] = [{"name": "node", "volumeMounts": container["volumeMounts"]}]
+    job_spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": k.runtime},
+        "trainer": {
+            "command": container["command"],
+            "env": container["env"],
+            "image": container["image"],
+            "numNodes": plan.nnodes,
+            "numProcPerNode": plan.nproc_per_node,
+        },
+        "runtimePatches": [{
+            "manager": PATCH_MANAGER,
+            "trainingRuntimeSpec": {"template": {
+                "metadata": {"labels": _labels(plan)},
+                "spec": {"replicatedJobs": [{
+                    "name": "node",
+                    "template": {"spec": {"template": {"metadata": _pod_metadata(plan), "spec": pod_patch}}},
+                }]},
+            }},
+        }],
+    }
+    if "resources" in container:
+        job_spec["trainer"]["resourcesPerNode"] = container["resources"]
+    if spec.resources.time_limit_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.resources.time_limit_seconds
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _metadata(plan, plan.name, job=True),
+        "spec": job_spec,
+    }
+
+
+def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
+    """ftcluster's ClusterTrainingRuntime: torch plugin, one JobSet replicated job ``node``
+    (container ``node``) with a memory-backed ``/dev/shm``, gang restarts on failure.
+
+    Job-independent on purpose: it is cluster-scoped and shared by every TrainJob. Restarts:
+    any failed pod fails its Job (backoffLimit 0) and JobSet recreates every node (at most 10
+    times); a pod stopped by a disruption (preemption, eviction, drain) fails its Job through the
+    pod failure policy, and that restart does not count against maxRestarts.
+    """
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": name, "labels": {
+            "app.kubernetes.io/managed-by": "ftcluster",
+            "app.kubernetes.io/name": name,
+            "trainer.kubeflow.org/framework": "torch",
+        }},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {
+                "failurePolicy": {
+                    "maxRestarts": 10,
+                    "restartStrategy": "Recreate",
+                    "rules": [{"name": "disruptedPod", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                               "onJobFailureReasons": ["PodFailurePolicy"]}],
+                },
+                "replicatedJobs": [{
+                    "name": "node",
+                    "replicas": 1,
+                    "template": {
+                        "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                        "spec": {
+                            "backoffLimit": 0,
+                            "podFailurePolicy": {"rules": [
+                                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                            ]},
+                            "template": {"spec": {
+                                "restartPolicy": "Never",
+                                "containers": [{"name": "node", "volumeMounts": [
+                                    {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}],
+                                # No sizeLimit here: a TrainJob sets its own through runtimePatches;
+                                # without one the tmpfs is bounded by the pod's memory limit.
+                                "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
+                            }},
+                        },
+                    },
+                }],
+            }},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _require_image(spec: Any) -> None:
+    if not spec.kubernetes.image:
+        raise RenderError(
+            f"{spec._source_file or '<spec>'}: kubernetes.image: Kubernetes targets need a training image with "
+            "ftcluster[train]; set kubernetes.image to a pinned tag in the spec or pass "
+            "--set kubernetes.image=REGISTRY/IMAGE:TAG")
+
+
+def _trainjob_gaps(spec: Any) -> list[str]:
+    """Explicitly set ``kubernetes`` fields a TrainJob cannot carry per job.
+
+    A spec whose ``kubernetes.kind`` is TrainJob gets an error for each; a PyTorchJob spec
+    rendered as a TrainJob on purpose gets a note in the file header instead, so the gap is
+    visible in review rather than silently dropped.
+    """
+    k = spec.kubernetes
+    gaps = [f for f in sorted(PYTORCHJOB_ONLY) if f in k.model_fields_set and getattr(k, f) is not None]
+    if gaps and k.kind == "TrainJob":
+        field = gaps[0]
+        raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.{field}: applies to PyTorchJob only; "
+                          f"{PYTORCHJOB_ONLY[field]}. Remove it, or set kubernetes.kind: PyTorchJob")
+    return [f"Not expressible in a TrainJob (kubernetes.{f}={getattr(k, f)}): {PYTORCHJOB_ONLY[f]}." for f in gaps]
+
+
+def _labels(plan: LaunchPlan) -> dict[str, str]:
+    """Labels on every object: ftcluster's own, then the user's (which may not replace ours)."""
+    ours = {
+        "app.kubernetes.io/managed-by": "ftcluster",
+        "app.kubernetes.io/name": plan.name,
+        HASH_LABEL: plan.hash,
+    }
+    user = plan.spec.kubernetes.labels
+    _check_keys(user, "kubernetes.labels", plan.spec, values=True)
+    clash = sorted(set(user) & set(ours))
+    if clash:
+        raise RenderError(f"{plan.spec._source_file or '<spec>'}: kubernetes.labels.{clash[0]}: set by ftcluster; "
+                          "remove it from kubernetes.labels")
+    return {**user, **ours}
+
+
+def _metadata(plan: LaunchPlan, name: str, job: bool = False) -> dict[str, Any]:
+    k = plan.spec.kubernetes
+    labels = _labels(plan)
+    meta: dict[str, Any] = {"name": name, "namespace": k.namespace, "labels": labels}
+    if job:
+        if k.queue:
+            if labels.get(QUEUE_LABEL, k.queue) != k.queue:
+                raise RenderError(f"{plan.spec._source_file or '<spec>'}: kubernetes.labels.{QUEUE_LABEL}: "
+                                  "differs from kubernetes.queue; set the queue in one place")
+            # Kueue's webhook suspends the job on creation and resumes it on admission; ftcluster
+            # never writes `suspend`, so GitOps tools do not fight Kueue over it.
+            labels[QUEUE_LABEL] = k.queue
+        if k.annotations:
+            _check_keys(k.annotations, "kubernetes.annotations", plan.spec, values=False)
+            meta["annotations"] = dict(k.annotations)
+    return meta
+
+
+def _pod_metadata(plan: LaunchPlan) -> dict[str, Any]:
+    k = plan.spec.kubernetes
+    annotations = dict(k.annotations)
+    if k.disable_istio_sidecar:
+        annotations["sidecar.istio.io/inject"] = "false"  # sidecars break rendezvous (REFERENCE.md)
+    meta: dict[str, Any] = {"labels": _labels(plan)}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
+    """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references; never a secret value."""
+    spec = plan.spec
+    k = spec.kubernetes
+    plain = {**K8S_ENV, **plan.env, **k.env}
+    for name in sorted(plain):
+        if name in RESERVED_ENV:
+            where = "kubernetes.env" if name in k.env else "env"
+            raise RenderError(f"{spec._source_file or '<spec>'}: {where}.{name}: set by the Kubeflow operator "
+                              "for torchrun; remove it")
+    out: list[dict[str, Any]] = [{"name": n, "value": plain[n]} for n in sorted(plain)]
+    seen = set(plain)
+    for item in k.secret_env:
+        if item.name in seen or item.name in RESERVED_ENV:
+            raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.secret_env: {item.name} is defined "
+                              "twice (or reserved); give each variable one source")
+        seen.add(item.name)
+        out.append({"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}})
+    return out
+
+
+def k8s_memory(memory: str) -> str:
+    """Slurm-style memory (``256G``: binary units; no suffix means MiB) as a Kubernetes quantity."""
+    number, unit = memory[:-1], memory[-1]
+    if unit.isdigit():
+        return f"{memory}Mi"
+    return f"{number}{unit}i"
+
+
+def _resources(spec: Any) -> dict[str, Any]:
+    """Requests for CPU, memory and GPUs; limits for memory and GPUs (no CPU limit: CFS
+    throttling slows data loading and NCCL progress threads)."""
+    r = spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if r.cpus_per_node:
+        requests["cpu"] = str(r.cpus_per_node)
+    if r.memory:
+        requests["memory"] = limits["memory"] = k8s_memory(r.memory)
+    if r.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(r.gpus_per_node)
+    out = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _secret_volume_name(secret: str) -> str:
+    """A volume name (DNS-1123 label) for a Secret name (DNS-1123 subdomain: may hold dots)."""
+    return re.sub(r"[^a-z0-9-]", "-", f"secret-env-{secret}")[:63].rstrip("-")
+
+
+def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], list[dict]]:
+    spec = plan.spec
+    k = spec.kubernetes
+    volumes: list[dict[str, Any]] = [
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
+        {"name": SPEC_VOLUME, "configMap": {"name": f"{plan.name}-spec"}},
+    ]
+    # In a TrainJob the runtime already mounts dshm at /dev/shm; the patch only sizes the volume.
+    mounts: list[dict[str, Any]] = [] if trainjob else [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    mounts.append({"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": True})
+    for v in k.volumes:
+        if v.pvc:
+            source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": v.pvc}}
+        elif v.host_path:
+            source = {"hostPath": {"path": v.host_path}}
+        else:
+            source = {"configMap": {"name": v.config_map}}
+        volumes.append({"name": v.name, **source})
+        mount = {"name": v.name, "mountPath": v.mount_path}
+        if v.read_only:
+            mount["readOnly"] = True
+        mounts.append(mount)
+    if trainjob:
+        for secret in k.env_from_secrets:
+            name = _secret_volume_name(secret)
+            volumes.append({"name": name, "secret": {"secretName": secret}})
+            mounts.append({"name": name, "mountPath": f"{SECRET_ENV_DIR}/{secret}", "readOnly": True})
+    _check_unique([v["name"] for v in volumes], "volume name", spec)
+    _check_unique([m["mountPath"] for m in mounts] + (["/dev/shm"] if trainjob else []), "mount path", spec)
+    return volumes, mounts
+
+
+def _command(plan: LaunchPlan, trainjob: bool) -> list[str]:
+    """podexec (exit 128+signal when stopped; Secret folders as env) around torchrun, which
+    takes the rendezvous from the PET_* variables the operator sets."""
+    wrapper = ["python3", "-m", "ftcluster.podexec"]
+    if trainjob:
+        for secret in plan.spec.kubernetes.env_from_secrets:
+            wrapper += ["--env-dir", f"{SECRET_ENV_DIR}/{secret}"]
+    torchrun = plan.torchrun_args(rdzv_endpoint=None, rdzv_id=None, python="python3",
+                                  spec_arg=["--spec", f"{SPEC_DIR}/{PAYLOAD_KEY}"])
+    return wrapper + ["--"] + torchrun
+
+
+def _pod_spec(plan: LaunchPlan, trainjob: bool = False) -> dict[str, Any]:
+    k = plan.spec.kubernetes
+    volumes, mounts = _volumes_and_mounts(plan, trainjob)
+    container: dict[str, Any] = {
+        "name": "node" if trainjob else "pytorch",  # names the operators require
+        "image": k.image,
+        "imagePullPolicy": k.image_pull_policy,
+        "command": _command(plan, trainjob),
+        "env": _env(plan),
+        "volumeMounts": mounts,
+    }
+    resources = _resources(plan.spec)
+    if resources:
+        container["resources"] = resources
+    if k.env_from_secrets and not trainjob:
+        container["envFrom"] = [{"secretRef": {"name": s}} for s in k.env_from_secrets]
+    pod: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": GRACE_SECONDS,
+                           "volumes": volumes}
+    if k.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
+    if k.service_account:
+        pod["serviceAccountName"] = k.service_account
+    if k.priority_class:
+        pod["priorityClassName"] = k.priority_class
+    if k.node_selector:
+        pod["nodeSelector"] = dict(k.node_selector)
+    if k.tolerations:
+        pod["tolerations"] = [_toleration(t) for t in k.tolerations]
+    return pod
+
+
+def _toleration(t: Any) -> dict[str, Any]:
+    out = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
+           "tolerationSeconds": t.toleration_seconds}
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def _check_unique(items: list[str], what: str, spec: Any) -> None:
+    dup = sorted({x for x in items if items.count(x) > 1})
+    if dup:
+        raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.volumes: {what} {dup[0]!r} is used twice "
+                          f"(ftcluster reserves {SHM_VOLUME}, {SPEC_VOLUME}, /dev/shm and {SPEC_DIR}); rename it")
+
+
+def _check_keys(mapping: dict[str, str], field: str, spec: Any, values: bool) -> None:
+    """Label/annotation keys ([prefix/]name) and, for labels, values, as the API server checks them."""
+    for key, value in mapping.items():
+        prefix, _, name = key.rpartition("/")
+        ok = (0 < len(name) <= 63 and _LABEL_NAME.match(name)
+              and (not prefix or (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix))))
+        if not ok:
+            raise RenderError(f"{spec._source_file or '<spec>'}: {field}.{key}: not a valid key; use [dns-prefix/]name "
+                              "with letters, digits, '-', '_', '.' (name at most 63 characters)")
+        if values and (len(value) > 63 or not _LABEL_NAME.match(value)):
+            raise RenderError(f"{spec._source_file or '<spec>'}: {field}.{key}: label values are at most 63 "
+                              f"letters, digits, '-', '_', '.', starting and ending alphanumeric (got {value!r})")
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+_FIRST_KEYS = ("apiVersion", "kind", "metadata", "name")
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    return (_FIRST_KEYS.index(key), "") if key in _FIRST_KEYS else (len(_FIRST_KEYS), key)
+
+
+def _for_yaml(obj: Any) -> Any:
+    """Mappings in a fixed order (apiVersion, kind, metadata, name, then the rest sorted);
+    multi-line strings as literal blocks (the payload stays reviewable)."""
+    from ruamel.yaml.scalarstring import LiteralScalarString
+
+    if isinstance(obj, dict):
+        return {key: _for_yaml(obj[key]) for key in sorted(obj, key=_key_order)}
+    if isinstance(obj, list):
+        return [_for_yaml(x) for x in obj]
+    if isinstance(obj, str) and "\n" in obj:
+        return LiteralScalarString(obj)
+    return obj
+
+
+def dump_yaml(objects: list[dict[str, Any]], header: list[str]) -> str:
+    """Kubernetes objects as one YAML stream: ``# header`` lines, then ``---`` and an object, for
+    each object in order, with keys in :func:`_key_order` at every level. Same objects, same bytes."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    y = YAML(typ="rt", pure=True)
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.width = 4096  # never fold long strings (commands, JSON lines)
+    out = io.StringIO()
+    out.write("".join(f"# {part}\n" for line in header for part in line.splitlines()))
+    for obj in objects:
+        out.write("---\n")
+        y.dump(_for_yaml(obj), out)
+    return out.getvalue()

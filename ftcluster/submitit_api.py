@@ -1,0 +1,201 @@
+"""Run an ftcluster job from Python through submitit (``pip install 'ftcluster[slurm]'``).
+
+    import ftcluster
+    from ftcluster.submitit_api import submit
+
+    job = submit(ftcluster.load_spec("job.yaml"), folder="runs/%j")
+    print(job.job_id, job.result())
+
+:func:`executor_for` maps the spec's resources and ``slurm:`` section to a
+``submitit.AutoExecutor``; :func:`submit` submits a :class:`TrainTask`, a checkpointable callable
+that trains in-process (one task per training process: ``tasks_per_node = procs per node``,
+no torchrun). Preemption and time limits use submitit's own mechanism: the job gets
+``--signal=USR2@slurm.signal_seconds``; the training runtime's handler turns that signal into a
+synchronised save that is committed to ``output.uri``; then the task hands the signal back to
+submitit, which calls :meth:`TrainTask.checkpoint` and requeues; the requeued job resumes from
+object storage. Nothing ever goes through a shared filesystem except submitit's own folder.
+
+This module imports submitit when it is imported; the core package never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+try:
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("ftcluster.submitit_api needs submitit: pip install 'ftcluster[slurm]'") from exc
+
+from .errors import BackendError
+
+__all__ = ["TrainTask", "executor_for", "submit", "MASTER_ADDR_ENV"]
+
+PREEMPTED_EXIT = 143  # the runtime's "stopped after a committed checkpoint" status (ftcluster.train.signals)
+MASTER_ADDR_ENV = "FTCLUSTER_MASTER_ADDR"  # overrides the rendezvous host (node names that do not resolve)
+DEFAULT_ENTRY = "ftcluster.train.runtime:run"
+MAX_NUM_TIMEOUT = 100  # submitit gives up requeueing after this many time-limit hits (its default is 3)
+
+
+def _default_folder(spec: Any) -> Path:
+    from .backends.base import ftcluster_home
+
+    return ftcluster_home() / "submitit" / spec.name / "%j"
+
+
+def executor_for(spec: Any, folder: str | Path | None = None, cluster: str | None = None) -> submitit.AutoExecutor:
+    """A ``submitit.AutoExecutor`` with the spec's resources and Slurm settings.
+
+    ``cluster`` is passed to submitit (None: Slurm when ``srun`` is on PATH, else local processes;
+    ``"debug"`` runs in this process). ``folder`` holds submitit's pickles and logs; ``%j`` is the
+    job id. Default: ``$FTCLUSTER_HOME/submitit/<name>/%j``.
+    """
+    r, s = spec.resources, spec.slurm
+    if r.time_limit_seconds is None:
+        raise BackendError("resources.time_limit: submitit always passes --time (5 minutes unless told); set "
+                           "resources.time_limit, e.g. 08:00:00 (the job requeues and resumes when it runs out)")
+    if spec.variants:
+        raise BackendError("variants: submitting job arrays through submitit is not supported; submit each variant "
+                           "spec, or use `ftcluster submit` (one sbatch --array)")
+    ntasks = r.nproc_per_node
+    kwargs: dict[str, Any] = {"slurm_max_num_timeout": MAX_NUM_TIMEOUT}
+    if "python" in s.model_fields_set:  # default: the interpreter that pickles the task (submitit's choice)
+        kwargs["slurm_python"] = s.python
+    ex = submitit.AutoExecutor(folder=str(folder or _default_folder(spec)), cluster=cluster, **kwargs)
+    params: dict[str, Any] = {
+        "name": spec.name,
+        "nodes": r.nodes,
+        "tasks_per_node": ntasks,
+        "timeout_min": math.ceil(r.time_limit_seconds / 60),
+        "slurm_signal_delay_s": s.signal_seconds,
+    }
+    if r.gpus_per_node:
+        if r.gpu_type:  # typed GPUs are a gres request; submitit's gpus_per_node has no type
+            params["slurm_gres"] = f"gpu:{r.gpu_type}:{r.gpus_per_node}"
+        else:
+            params["gpus_per_node"] = r.gpus_per_node
+    if r.cpus_per_node:
+        params["cpus_per_task"] = max(1, r.cpus_per_node // ntasks)
+    if r.memory:
+        params["slurm_mem"] = r.memory
+    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
+                       ("constraint", s.constraint)):
+        if value:
+            params[f"slurm_{key}"] = value
+    extra = {k: v for k, v in s.extra_directives.items()}
+    if s.reservation:
+        extra["reservation"] = s.reservation
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    setup = [f"module load {m}" for m in s.modules] + list(s.setup)
+    if setup:
+        params["slurm_setup"] = setup
+    srun_args = []
+    if s.container_image:
+        srun_args.append(f"--container-image={s.container_image}")
+    if s.container_mounts:
+        srun_args.append(f"--container-mounts={','.join(s.container_mounts)}")
+    if srun_args:
+        params["slurm_srun_args"] = srun_args
+    ex.update_parameters(**params)
+    return ex
+
+
+class TrainTask(Checkpointable):
+    """Train one rank of the job in this process; checkpointable so preemption resumes.
+
+    Each submitit task is one training process: ``__call__`` exports the torch.distributed
+    environment (MASTER_ADDR = first node, MASTER_PORT derived from the job id as the sbatch
+    script does, RANK/LOCAL_RANK/WORLD_SIZE from submitit) and runs
+    :func:`ftcluster.train.runtime.run` (``entry``, ``module:function``, names another function with
+    the same contract: ``run(payload) -> 0 | 143``). It returns ``{"status": 0, "output_uri": ...,
+    "requeues": n}``.
+    """
+
+    def __init__(self, payload: dict[str, Any], env: dict[str, str] | None = None, entry: str = DEFAULT_ENTRY):
+        self.payload = payload
+        self.env = dict(env or {})
+        self.entry = entry
+        self.requeues = 0
+
+    def _export_environment(self) -> dict[str, str]:
+        from .plan import derived_port
+
+        job = submitit.JobEnvironment()
+        dist = TorchDistributedEnvironment()  # rank, world size and local rank from Slurm's task layout
+        env = dict(self.env)
+        env.update({
+            "MASTER_ADDR": os.environ.get(MASTER_ADDR_ENV) or dist.master_addr,
+            "MASTER_PORT": str(derived_port(job.job_id)),
+            "RANK": str(dist.rank),
+            "WORLD_SIZE": str(dist.world_size),
+            "LOCAL_RANK": str(dist.local_rank),
+            "LOCAL_WORLD_SIZE": str(dist.local_world_size),
+            "GROUP_RANK": str(job.node),
+        })
+        os.environ.update(env)
+        return env
+
+    def __call__(self) -> dict[str, Any]:
+        import importlib
+
+        self._export_environment()
+        module, _, func = self.entry.partition(":")
+        run = getattr(importlib.import_module(module), func)
+        status = run(self.payload)
+        if status == PREEMPTED_EXIT:
+            # The runtime took SIGUSR2/SIGTERM, saved, committed the checkpoint and restored submitit's
+            # handlers. Hand the signal back: on rank 0 submitit calls self.checkpoint() and requeues the
+            # job (`scontrol requeue`), then exits; other ranks' handlers return and the requeue ends them.
+            _hand_back_to_submitit()  # rank 0 does not come back from this
+            raise RuntimeError(f"rank {os.environ.get('RANK')} stopped after a committed checkpoint; rank 0 "
+                               "requeues the job (this result is replaced when the requeued job ends)")
+        elif status != 0:
+            raise RuntimeError(f"training exited with status {status}")
+        return {"status": status, "output_uri": self.payload["spec"]["output"]["uri"], "requeues": self.requeues}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Called by submitit on rank 0 before it requeues.
+
+        By then the runtime has already committed its checkpoint to ``output.uri`` (it handles the
+        signal itself and returns only after the commit); if the signal came before the runtime
+        started, there is nothing new to save. The requeued task resumes from object storage.
+        """
+        self.requeues += 1
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def _hand_back_to_submitit() -> None:
+    """Run submitit's USR2 handler once: it checkpoints and requeues on rank 0 and returns elsewhere.
+
+    Later USR2s belong to the same stop (a preemption sends SIGTERM then USR2 within milliseconds):
+    they are ignored, so the job is not checkpointed and requeued twice.
+    """
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):
+        raise RuntimeError("training stopped after a committed checkpoint, but no submitit handler is installed "
+                           "to requeue it (debug/local executor); submit again to resume")
+
+    def once(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        handler(signum, frame)
+
+    signal.signal(signal.SIGUSR2, once)
+    signal.raise_signal(signal.SIGUSR2)
+
+
+def submit(spec: Any, folder: str | Path | None = None, cluster: str | None = None) -> submitit.Job:
+    """Submit ``spec`` (a loaded spec or a YAML path) as a submitit job running :class:`TrainTask`."""
+    from .loader import load_spec
+    from .plan import compile_plan
+
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec)
+    plan = compile_plan(spec, spec.slurm.env)
+    executor = executor_for(spec, folder, cluster)
+    return executor.submit(TrainTask(plan.payload, plan.env))

@@ -1,0 +1,72 @@
+"""Entry point: ``python -m ftcluster.train --spec PAYLOAD.json`` (one process per rank, under torchrun).
+
+Exit status: 0 done; 143 stopped by SIGUSR2/SIGTERM after saving a checkpoint (resubmit or
+requeue to resume); 1 on an error, printed as one line (the traceback with FTCLUSTER_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def read_payload(spec_path: str | None, spec_env: str | None) -> dict[str, Any]:
+    from ..errors import TrainError
+
+    if spec_env:
+        text = os.environ.get(spec_env)
+        if not text:
+            raise TrainError(f"--spec-env {spec_env}: the variable is not set or empty")
+        where = f"${spec_env}"
+    else:
+        try:
+            text = Path(spec_path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TrainError(f"--spec {spec_path}: cannot read the payload ({exc.strerror})") from None
+        where = spec_path
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise TrainError(f"{where}: not JSON ({exc}); pass the payload.json that ftcluster rendered") from None
+    if not isinstance(payload, dict) or not ("spec" in payload or "variants" in payload):
+        raise TrainError(f"{where}: not an ftcluster payload (no 'spec' key); pass the payload.json that "
+                         "ftcluster rendered")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ftcluster.train", description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", help="payload JSON file written by ftcluster (payload.json)")
+    src.add_argument("--spec-env", help="name of an environment variable holding the payload JSON")
+    args = parser.parse_args(argv)
+    debug = os.environ.get("FTCLUSTER_DEBUG", "") not in ("", "0")
+    rank = os.environ.get("RANK", "0")
+    try:
+        from ..errors import FtclusterError
+
+        payload = read_payload(args.spec, args.spec_env)
+        from .runtime import run
+
+        return run(payload)
+    except FtclusterError as exc:
+        if debug:
+            raise
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line unless debugging
+        if debug:
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"error (rank {rank}): {type(exc).__name__}: {first} (set FTCLUSTER_DEBUG=1 for the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

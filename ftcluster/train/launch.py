@@ -1,0 +1,63 @@
+"""torchrun, with preemption made visible: ``python -m ftcluster.train.launch [torchrun args]``.
+
+Plain torchrun turns a worker's exit 143 ("stopped by a signal after a committed
+checkpoint") into its own exit 1, and dies on SIGUSR2 without telling the workers. This
+wrapper runs torchrun's own ``main`` with two changes:
+
+* SIGUSR2 joins ``--signals-to-handle`` (unless given), so torchrun forwards it to the
+  workers and gives them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default here 600)
+  to checkpoint before SIGKILL;
+* it exits 143 when the workers stopped because of a signal (they leave a marker file
+  in ``FTCLUSTER_EXIT_DIR``, which this wrapper creates), so the Slurm script requeues
+  and Kubernetes' ExitCode policy retries; other failures keep torchrun's status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+MARKER = "preempted"
+
+
+def mark_preempted() -> None:
+    """Called by a worker that exits 143 (no-op outside this launcher)."""
+    d = os.environ.get("FTCLUSTER_EXIT_DIR")
+    if d:
+        try:
+            (Path(d) / MARKER).touch()
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in args):
+        args.insert(0, f"--signals-to-handle={SIGNALS}")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    exit_dir = Path(tempfile.mkdtemp(prefix="ftcluster-exit-"))
+    os.environ["FTCLUSTER_EXIT_DIR"] = str(exit_dir)
+    from torch.distributed import run as torchrun
+
+    code = 0
+    try:
+        torchrun.main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - ChildFailedError, SignalException: decided by the marker
+        code = 1
+        if not (exit_dir / MARKER).exists():
+            shutil.rmtree(exit_dir, ignore_errors=True)
+            raise
+    if (exit_dir / MARKER).exists():
+        code = 143
+    shutil.rmtree(exit_dir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Build the model: where the weights come from, dtype, attention kernel, gradient
+checkpointing and the LoRA wrap.
+
+Sources (exactly one, validated by the spec): a local folder or fsspec URI (downloaded
+once per node by ``storage.fetch_dir``), a Hub id (the only path that may reach a hub),
+or ``random_init`` (a LlamaConfig from a preset; seeded, so every rank and every rerun
+builds the same weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainError
+
+log = logging.getLogger("ftcluster.train")
+
+
+def compute_dtype(precision: str, device: Any):
+    """The dtype the model computes in: bf16/fp16 on GPU, fp32 on CPU (logged once)."""
+    import torch
+
+    if device.type != "cuda":
+        if precision != "fp32":
+            log.info("training.precision=%s: running on CPU, so computing in fp32 instead", precision)
+        return torch.float32
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainError("training.precision: bf16 is not supported on this GPU; use fp16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def llama_config(ri: Any, tokenizer: Any, attn_implementation: str):
+    """A transformers LlamaConfig from the spec's random_init section, sized for the tokenizer."""
+    from transformers import LlamaConfig
+
+    if len(tokenizer) > ri.vocab_size:
+        raise TrainError(
+            f"model.random_init.vocab_size: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{ri.vocab_size} embeddings; raise vocab_size or lower tokenizer.train_vocab_size"
+        )
+    return LlamaConfig(
+        vocab_size=ri.vocab_size, hidden_size=ri.hidden_size, intermediate_size=ri.intermediate_size,
+        num_hidden_layers=ri.num_hidden_layers, num_attention_heads=ri.num_attention_heads,
+        num_key_value_heads=ri.num_key_value_heads, max_position_embeddings=ri.max_position_embeddings,
+        tie_word_embeddings=ri.tie_word_embeddings, rope_theta=ri.rope_theta,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation=attn_implementation, use_cache=False,
+    )
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 of the model config (architecture only), recorded with adapters and checkpoints."""
+    d = config.to_dict()
+    for k in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+              "attn_implementation", "_attn_implementation_autoset"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_source(spec: Any) -> str:
+    """A human name for the base model: the path, the hub id@revision or random_init:<preset>."""
+    m = spec.model
+    if m.path:
+        return m.path
+    if m.hub_id:
+        return m.hub_id + (f"@{m.revision}" if m.revision else "")
+    return f"random_init:{m.random_init.preset or 'custom'}"
+
+
+def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_dir: Path, *,
+                    zero3: bool = False):
+    """The base causal LM on ``device`` (ZeRO-3: partitioned at construction by transformers'
+    DeepSpeed integration, which the caller enables with an ``HfDeepSpeedConfig``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = spec.model
+    seed = spec.training.seed
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": m.attn_implementation}
+    torch.manual_seed(seed)
+    if m.random_init is not None:
+        config = llama_config(m.random_init, tokenizer, m.attn_implementation)
+        if zero3:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            with torch.device(device):  # initialise in place: an 8B model never lands in host memory
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if m.path:
+            from .storage import fetch_dir
+
+            where = str(fetch_dir(m.path, m.storage_options, cache_dir / "models"))
+            kwargs["local_files_only"] = True
+        else:
+            where = m.hub_id
+            kwargs["revision"] = m.revision
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=m.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as exc:
+            field = "model.path" if m.path else "model.hub_id"
+            raise TrainError(f"{field}: could not load a causal LM from {where!r}: {str(exc).splitlines()[0]}") from exc
+        if not zero3:
+            model.to(device)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            log.warning("the tokenizer has %d tokens, the model %d embeddings: resizing the embeddings",
+                        len(tokenizer), model.get_input_embeddings().weight.shape[0])
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.training.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-grad hooks under LoRA and works with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model: Any, lora: Any, seed: int):
+    """Wrap ``model`` with a peft LoRA adapter (seeded A init); only adapter weights train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                     bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed + 1)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as exc:  # e.g. a target module name that the model does not have
+        raise TrainError(f"lora.target_modules: {str(exc).splitlines()[0]}") from exc
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)", lora.r, lora.alpha, target,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return peft_model

@@ -1,0 +1,153 @@
+"""The tokenizer of a run: a folder (local or fetched once per node), a Hub id, or trained here.
+
+Training (``tokenizer.train_vocab_size``, or a ``random_init`` model without a tokenizer) builds
+a byte-level BPE with ``tokenizers`` on the training texts. It is deterministic, done once per
+node under a file lock and cached under ``cache_dir/bpe-<hash>`` keyed by the texts, the vocab
+size and the format, so every rank and every node gets the same ids without a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainError
+from .data import instruction_prompt, load_records
+from .storage import fetch_dir, file_lock
+
+log = logging.getLogger("ftcluster.train")
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+ROLES = ("system", "user", "assistant")
+# Assistant turns end with eos and nothing else, so that the learned part is "answer + eos".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+MAX_TRAIN_CHARS = 200_000_000  # enough for a BPE vocabulary; bounds time and memory on big corpora
+FORMAT_VERSION = "1"  # bump when the training recipe changes, to invalidate caches
+
+
+def load_or_train_tokenizer(spec: Any, cache_dir: Path) -> Any:
+    """The tokenizer for ``spec`` with pad/eos (and bos when trained here) and, for chat, a template."""
+    t, m = spec.tokenizer, spec.model
+    cache_dir = Path(cache_dir)
+    models_cache = cache_dir.parent / "models"
+    if t.path:
+        tok = _from_folder(fetch_dir(t.path, m.storage_options, models_cache), "tokenizer.path")
+    elif t.hub_id:
+        tok = _from_hub(t.hub_id, None, False, "tokenizer.hub_id")
+    elif t.train_vocab_size:
+        tok = train_tokenizer(spec, t.train_vocab_size, cache_dir)
+    elif m.path:
+        tok = _from_folder(fetch_dir(m.path, m.storage_options, models_cache), "model.path")
+    elif m.hub_id:
+        tok = _from_hub(m.hub_id, m.revision, m.trust_remote_code, "model.hub_id")
+    else:
+        tok = train_tokenizer(spec, m.random_init.vocab_size, cache_dir)
+    return _finish(tok, spec.data.format)
+
+
+def _from_folder(folder: Path, where: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"{where}: no usable tokenizer in {folder} ({str(exc).splitlines()[0]}); "
+                         "point tokenizer.path at a folder with tokenizer.json") from exc
+
+
+def _from_hub(hub_id: str, revision: str | None, trust: bool, where: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(hub_id, revision=revision, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"{where}: cannot load the tokenizer of {hub_id!r} ({str(exc).splitlines()[0]})") from exc
+
+
+def _finish(tok: Any, fmt: str) -> Any:
+    if tok.eos_token is None:
+        raise TrainError("tokenizer: it has no eos token; choose another tokenizer or set tokenizer.train_vocab_size")
+    if tok.pad_token is None:
+        # Padding is masked out of attention and loss, so reusing eos adds no embedding row.
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer: no pad token; padding with eos (%s)", tok.eos_token)
+    if fmt == "chat" and not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+        log.info("tokenizer: no chat template; using ftcluster's simple <|role|> template")
+    return tok
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def training_texts(records: list[dict[str, Any]], data_spec: Any) -> list[str]:
+    """The texts a BPE is trained on: what the model will read, formatted as the data format says."""
+    f, fmt = data_spec.fields, data_spec.format
+    texts: list[str] = []
+    total = 0
+    for r in records:
+        if fmt == "text":
+            t = str(r.get(f.text, ""))
+        elif fmt == "instruction":
+            t = instruction_prompt(str(r.get(f.instruction, "")), str(r.get(f.input) or "")) + str(r.get(f.output, ""))
+        else:
+            msgs = r.get(f.messages) or []
+            t = "\n".join(f"<|{m.get('role')}|>\n{m.get('content', '')}" for m in msgs if isinstance(m, dict))
+        texts.append(t)
+        total += len(t)
+        if total >= MAX_TRAIN_CHARS:
+            log.info("tokenizer: training on the first %d records (%d characters)", len(texts), total)
+            break
+    return texts
+
+
+def train_tokenizer(spec: Any, vocab_size: int, cache_dir: Path) -> Any:
+    """A byte-level BPE trained on ``spec.data.train`` (cached per node; deterministic)."""
+    from transformers import PreTrainedTokenizerFast
+
+    ds = spec.data
+    specials = [PAD, BOS, EOS] + [f"<|{r}|>" for r in ROLES]
+    if vocab_size < 256 + len(specials):
+        raise TrainError(f"tokenizer.train_vocab_size: a byte-level BPE needs at least {256 + len(specials)} "
+                         f"tokens (256 bytes + {len(specials)} special); got {vocab_size}")
+    texts = training_texts(load_records(ds.train, ds.file_format, ds.storage_options), ds)
+    h = hashlib.sha256(f"{FORMAT_VERSION}|{vocab_size}|{ds.format}|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    folder = Path(cache_dir) / f"bpe-{vocab_size}-{h.hexdigest()[:16]}"
+    with file_lock(Path(cache_dir) / f"{folder.name}.lock"):
+        if not (folder / "tokenizer.json").exists():
+            _train_into(folder, texts, vocab_size, specials)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+    return tok
+
+
+def _train_into(folder: Path, texts: list[str], vocab_size: int, specials: list[str]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %d texts", vocab_size, len(texts))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                  additional_special_tokens=specials[3:], clean_up_tokenization_spaces=False)
+    tok.chat_template = CHAT_TEMPLATE
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)

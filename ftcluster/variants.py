@@ -1,0 +1,200 @@
+"""Variants: several versions of one job, run as one Slurm job array.
+
+A spec's ``variants:`` list names each version and gives it dotted-key overrides::
+
+    variants:
+      - {name: r8,  set: {lora.r: 8,  lora.alpha: 16}}
+      - {name: r64, set: {lora.r: 64, lora.alpha: 128, training.learning_rate: 1.0e-4}}
+
+Each resolved variant is the job's spec (without ``variants``) plus its ``set``, named
+``<name>-<variant>`` and writing to ``<output.uri>/<variant>``, and is validated like any
+job when the file is loaded. Problems point at the variant's own line and field
+(``variants[1].set.lora.r``). All variants of one array share what the launch script or
+manifests fix for every task: method, backend, resources, environment and the cluster
+sections; changing those is an error that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .errors import Problem, SpecError
+from .yamlio import LoadedDoc
+
+NAME_LIMIT = 50  # spec.py's job-name rule: Kubernetes appends suffixes such as -worker-12
+
+ONE_SHAPE = "one array runs one shape; put variants that need a different one in a separate job spec"
+FIXED: dict[str, str] = {
+    "name": "a variant's job name is <name>-<variant>; rename the variant instead",
+    "method": f"LoRA and full fine-tuning launch differently; {ONE_SHAPE}",
+    "backend": "all variants are submitted together, to one backend",
+    "resources": f"every array task gets the same nodes, GPUs and time limit; {ONE_SHAPE}",
+    "env": "the launch script sets one environment for every task; set env at the top level",
+    "slurm": "the sbatch script (partition, directives, setup) is shared by every task; set slurm at the top level",
+    "kubernetes": "image, queue and pod settings are the same for every variant; set kubernetes at the top level",
+    "local": "all variants run in one local run; set local at the top level",
+    "variants": "variants do not nest",
+    "array_parallelism": "it applies to the whole array; set it at the top level",
+}
+OVERLAP = ("{outer} is also set, and a mapping replaces the whole section; put {key} inside the {outer} "
+           "mapping, or set single fields with dotted keys only")
+OUTPUT_URI = "each variant writes to <output.uri>/<variant> by itself; set output.uri at the top level"
+
+
+def fixed_reason(key: str, value: Any) -> str | None:
+    """Why a variant may not set ``key`` (a dotted path), or None when it may."""
+    head = key.split(".", 1)[0]
+    if head in FIXED:
+        return FIXED[head]
+    if key == "output.uri" or (key == "output" and isinstance(value, dict) and "uri" in value):
+        return OUTPUT_URI
+    return None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> str | None:
+    """Set ``a.b.c`` in nested dicts (creating missing ones); returns a problem text or None."""
+    parts = key.split(".")
+    if any(not p for p in parts):
+        return f"{key!r} is not a field path; write dotted names such as lora.r"
+    target = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = target.get(part)
+        if nxt is None:
+            nxt = target[part] = {}
+        if not isinstance(nxt, dict):
+            return f"{'.'.join(parts[: i + 1])} is not a mapping, so it has no field {parts[i + 1]!r}"
+        target = nxt
+    target[parts[-1]] = copy.deepcopy(value)
+    return None
+
+
+def overlap(keys: list[str]) -> dict[str, str]:
+    """Keys that another key of the same ``set`` contains (``lora`` and ``lora.r``): the later would
+    silently undo the earlier. Maps each such inner key to its outer one."""
+    out = {}
+    for key in keys:
+        outer = next((k for k in keys if key.startswith(k + ".")), None)
+        if outer:
+            out[key] = outer
+    return out
+
+
+def variant_uri(base: str, variant: str) -> str:
+    """Where a variant writes: ``<output.uri>/<variant>``."""
+    return f"{base.rstrip('/')}/{variant}"
+
+
+def _at(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
+    from .loader import _problem
+
+    return _problem(doc, path, msg)
+
+
+def locate(doc: LoadedDoc, prefix: tuple[Any, ...], sets: dict[str, Any], path: tuple[Any, ...], msg: str,
+           label: str) -> Problem:
+    """Place a problem found in a spec built from ``sets`` overrides at the override that caused it.
+
+    ``prefix`` is where the overrides live in ``doc`` (e.g. ``("variants", 1)``). A problem on
+    a field the overrides set (or inside it) points at that key; one on a section the
+    overrides change points at the key too; anything else (a check across fields) points at
+    the ``prefix`` item and names the resolved field.
+    """
+    from .loader import dotted_path
+
+    keys = [(tuple(k.split(".")), k) for k in sets]
+    if path:
+        for parts, key in keys:
+            if path[: len(parts)] == parts:
+                return _at(doc, prefix + ("set", key) + path[len(parts):], msg)
+        for parts, key in keys:
+            if parts[: len(path)] == path:
+                return _at(doc, prefix + ("set", key), f"{dotted_path(path)}: {msg}")
+        return _at(doc, prefix, f"{label}: {dotted_path(path)}: {msg}")
+    return _at(doc, prefix, f"{label}: {msg}")
+
+
+def resolve_variants(spec: Any, doc: LoadedDoc | None = None) -> tuple[Any, ...]:
+    """The resolved, validated spec of every variant of ``spec`` (empty when it has none).
+
+    ``doc`` is the YAML the spec came from, for file:line:column in problems; without it
+    (a spec built in Python) problems name the field only. Cached on the spec.
+    Raises :class:`~ftcluster.errors.SpecError` listing every problem of every variant.
+    """
+    if spec._resolved is not None:
+        return spec._resolved
+    if not spec.variants:
+        return ()
+    if doc is None:
+        doc = LoadedDoc(data=spec.model_dump(mode="json"), source=spec._source_file or "<spec>")
+    base = {k: v for k, v in doc.data.items() if k not in ("variants", "array_parallelism")}
+    problems: list[Problem] = []
+    resolved = []
+    seen: dict[str, int] = {}
+    for i, variant in enumerate(spec.variants):
+        found, vspec = _resolve_one(spec, doc, base, i, variant, seen)
+        problems += found
+        if vspec is not None:
+            resolved.append(vspec)
+    if problems:
+        from .loader import sort_unique
+
+        raise SpecError(sort_unique(problems, doc.source))
+    spec._resolved = tuple(resolved)
+    return spec._resolved
+
+
+def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, variant: Any,
+                 seen: dict[str, int]) -> tuple[list[Problem], Any]:
+    from pydantic import ValidationError
+
+    from .loader import _adapter, validation_messages
+
+    where = ("variants", i)
+    label = f"variant {variant.name!r}"
+    problems: list[Problem] = []
+    if variant.name in seen:
+        problems.append(_at(doc, where + ("name",), f"{variant.name!r} is already the name of variants[{seen[variant.name]}]; "
+                                                    "give every variant its own name"))
+    seen.setdefault(variant.name, i)
+    full = f"{spec.name}-{variant.name}"
+    if len(full) > NAME_LIMIT:
+        problems.append(_at(doc, where + ("name",), f"the variant's job name {full!r} has {len(full)} characters, more than "
+                                                    f"{NAME_LIMIT}; shorten the variant name or the job name"))
+    data = copy.deepcopy(base)
+    applied = {}
+    nested = overlap(list(variant.set))
+    for key, value in variant.set.items():
+        why = fixed_reason(key, value)
+        err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else None
+        err = err or (None if why else set_dotted(data, key, value))
+        if why or err:  # not applied; the other overrides are still checked
+            problems.append(_at(doc, where + ("set", key), f"cannot vary within one array: {why}" if why else err))
+        else:
+            applied[key] = value
+    data["name"] = full
+    if isinstance(data.get("output"), dict):
+        data["output"]["uri"] = variant_uri(spec.output.uri, variant.name)
+    try:
+        vspec = _adapter().validate_python(data)
+    except ValidationError as exc:
+        problems += [locate(doc, where, applied, path, msg, label) for path, msg in validation_messages(exc, data)
+                     if not (path == ("name",) and len(full) > NAME_LIMIT)]
+        return problems, None
+    if problems:
+        return problems, None
+    vspec._source_file, vspec._overrides, vspec._variant = spec._source_file, spec._overrides, variant.name
+    changed = _env_change(spec, vspec)
+    if changed:
+        return [_at(doc, where, f"{label}: changes the environment every array task shares ({changed}); use the same "
+                                "kind of model and tokenizer source (path or hub_id) in every variant, or make it a "
+                                "separate job")], None
+    return [], vspec
+
+
+def _env_change(spec: Any, vspec: Any) -> str:
+    from .plan import build_env
+
+    a, b = build_env(spec), build_env(vspec)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k, 'unset')} -> {b.get(k, 'unset')}" for k in diff)

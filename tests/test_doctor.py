@@ -1,0 +1,211 @@
+"""`ftcluster doctor`: parsing of Slurm's answers, then the checks against the live Slurm, this host
+and a moto S3 server, through the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ftcluster.doctor import gpus_of_type, memory_mb, parse_gres, slurm_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def doctor(job: Path, *args: str, env: dict | None = None) -> tuple[int, dict[str, dict]]:
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.cli", "doctor", str(job), "--json", *args],
+                          capture_output=True, text=True, cwd=job.parent, env={**os.environ, **(env or {})},
+                          timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, {c["name"]: c for c in json.loads(proc.stdout)}
+
+
+JOB = """\
+name: doctor-test
+method: lora
+backend: {backend}
+model: {{random_init: {{preset: tiny}}}}
+tokenizer: {{train_vocab_size: 512}}
+data: {{train: {root}/examples/data/instruct.jsonl, seq_len: 64}}
+training: {{max_steps: 2, precision: fp32}}
+resources: {{gpus_per_node: 0}}
+"""
+
+
+def write_job(tmp_path: Path, backend: str, extra: str = "", output: str = "output: {uri: file://./out/run}\n") -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(backend=backend, root=ROOT) + textwrap.dedent(output) + textwrap.dedent(extra))
+    return path
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("UNLIMITED", None), ("infinite", None), ("30", 1800), ("30:15", 1815), ("12:00:00", 43200),
+    ("2-00:00:00", 172800), ("1-12", 129600), ("1-00:30", 88200),
+])
+def test_slurm_time_formats(text, seconds):
+    assert slurm_seconds(text) == seconds
+
+
+def test_gres_parsing():
+    assert parse_gres("gpu:2") == {None: 2}
+    assert parse_gres("gpu:h100:8(S:0-1)") == {"h100": 8}
+    assert parse_gres("gpu:a100:4(S:0,1),gpu:v100:2,shard:8") == {"a100": 4, "v100": 2}
+    assert parse_gres("(null)") == {}
+    assert gpus_of_type(parse_gres("gpu:a100:4,gpu:v100:2"), None) == 6
+    assert gpus_of_type(parse_gres("gpu:A100:4,gpu:v100:2"), "a100") == 4
+    assert gpus_of_type(parse_gres("gpu:4"), "h200") == 0  # an untyped gres cannot satisfy a typed request
+    assert (memory_mb("128G"), memory_mb("2000"), memory_mb("512M")) == (131072, 2000, 512)
+
+
+# --------------------------------------------------------------------------- local backend
+
+
+def test_local_backend_checks_pass_and_clean_up(tmp_path):
+    job = write_job(tmp_path, "local", output="output: {uri: file://./out/new/run}\n")
+    rc, checks = doctor(job)
+    assert rc == 0, checks
+    assert {k: v["status"] for k, v in checks.items()} == {
+        "spec": "ok", "launch files": "ok", "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "output": "ok"}
+    assert not (tmp_path / "out").exists()  # the probe removed the folders it made
+
+
+def test_local_backend_failures(tmp_path):
+    job = write_job(tmp_path, "local", "local:\n  python: /usr/bin/false\n")
+    rc, checks = doctor(job, "--set", "output.uri=/proc/ftcluster-no/run")  # /proc takes no new folders
+    assert rc == 1
+    assert checks["python"]["status"] == "fail" and "/usr/bin/false did not run" in checks["python"]["result"]
+    assert checks["output"]["status"] == "fail" and "cannot write a probe object" in checks["output"]["result"]
+    assert checks["spec"]["status"] == "ok"
+
+
+def test_invalid_spec_is_one_failed_check(tmp_path):
+    job = write_job(tmp_path, "local")
+    rc, checks = doctor(job, "--set", "training.learning_rate=-1")
+    assert rc == 1 and list(checks) == ["spec"]
+    assert "training.learning_rate" in checks["spec"]["result"] and "ftcluster validate" in checks["spec"]["fix"]
+
+
+def test_table_output(tmp_path):
+    job = write_job(tmp_path, "local", "local:\n  python: /usr/bin/false\n")
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.cli", "doctor", str(job)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert proc.returncode == 1
+    header = proc.stdout.splitlines()[0].split()
+    assert header == ["CHECK", "RESULT", "HOW", "TO", "FIX"]
+    assert any(line.split()[:2] == ["python", "fail"] for line in proc.stdout.splitlines())
+    assert "ftcluster[train]" in proc.stdout  # rich markup must not eat the brackets
+
+
+# --------------------------------------------------------------------------- live Slurm
+
+
+@pytest.fixture
+def slurm():
+    if not os.environ.get("SLURM_CONF"):
+        if os.environ.get("STRICT") == "1":
+            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
+        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+
+
+SLURM_JOB = f"""
+slurm:
+  partition: debug
+  python: {sys.executable}
+"""
+
+
+@pytest.mark.slurm
+def test_slurm_good_spec_passes_with_remote_probe(slurm, tmp_path):
+    job = write_job(tmp_path, "slurm", SLURM_JOB)
+    rc, checks = doctor(job, "--remote", "--set", "resources.gpus_per_node=2", "--set", "resources.time_limit=00:20:00")
+    assert rc == 0, checks
+    assert {k: v["status"] for k, v in checks.items()} == {
+        "spec": "ok", "launch files": "ok", "slurm": "ok", "partition": "ok", "nodes": "ok", "time limit": "ok",
+        "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "env passthrough": "skip", "output": "ok"}
+    assert "2 of 2 nodes in debug fit 2 x gpu" in checks["nodes"]["result"]
+    assert "ftcluster" in checks["python"]["result"]
+
+
+@pytest.mark.slurm
+def test_slurm_unknown_partition(slurm, tmp_path):
+    job = write_job(tmp_path, "slurm", SLURM_JOB)
+    rc, checks = doctor(job, "--set", "slurm.partition=gpu-nope")
+    assert rc == 1
+    assert checks["partition"]["status"] == "fail" and "'gpu-nope' not found" in checks["partition"]["result"]
+    assert checks["partition"]["fix"].endswith("one of: debug")
+    assert "nodes" not in checks  # nothing to check against
+
+
+@pytest.mark.slurm
+def test_slurm_too_many_gpus_nodes_and_bad_python(slurm, tmp_path):
+    job = write_job(tmp_path, "slurm", SLURM_JOB)
+    rc, checks = doctor(job, "--set", "resources.gpus_per_node=4", "--set", "resources.time_limit=00:01:00")
+    assert rc == 1
+    nodes = checks["nodes"]
+    assert nodes["status"] == "fail" and "fit 4 x gpu" in nodes["result"] and "gpu:2" in nodes["result"]
+    assert "lower resources.gpus_per_node to 2" in nodes["fix"]
+    assert checks["time limit"]["status"] == "fail" and "signal_seconds" in checks["time limit"]["result"]
+    rc, checks = doctor(job, "--set", "resources.nodes=3", "--set", "resources.gpu_type=h200")
+    assert rc == 1 and "fit 1 x gpu:h200" in checks["nodes"]["result"]
+    rc, checks = doctor(job, "--remote", "--set", "slurm.python=/nonexistent/python3",
+                        "--set", "slurm.env_passthrough=[FTC_DOCTOR_UNSET_KEY]")
+    assert rc == 1
+    assert checks["python"]["status"] == "fail" and "did not run on a node of debug" in checks["python"]["result"]
+    assert checks["env passthrough"]["status"] == "fail" and "FTC_DOCTOR_UNSET_KEY" in checks["env passthrough"]["result"]
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", **_creds(env)).create_bucket(Bucket="runs")
+    yield f"http://127.0.0.1:{port}", env
+    server.stop()
+
+
+def _creds(env: dict) -> dict:
+    return {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+            "region_name": env["AWS_DEFAULT_REGION"]}
+
+
+@pytest.mark.s3
+def test_output_on_s3(moto_s3, tmp_path):
+    endpoint, env = moto_s3
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, **_creds(env))
+    job = write_job(tmp_path, "local", output=f"""
+        output:
+          uri: s3://runs/doctor/run1
+          storage_options: {{client_kwargs: {{endpoint_url: "{endpoint}"}}}}
+        """)
+    rc, checks = doctor(job, env=env)
+    assert checks["output"]["status"] == "ok", checks["output"]
+    assert s3.list_objects_v2(Bucket="runs").get("KeyCount", 0) == 0  # the probe object was deleted
+    rc, checks = doctor(job, "--set", "output.uri=s3://no-such-bucket/x", env=env)
+    assert rc == 1 and checks["output"]["status"] == "fail" and "no-such-bucket" in checks["output"]["result"]
+    assert "no-such-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]  # doctor never creates buckets
+    rc, checks = doctor(job, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE":
+                                  "/dev/null", "AWS_CONFIG_FILE": "/dev/null"})
+    assert checks["output"]["status"] == "fail" and "AWS_ACCESS_KEY_ID" in checks["output"]["fix"]

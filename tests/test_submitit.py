@@ -1,0 +1,173 @@
+"""ftcluster.submitit_api against the live Slurm: the executor mapping, the torch.distributed
+environment of every task, and preemption/time-limit requeues that resume (a fast fake runtime
+first, then the real training runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("submitit")
+
+from ftcluster.loader import load_spec_text  # noqa: E402
+from ftcluster.plan import derived_port  # noqa: E402
+from ftcluster.submitit_api import TrainTask, executor_for, submit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+pytestmark = pytest.mark.slurm
+
+SPEC = """\
+name: submitit-test
+method: lora
+backend: slurm
+model: {{random_init: {{preset: tiny}}}}
+tokenizer: {{train_vocab_size: 512}}
+data: {{train: {root}/examples/data/instruct.jsonl, seq_len: 64}}
+training: {{max_steps: {steps}, precision: fp32, micro_batch_size: 4, log_every_steps: 5}}
+resources: {{nodes: {nodes}, gpus_per_node: 0, procs_per_node: {procs}, time_limit: "00:10:00", memory: 900M}}
+output: {{uri: "file://{out}", checkpoint_every_steps: 10, keep_last: 2}}
+slurm: {{partition: debug, signal_seconds: 30}}
+"""
+
+
+def make_spec(tmp_path: Path, steps: int = 20, nodes: int = 1, procs: int = 1):
+    text = SPEC.format(root=ROOT, steps=steps, nodes=nodes, procs=procs, out=tmp_path / "out")
+    return load_spec_text(text, str(tmp_path / "job.yaml"))
+
+
+@pytest.fixture
+def slurm(monkeypatch, tmp_path):
+    if not os.environ.get("SLURM_CONF"):
+        if os.environ.get("STRICT") == "1":
+            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
+        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+    # The test nodes n1, n2 do not resolve; every task runs on this host. sbatch exports this
+    # process's environment to the job, so the tasks see both variables.
+    monkeypatch.setenv("FTCLUSTER_MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def squeue_state(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
+    state, _, reason = out.strip().partition("|")
+    return state, reason
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def release_requeued(job, timeout: float = 120) -> None:
+    """A requeued job waits in Reason=BeginTime (~2 min); start it now, as an admin would in a test."""
+    def pending():
+        state, reason = squeue_state(job.job_id)
+        return state == "PENDING" and reason in ("BeginTime", "None", "Priority", "Resources")
+    wait_for(pending, timeout, f"job {job.job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], check=True, capture_output=True)
+
+
+def result_within(job, timeout: float):
+    wait_for(lambda: job.done(force_check=True), timeout, f"job {job.job_id} to finish", poll=1.0)
+    return job
+
+
+class EnvProbe(TrainTask):
+    """Exports the distributed environment like TrainTask, then reports it instead of training."""
+
+    def __call__(self):
+        env = self._export_environment()
+        return {**env, "SLURM_PROCID": os.environ["SLURM_PROCID"], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_executor_and_distributed_environment(slurm):
+    spec = make_spec(slurm, nodes=2, procs=2)
+    executor = executor_for(spec, slurm / "submitit" / "%j")
+    job = executor.submit(EnvProbe({}, {"OMP_NUM_THREADS": "1"}))
+    result_within(job, 90)
+    results = job.results()
+    assert len(results) == 4
+    assert sorted(int(r["RANK"]) for r in results) == [0, 1, 2, 3]
+    assert {r["WORLD_SIZE"] for r in results} == {"4"} and {r["LOCAL_WORLD_SIZE"] for r in results} == {"2"}
+    assert sorted(r["GROUP_RANK"] for r in results) == ["0", "0", "1", "1"]
+    assert sorted(r["LOCAL_RANK"] for r in results) == ["0", "0", "1", "1"]
+    assert all(r["RANK"] == r["SLURM_PROCID"] for r in results)
+    assert {r["MASTER_PORT"] for r in results} == {str(derived_port(job.job_id))}
+    assert {r["MASTER_ADDR"] for r in results} == {"127.0.0.1"} and {r["OMP_NUM_THREADS"] for r in results} == {"1"}
+    script = job.paths.submission_file.read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=2", "--partition=debug", "--time=10", "--mem=900M",
+                 "--signal=USR2@30", "--job-name=submitit-test"):
+        assert f"#SBATCH {line}\n" in script, (line, script)
+
+
+def test_executor_rejects_specs_it_cannot_express(slurm):
+    from ftcluster.errors import BackendError
+
+    spec = make_spec(slurm)
+    spec.resources.time_limit = None
+    with pytest.raises(BackendError, match="resources.time_limit"):
+        executor_for(spec, slurm / "submitit")
+
+
+def _starts(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "starts.log").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("timeout", [True, False], ids=["timeout", "preemption"])
+def test_fake_runtime_requeues_and_resumes(slurm, timeout):
+    """USR2 (time limit) or SIGTERM+USR2 (preemption) -> the runtime saves -> submitit requeues -> resume."""
+    spec = make_spec(slurm, steps=60, nodes=2, procs=1)
+    job = submit_fake(spec, slurm)
+    out = slurm / "out"
+    wait_for(lambda: (out / "rank1.json").exists() and json.loads((out / "rank1.json").read_text())["step"] >= 10,
+             60, "the fake training to make progress")
+    job._interrupt(timeout=timeout)
+    release_requeued(job)
+    result = result_within(job, 90).results()[0]
+    assert result["status"] == 0 and result["requeues"] == 1, result
+    starts = _starts(out)
+    assert [s["RANK"] for s in starts] == ["0", "1", "0", "1"] or sorted(s["RANK"] for s in starts) == ["0", "0", "1", "1"]
+    first, second = [s for s in starts if s["RANK"] == "0"]
+    assert first["step"] == 0 and second["step"] >= 10  # resumed from the saved step, not from zero
+    assert second["SLURM_RESTART_COUNT"] == "1" and first["SLURM_JOB_ID"] == second["SLURM_JOB_ID"] == job.job_id
+    for rank in (0, 1):
+        assert json.loads((out / f"rank{rank}.json").read_text()) == {"step": 60, "done": True}
+
+
+def submit_fake(spec, tmp_path: Path):
+    from ftcluster.plan import compile_plan
+
+    plan = compile_plan(spec, spec.slurm.env)
+    return executor_for(spec, tmp_path / "submitit" / "%j").submit(TrainTask(plan.payload, plan.env, "fake_runtime:run"))
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_real_training_preempted_resumes_from_object_storage(slurm):
+    pytest.importorskip("torch")
+    spec = make_spec(slurm, steps=40, nodes=2, procs=1)
+    job = submit(spec, folder=slurm / "submitit" / "%j")
+    out = slurm / "out"
+    wait_for(lambda: any((out / "checkpoints").glob("step-*/manifest.json")), 240,
+             "the first committed checkpoint")
+    job._interrupt(timeout=False)
+    release_requeued(job)
+    result = result_within(job, 300).results()[0]
+    assert result["status"] == 0 and result["requeues"] == 1, result
+    log = job.stdout() or ""
+    assert "resum" in log.lower(), log[-3000:]
+    assert (out / "adapter" / "manifest.json").exists()
