@@ -178,10 +178,12 @@ class LaunchPlan:
         return json.dumps(self.payload, sort_keys=True, indent=1)
 
     def torchrun_args(self, *, rdzv_endpoint: str | None, rdzv_id: str | None, python: str = "python3",
-                      spec_arg: list[str] | None = None) -> list[str]:
+                      spec_arg: list[str] | None = None, launcher: str = "torch.distributed.run") -> list[str]:
         """The launch command as argv. With ``rdzv_endpoint`` None, torchrun takes the
-        rendezvous from ``PET_*`` variables (set by the Kubeflow operators)."""
-        argv = [python, "-m", "torch.distributed.run"]
+        rendezvous from ``PET_*`` variables (set by the Kubeflow operators). ``launcher`` is the
+        torchrun module: ``ftcluster.train.launch`` is torchrun that forwards SIGUSR2 and exits 143
+        after a checkpoint-and-stop (the Slurm script uses it to decide on requeueing)."""
+        argv = [python, "-m", launcher]
         if rdzv_endpoint is not None:
             argv += [
                 f"--nnodes={self.nnodes}",
@@ -214,26 +216,80 @@ def build_env(spec: Any, backend_env: dict[str, str] | None = None) -> dict[str,
 
 
 def _payload(spec: Any) -> dict[str, Any]:
-    payload = {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"),
-               "deepspeed": resolved_deepspeed_config(spec)}
-    if spec._variant is not None:
-        payload["variant"] = spec._variant
-    return payload
+    return {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"),
+            "deepspeed": resolved_deepspeed_config(spec)}
+
+
+def json_changes(base: Any, other: Any, path: tuple[Any, ...] = ()) -> tuple[list[list[Any]], list[list[Any]]]:
+    """What turns JSON value ``base`` into ``other``: ([[key path, new value], ...], [key path removed, ...]).
+
+    Mappings are compared key by key; any other value that differs is replaced whole.
+    """
+    if not (isinstance(base, dict) and isinstance(other, dict)):
+        return ([] if base == other else [[list(path), other]]), []
+    changed: list[list[Any]] = []
+    removed = [list(path + (k,)) for k in base if k not in other]
+    for key, value in other.items():
+        if key not in base:
+            changed.append([list(path + (key,)), value])
+            continue
+        c, r = json_changes(base[key], value, path + (key,))
+        changed += c
+        removed += r
+    return changed, removed
+
+
+def apply_changes(base: Any, changed: list[list[Any]], removed: list[list[Any]]) -> Any:
+    """Inverse of :func:`json_changes`: a copy of ``base`` with the changes applied."""
+    out = copy.deepcopy(base)
+    for keys, value in changed:
+        if not keys:
+            out = copy.deepcopy(value)
+            continue
+        target = out
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = copy.deepcopy(value)
+    for keys in removed:
+        target = out
+        for key in keys[:-1]:
+            target = target[key]
+        target.pop(keys[-1], None)
+    return out
+
+
+def _array_payload(spec: Any, resolved: tuple[Any, ...]) -> dict[str, Any]:
+    """The payload of a job array: the base spec once, and per variant only what differs from it.
+
+    Compact on purpose: the payload travels in one environment variable (at most 128 KiB on
+    Linux), so hundreds of variants fit. :func:`select_payload` rebuilds a variant's full payload.
+    """
+    base = _payload(spec)
+    entries = []
+    for v in resolved:
+        full = _payload(v)
+        changed, removed = json_changes(base["spec"], full["spec"])
+        entry: dict[str, Any] = {"variant": v._variant, "set": changed}
+        if removed:
+            entry["unset"] = removed
+        if full["deepspeed"] != base["deepspeed"]:
+            entry["deepspeed"] = full["deepspeed"]
+        entries.append(entry)
+    return {"ftcluster_version": __version__, "base": {"spec": base["spec"], "deepspeed": base["deepspeed"]},
+            "variants": entries}
 
 
 def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> LaunchPlan:
     """Compile a validated spec into a :class:`LaunchPlan`.
 
-    A spec with ``variants`` compiles to one plan for a job array: its payload holds every
-    resolved variant's payload (``{"variants": [...]}``) and each task picks its own with
-    :func:`select_payload`.
+    A spec with ``variants`` compiles to one plan for a job array: its payload holds the base
+    spec and what each resolved variant changes (``{"base": ..., "variants": [...]}``), and each
+    task rebuilds its own payload with :func:`select_payload`.
     """
     from .variants import resolve_variants
 
     resolved = resolve_variants(spec)
-    payload = _payload(spec)
-    if resolved:
-        payload = {"ftcluster_version": __version__, "variants": [_payload(v) for v in resolved]}
+    payload = _array_payload(spec, resolved) if resolved else _payload(spec)
     return LaunchPlan(
         spec=spec,
         nnodes=spec.resources.nodes,
@@ -261,15 +317,25 @@ def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[
     if variants is None:
         return payload
     names = [str(v.get("variant")) for v in variants]
+    index = _variant_index(names, environ)
+    entry, base = variants[index], payload["base"]
+    return {"ftcluster_version": payload.get("ftcluster_version"), "variant": entry["variant"],
+            "spec": apply_changes(base["spec"], entry.get("set", []), entry.get("unset", [])),
+            "deepspeed": entry["deepspeed"] if "deepspeed" in entry else base["deepspeed"]}
+
+
+def _variant_index(names: list[str], environ: Mapping[str, str]) -> int:
+    from .errors import TrainError
+
     source = "FTCLUSTER_VARIANT" if environ.get("FTCLUSTER_VARIANT") else "SLURM_ARRAY_TASK_ID"
     want = (environ.get(source) or "").strip()
     if not want:
         raise TrainError(
-            f"this payload holds {len(variants)} variants ({', '.join(names)}); choose one with "
+            f"this payload holds {len(names)} variants ({', '.join(names)}); choose one with "
             "FTCLUSTER_VARIANT=<name or index>, or run it as a task of the Slurm job array")
     if want in names:
-        return variants[names.index(want)]
-    if want.isdigit() and int(want) < len(variants):
-        return variants[int(want)]
+        return names.index(want)
+    if want.isdigit() and int(want) < len(names):
+        return int(want)
     raise TrainError(f"{source}={want} names no variant of this job; use one of {', '.join(names)} "
-                     f"or an index 0-{len(variants) - 1}")
+                     f"or an index 0-{len(names) - 1}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,14 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .errors import BackendError
 
-__all__ = ["TrainTask", "executor_for", "submit", "MASTER_ADDR_ENV"]
+__all__ = ["TrainTask", "executor_for", "submit"]
 
 PREEMPTED_EXIT = 143  # the runtime's "stopped after a committed checkpoint" status (ftcluster.train.signals)
-MASTER_ADDR_ENV = "FTCLUSTER_MASTER_ADDR"  # overrides the rendezvous host (node names that do not resolve)
+# As in the sbatch script: override the rendezvous host (node names that do not resolve) and port.
+RDZV_HOST_ENV, RDZV_PORT_ENV = "FTCLUSTER_RDZV_HOST", "FTCLUSTER_RDZV_PORT"
 DEFAULT_ENTRY = "ftcluster.train.runtime:run"
-MAX_NUM_TIMEOUT = 100  # submitit gives up requeueing after this many time-limit hits (its default is 3)
+MAX_NUM_TIMEOUT = 100
+RANK_WAIT_S = 300  # submitit gives up requeueing after this many time-limit hits (its default is 3)
 
 
 def _default_folder(spec: Any) -> Path:
@@ -130,8 +133,8 @@ class TrainTask(Checkpointable):
         dist = TorchDistributedEnvironment()  # rank, world size and local rank from Slurm's task layout
         env = dict(self.env)
         env.update({
-            "MASTER_ADDR": os.environ.get(MASTER_ADDR_ENV) or dist.master_addr,
-            "MASTER_PORT": str(derived_port(job.job_id)),
+            "MASTER_ADDR": os.environ.get(RDZV_HOST_ENV) or dist.master_addr,
+            "MASTER_PORT": os.environ.get(RDZV_PORT_ENV) or str(derived_port(job.job_id)),
             "RANK": str(dist.rank),
             "WORLD_SIZE": str(dist.world_size),
             "LOCAL_RANK": str(dist.local_rank),
@@ -153,8 +156,11 @@ class TrainTask(Checkpointable):
             # handlers. Hand the signal back: on rank 0 submitit calls self.checkpoint() and requeues the
             # job (`scontrol requeue`), then exits; other ranks' handlers return and the requeue ends them.
             _hand_back_to_submitit()  # rank 0 does not come back from this
-            raise RuntimeError(f"rank {os.environ.get('RANK')} stopped after a committed checkpoint; rank 0 "
-                               "requeues the job (this result is replaced when the requeued job ends)")
+            # Other ranks wait for the requeue to end them, as under plain submitit: a result written now
+            # would be stale when the requeued job's rank 0 finishes first.
+            time.sleep(RANK_WAIT_S)
+            raise RuntimeError(f"rank {os.environ.get('RANK')} stopped after a committed checkpoint, but rank 0 "
+                               f"did not requeue the job within {RANK_WAIT_S}s; see rank 0's log")
         elif status != 0:
             raise RuntimeError(f"training exited with status {status}")
         return {"status": status, "output_uri": self.payload["spec"]["output"]["uri"], "requeues": self.requeues}

@@ -155,7 +155,8 @@ def test_slurm_too_many_gpus_nodes_and_bad_python(slurm, tmp_path):
     assert nodes["status"] == "fail" and "fit 4 x gpu" in nodes["result"] and "gpu:2" in nodes["result"]
     assert "lower resources.gpus_per_node to 2" in nodes["fix"]
     assert checks["time limit"]["status"] == "fail" and "signal_seconds" in checks["time limit"]["result"]
-    rc, checks = doctor(job, "--set", "resources.nodes=3", "--set", "resources.gpu_type=h200")
+    rc, checks = doctor(job, "--set", "resources.nodes=3", "--set", "resources.gpus_per_node=1",
+                        "--set", "resources.gpu_type=h200")
     assert rc == 1 and "fit 1 x gpu:h200" in checks["nodes"]["result"]
     rc, checks = doctor(job, "--remote", "--set", "slurm.python=/nonexistent/python3",
                         "--set", "slurm.env_passthrough=[FTC_DOCTOR_UNSET_KEY]")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def slurm(monkeypatch, tmp_path):
         pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
     # The test nodes n1, n2 do not resolve; every task runs on this host. sbatch exports this
     # process's environment to the job, so the tasks see both variables.
-    monkeypatch.setenv("FTCLUSTER_MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("FTCLUSTER_RDZV_HOST", "127.0.0.1")
+    monkeypatch.delenv("FTCLUSTER_RDZV_PORT", raising=False)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -72,17 +74,15 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.3):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def release_requeued(job, timeout: float = 120) -> None:
-    """A requeued job waits in Reason=BeginTime (~2 min); start it now, as an admin would in a test."""
-    def pending():
+def run_to_end(job, timeout: float):
+    """Wait until the job is done, starting a requeued job at once: Slurm holds it ~2 min in
+    Reason=BeginTime, which an admin can skip with `scontrol update StartTime=now`."""
+    def done():
         state, reason = squeue_state(job.job_id)
-        return state == "PENDING" and reason in ("BeginTime", "None", "Priority", "Resources")
-    wait_for(pending, timeout, f"job {job.job_id} to be requeued")
-    subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], check=True, capture_output=True)
-
-
-def result_within(job, timeout: float):
-    wait_for(lambda: job.done(force_check=True), timeout, f"job {job.job_id} to finish", poll=1.0)
+        if state == "PENDING" and reason == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], capture_output=True)
+        return not state and job.done(force_check=True)
+    wait_for(done, timeout, f"job {job.job_id} to finish", poll=0.5)
     return job
 
 
@@ -98,8 +98,7 @@ def test_executor_and_distributed_environment(slurm):
     spec = make_spec(slurm, nodes=2, procs=2)
     executor = executor_for(spec, slurm / "submitit" / "%j")
     job = executor.submit(EnvProbe({}, {"OMP_NUM_THREADS": "1"}))
-    result_within(job, 90)
-    results = job.results()
+    results = run_to_end(job, 90).results()
     assert len(results) == 4
     assert sorted(int(r["RANK"]) for r in results) == [0, 1, 2, 3]
     assert {r["WORLD_SIZE"] for r in results} == {"4"} and {r["LOCAL_WORLD_SIZE"] for r in results} == {"2"}
@@ -136,8 +135,7 @@ def test_fake_runtime_requeues_and_resumes(slurm, timeout):
     wait_for(lambda: (out / "rank1.json").exists() and json.loads((out / "rank1.json").read_text())["step"] >= 10,
              60, "the fake training to make progress")
     job._interrupt(timeout=timeout)
-    release_requeued(job)
-    result = result_within(job, 90).results()[0]
+    result = run_to_end(job, 120).results()[0]
     assert result["status"] == 0 and result["requeues"] == 1, result
     starts = _starts(out)
     assert [s["RANK"] for s in starts] == ["0", "1", "0", "1"] or sorted(s["RANK"] for s in starts) == ["0", "0", "1", "1"]
@@ -163,11 +161,14 @@ def test_real_training_preempted_resumes_from_object_storage(slurm):
     job = submit(spec, folder=slurm / "submitit" / "%j")
     out = slurm / "out"
     wait_for(lambda: any((out / "checkpoints").glob("step-*/manifest.json")), 240,
-             "the first committed checkpoint")
+             "the first committed checkpoint")  # setup done, training under way
     job._interrupt(timeout=False)
-    release_requeued(job)
-    result = result_within(job, 300).results()[0]
+    result = run_to_end(job, 300).results()[0]
     assert result["status"] == 0 and result["requeues"] == 1, result
-    log = job.stdout() or ""
-    assert "resum" in log.lower(), log[-3000:]
-    assert (out / "adapter" / "manifest.json").exists()
+    log = job.stderr() or ""  # rank 0's log, both runs (the runtime logs to stderr)
+    stopped = re.search(r"checkpoint step (\d+) committed; exiting with 143", log)
+    resumed = re.search(r"resumed from checkpoint step (\d+)", log)
+    assert stopped and resumed, log[-3000:]
+    assert int(resumed.group(1)) == int(stopped.group(1)) >= 1  # the requeued job went on from the stop's save
+    assert log.index(stopped.group(0)) < log.index(resumed.group(0))
+    assert (out / "adapter" / "manifest.json").exists() and (out / "checkpoints" / "step-00000040").is_dir()

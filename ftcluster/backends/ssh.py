@@ -50,13 +50,17 @@ def split_login(login: str) -> tuple[str, int | None]:
 
 
 def control_dir() -> Path | None:
-    """Folder for multiplexing sockets (short: unix socket paths are limited to ~104 bytes)."""
+    """Folder for multiplexing sockets.
+
+    Unix socket paths hold at most ~104 bytes, and ssh adds ``/<40-hex %C>.<16 random>`` while
+    it sets the master up, so a folder longer than 45 characters falls back to /tmp.
+    """
     if os.environ.get(CONTROL_ENV, "1") == "0":
         return None
     from .base import ftcluster_home
 
     d = ftcluster_home() / "ssh"
-    if len(str(d)) > 60:
+    if len(str(d)) > 45:
         d = Path(f"/tmp/ftcluster-ssh-{os.getuid()}")
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o700)

@@ -182,7 +182,7 @@ def build_examples(records: Sequence[dict[str, Any]], tokenizer: Any, data_spec:
             inp = _text(_field(r, f.input, "input", i, required=False), "input", i)
             prompts.append(instruction_prompt(ins, inp))
             answers.append(_text(_field(r, f.output, "output", i), "output", i))
-        for p, a in zip(_encode(tokenizer, prompts), _encode(tokenizer, answers)):
+        for p, a in zip(_encode(tokenizer, prompts), _encode(tokenizer, answers), strict=True):
             out.append((bos + p + a + eos, [IGNORE_INDEX] * (len(bos) + len(p)) + a + eos))
     elif fmt == "chat":
         pieces = [chat_pieces(_field(r, f.messages, "messages", i), tokenizer, i) for i, r in enumerate(records)]

@@ -100,15 +100,12 @@ def file_sha256(path: Path) -> str:
 
 
 def put_bytes(fs: Any, path: str, data: bytes) -> None:
-    """Write a small file atomically: rename on a local disk, a single PUT on object stores."""
+    """Write a small file atomically: a rename on a local disk, a single PUT on object stores."""
     if _is_local_fs(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.makedirs(fs._parent(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
 
@@ -161,6 +158,7 @@ class _Job:
     future: Future = field(default_factory=Future)
     deadline: float | None = None  # time.monotonic(); None: retry without end
     submitted: float = field(default_factory=time.monotonic)
+    files: dict[str, dict[str, Any]] | None = None  # kind "manifest": the files the parts uploaded
 
 
 @dataclass
@@ -224,6 +222,32 @@ class CheckpointStore:
         return self._submit(_Job("artifact", f"{self.root}/{name}", f"{self.uri}/{name}/", Path(local_dir),
                                  dict(meta), None, is_final, delete_local))
 
+    def upload_part_async(self, step: int, local_dir: Path, final: bool = False) -> Future:
+        """Several nodes: upload this node's files of checkpoint ``step`` without committing it.
+
+        The future's result has ``manifest_files`` (rel -> size, sha256); gather them from every
+        node and let one process call :meth:`commit_parts_async`.
+        """
+        dest = f"{self.root}/{self.prefix}/step-{step:08d}"
+        return self._submit(_Job("part", dest, self.step_uri(step), Path(local_dir), {}, int(step), final, True))
+
+    def commit_parts_async(self, step: int, parts: list[dict[str, dict[str, Any]]], meta: dict[str, Any],
+                           final: bool = False) -> Future:
+        """Commit checkpoint ``step`` from the ``manifest_files`` of every node's uploaded part.
+
+        Checks that each listed file is stored with its size, writes the manifest, then prunes.
+        """
+        files: dict[str, dict[str, Any]] = {}
+        for part in parts:
+            for rel, info in part.items():
+                if rel in files and files[rel] != info:
+                    raise StorageError(f"{self.step_uri(step)}{rel}: two nodes uploaded different files under "
+                                       "this name; give every node's files distinct names")
+                files[rel] = dict(info)
+        dest = f"{self.root}/{self.prefix}/step-{step:08d}"
+        return self._submit(_Job("manifest", dest, self.step_uri(step), Path(), dict(meta), int(step), final,
+                                 False, files=dict(sorted(files.items()))))
+
     def wait(self, timeout: float | None = None) -> None:
         """Block until every submitted job is done; raise StorageError if a final one failed."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -279,10 +303,12 @@ class CheckpointStore:
 
     # -- submission ----------------------------------------------------------------
     def _submit(self, job: _Job) -> Future:
-        if not job.local_dir.is_dir():
-            raise StorageError(f"{job.local_dir}: not a folder; nothing to upload to {job.display}")
-        if (job.local_dir / MANIFEST).exists():
-            raise StorageError(f"{job.local_dir / MANIFEST}: the name {MANIFEST} is reserved for the commit marker")
+        if job.kind != "manifest":
+            if not job.local_dir.is_dir():
+                raise StorageError(f"{job.local_dir}: not a folder; nothing to upload to {job.display}")
+            if (job.local_dir / MANIFEST).exists():
+                raise StorageError(f"{job.local_dir / MANIFEST}: the name {MANIFEST} is reserved for the commit "
+                                   "marker")
         now = time.monotonic()
         with self._lock:
             if job.final or self._draining:
@@ -328,12 +354,20 @@ class CheckpointStore:
     # -- one job -------------------------------------------------------------------
     def _run(self, job: _Job) -> dict[str, Any]:
         t0 = time.monotonic()
-        files = scan_local(job.local_dir)
         manifest_path = f"{job.dest}/{MANIFEST}"
-        # Uncommit first: re-saving the same step, or republishing an artifact, replaces it.
-        self._retry(job, manifest_path, lambda: _rm_if_exists(self.fs, manifest_path))
-        self._upload_all(job, files)
-        self._retry(job, job.dest, lambda: self._remove_stale(job.dest, set(files)))
+        if job.kind == "manifest":
+            files = job.files or {}
+            self._retry(job, job.dest, lambda: self._check_stored(job, files))
+        else:
+            files = scan_local(job.local_dir)
+            # Uncommit first: re-saving the same step, or republishing an artifact, replaces it.
+            self._retry(job, manifest_path, lambda: _rm_if_exists(self.fs, manifest_path))
+            self._upload_all(job, files)
+            if job.kind == "part":
+                shutil.rmtree(job.local_dir, ignore_errors=True)
+                return {"uri": job.display, "step": job.step, "files": len(files), "manifest_files": files,
+                        "bytes": sum(i["size"] for i in files.values()), "seconds": time.monotonic() - t0}
+            self._retry(job, job.dest, lambda: self._remove_stale(job.dest, set(files)))
         man = {"format": MANIFEST_FORMAT, "kind": job.kind, "step": job.step, "meta": job.meta, "files": files,
                "total_bytes": sum(i["size"] for i in files.values()), "ftcluster_version": __version__,
                "created_unix": round(time.time(), 3)}
@@ -348,8 +382,8 @@ class CheckpointStore:
                 log.warning("could not prune old checkpoints under %s/%s/: %s", self.uri, self.prefix, one_line(exc))
         if job.delete_local:
             shutil.rmtree(job.local_dir, ignore_errors=True)
-        return {"uri": job.display, "step": job.step, "files": len(files), "bytes": man["total_bytes"],
-                "seconds": dt}
+        return {"uri": job.display, "step": job.step, "files": len(files), "manifest_files": files,
+                "bytes": man["total_bytes"], "seconds": dt}
 
     def _upload_all(self, job: _Job, files: dict[str, dict[str, Any]]) -> None:
         """Upload every file, ``concurrency`` at a time; failed ones are retried in rounds with backoff.
@@ -403,7 +437,7 @@ class CheckpointStore:
         now = time.monotonic()
         if job.deadline is not None and now + delay > job.deadline:
             raise StorageError(
-                f"{job.display}: upload failed for {now - job.submitted:.0f} s (limit {self.retry_max_s:.0f} s): "
+                f"{job.display}: upload failed for {now - job.submitted:.0f} s (limit {self.retry_max_s:g} s): "
                 f"{one_line(exc)}; check the endpoint, bucket and credentials; a rerun resumes from the last "
                 "committed checkpoint") from exc
         if attempt == 0 or attempt % 10 == 0:
@@ -424,6 +458,13 @@ class CheckpointStore:
                 log.warning("reading %s failed (%s); retrying in %.1f s", what, one_line(exc), delay)
                 attempt += 1
                 time.sleep(delay)
+
+    def _check_stored(self, job: _Job, files: dict[str, dict[str, Any]]) -> None:
+        stored = {p[len(job.dest) + 1:]: int(i.get("size") or 0) for p, i in _listing(self.fs, job.dest).items()}
+        bad = [rel for rel, info in files.items() if stored.get(rel) != int(info["size"])]
+        if bad:
+            raise StorageError(f"{job.display}: {len(bad)} file(s) of the parts are missing or of the wrong size "
+                               f"(first: {bad[0]}); not committing this checkpoint")
 
     def _remove_stale(self, dest: str, keep: set[str]) -> None:
         for path in _listing(self.fs, dest):
@@ -569,7 +610,7 @@ def fetch_dir(uri: str, storage_options: dict[str, Any] | None, cache_root: Path
         raise StorageError(f"{uri}: no files there; check the path and that the credentials can list it")
     if MANIFEST in files:
         man = json.loads(_retry_read(lambda: fs.cat_file(f"{root}/{MANIFEST}"), uri, deadline))
-        files = {rel: dict(i) for rel, i in man.get("files", {}).items()}
+        files = {**{rel: dict(i) for rel, i in man.get("files", {}).items()}, MANIFEST: files[MANIFEST]}
     version = hashlib.sha256(json.dumps(sorted(
         (p, i.get("size"), str(i.get("ETag") or i.get("etag") or i.get("mtime") or i.get("LastModified") or ""))
         for p, i in listing.items()), default=str).encode()).hexdigest()[:12]

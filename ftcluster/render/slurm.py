@@ -1,0 +1,239 @@
+"""Slurm target: one plain, reviewable ``sbatch`` script per job.
+
+All logic lives here; ``templates/sbatch.sh.j2`` only places lines that are already
+formatted and shell-quoted (Jinja2 with ``StrictUndefined``, so a misspelled variable is
+an error, not an empty string). The script:
+
+* carries sorted, ``shlex.quote``d ``#SBATCH`` lines (submitit's layout);
+* runs one ``srun`` task per node, each a torchrun (``ftcluster.train.launch``) with c10d
+  rendezvous on the first node at a port derived from the job id (REFERENCE.md: a fixed
+  29500 collides when two jobs share a node);
+* carries the resolved spec in the ``FTCLUSTER_PAYLOAD`` variable, which srun passes to
+  every node, so no shared filesystem is needed;
+* traps USR2 (``--signal=B:USR2@<s>``) and TERM in the batch shell, forwards them to the
+  step so every rank checkpoints, and requeues when the step reports a checkpoint-and-stop
+  (exit 143).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from ..errors import RenderError
+from ..plan import PORT_BASE, PORT_SPAN
+
+TEMPLATE = "sbatch.sh.j2"
+PAYLOAD_VAR = "FTCLUSTER_PAYLOAD"
+PAYLOAD_EOF = "FTCLUSTER_PAYLOAD_EOF"
+LAUNCHER = "ftcluster.train.launch"  # torchrun that forwards SIGUSR2 and exits 143 after a checkpoint-and-stop
+# One environment string may hold at most MAX_ARG_STRLEN (128 KiB) on Linux; stay well below it.
+PAYLOAD_LIMIT = 100_000
+
+# Options ftcluster writes itself, and the spec field that controls each.
+OWNED = {
+    "job-name": "name", "nodes": "resources.nodes", "ntasks-per-node": None, "gpus-per-node": "resources.gpus_per_node",
+    "gres": "resources.gpu_type and resources.gpus_per_node", "cpus-per-task": "resources.cpus_per_node",
+    "mem": "resources.memory", "time": "resources.time_limit", "partition": "slurm.partition",
+    "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
+    "reservation": "slurm.reservation", "signal": "slurm.signal_seconds", "requeue": "slurm.requeue",
+    "no-requeue": "slurm.requeue", "open-mode": None, "output": "slurm.output", "array": "variants",
+}
+# Options that break the one-torchrun-per-node launch (REFERENCE.md, DeepSpeed PR #3165).
+BREAKS_LAUNCH = ("ntasks", "ntasks-per-gpu", "gpus-per-task", "gpus")
+
+
+@functools.lru_cache(maxsize=1)
+def _template_env() -> Any:
+    """Jinja2 environment over the packaged templates (wheel) or the repository's (editable)."""
+    import jinja2
+
+    here = Path(__file__).resolve().parent.parent
+    folders = [d for d in (here / "templates", here.parent / "templates") if (d / TEMPLATE).is_file()]
+    if not folders:
+        raise RenderError(f"{TEMPLATE} not found in {here / 'templates'} or {here.parent / 'templates'}; "
+                          "reinstall ftcluster")
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(folders), undefined=jinja2.StrictUndefined,
+                              autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def _where(spec: Any) -> str:
+    return spec._source_file or "<spec>"
+
+
+def _one_line(spec: Any, field: str, value: Any) -> str:
+    """``value`` as text; a line break (which would end an #SBATCH line or an export) is an error."""
+    text = str(value)
+    if any(c in text for c in "\n\r\0"):
+        raise RenderError(f"{_where(spec)}: {field}: contains a line break or NUL ({text!r}); "
+                          "Slurm options and environment values must be one line")
+    return text
+
+
+def _directive(spec: Any, field: str, option: str, value: Any = None) -> str:
+    """``--option=value`` for a shell command line (``shlex.quote``)."""
+    if value is None:
+        return f"--{option}"
+    return f"--{option}={shlex.quote(_one_line(spec, field, value))}"
+
+
+def _sbatch_directive(spec: Any, field: str, option: str, value: Any = None) -> str:
+    """``--option=value`` for an ``#SBATCH`` line. sbatch splits these itself (``_get_argument`` in
+    src/sbatch/opt.c): quotes group as in the shell, but a backslash escapes the next character even
+    inside single quotes, so backslashes are doubled before ``shlex.quote``."""
+    if value is None:
+        return f"--{option}"
+    return f"--{option}={shlex.quote(_one_line(spec, field, value).replace(chr(92), chr(92) * 2))}"
+
+
+def _check_extra(spec: Any, key: str) -> None:
+    field = f"slurm.extra_directives.{key}"
+    if len(key) == 1:
+        raise RenderError(f"{_where(spec)}: {field}: write the long option name (e.g. partition, not p)")
+    if key in OWNED:
+        owner = OWNED[key]
+        fix = f"set {owner} instead" if owner else "ftcluster sets it for the one-task-per-node launch"
+        raise RenderError(f"{_where(spec)}: {field}: ftcluster writes --{key} itself; {fix}")
+    if key in BREAKS_LAUNCH:
+        raise RenderError(f"{_where(spec)}: {field}: --{key} breaks the one-torchrun-per-node launch "
+                          "(each task would get its own GPUs); use resources.gpus_per_node and resources.procs_per_node")
+
+
+def sbatch_directives(plan: Any) -> list[str]:
+    """The ``#SBATCH`` options (without the prefix), sorted, every value quoted as sbatch reads it."""
+    from ..plan import slurm_output
+
+    spec, res, sl = plan.spec, plan.spec.resources, plan.spec.slurm
+    d = [
+        _sbatch_directive(spec, "name", "job-name", spec.name),
+        _sbatch_directive(spec, "resources.nodes", "nodes", plan.nnodes),
+        "--ntasks-per-node=1",
+        _sbatch_directive(spec, "slurm.signal_seconds", "signal", f"B:USR2@{sl.signal_seconds}"),
+        "--open-mode=append",  # a requeued job appends to the same log
+        _sbatch_directive(spec, "slurm.output", "output", slurm_output(sl.output, bool(plan.variants))),
+    ]
+    if res.gpus_per_node:
+        if res.gpu_type:
+            gres = f"gpu:{_one_line(spec, 'resources.gpu_type', res.gpu_type)}:{res.gpus_per_node}"
+            d.append(_sbatch_directive(spec, "resources.gpu_type", "gres", gres))
+        else:
+            d.append(_sbatch_directive(spec, "resources.gpus_per_node", "gpus-per-node", res.gpus_per_node))
+    optional = [("resources.cpus_per_node", "cpus-per-task", res.cpus_per_node),
+                ("resources.memory", "mem", res.memory), ("resources.time_limit", "time", res.time_limit),
+                ("slurm.partition", "partition", sl.partition), ("slurm.account", "account", sl.account),
+                ("slurm.qos", "qos", sl.qos), ("slurm.constraint", "constraint", sl.constraint),
+                ("slurm.reservation", "reservation", sl.reservation), ("variants", "array", plan.array)]
+    d += [_sbatch_directive(spec, f, opt, v) for f, opt, v in optional if v is not None]
+    if sl.requeue:
+        d.append("--requeue")
+    for key, value in sl.extra_directives.items():
+        _check_extra(spec, key)
+        d.append(_sbatch_directive(spec, f"slurm.extra_directives.{key}", key, value))
+    return sorted(d)
+
+
+def job_env(plan: Any) -> dict[str, str]:
+    """Exported in the batch shell (srun passes it on): plan env (defaults < spec env) < slurm.env."""
+    env = {**plan.env, **plan.spec.slurm.env}
+    for name, value in env.items():
+        _one_line(plan.spec, f"env.{name}", value)
+    return dict(sorted(env.items()))
+
+
+LITERAL_NOTE = "# shellcheck disable=SC2016  # single-quoted on purpose: literal text, not an expansion"
+
+
+def _with_note(line: str) -> list[str]:
+    """``line``, preceded by a shellcheck note when a single-quoted word holds ``$`` or a backtick."""
+    return [LITERAL_NOTE, line] if re.search(r"'[^']*[$`][^']*'", line) else [line]
+
+
+def _payload(plan: Any) -> str:
+    text = plan.payload_json()
+    if len(text.encode()) > PAYLOAD_LIMIT:
+        raise RenderError(f"{_where(plan.spec)}: the resolved spec is {len(text.encode())} bytes, over the "
+                          f"{PAYLOAD_LIMIT}-byte limit for one environment variable; shorten deepspeed.config_file "
+                          "or split the variants into several jobs")
+    if any(line.strip() == PAYLOAD_EOF for line in text.splitlines()):  # cannot happen with indented JSON
+        raise RenderError(f"{_where(plan.spec)}: the payload contains the heredoc delimiter {PAYLOAD_EOF}")
+    return text
+
+
+def _word(arg: str, variables: dict[str, str]) -> str:
+    """One shell word: a placeholder becomes a double-quoted expansion, the rest is shlex-quoted."""
+    for placeholder, var in variables.items():
+        if placeholder in arg:
+            before, _, after = arg.partition(placeholder)
+            return "".join(shlex.quote(p) for p in (before,) if p) + f'"${{{var}}}"' + (
+                _word(after, variables) if after else "")
+    return shlex.quote(arg)
+
+
+def launch_lines(plan: Any) -> list[str]:
+    """The srun command, one option per line (joined with `` \\`` by the template)."""
+    spec, sl = plan.spec, plan.spec.slurm
+    srun = ["srun", "--kill-on-bad-exit=1", "--nodes=" + str(plan.nnodes), "--ntasks-per-node=1", "--export=ALL"]
+    if spec.resources.cpus_per_node:  # Slurm 22.05+ srun no longer inherits --cpus-per-task from sbatch
+        srun.append(f"--cpus-per-task={spec.resources.cpus_per_node}")
+    lines = [" ".join(srun)]
+    if sl.container_image:  # pyxis/enroot
+        lines.append(_directive(spec, "slurm.container_image", "container-image", sl.container_image))
+    if sl.container_mounts:
+        for i, m in enumerate(sl.container_mounts):
+            if "," in _one_line(spec, f"slurm.container_mounts[{i}]", m):
+                raise RenderError(f"{_where(spec)}: slurm.container_mounts[{i}]: one mount per entry, no commas ({m!r})")
+        lines.append(_directive(spec, "slurm.container_mounts", "container-mounts", ",".join(sl.container_mounts)))
+    python = _one_line(spec, "slurm.python", sl.python)
+    argv = plan.torchrun_args(rdzv_endpoint="@ENDPOINT@", rdzv_id="@JOB_ID@", python=python,
+                              spec_arg=["--spec-env", PAYLOAD_VAR], launcher=LAUNCHER)
+    words = [_word(a, {"@ENDPOINT@": "ftc_rdzv_endpoint", "@JOB_ID@": "SLURM_JOB_ID"}) for a in argv]
+    lines.append(" ".join(words[:3]))  # python -m ftcluster.train.launch
+    group: list[str] = []
+    for w in words[3:]:
+        if w.startswith("-") and group:
+            lines.append(" ".join(group))
+            group = []
+        group.append(w)
+    lines.append(" ".join(group))
+    return lines
+
+
+def _summary(plan: Any) -> str:
+    spec = plan.spec
+    kind = "DeepSpeed full fine-tune" if spec.method == "full" else "LoRA"
+    text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
+            f"= world size {plan.world_size}")
+    if plan.variants:
+        text += f"; job array of {len(plan.variants)} variants ({', '.join(plan.variants)})"
+    return text
+
+
+def render_slurm(plan: Any, header: list[str]) -> dict[str, str]:
+    """Render ``plan`` as ``{"<name>.sbatch": script}``. Pure and deterministic."""
+    spec, sl = plan.spec, plan.spec.slurm
+    for i, module in enumerate(sl.modules):
+        _one_line(spec, f"slurm.modules[{i}]", module)
+    launch = launch_lines(plan)
+    text = _template_env().get_template(TEMPLATE).render(
+        header=[_one_line(spec, "header", h) for h in header],
+        summary=_summary(plan),
+        directives=sbatch_directives(plan),
+        modules=[x for m in sl.modules for x in _with_note(f"module load {shlex.quote(m)}")],
+        setup=list(sl.setup),
+        exports=[x for k, v in job_env(plan).items() for x in _with_note(f"export {k}={shlex.quote(v)}")],
+        passthrough=list(sl.env_passthrough),
+        payload_var=PAYLOAD_VAR,
+        payload_eof=PAYLOAD_EOF,
+        payload=_payload(plan),
+        variants=list(plan.variants),
+        port_base=PORT_BASE,
+        port_span=PORT_SPAN,
+        literal_note=LITERAL_NOTE,
+        launch=launch,
+        launch_note=any(len(_with_note(line)) > 1 for line in launch),
+        requeue=sl.requeue,
+    )
+    return {f"{spec.name}.sbatch": text}
