@@ -15,7 +15,8 @@ measured between the end of step ``--warmup`` and the last step from the per-ste
 metrics (tokens per second over all GPUs, and per GPU); peak memory is the largest
 ``torch.cuda.max_memory_allocated`` of rank 0.
 
-    python benchmarks/gpu_train.py RESULTS_DIR [--steps 20] [--warmup 5] [--only lora-8b,zero3-1b]
+    python benchmarks/gpu_train.py RESULTS_DIR [--work-dir /scratch/x] [--steps 20] [--warmup 5]
+                                   [--only lora-8b,zero3-1b] [--gpus N]
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ output: {{uri: {out.as_uri()}, checkpoint_every_minutes: 10000, keep_last: 1}}
     return common + "deepspeed: {zero_stage: 3}\n"
 
 
-def run_job(name: str, method: str, gpus: int, steps: int, work: Path, data: Path, args) -> dict:
+def run_job(name: str, method: str, gpus: int, steps: int, work: Path, data: Path, args, results: Path) -> dict:
     from ftcluster.loader import load_spec_text
     from ftcluster.plan import compile_plan
 
@@ -91,7 +92,7 @@ def run_job(name: str, method: str, gpus: int, steps: int, work: Path, data: Pat
     cmd = [sys.executable, "-m", "ftcluster.train.launch", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "ftcluster.train", "--spec", str(payload)]
     t0 = time.monotonic()
-    log_path = work / f"{name}.log"
+    log_path = results / f"{name}.log"
     with log_path.open("w") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(work)).returncode
     wall = time.monotonic() - t0
@@ -119,7 +120,9 @@ def run_job(name: str, method: str, gpus: int, steps: int, work: Path, data: Pat
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results_dir", type=Path)
+    ap.add_argument("results_dir", type=Path, help="results.json and the run logs go here")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="checkpoints, models, caches (tens of GB for zero3-1b); default RESULTS_DIR/work")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput")
     ap.add_argument("--only", default="lora-8b,zero3-1b")
@@ -136,7 +139,9 @@ def main() -> int:
         print("error: no CUDA GPU visible; this benchmark measures GPU training", file=sys.stderr)
         return 1
     gpus = args.gpus or torch.cuda.device_count()
-    work = args.results_dir.resolve()
+    results_dir = args.results_dir.resolve()
+    work = (args.work_dir or results_dir / "work").resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "corpus.jsonl"
     if not data.exists():  # ~1M words: every GPU gets full 2048-token micro-batches; epochs repeat
@@ -145,12 +150,12 @@ def main() -> int:
     plan = {"lora-8b": ("lora", 1), "zero3-1b": ("full", gpus)}
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
         method, g = plan[name]
-        res = run_job(name, method, g, args.steps, work, data, args)
+        res = run_job(name, method, g, args.steps, work, data, args, results_dir)
         print(json.dumps({k: v for k, v in res.items() if k != "error"}), flush=True)
         if "error" in res:
             print(res["error"], file=sys.stderr)
         results["runs"].append(res)
-        (work / "results.json").write_text(json.dumps(results, indent=1))
+        (results_dir / "results.json").write_text(json.dumps(results, indent=1))
     return 0 if all(r["exit_code"] == 0 for r in results["runs"]) else 1
 
 

@@ -265,7 +265,7 @@ def submit_script(pipe: Pipeline, scripts: dict[str, str], header: list[str]) ->
              "echo \"pipeline not submitted; cancelled: ${queued[*]:-nothing}\" >&2; }",
              "trap undo ERR"]
     for i, stage in enumerate(pipe.stages):
-        deps = dependency_args([f"${{id{index[a]}}}" for a in stage.after])
+        deps = [f'"{d}"' if "$" in d else d for d in dependency_args([f"${{id{index[a]}}}" for a in stage.after])]
         argv = " ".join(["sbatch", "--parsable", "--hold", *deps, shlex.quote(scripts[stage.name])])
         lines += [f"id{i}=$({argv})", f"id{i}=${{id{i}%%;*}}", f'queued+=("$id{i}")']
     lines += ['scontrol release "${queued[@]}"', "trap - ERR"]

@@ -220,29 +220,39 @@ def _payload(spec: Any) -> dict[str, Any]:
             "deepspeed": resolved_deepspeed_config(spec)}
 
 
-def json_changes(base: Any, other: Any, path: tuple[Any, ...] = ()) -> tuple[list[list[Any]], list[list[Any]]]:
-    """What turns JSON value ``base`` into ``other``: ([[key path, new value], ...], [key path removed, ...]).
+def _pointer(keys: tuple[Any, ...]) -> str:
+    """A JSON Pointer (RFC 6901): ("lora", "r") -> "/lora/r"; "~" and "/" in keys are escaped."""
+    return "".join("/" + str(k).replace("~", "~0").replace("/", "~1") for k in keys)
+
+
+def _keys(pointer: str) -> list[str]:
+    return [k.replace("~1", "/").replace("~0", "~") for k in pointer.split("/")[1:]]
+
+
+def json_changes(base: Any, other: Any, path: tuple[Any, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """What turns JSON value ``base`` into ``other``: ({JSON Pointer: new value}, [JSON Pointer removed]).
 
     Mappings are compared key by key; any other value that differs is replaced whole.
     """
     if not (isinstance(base, dict) and isinstance(other, dict)):
-        return ([] if base == other else [[list(path), other]]), []
-    changed: list[list[Any]] = []
-    removed = [list(path + (k,)) for k in base if k not in other]
+        return ({} if base == other else {_pointer(path): other}), []
+    changed: dict[str, Any] = {}
+    removed = [_pointer(path + (k,)) for k in base if k not in other]
     for key, value in other.items():
         if key not in base:
-            changed.append([list(path + (key,)), value])
+            changed[_pointer(path + (key,))] = value
             continue
         c, r = json_changes(base[key], value, path + (key,))
-        changed += c
+        changed.update(c)
         removed += r
     return changed, removed
 
 
-def apply_changes(base: Any, changed: list[list[Any]], removed: list[list[Any]]) -> Any:
+def apply_changes(base: Any, changed: dict[str, Any], removed: list[str]) -> Any:
     """Inverse of :func:`json_changes`: a copy of ``base`` with the changes applied."""
     out = copy.deepcopy(base)
-    for keys, value in changed:
+    for pointer, value in changed.items():
+        keys = _keys(pointer)
         if not keys:
             out = copy.deepcopy(value)
             continue
@@ -250,7 +260,8 @@ def apply_changes(base: Any, changed: list[list[Any]], removed: list[list[Any]])
         for key in keys[:-1]:
             target = target[key]
         target[keys[-1]] = copy.deepcopy(value)
-    for keys in removed:
+    for pointer in removed:
+        keys = _keys(pointer)
         target = out
         for key in keys[:-1]:
             target = target[key]
@@ -259,12 +270,13 @@ def apply_changes(base: Any, changed: list[list[Any]], removed: list[list[Any]])
 
 
 def _array_payload(spec: Any, resolved: tuple[Any, ...]) -> dict[str, Any]:
-    """The payload of a job array: the base spec once, and per variant only what differs from it.
-
-    Compact on purpose: the payload travels in one environment variable (at most 128 KiB on
-    Linux), so hundreds of variants fit. :func:`select_payload` rebuilds a variant's full payload.
+    """The payload of a job array: the spec the variants share once, and per variant only what it
+    changes (JSON Pointers). Compact on purpose: the payload travels in one environment variable
+    (at most 128 KiB on Linux), so hundreds of variants fit. :func:`select_payload` rebuilds a
+    variant's full payload from it.
     """
     base = _payload(spec)
+    base["spec"].update(variants=[], array_parallelism=None)  # as in every resolved variant
     entries = []
     for v in resolved:
         full = _payload(v)
@@ -311,8 +323,6 @@ def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[
     ``SLURM_ARRAY_TASK_ID`` (set by Slurm in every task of a job array). Pure: reads only
     ``environ``. Raises :class:`~ftcluster.errors.TrainError` when no variant is chosen.
     """
-    from .errors import TrainError
-
     variants = payload.get("variants")
     if variants is None:
         return payload
@@ -320,7 +330,7 @@ def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[
     index = _variant_index(names, environ)
     entry, base = variants[index], payload["base"]
     return {"ftcluster_version": payload.get("ftcluster_version"), "variant": entry["variant"],
-            "spec": apply_changes(base["spec"], entry.get("set", []), entry.get("unset", [])),
+            "spec": apply_changes(base["spec"], entry.get("set", {}), entry.get("unset", [])),
             "deepspeed": entry["deepspeed"] if "deepspeed" in entry else base["deepspeed"]}
 
 

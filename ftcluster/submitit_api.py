@@ -42,7 +42,8 @@ PREEMPTED_EXIT = 143  # the runtime's "stopped after a committed checkpoint" sta
 RDZV_HOST_ENV, RDZV_PORT_ENV = "FTCLUSTER_RDZV_HOST", "FTCLUSTER_RDZV_PORT"
 DEFAULT_ENTRY = "ftcluster.train.runtime:run"
 MAX_NUM_TIMEOUT = 100
-RANK_WAIT_S = 300  # submitit gives up requeueing after this many time-limit hits (its default is 3)
+RANK_WAIT_S = 300
+SIGTERM_GRACE_S = 2.0  # submitit gives up requeueing after this many time-limit hits (its default is 3)
 
 
 def _default_folder(spec: Any) -> Path:
@@ -150,11 +151,21 @@ class TrainTask(Checkpointable):
         self._export_environment()
         module, _, func = self.entry.partition(":")
         run = getattr(importlib.import_module(module), func)
-        status = run(self.payload)
+        with _SignalLog() as received:
+            status = run(self.payload)
+        if status == PREEMPTED_EXIT and signal.SIGUSR2 not in received.signals:
+            # SIGTERM alone: `scancel`, or a Slurm preemption that requeues or cancels the job itself.
+            # Requeueing here would bring a cancelled job back, so stop (submitit ignores SIGTERM too). A USR2
+            # right behind it (submitit's simulated preemption sends both) now reaches submitit's own handler,
+            # which requeues; give it a moment to arrive.
+            time.sleep(SIGTERM_GRACE_S)
+            raise RuntimeError(f"rank {os.environ.get('RANK')} stopped by SIGTERM after a committed checkpoint; "
+                               "not requeued (cancelled, or Slurm requeues a preempted job itself). Submit again "
+                               "to resume from output.uri")
         if status == PREEMPTED_EXIT:
-            # The runtime took SIGUSR2/SIGTERM, saved, committed the checkpoint and restored submitit's
-            # handlers. Hand the signal back: on rank 0 submitit calls self.checkpoint() and requeues the
-            # job (`scontrol requeue`), then exits; other ranks' handlers return and the requeue ends them.
+            # USR2 (submitit's time-limit/preemption signal): the runtime saved, committed the checkpoint and
+            # restored submitit's handlers. Hand the signal back: on rank 0 submitit calls self.checkpoint()
+            # and requeues the job (`scontrol requeue`), then exits; other ranks' handlers return.
             _hand_back_to_submitit()  # rank 0 does not come back from this
             # Other ranks wait for the requeue to end them, as under plain submitit: a result written now
             # would be stale when the requeued job's rank 0 finishes first.
@@ -174,6 +185,33 @@ class TrainTask(Checkpointable):
         """
         self.requeues += 1
         return DelayedSubmission(self, *args, **kwargs)
+
+
+class _SignalLog:
+    """Which signals reached this process while the runtime ran, whatever handler took them.
+
+    The runtime's handler only says "stop"; whether to requeue depends on the signal (USR2 from
+    submitit's --signal, or SIGTERM from scancel). ``signal.set_wakeup_fd`` makes the interpreter
+    write each signal's number to a pipe as it arrives, without replacing any handler.
+    """
+
+    def __enter__(self) -> _SignalLog:
+        self.signals: set[int] = set()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._previous = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self._previous)
+        try:
+            while chunk := os.read(self._r, 512):
+                self.signals.update(chunk)
+        except BlockingIOError:
+            pass
+        os.close(self._r)
+        os.close(self._w)
 
 
 def _hand_back_to_submitit() -> None:

@@ -524,3 +524,34 @@ def test_s3_fetch_dir_downloads_once_for_many_processes_and_threads(s3, tmp_path
     st.publish("final", src, {"step": 2}, delete_local=False).result(timeout=60)
     newer = fetch_dir(s3.uri("runs/a/final"), s3.storage_options, cache)
     assert newer != got and (newer / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+@pytest.mark.s3
+@pytest.mark.train
+def test_s3_training_data_and_tokenizer_folder(s3, tmp_path):  # noqa: F811
+    pytest.importorskip("transformers")
+    from ftcluster.loader import load_spec
+    from ftcluster.train.data import load_records
+    from ftcluster.train.tokenizer import load_or_train_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / "examples" / "data" / "instruct.jsonl").read_text().splitlines()
+    c = s3.client()
+    c.put_object(Bucket=s3.bucket, Key="data/part-0.jsonl", Body="\n".join(lines[:100]) + "\n")
+    c.put_object(Bucket=s3.bucket, Key="data/part-1.jsonl", Body="\n".join(lines[100:150]) + "\n")
+    c.put_object(Bucket=s3.bucket, Key="data/notes.txt", Body="not data")
+    expected = [json.loads(x) for x in lines[:150]]
+    assert load_records(s3.uri("data/"), "auto", s3.storage_options) == expected
+    assert load_records(s3.uri("data/part-*.jsonl"), "auto", s3.storage_options) == expected
+
+    spec = load_spec(root / "examples" / "quickstart.yaml", overrides=[f"data.train={root}/examples/data/instruct.jsonl"])
+    trained = load_or_train_tokenizer(spec, tmp_path / "cache" / "tokenizers")
+    folder = tmp_path / "tok"
+    trained.save_pretrained(str(folder))
+    CheckpointStore(s3.uri("tok"), s3.storage_options).publish("v1", folder, {}).result(timeout=60)
+    remote = spec.model_copy(update={
+        "tokenizer": spec.tokenizer.model_copy(update={"path": s3.uri("tok/v1"), "train_vocab_size": None}),
+        "model": spec.model.model_copy(update={"storage_options": s3.storage_options})})
+    tok = load_or_train_tokenizer(remote, tmp_path / "cache" / "tokenizers")
+    assert tok.get_vocab() == trained.get_vocab() and tok.chat_template == trained.chat_template
+    assert (tmp_path / "cache" / "models").is_dir()  # fetched once per node into the shared cache

@@ -146,6 +146,21 @@ def test_fake_runtime_requeues_and_resumes(slurm, timeout):
         assert json.loads((out / f"rank{rank}.json").read_text()) == {"step": 60, "done": True}
 
 
+def test_fake_runtime_cancel_saves_and_stays_cancelled(slurm):
+    """scancel sends SIGTERM: the runtime saves, and the job is not requeued (it would come back)."""
+    spec = make_spec(slurm, steps=600, nodes=2, procs=1)
+    job = submit_fake(spec, slurm)
+    out = slurm / "out"
+    wait_for(lambda: (out / "rank0.json").exists(), 60, "the fake training to make progress")
+    job.cancel()
+    wait_for(lambda: not squeue_state(job.job_id)[0], 60, f"job {job.job_id} to leave the queue")
+    time.sleep(3)  # a wrongful requeue would show up as PENDING by now
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job.job_id], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in shown and "Restarts=0" in shown, shown
+    assert len(_starts(out)) == 2
+    assert json.loads((out / "rank0.json").read_text())["stopped_by"] == "SIGTERM"  # saved before exiting
+
+
 def submit_fake(spec, tmp_path: Path):
     from ftcluster.plan import compile_plan
 

@@ -291,6 +291,60 @@ def test_zero2_sigterm_on_one_rank_then_resume(tmp_path, cache_dir):
     assert_same_curve(curve(out), curve(ref_out))
 
 
+@pytest.mark.slow
+def test_two_nodes_zero3_commit_stop_and_resume(tmp_path, cache_dir):
+    """Two torchrun agents as two nodes (node-local snapshot folders): each node uploads its own
+    shards, rank 0 writes the manifest once both succeeded; SIGUSR2 to node 1 stops both nodes
+    at the same step, and the rerun resumes from it and matches an uninterrupted run."""
+    spec_file = full_spec_file(tmp_path)
+    common = ["resources.nodes=2", "resources.procs_per_node=1", "training.max_steps=24",
+              "output.checkpoint_every_steps=4", "output.keep_last=2"]
+
+    def two_nodes(payload: Path) -> list[subprocess.Popen]:
+        port = _free_port()
+        procs = []
+        for node in (0, 1):
+            env = {**os.environ, "FTCLUSTER_CACHE": str(cache_dir), "FTCLUSTER_LOCAL_DIR": str(tmp_path / f"disk{node}"),
+                   "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+            cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
+                   "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True))
+        return procs
+
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    ref = [finish(p) for p in two_nodes(write_payload(tmp_path, "ref", full_overrides(ref_out, 3, *common),
+                                                      base=spec_file))]
+    assert [rc for rc, _ in ref] == [0, 0], ref[0][1][-3000:] + ref[1][1][-3000:]
+    assert "from every node" in ref[0][1] + ref[1][1]
+    man = json.loads((ref_out / "checkpoints" / "step-00000024" / "manifest.json").read_text())
+    assert {"rank-00000.pt", "rank-00001.pt"} <= set(man["files"])
+
+    payload = write_payload(tmp_path, "run", full_overrides(out, 3, *common), base=spec_file)
+    procs = two_nodes(payload)
+    k = random.Random().randint(6, 16)
+    wait_for_step(procs[0], out, k)
+    os.kill(procs[1].pid, signal.SIGUSR2)  # one agent only (c10d puts rank 0 on either)
+    res = [finish(p) for p in procs]
+    assert [rc for rc, _ in res] == [143, 143], res[0][1][-3000:] + res[1][1][-3000:]
+    stopped = records(out, "preempted")[-1]["step"]
+    assert stopped >= k and committed_steps(out)[-1] == stopped
+
+    res = [finish(p) for p in two_nodes(payload)]
+    assert [rc for rc, _ in res] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
+    assert f"resumed from checkpoint step {stopped} " in res[0][1] + res[1][1]  # rank 0 is on either agent
+    assert_same_curve(curve(out), curve(ref_out))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
     kids = [int(p) for p in out]
@@ -318,7 +372,7 @@ def test_lora_to_s3_survives_an_outage(s3, tmp_path, cache_dir):  # noqa: F811 -
     uri = s3.uri("runs/lora")
     opts = json.dumps(s3.storage_options)
     payload = write_payload(tmp_path, "s3", [f"output.uri={uri}", f"output.storage_options={opts}",
-                                             "training.max_steps=80", "training.log_every_steps=1",
+                                             "training.max_steps=50", "training.log_every_steps=1",
                                              "output.checkpoint_every_steps=10", "output.keep_last=2"])
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.direct_url})
     remote_metrics = f"{s3.bucket}/runs/lora/metrics.jsonl"
@@ -337,27 +391,26 @@ def test_lora_to_s3_survives_an_outage(s3, tmp_path, cache_dir):  # noqa: F811 -
 
     proc = launch(payload, 1, cache_dir, tmp_path)
     end = time.monotonic() + 240
-    while remote_step() < 15:
+    while remote_step() < 12:
         assert proc.poll() is None and time.monotonic() < end, "the run ended or stalled before the outage"
         time.sleep(0.1)
     s3.stop()
     down_at = local_step()
-    while local_step() < down_at + 20 and proc.poll() is None:  # training goes on while S3 is down
+    while local_step() < down_at + 12 and proc.poll() is None:  # training goes on while S3 is down
         assert time.monotonic() < end
         time.sleep(0.1)
     s3.start()
     rc, log = finish(proc)
-    Path("/tmp/rt/s3log.txt").write_text(log)
     assert rc == 0, log[-4000:]
-    assert local_step() == 80
+    assert local_step() == 50
     assert "retrying" in log  # uploads failed during the outage and were retried
     keys = s3.keys("runs/lora/")
     assert "runs/lora/adapter/manifest.json" in keys and "runs/lora/adapter/adapter_model.safetensors" in keys
     assert {k.split("/")[3] for k in keys if k.startswith("runs/lora/checkpoints/")} == {
-        "step-00000070", "step-00000080"}  # committed, older ones pruned
-    assert all(f"runs/lora/adapters/step-{s:08d}/manifest.json" in keys for s in range(10, 81, 10))
+        "step-00000040", "step-00000050"}  # committed, older ones pruned
+    assert all(f"runs/lora/adapters/step-{s:08d}/manifest.json" in keys for s in range(10, 51, 10))
     assert sorted(json.loads(x)["step"] for x in fs.cat_file(remote_metrics).decode().splitlines()
-                  if '"train"' in x) == list(range(1, 81))
+                  if '"train"' in x) == list(range(1, 51))
 
 
 # --------------------------------------------------------------------------- errors

@@ -60,7 +60,14 @@ def test_variants_resolve_to_named_specs_with_their_own_output():
     plan = compile_plan(spec)
     assert plan.array == "0-2%2" and plan.variants == ("r4", "same", "qv")
     assert [p["variant"] for p in plan.payload["variants"]] == ["r4", "same", "qv"]
-    assert plan.payload["variants"][0]["spec"] == r4.model_dump(mode="json")
+    assert plan.payload["base"]["spec"] == {**spec.model_dump(mode="json"), "variants": [], "array_parallelism": None}
+    assert plan.payload["variants"][0]["set"] == {"/name": "demo-r4", "/output/uri": "file:///tmp/ftc-out/r4",
+                                                  "/lora/r": 4, "/training/learning_rate": 1e-3}
+    # each task rebuilds exactly its variant's payload from the compact array payload
+    for i, v in enumerate((r4, same, qv)):
+        got = select_payload(json.loads(plan.payload_json()), {"SLURM_ARRAY_TASK_ID": str(i)})
+        assert got["spec"] == v.model_dump(mode="json") and got["variant"] == v._variant
+        assert got["deepspeed"] is None
     # a spec built in Python resolves the same way (no file, so no line numbers)
     again = spec_from_dict(spec.model_dump(mode="json"))
     assert [v.model_dump() for v in resolve_variants(again)] == [v.model_dump() for v in (r4, same, qv)]
@@ -139,6 +146,16 @@ variants:
                     "model.random_init.max_position_embeddings (64); lower seq_len or raise max_position_embeddings"]
     msgs = problems(BASE + "variants:\n  - {name: hub, set: {model: {hub_id: org/model}}}\n", tmp_path)
     assert "variants[0]: variant 'hub': changes the environment every array task shares (HF_DATASETS_OFFLINE" in msgs[0]
+
+
+def test_json_changes_round_trip():
+    from ftcluster.plan import apply_changes, json_changes
+
+    a = {"x": 1, "m": {"k": [1, 2], "a/b": {"~t": 1}, "gone": 0}, "same": {"v": None}}
+    b = {"x": 2, "m": {"k": [1], "a/b": {"~t": 2}, "new": {"z": 1}}, "same": {"v": None}}
+    changed, removed = json_changes(a, b)
+    assert changed == {"/x": 2, "/m/k": [1], "/m/a~1b/~0t": 2, "/m/new": {"z": 1}} and removed == ["/m/gone"]
+    assert apply_changes(a, changed, removed) == b and a["x"] == 1
 
 
 def test_select_payload_by_array_task_or_name():

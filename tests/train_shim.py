@@ -4,7 +4,7 @@ It is invoked exactly like the real one (``<python> -m torch.distributed.run ...
 --spec PATH`` or ``--spec-env VAR``), ignores the launcher flags, picks its payload with the real
 :func:`ftcluster.plan.select_payload` and records what it picked in ``<output.uri>/selected.json``
 (plus start and end times), so tests can check which variant each task trained.
-``SHIM_SLEEP`` seconds of "training"; ``SHIM_FAIL=<variant>`` makes that variant exit 3.
+``SHIM_SLEEP`` seconds of "training"; ``SHIM_FAIL=<variant or job name>`` makes that one exit 3.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ time.sleep(float(os.environ.get("SHIM_SLEEP", "0")))
 record["end"] = time.time()
 with open(os.path.join(out, "selected.json"), "w") as fh:
     json.dump(record, fh)
-sys.exit(3 if os.environ.get("SHIM_FAIL") and os.environ.get("SHIM_FAIL") == chosen.get("variant") else 0)
+fail = os.environ.get("SHIM_FAIL")
+sys.exit(3 if fail and fail in (chosen.get("variant"), spec["name"]) else 0)
 '''
 
 

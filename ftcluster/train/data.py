@@ -59,7 +59,7 @@ def resolve_files(uri: str, file_format: str = "auto",
     fs, path = fs_and_path(uri, storage_options)
     try:
         if any(c in path for c in "*?["):
-            files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            files = sorted(p for p, i in fs.glob(path, detail=True).items() if i.get("type") == "file")
         elif fs.isdir(path):
             exts = JSONL_SUFFIXES + PARQUET_SUFFIXES if file_format == "auto" else (
                 JSONL_SUFFIXES if file_format == "jsonl" else PARQUET_SUFFIXES)

@@ -203,7 +203,10 @@ class PlainEngine:
     def export(self, folder: Path, rank: int) -> None:
         """The adapter (adapter_model.safetensors + adapter_config.json), rank 0."""
         if rank == 0:
-            self.module.save_pretrained(str(folder), safe_serialization=True)
+            # Whole embedding matrices go into the adapter only if the tokenizer grew them;
+            # a LoRA on lm_head leaves the base weights untouched (peft would save them anyway).
+            resized = getattr(self.module.get_base_model(), "ftcluster_resized_embeddings", False)
+            self.module.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=resized)
 
     def export_merged(self, folder: Path, rank: int) -> None:
         """Base weights with the adapter merged in (a plain HF model). Call last: it merges in place."""

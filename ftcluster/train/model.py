@@ -109,6 +109,7 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
             log.warning("the tokenizer has %d tokens, the model %d embeddings: resizing the embeddings",
                         len(tokenizer), model.get_input_embeddings().weight.shape[0])
             model.resize_token_embeddings(len(tokenizer))
+            model.ftcluster_resized_embeddings = True  # LoRA adapters then carry the embeddings
     model.config.use_cache = False
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

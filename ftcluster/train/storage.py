@@ -147,7 +147,7 @@ def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
 
 @dataclass
 class _Job:
-    kind: str  # "checkpoint" | "artifact"
+    kind: str  # "checkpoint" | "artifact" | "part" (one node's files, no manifest) | "manifest" (commit parts)
     dest: str  # fs path of the folder
     display: str  # URI for messages
     local_dir: Path
@@ -325,6 +325,7 @@ class CheckpointStore:
                         if other.future.cancel():
                             log.info("skipping the queued upload of %s: superseded by %s", other.display,
                                      job.display)
+            self._jobs = [j for j in self._jobs if not j.future.done()]
             self._jobs.append(job)
         self._queue.put(job)
         return job.future
@@ -608,6 +609,8 @@ def fetch_dir(uri: str, storage_options: dict[str, Any] | None, cache_root: Path
     files = {p[len(root) + 1:]: {"size": int(i.get("size") or 0)} for p, i in listing.items()}
     if not files:
         raise StorageError(f"{uri}: no files there; check the path and that the credentials can list it")
+    if "" in files:
+        raise StorageError(f"{uri}: is a file; point at the folder that holds it")
     if MANIFEST in files:
         man = json.loads(_retry_read(lambda: fs.cat_file(f"{root}/{MANIFEST}"), uri, deadline))
         files = {**{rel: dict(i) for rel, i in man.get("files", {}).items()}, MANIFEST: files[MANIFEST]}
