@@ -250,8 +250,13 @@ def cancel(run: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None:
     """Check a job against its cluster and storage before submitting; exit 1 if any check fails."""
+    import logging
+
     from .doctor import diagnose, print_report
 
+    # s3fs/aiohttp report a dropped connection again as "Task exception was never retrieved" with a
+    # traceback when the loop is collected; the output check already shows it as one row.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     checks = diagnose(job, list(sets), remote=remote)
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in checks], indent=1))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from s3fixture import moto_server, s3  # noqa: F401  (fixtures)
 
 from ftcluster.doctor import gpus_of_type, memory_mb, parse_gres, slurm_seconds
 
@@ -168,45 +168,24 @@ def test_slurm_too_many_gpus_nodes_and_bad_python(slurm, tmp_path):
 # --------------------------------------------------------------------------- S3 (moto)
 
 
-@pytest.fixture(scope="module")
-def moto_s3():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", **_creds(env)).create_bucket(Bucket="runs")
-    yield f"http://127.0.0.1:{port}", env
-    server.stop()
-
-
-def _creds(env: dict) -> dict:
-    return {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-            "region_name": env["AWS_DEFAULT_REGION"]}
-
-
 @pytest.mark.s3
-def test_output_on_s3(moto_s3, tmp_path):
-    endpoint, env = moto_s3
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, **_creds(env))
+def test_output_on_s3(s3, tmp_path):  # noqa: F811
     job = write_job(tmp_path, "local", output=f"""
         output:
-          uri: s3://runs/doctor/run1
-          storage_options: {{client_kwargs: {{endpoint_url: "{endpoint}"}}}}
+          uri: {s3.uri("doctor/run1")}
+          storage_options: {{client_kwargs: {{endpoint_url: "{s3.endpoint_url}"}}}}
         """)
-    rc, checks = doctor(job, env=env)
+    rc, checks = doctor(job)
     assert checks["output"]["status"] == "ok", checks["output"]
-    assert s3.list_objects_v2(Bucket="runs").get("KeyCount", 0) == 0  # the probe object was deleted
-    rc, checks = doctor(job, "--set", "output.uri=s3://no-such-bucket/x", env=env)
-    assert rc == 1 and checks["output"]["status"] == "fail" and "no-such-bucket" in checks["output"]["result"]
-    assert "no-such-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]  # doctor never creates buckets
-    rc, checks = doctor(job, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE":
-                                  "/dev/null", "AWS_CONFIG_FILE": "/dev/null"})
+    assert s3.keys() == []  # the probe object was written and deleted
+    rc, checks = doctor(job, "--set", "output.uri=s3://ftc-no-such-bucket/x")
+    assert rc == 1 and checks["output"]["status"] == "fail" and "ftc-no-such-bucket" in checks["output"]["result"]
+    names = [b["Name"] for b in s3.client().list_buckets()["Buckets"]]
+    assert "ftc-no-such-bucket" not in names  # doctor never creates buckets
+    rc, checks = doctor(job, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                                  "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"})
     assert checks["output"]["status"] == "fail" and "AWS_ACCESS_KEY_ID" in checks["output"]["fix"]
+    s3.stop()  # the endpoint goes down
+    rc, checks = doctor(job)
+    assert rc == 1 and checks["output"]["status"] == "fail", checks["output"]
+    assert "endpoint" in checks["output"]["fix"]

@@ -525,6 +525,7 @@ exec {python} "${{args[@]}}"
 
 def live_job(tmp_path: Path, procs: int, extra_env: dict[str, str] | None = None) -> str:
     """A 2-node job whose training module is fake; everything else (srun, torchrun, rendezvous) is real."""
+    pytest.importorskip("torch", reason="the live launch runs real torchrun: needs the [train] extra")
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
     shim = tmp_path / "fake-python"
     shim.write_text(FAKE_PYTHON.format(python=shlex.quote(sys.executable)))
@@ -544,6 +545,11 @@ def records(tmp_path: Path, restart: int) -> list[dict]:
                   key=lambda r: r["rank"])
 
 
+def wait_started(job_id: str) -> None:
+    """Queue time is not the script's behaviour (other jobs may hold the lab's two nodes): wait for it apart."""
+    wait_for("the job to start", lambda: job_fields(job_id).get("JobState") != "PENDING", timeout=600, job_id=job_id)
+
+
 def release_requeued(job_id: str) -> None:
     """Start a requeued job now instead of after its ~2 min BeginTime delay. Only once the last run is
     cleaned up on the nodes, and a second after the requeue: slurmd rejects a credential issued in the
@@ -560,11 +566,13 @@ SUBMIT_ENV = {"FTCLUSTER_RDZV_HOST": "127.0.0.1", "FAKE_SECRET_TOKEN": SECRET}  
 
 
 @pytest.mark.slurm
+@pytest.mark.train
 @SLURM
 def test_two_node_launch_one_torchrun_per_node(tmp_path):
     script = live_job(tmp_path, procs=2)
     job_id = sbatch(script, tmp_path, SUBMIT_ENV)
     try:
+        wait_started(job_id)
         wait_for("job end", lambda: job_fields(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
                  timeout=90, job_id=job_id)
     finally:
@@ -589,15 +597,18 @@ def test_two_node_launch_one_torchrun_per_node(tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.train
 @SLURM
 def test_usr2_checkpoints_requeues_and_resumes(tmp_path):
     job_id = sbatch(live_job(tmp_path, procs=1, extra_env={"FAKE_UNTIL_SIGNAL": "1"}), tmp_path, SUBMIT_ENV)
     try:
+        wait_started(job_id)
         wait_for("both ranks", lambda: len(records(tmp_path, 0)) == 2, timeout=60, job_id=job_id)
         # what --signal=B:USR2@T does before the time limit, now
         subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True, timeout=30)
         wait_for("requeue", lambda: job_fields(job_id).get("Restarts") == "1", timeout=60, job_id=job_id)
         release_requeued(job_id)
+        wait_started(job_id)
         wait_for("second run", lambda: job_fields(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
                  timeout=60, job_id=job_id)
     finally:
@@ -614,10 +625,12 @@ def test_usr2_checkpoints_requeues_and_resumes(tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.train
 @SLURM
 def test_scancel_stays_cancelled(tmp_path):
     job_id = sbatch(live_job(tmp_path, procs=1, extra_env={"FAKE_UNTIL_SIGNAL": "1"}), tmp_path, SUBMIT_ENV)
     try:
+        wait_started(job_id)
         wait_for("both ranks", lambda: len(records(tmp_path, 0)) == 2, timeout=60, job_id=job_id)
         subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGTERM to the batch shell and every step
         wait_for("the batch shell's last line", lambda: "training step exited with status" in log_of(tmp_path, job_id),

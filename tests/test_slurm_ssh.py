@@ -107,11 +107,12 @@ def test_submit_wait_status_logs_over_ssh(slurm, sshd, remote_env, tmp_path):  #
     assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
 
 
-def test_cancel_over_ssh(slurm, sshd, remote_env, tmp_path):  # noqa: F811
+def test_cancel_over_ssh(slurm, sshd, remote_env, tmp_path, request):  # noqa: F811
     job = write_job(tmp_path, sshd.alias, {"FAKE_HANG": "1"}, requeue=False)
     res = ftc("submit", str(job), env=remote_env)
     assert res.returncode == 0, res.stderr
     run_id = res.stdout.split()[1]
+    request.addfinalizer(lambda: ftc("cancel", run_id, env=remote_env))  # no job left behind on failure
     wait_state(run_id, remote_env, {"RUNNING"})
     time.sleep(1.0)
     assert "cancel requested" in ftc("cancel", run_id, env=remote_env).stdout

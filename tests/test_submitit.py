@@ -55,7 +55,18 @@ def slurm(monkeypatch, tmp_path):
     monkeypatch.delenv("FTCLUSTER_RDZV_PORT", raising=False)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    yield tmp_path
+    for job_id in _SUBMITTED:  # a failed test must not leave jobs holding the two test nodes
+        subprocess.run(["scancel", job_id], capture_output=True)
+    _SUBMITTED.clear()
+
+
+_SUBMITTED: list[str] = []
+
+
+def track(job):
+    _SUBMITTED.append(job.job_id)
+    return job
 
 
 def squeue_state(job_id: str) -> tuple[str, str]:
@@ -97,7 +108,7 @@ class EnvProbe(TrainTask):
 def test_executor_and_distributed_environment(slurm):
     spec = make_spec(slurm, nodes=2, procs=2)
     executor = executor_for(spec, slurm / "submitit" / "%j")
-    job = executor.submit(EnvProbe({}, {"OMP_NUM_THREADS": "1"}))
+    job = track(executor.submit(EnvProbe({}, {"OMP_NUM_THREADS": "1"})))
     results = run_to_end(job, 90).results()
     assert len(results) == 4
     assert sorted(int(r["RANK"]) for r in results) == [0, 1, 2, 3]
@@ -165,7 +176,8 @@ def submit_fake(spec, tmp_path: Path):
     from ftcluster.plan import compile_plan
 
     plan = compile_plan(spec, spec.slurm.env)
-    return executor_for(spec, tmp_path / "submitit" / "%j").submit(TrainTask(plan.payload, plan.env, "fake_runtime:run"))
+    executor = executor_for(spec, tmp_path / "submitit" / "%j")
+    return track(executor.submit(TrainTask(plan.payload, plan.env, "fake_runtime:run")))
 
 
 @pytest.mark.train
@@ -173,7 +185,7 @@ def submit_fake(spec, tmp_path: Path):
 def test_real_training_preempted_resumes_from_object_storage(slurm):
     pytest.importorskip("torch")
     spec = make_spec(slurm, steps=40, nodes=2, procs=1)
-    job = submit(spec, folder=slurm / "submitit" / "%j")
+    job = track(submit(spec, folder=slurm / "submitit" / "%j"))
     out = slurm / "out"
     wait_for(lambda: any((out / "checkpoints").glob("step-*/manifest.json")), 240,
              "the first committed checkpoint")  # setup done, training under way

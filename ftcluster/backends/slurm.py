@@ -145,6 +145,8 @@ class SlurmBackend:
                 "output_pattern": slurm_output(spec.slurm.output, bool(spec.variants)), "output_uri": spec.output.uri,
                 "env_passthrough": list(spec.slurm.env_passthrough)}
         meta["spec_hash"] = spec_hash(spec)
+        if spec.slurm.login:  # what runs, in short: ssh LOGIN bash -lc 'exec sbatch --parsable' < script
+            argv = ["ssh", spec.slurm.login] + argv
         return SubmitRequest("slurm", run_id, run_dir, argv + [f"< {script_name}"], files, {}, os.getcwd(), meta)
 
     def schedule(self, req: SubmitRequest) -> RunStatus:

@@ -260,6 +260,8 @@ class Checkpointer:
                 concurrent.futures.wait([item.future])
             self.commit_ready()
         for fut in self._pending:
+            if fut.cancelled():  # a queued periodic upload superseded by the final one
+                continue
             exc = fut.exception()
             if exc is not None:
                 errors.append(str(exc))

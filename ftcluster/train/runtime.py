@@ -13,125 +13,22 @@ group) on "stop" (a SIGUSR2/SIGTERM reached any rank) and "time-based checkpoint
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import TrainError
+from .distributed import DistContext, init_distributed, setup_logging
 from .signals import PREEMPTED_EXIT, StopFlag
 
 log = logging.getLogger("ftcluster.train")
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    nnodes: int
-    device: Any
-    ctl_group: Any = None  # gloo group for small CPU collectives (None: the default group)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.barrier(group=self.ctl_group)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sum small numbers over ranks on the CPU control group (no GPU sync)."""
-        import torch
-        import torch.distributed as dist
-
-        if self.world_size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.ctl_group)
-        return t.tolist()
-
-    def all_sum_device(self, t: Any) -> Any:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t
-
-
-def init_distributed(spec: Any) -> DistContext:
-    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU)."""
-    import torch
-    import torch.distributed as dist
-
-    env = os.environ
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
-    node_rank = int(env.get("GROUP_RANK", 0))
-    use_cuda = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
-    if spec.resources.gpus_per_node > 0 and not use_cuda and rank == 0:
-        log.warning("resources.gpus_per_node=%d but no GPU is visible to torch: training on CPU",
-                    spec.resources.gpus_per_node)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        threads = max(1, (os.cpu_count() or 1) // local_world)
-        if "OMP_NUM_THREADS" not in env or world == 1:
-            torch.set_num_threads(threads)
-    ctx = DistContext(rank, world, local_rank, local_world, node_rank, max(1, world // local_world), device)
-    if "MASTER_ADDR" in env and not dist.is_initialized():
-        # Long timeout: a rank can wait at a barrier while another uploads a final checkpoint.
-        timeout = datetime.timedelta(seconds=float(env.get("FTCLUSTER_DIST_TIMEOUT_S", "3600")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
-                                device_id=device if use_cuda else None)
-        if use_cuda:
-            ctx.ctl_group = dist.new_group(backend="gloo", timeout=timeout)
-    return ctx
-
-
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s [ftcluster.train" + (f" rank {rank}" if rank else "")
-                                           + "] %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    # Deprecation chatter from libraries (e.g. peft calling is_gradient_checkpointing) is not actionable here.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,6 +43,8 @@ class Data:
 
 
 def build_data(spec: Any, tokenizer: Any, ctx: DistContext) -> Data:
+    import torch
+
     from . import data as D
 
     ds = spec.data
@@ -166,7 +65,14 @@ def build_data(spec: Any, tokenizer: Any, ctx: DistContext) -> Data:
             return None
         blocks = D.PackedDataset(examples(uri, fmt), ds.seq_len, ds.packing, tokenizer.pad_token_id)
         batches = list(D.eval_batches(blocks, spec.training.micro_batch_size))
-        return batches[ctx.rank::ctx.world_size]
+        if not batches:
+            return None
+        mine = batches[ctx.rank::ctx.world_size]
+        # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively in
+        # forward): a rank with fewer batches adds a copy whose labels are all ignored.
+        while len(mine) < math.ceil(len(batches) / ctx.world_size):
+            mine.append({**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)})
+        return mine
 
     return Data(loader, eval_set(ds.eval), eval_set(ds.general_eval, "text"), len(loader))
 
@@ -221,6 +127,7 @@ class Trainer:
         self.engine = self._build_engine()
         self.model_fingerprint = M.config_fingerprint(self.engine.module.config)
         self.step, self.tokens_seen, self.general_before, self.elapsed_before = 0, 0, None, 0.0
+        self.resumed_step: int | None = None
         self.resumed = self._resume()
 
     def _build_engine(self):
@@ -265,6 +172,7 @@ class Trainer:
         self.data.loader.load_state_dict(rank_state["data"])
         self.ckpt.cleanup_restore()
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.resumed_step = self.step
         self.general_before, self.elapsed_before = state.get("general_eval_before"), state.get("elapsed_s", 0.0)
         log.info("resumed from checkpoint step %d (%s tokens seen)", self.step, f"{self.tokens_seen:,}")
         return True
@@ -374,8 +282,33 @@ class Trainer:
                                             local_dir=self.work_dir, resume_step=self.step)
         return JsonlSink(self.metrics_writer.local_path, on_flush=lambda p: self.metrics_writer.upload())
 
+    def _last_artifact(self) -> str:
+        """The artifact published last at the end (uploads commit in order)."""
+        if self.spec.method != "lora":
+            return "final"
+        return "merged" if self.spec.lora.merge_at_end else "adapter"
+
+    def _already_done(self) -> bool:
+        """Resumed at the last step with the final artifact committed (e.g. a requeue after the end)."""
+        from .storage import MANIFEST
+
+        if self.resumed_step != self.total_steps:
+            return False
+        name = self._last_artifact()
+        flag = [self.store.fs.exists(f"{self.store.root}/{name}/{MANIFEST}") if self.ctx.is_main else False]
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(flag, src=0, group=self.ctx.ctl_group)
+        return bool(flag[0])
+
     def _run(self) -> int:
         spec = self.spec
+        if self._already_done():
+            log.info("this run already finished: step %d and %s/ are committed under %s; nothing to do",
+                     self.step, self._last_artifact(), spec.output.uri)
+            self._shutdown()
+            return 0
         log.info("training %d optimizer steps from step %d (%d batches of %d per process per epoch, "
                  "gradient accumulation %d)", self.total_steps, self.step, self.data.batches_per_epoch,
                  spec.training.micro_batch_size, spec.training.gradient_accumulation_steps)
@@ -480,7 +413,8 @@ class Trainer:
 
     def _finish(self) -> int:
         spec = self.spec
-        self.save_checkpoint(final=True)  # resumable: a rerun after a crash below only redoes the exports
+        if self.resumed_step != self.step:  # else this very state is committed already
+            self.save_checkpoint(final=True)  # resumable: a rerun after a crash below only redoes the exports
         self.last_eval = self.evaluate(self.data.eval)
         self._eval_record("eval", self.last_eval)
         general_after = self.evaluate(self.data.general_eval)
