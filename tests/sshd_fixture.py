@@ -53,6 +53,13 @@ class SshServer:
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:
+        # Session processes outlive the listener (a client's ControlPersist master keeps one open):
+        # end them too, which also ends that master.
+        for pid in _children(self.proc.pid):
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -60,6 +67,19 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _keygen(path: Path) -> str:

@@ -174,6 +174,25 @@ def test_lora_export_loads_with_peft(tmp_path):
     assert mine and all(torch.equal(p, theirs[n]) and p.abs().sum() > 0 for n, p in mine.items())
 
 
+def test_merged_export_is_a_plain_model_with_the_adapter_folded_in(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = lora_spec()
+    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
+    b = batch([[3, 4, 5, 6, 7, 8, 9, 10]])
+    for _ in range(2):
+        eng.train_step([b], 1 / 7)
+    eng.module.eval()
+    with torch.no_grad():
+        want = eng.module(input_ids=b["input_ids"]).logits
+    eng.export_merged(tmp_path, rank=0)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        got = merged(input_ids=b["input_ids"]).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ def init_distributed(spec: Any) -> DistContext:
     else:
         device = torch.device("cpu")
         threads = max(1, (os.cpu_count() or 1) // local_world)
-        if "OMP_NUM_THREADS" not in env or world == 1:
+        if "OMP_NUM_THREADS" not in env:  # torchrun sets 1 when it starts several processes
             torch.set_num_threads(threads)
     ctx = DistContext(rank, world, local_rank, local_world, node_rank, max(1, world // local_world), device)
     if "MASTER_ADDR" in env and not dist.is_initialized():
@@ -90,9 +91,21 @@ def init_distributed(spec: Any) -> DistContext:
     return ctx
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so lines go above rich's progress bar (which swaps it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(asctime)s [ftcluster.train" + (f" rank {rank}" if rank else "")
                                            + "] %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
