@@ -34,6 +34,7 @@ manifests: setup
 
 schema: setup
 	$(VENV)/bin/ftcluster schema -o docs/ftcluster.schema.json
+	$(VENV)/bin/ftcluster schema --pipeline -o docs/ftcluster-pipeline.schema.json
 
 golden: setup
 	$(PY) -m pytest -q tests/test_golden.py --update-golden

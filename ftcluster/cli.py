@@ -267,11 +267,13 @@ def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None
 
 @cli.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
-def schema(output: str | None) -> None:
+@click.option("--pipeline", is_flag=True, help="The schema of a pipeline file instead of a job spec.")
+def schema(output: str | None, pipeline: bool) -> None:
     """Print the JSON Schema of the job spec (for editors)."""
     from .loader import json_schema
+    from .pipeline import pipeline_json_schema
 
-    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(pipeline_json_schema() if pipeline else json_schema(), indent=2, sort_keys=True) + "\n"
     if output:
         _write_files(str(__import__("pathlib").Path(output).parent or "."), {__import__("pathlib").Path(output).name: text})
     else:

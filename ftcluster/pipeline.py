@@ -219,6 +219,16 @@ def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> lis
     return problems
 
 
+def pipeline_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a pipeline file, generated from :class:`~ftcluster.spec.PipelineSpec`."""
+    from .spec import PipelineSpec
+
+    schema = PipelineSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ftcluster pipeline"
+    return schema
+
+
 # --------------------------------------------------------------------------- render
 
 

@@ -9,7 +9,7 @@ run, are errors rather than silently ignored.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -533,10 +533,10 @@ class FullJob(_JobBase):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
 
 
-JobSpec = Annotated[Union[LoraJob, FullJob], Field(discriminator="method")]
+JobSpec = Annotated[LoraJob | FullJob, Field(discriminator="method")]
 """A job: :class:`LoraJob` or :class:`FullJob`, picked by ``method``."""
 
-AnyJob = Union[LoraJob, FullJob]
+AnyJob = LoraJob | FullJob
 
 
 # --------------------------------------------------------------------------- pipeline

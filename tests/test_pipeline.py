@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,13 @@ def test_submit_refuses_a_local_pipeline_with_a_fix(tmp_path):
     assert res.returncode == 1 and len(res.stderr.splitlines()) == 1
     assert "pipelines are submitted to Slurm" in res.stderr and "--set backend=slurm" in res.stderr
     assert not (tmp_path / "home").exists()
+
+
+def test_pipeline_schema_matches_committed_file():
+    res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "schema", "--pipeline"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert set(json.loads(res.stdout)["properties"]) == {"pipeline", "description", "stages"}
+    assert res.stdout == (ROOT / "docs" / "ftcluster-pipeline.schema.json").read_text(), (
+        "docs/ftcluster-pipeline.schema.json is stale: run `ftcluster schema --pipeline -o "
+        "docs/ftcluster-pipeline.schema.json`")
