@@ -178,7 +178,7 @@ class LaunchPlan:
         return json.dumps(self.payload, sort_keys=True, indent=1)
 
     def torchrun_args(self, *, rdzv_endpoint: str | None, rdzv_id: str | None, python: str = "python3",
-                      spec_arg: list[str] | None = None, launcher: str = "torch.distributed.run") -> list[str]:
+                      spec_arg: list[str] | None = None, launcher: str = "ftcluster.train.launch") -> list[str]:
         """The launch command as argv. With ``rdzv_endpoint`` None, torchrun takes the
         rendezvous from ``PET_*`` variables (set by the Kubeflow operators). ``launcher`` is the
         torchrun module: ``ftcluster.train.launch`` is torchrun that forwards SIGUSR2 and exits 143

@@ -82,7 +82,7 @@ def test_render_bad_spec_writes_nothing(tmp_path):
 def test_submit_dry_run_submits_nothing(tmp_path):
     home = tmp_path / "home"
     res = ftc("submit", "examples/quickstart.yaml", "--dry-run", env={"FTCLUSTER_HOME": str(home)}, check=True)
-    assert "-m torch.distributed.run" in res.stdout and "-m ftcluster.train --spec" in res.stdout
+    assert "-m ftcluster.train.launch" in res.stdout and "-m ftcluster.train --spec" in res.stdout
     assert '"name": "quickstart"' in res.stdout  # the payload's full contents
     assert not home.exists()
 
@@ -140,7 +140,7 @@ def test_local_backend_lifecycle(tmp_path):
     listing = json.loads(ftc("list", "--json", env=env, check=True).stdout)
     assert [r["run_id"] for r in listing] == [run_id] and listing[0]["state"] == "SUCCEEDED"
     log = ftc("logs", run_id[:-2], env=env, check=True).stdout
-    assert "args: -m torch.distributed.run" in log and "--spec" in log
+    assert "args: -m ftcluster.train.launch" in log and "--spec" in log
     run_dir = Path(listing[0]["run_dir"])
     assert json.loads((run_dir / "payload.json").read_text())["spec"]["name"] == "quickstart"
 

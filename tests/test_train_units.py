@@ -291,3 +291,31 @@ def test_launcher_maps_preemption_to_143(tmp_path, mode, expected):
     r = subprocess.run([sys.executable, "-m", "ftcluster.train.launch", "--nproc-per-node=2", "--max-restarts=0",
                         str(script), mode], capture_output=True, text=True, timeout=120)
     assert r.returncode == expected, r.stderr[-2000:]
+
+
+def test_stop_flag_survives_a_signal_inside_its_own_handler():
+    """TERM then USR2 back to back (Slurm preemption, submitit's interrupt): the second handler runs
+    inside the first. An Event-based flag deadlocked here; the flag must take no lock."""
+    import os
+    import signal as _signal
+
+    from ftcluster.train.signals import StopFlag
+
+    flag = StopFlag().install()
+    try:
+        inner = flag._handle
+        fired = []
+
+        def handler(signum, frame):
+            inner(signum, frame)
+            fired.append(signum)
+            if signum == _signal.SIGTERM:
+                os.kill(os.getpid(), _signal.SIGUSR2)  # delivered while this handler runs
+
+        _signal.signal(_signal.SIGTERM, handler)
+        _signal.signal(_signal.SIGUSR2, handler)
+        os.kill(os.getpid(), _signal.SIGTERM)
+        assert sorted(fired) == sorted([_signal.SIGTERM, _signal.SIGUSR2])
+        assert flag.local and flag.signal_name == "SIGTERM"
+    finally:
+        flag.uninstall()

@@ -375,7 +375,8 @@ def _command(plan: LaunchPlan, trainjob: bool) -> list[str]:
         for secret in plan.spec.kubernetes.env_from_secrets:
             wrapper += ["--env-dir", f"{SECRET_ENV_DIR}/{secret}"]
     torchrun = plan.torchrun_args(rdzv_endpoint=None, rdzv_id=None, python="python3",
-                                  spec_arg=["--spec", f"{SPEC_DIR}/{PAYLOAD_KEY}"])
+                                  spec_arg=["--spec", f"{SPEC_DIR}/{PAYLOAD_KEY}"],
+                                  launcher="torch.distributed.run")  # podexec maps signals to 143
     return wrapper + ["--"] + torchrun
 
 

@@ -13,7 +13,6 @@ Slurm sends ``--signal=B:USR2@T`` to the batch shell, which forwards it; Kuberne
 from __future__ import annotations
 
 import signal
-import threading
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -24,7 +23,10 @@ class StopFlag:
     """A process-wide "please stop after a checkpoint" flag set by signals."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        # A plain attribute, not a threading.Event: Event.set() takes a non-reentrant lock, and a
+        # second signal landing inside the first handler's set() (TERM then USR2 on preemption)
+        # deadlocked the process. Assigning a bool is atomic under the GIL and needs no lock.
+        self._stopped = False
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -42,17 +44,17 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-        self._event.set()
+        self._stopped = True
 
     def set(self, reason: str = "request") -> None:
         """Raise the flag from code (tests, a deadline)."""
         self.signal_name = self.signal_name or reason
-        self._event.set()
+        self._stopped = True
 
     @property
     def local(self) -> bool:
         """Whether this process received a stop signal."""
-        return self._event.is_set()
+        return self._stopped
 
     def agree(self, *others: int, group: Any = None) -> tuple[bool, ...]:
         """All ranks agree on the stop flag and on any ``others`` flags (MAX over ranks).
@@ -62,7 +64,7 @@ class StopFlag:
         out = all_max([1 if self.local else 0, *others], group)
         if out[0] and not self.local:
             self.signal_name = "peer"
-            self._event.set()
+            self._stopped = True
         return tuple(bool(v) for v in out)
 
 
