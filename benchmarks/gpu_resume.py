@@ -33,11 +33,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def spec_text(name: str, method: str, data: Path, out: Path, steps: int, preset: str, seq_len: int,
-              vocab: int) -> str:
+              vocab: int, ckpt_every: int) -> str:
+    model = f"{{preset: {preset}}}" if preset != "small" else (
+        "{hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8, num_attention_heads: 16, "
+        "num_key_value_heads: 8, vocab_size: " + str(vocab) + ", max_position_embeddings: 4096}")
     text = f"""
 name: {name}
 method: {method}
-model: {{random_init: {{preset: {preset}}}, attn_implementation: sdpa}}
+model: {{random_init: {model}, attn_implementation: sdpa}}
 tokenizer: {{train_vocab_size: {vocab}}}
 data: {{train: {data}, format: text, seq_len: {seq_len}, packing: true}}
 training:
@@ -50,7 +53,7 @@ training:
   log_every_steps: 1
   seed: 7
 resources: {{gpus_per_node: 1}}
-output: {{uri: {out.as_uri()}, checkpoint_every_steps: 5, keep_last: 2}}
+output: {{uri: {out.as_uri()}, checkpoint_every_steps: {ckpt_every}, keep_last: 1}}
 """
     if method == "lora":
         return text + "lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}\n"
@@ -85,8 +88,9 @@ def main() -> int:
     ap.add_argument("--method", choices=("lora", "full"), default="lora")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--kill-at", type=int, default=17)
-    ap.add_argument("--preset", default="llama-3.2-1b", help="tiny for a CPU check of the script")
+    ap.add_argument("--preset", default="llama-3.2-1b", help="a preset, or small (~110M params: ZeRO-3 checkpoints that fit a small disk); tiny checks the script on a CPU")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--ckpt-every", type=int, default=5, help="periodic checkpoint interval in steps")
     ap.add_argument("--vocab", type=int, default=8000, help="trained tokenizer size (512 for --preset tiny)")
     args = ap.parse_args()
     from gpu_train import write_corpus
@@ -109,7 +113,7 @@ def main() -> int:
         out = work / f"{args.method}-{name}"
         outs[name] = out
         spec = load_spec_text(spec_text(f"resume-{name}", args.method, data, out, args.steps,
-                                          args.preset, args.seq_len, args.vocab), f"<{name}>")
+                                          args.preset, args.seq_len, args.vocab, args.ckpt_every), f"<{name}>")
         plan = compile_plan(spec)
         env.update(plan.env)
         payload = work / f"{name}.payload.json"
