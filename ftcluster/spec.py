@@ -28,8 +28,7 @@ MEMORY = re.compile(r"^\d+[KMGT]?$")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, use_attribute_docstrings=False,
-                              defer_build=True)  # build validators once, on first use: halves CLI start-up
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, use_attribute_docstrings=False)
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
