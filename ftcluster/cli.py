@@ -8,6 +8,8 @@ as one line per problem; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sys
 import time
@@ -49,7 +51,26 @@ def _load(path: str, sets: tuple[str, ...]):
     """A job spec, or a pipeline (a file with `pipeline:`); `--set` applies to every stage of a pipeline."""
     from .pipeline import load
 
-    return load(path, list(sets))
+    with _collector_paused():
+        return load(path, list(sets))
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Run a block without the cyclic garbage collector, then freeze what it left (start-up speed).
+
+    Loading the first spec imports pydantic and ruamel.yaml and builds the spec models: objects
+    that live until the process exits, so the collector's passes over them find nothing, and the
+    full collection at interpreter exit walks them once more. Paused and frozen, `ftcluster render`
+    starts about 15% faster (benchmarks/render_speed.py). Frozen objects are still freed by
+    reference counting; the collector just no longer scans them.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 @cli.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import typing
@@ -69,6 +68,8 @@ def _message(err: dict[str, Any], path: tuple[Any, ...], method: str | None, roo
         name = str(path[-1])
         if len(path) == 1 and name in _METHOD_ONLY:
             return _METHOD_ONLY[name]
+        import difflib  # only for this hint: importing it costs start-up time on every valid spec
+
         cls = _model_at(path[:-1], method, root)
         fields = sorted(cls.model_fields) if cls is not None else []
         close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)

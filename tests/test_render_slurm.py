@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jinja2
 import pytest
 
 from ftcluster.errors import RenderError
@@ -31,6 +32,8 @@ from ftcluster.loader import load_spec, load_spec_text
 from ftcluster.pipeline import Pipeline, load, load_pipeline, render_pipeline
 from ftcluster.plan import compile_plan, derived_port
 from ftcluster.render import render
+from ftcluster.render.slurm import render_slurm, template_variables
+from ftcluster.render.template import GENERATED, compile_source, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
@@ -391,8 +394,28 @@ def test_passthrough_variable_missing_fails_before_launch(tmp_path):
     assert "id-from-shell" not in script
 
 
+def test_compiled_template_is_the_template_source():
+    """The committed ftcluster/render/_sbatch_j2.py is templates/sbatch.sh.j2 compiled, byte for byte."""
+    committed = (ROOT / GENERATED).read_text(encoding="utf-8")
+    assert committed == compile_source(), (
+        f"templates/sbatch.sh.j2 and {GENERATED} differ; regenerate: python -m ftcluster.render.template > {GENERATED}")
+
+
+def test_compiled_template_renders_as_the_source_template():
+    """Rendering through the compiled module gives what compiling the .j2 file at run time gives."""
+    env = environment()
+    env.loader = jinja2.FileSystemLoader(str(ROOT / "templates"))
+    live = env.get_template("sbatch.sh.j2")
+    for example in EXAMPLES:
+        for spec in example_specs(example):
+            plan = compile_plan(spec)
+            script = render_slurm(plan, ["a header"])[f"{spec.name}.sbatch"]
+            assert script == live.render(**template_variables(plan, ["a header"])), example
+
+
 def test_templates_load_from_the_wheel_layout(tmp_path):
-    """Installed from a wheel, the template sits in ftcluster/templates (pyproject force-include)."""
+    """Installed from a wheel, the compiled template sits in the package and the source in
+    ftcluster/templates (pyproject force-include), from which it regenerates identically."""
     site = tmp_path / "site"
     shutil.copytree(ROOT / "ftcluster", site / "ftcluster", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "templates", site / "ftcluster" / "templates")
@@ -401,10 +424,14 @@ def test_templates_load_from_the_wheel_layout(tmp_path):
             f"assert ftcluster.__file__.startswith({str(site)!r}), ftcluster.__file__\n"
             f"sys.stdout.write(render(load_spec({str(ROOT / 'examples' / 'quickstart.yaml')!r}), 'slurm')"
             "['quickstart.sbatch'])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(site)})
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == render(load_spec(ROOT / "examples" / "quickstart.yaml"), "slurm")["quickstart.sbatch"]
+    gen = subprocess.run([sys.executable, "-m", "ftcluster.render.template"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == (ROOT / GENERATED).read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- live Slurm

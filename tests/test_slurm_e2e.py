@@ -1,7 +1,8 @@
 """End to end on the live Slurm (.ci/slurm-up.sh) with the real training runtime on CPU:
 ``ftcluster submit`` -> sbatch -> srun -> torchrun -> ftcluster.train, then the outputs.
 
-* the quickstart LoRA job completes and publishes its adapter;
+* the quickstart LoRA job completes and publishes its adapter, and as a job array of two variants
+  each task trains its own variant and publishes its own adapter;
 * a 2-node DeepSpeed ZeRO-3 job (one process per node, gloo) completes and publishes the
   consolidated model;
 * preemption: ``scancel --signal=USR2 --batch`` (what ``--signal=B:USR2@T`` does before the time
@@ -122,6 +123,19 @@ def test_quickstart_lora_completes_on_slurm_and_writes_its_adapter(tmp_path):
     assert max(r["step"] for r in steps if r["kind"] == "train") == 60
     assert any(r["kind"] == "eval" and r["step"] == 60 for r in steps)  # evaluated at the end
     assert "1 process(es) on 1 node(s)" in res.stdout and "done: step 60," in res.stdout
+
+
+def test_lora_variants_array_trains_one_adapter_per_variant(tmp_path):
+    home = tmp_path / "home"
+    variants = "[{name: r2, set: {lora.r: 2}}, {name: r4, set: {lora.r: 4, training.learning_rate: 1.0e-3}}]"
+    res = ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=10",
+              "--set", "training.eval_every_steps=10", "--set", f"variants={variants}", "--wait", home=home)
+    assert "SUCCEEDED" in res.stderr
+    for variant, r in (("r2", 2), ("r4", 4)):
+        adapter = committed(tmp_path / "out" / variant, "adapter")
+        config = json.loads((tmp_path / "out" / variant / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == r and adapter["meta"]["training"]["name"] == f"quickstart-{variant}"
+        assert f"lora run 'quickstart-{variant}'" in res.stdout
 
 
 def test_two_node_deepspeed_zero3_on_cpu_completes(tmp_path):

@@ -2,7 +2,7 @@
 
 All logic lives here; ``templates/sbatch.sh.j2`` only places lines that are already
 formatted and shell-quoted (Jinja2 with ``StrictUndefined``, so a misspelled variable is
-an error, not an empty string). The script:
+an error, not an empty string; shipped compiled, see :mod:`ftcluster.render.template`). The script:
 
 * carries sorted, ``shlex.quote``d ``#SBATCH`` lines (submitit's layout);
 * runs one ``srun`` task per node, each a torchrun (``ftcluster.train.launch``) with c10d
@@ -17,16 +17,14 @@ an error, not an empty string). The script:
 
 from __future__ import annotations
 
-import functools
 import re
 import shlex
-from pathlib import Path
 from typing import Any
 
 from ..errors import RenderError
 from ..plan import PORT_BASE, PORT_SPAN
+from .template import sbatch_template
 
-TEMPLATE = "sbatch.sh.j2"
 PAYLOAD_VAR = "FTCLUSTER_PAYLOAD"
 PAYLOAD_EOF = "FTCLUSTER_PAYLOAD_EOF"
 LAUNCHER = "ftcluster.train.launch"  # torchrun that forwards SIGUSR2 and exits 143 after a checkpoint-and-stop
@@ -44,20 +42,6 @@ OWNED = {
 }
 # Options that break the one-torchrun-per-node launch (REFERENCE.md, DeepSpeed PR #3165).
 BREAKS_LAUNCH = ("ntasks", "ntasks-per-gpu", "gpus-per-task", "gpus")
-
-
-@functools.lru_cache(maxsize=1)
-def _template_env() -> Any:
-    """Jinja2 environment over the packaged templates (wheel) or the repository's (editable)."""
-    import jinja2
-
-    here = Path(__file__).resolve().parent.parent
-    folders = [d for d in (here / "templates", here.parent / "templates") if (d / TEMPLATE).is_file()]
-    if not folders:
-        raise RenderError(f"{TEMPLATE} not found in {here / 'templates'} or {here.parent / 'templates'}; "
-                          "reinstall ftcluster")
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(folders), undefined=jinja2.StrictUndefined,
-                              autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 
 def _where(spec: Any) -> str:
@@ -213,11 +197,16 @@ def _summary(plan: Any) -> str:
 
 def render_slurm(plan: Any, header: list[str]) -> dict[str, str]:
     """Render ``plan`` as ``{"<name>.sbatch": script}``. Pure and deterministic."""
+    return {f"{plan.spec.name}.sbatch": sbatch_template().render(**template_variables(plan, header))}
+
+
+def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
+    """What ``templates/sbatch.sh.j2`` places: lines already formatted and shell-quoted."""
     spec, sl = plan.spec, plan.spec.slurm
     for i, module in enumerate(sl.modules):
         _one_line(spec, f"slurm.modules[{i}]", module)
     launch = launch_lines(plan)
-    text = _template_env().get_template(TEMPLATE).render(
+    return dict(
         header=[_one_line(spec, "header", h) for h in header],
         summary=_summary(plan),
         directives=sbatch_directives(plan),
@@ -236,4 +225,3 @@ def render_slurm(plan: Any, header: list[str]) -> dict[str, str]:
         launch_note=any(len(_with_note(line)) > 1 for line in launch),
         requeue=sl.requeue,
     )
-    return {f"{spec.name}.sbatch": text}
