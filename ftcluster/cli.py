@@ -62,7 +62,7 @@ def _collector_paused():
     Loading the first spec imports pydantic and ruamel.yaml and builds the spec models: objects
     that live until the process exits, so the collector's passes over them find nothing, and the
     full collection at interpreter exit walks them once more. Paused and frozen, `ftcluster render`
-    starts about 15% faster (benchmarks/render_speed.py). Frozen objects are still freed by
+    takes about 15% less time (benchmarks/render_speed.py). Frozen objects are still freed by
     reference counting; the collector just no longer scans them.
     """
     gc.disable()
@@ -110,7 +110,8 @@ def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, .
     from .render import render as do_render
 
     spec = _load(job, sets)
-    files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
+    with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
+        files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:

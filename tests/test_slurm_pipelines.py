@@ -174,8 +174,15 @@ def test_pipeline_second_stage_waits_for_the_first(lab):
     cpt_id, lora_id = st["job_id"].split(",")
     assert re.search(rf"(?:^|\s)Dependency=afterok:{cpt_id}(?:_\*)?\(", scontrol(lora_id)), scontrol(lora_id)
     assert [t["name"] for t in st["tasks"]] == ["cpt", "lora", "lora/r2", "lora/r4", "lora/r8"]
-    table = ftc("status", run, home=lab.home).stdout
-    assert re.search(rf"^\s+lora/r2\s+{lora_id}_0\s+PENDING\s+Dependency", table, re.M), table
+    # slurmctld sets Reason=Dependency on its next scheduling pass (Reason=None just after sbatch)
+    pattern = re.compile(rf"^\s+lora/r2\s+{lora_id}_0\s+PENDING\s+Dependency", re.M)
+    deadline = time.monotonic() + 30
+    while True:
+        table = ftc("status", run, home=lab.home).stdout
+        if pattern.search(table) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert pattern.search(table), table
     st = wait_for(run, lab.home, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"))
     assert st["state"] == "SUCCEEDED" and {t["state"] for t in st["tasks"]} == {"SUCCEEDED"}, st
     cpt_end = json.loads((lab.root / "out" / "cpt" / "selected.json").read_text())["end"]
