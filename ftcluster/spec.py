@@ -31,6 +31,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False, use_attribute_docstrings=False)
 
 
+def _empty_list() -> list[Any]:
+    """The default factory of list fields. Not ``list`` itself: pydantic reads every default
+    factory's signature, and a builtin's is parsed from text by the tokenizer (start-up time)."""
+    return []
+
+
 def _check_env(env: dict[str, str]) -> dict[str, str]:
     for name, value in env.items():
         if not ENV_NAME.match(name):
@@ -298,13 +304,13 @@ class SlurmSpec(_Model):
     constraint: str | None = Field(None, description="Node feature constraint (-C).")
     reservation: str | None = Field(None, description="Reservation name.")
     extra_directives: dict[str, str | int | None] = Field(default_factory=dict, description="More #SBATCH options, e.g. {exclusive: null, mail-type: END}.")
-    setup: list[str] = Field(default_factory=list, description="Shell lines run before launch on the batch host (module loads, venv activation). Written verbatim: this is your shell.")
-    modules: list[str] = Field(default_factory=list, description="Environment modules to `module load` (quoted).")
+    setup: list[str] = Field(default_factory=_empty_list, description="Shell lines run before launch on the batch host (module loads, venv activation). Written verbatim: this is your shell.")
+    modules: list[str] = Field(default_factory=_empty_list, description="Environment modules to `module load` (quoted).")
     python: str = Field("python3", description="Python interpreter on the compute nodes that has ftcluster[train].")
     container_image: str | None = Field(None, description="Container image for pyxis/enroot (srun --container-image).")
-    container_mounts: list[str] = Field(default_factory=list, description="pyxis mounts, SRC:DST[:FLAGS].")
+    container_mounts: list[str] = Field(default_factory=_empty_list, description="pyxis mounts, SRC:DST[:FLAGS].")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the job (no secrets).")
-    env_passthrough: list[str] = Field(default_factory=list, description="Names of variables taken from the submitting environment (secrets go here).")
+    env_passthrough: list[str] = Field(default_factory=_empty_list, description="Names of variables taken from the submitting environment (secrets go here).")
     login: str | None = Field(None, description="user@host of a login node to submit through over SSH.")
     signal_seconds: int = Field(120, ge=10, le=3600, description="Seconds before the time limit at which USR2 asks the job to checkpoint and requeue.")
     requeue: bool = Field(True, description="Requeue on preemption or the time-limit signal.")
@@ -385,17 +391,17 @@ class KubernetesSpec(_Model):
     namespace: str = Field("default", description="Namespace.")
     image: str | None = Field(None, description="Training image with ftcluster[train]; pin a tag or digest.")
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Image pull policy.")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for pulling the image.")
+    image_pull_secrets: list[str] = Field(default_factory=_empty_list, description="Secrets for pulling the image.")
     service_account: str | None = Field(None, description="Service account (e.g. with workload identity for object storage).")
     queue: str | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
     priority_class: str | None = Field(None, description="PriorityClass name.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations.")
-    volumes: list[Volume] = Field(default_factory=list, description="Extra volumes.")
+    tolerations: list[Toleration] = Field(default_factory=_empty_list, description="Tolerations.")
+    volumes: list[Volume] = Field(default_factory=_empty_list, description="Extra volumes.")
     shm_size: str = Field("64Gi", description="Size of the memory-backed /dev/shm (the default 64 MB breaks NCCL).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment (no secrets).")
-    secret_env: list[SecretEnv] = Field(default_factory=list, description="Environment variables from Secrets, by reference.")
-    env_from_secrets: list[str] = Field(default_factory=list, description="Secrets whose keys all become environment variables.")
+    secret_env: list[SecretEnv] = Field(default_factory=_empty_list, description="Environment variables from Secrets, by reference.")
+    env_from_secrets: list[str] = Field(default_factory=_empty_list, description="Secrets whose keys all become environment variables.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on the job and pods.")
     runtime: str = Field("ftcluster-torch", description="ClusterTrainingRuntime for TrainJob (ftcluster ships one with /dev/shm).")
@@ -455,6 +461,9 @@ class Variant(_Model):
 
 
 class _JobBase(_Model):
+    # Never validated itself (LoraJob and FullJob are): building its validator would waste start-up time.
+    model_config = ConfigDict(defer_build=True)
+
     name: str = Field(..., description="Job name: a DNS-1035 label (lower case, digits, '-'), at most 50 characters; it names Slurm jobs and Kubernetes objects.")
     description: str | None = Field(None, description="Free text.")
     backend: Literal["local", "slurm", "kubernetes"] = Field("local", description="Where `ftcluster submit` runs the job.")
@@ -468,7 +477,7 @@ class _JobBase(_Model):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Slurm backend settings.")
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec, description="Kubernetes settings.")
     local: LocalSpec = Field(default_factory=LocalSpec, description="Local backend settings.")
-    variants: list[Variant] = Field(default_factory=list, description="Run several versions of this job as one Slurm job array (one Kubernetes job each; one after another locally). Each variant is this spec plus its `set` overrides. See docs/pipelines.md.")
+    variants: list[Variant] = Field(default_factory=_empty_list, description="Run several versions of this job as one Slurm job array (one Kubernetes job each; one after another locally). Each variant is this spec plus its `set` overrides. See docs/pipelines.md.")
     array_parallelism: int | None = Field(None, ge=1, description="At most this many variants run at once (sbatch --array=0-N%K); default: no limit.")
 
     _source_file: str | None = PrivateAttr(None)
@@ -522,12 +531,16 @@ def _suggest_name(v: str) -> str:
 class LoraJob(_JobBase):
     """LoRA fine-tuning (transformers + peft): one GPU, data parallel when given more."""
 
+    model_config = ConfigDict(defer_build=False)  # every job spec load validates with it
+
     method: Literal["lora"] = Field(..., description="`lora` (adapters) or `full` (DeepSpeed full fine-tune).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
 
 
 class FullJob(_JobBase):
     """Full fine-tuning with DeepSpeed ZeRO, one or many nodes."""
+
+    model_config = ConfigDict(defer_build=False)  # every job spec load validates with it
 
     method: Literal["full"] = Field(..., description="`lora` (adapters) or `full` (DeepSpeed full fine-tune).")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
@@ -545,9 +558,11 @@ AnyJob = LoraJob | FullJob
 class PipelineStage(_Model):
     """One stage of a pipeline: a job spec file, what it waits for and where its base model comes from."""
 
+    model_config = ConfigDict(defer_build=True)  # built on first use: a job spec never needs it
+
     name: str | None = Field(None, description="Stage name (DNS-1035 label) that `after` and `model_from` refer to; default the job's name.")
     spec: str = Field(..., description="Job spec file, relative to the pipeline file.")
-    after: list[str] = Field(default_factory=list, description="Stages that must succeed before this one starts (Slurm afterok; every task of an array).")
+    after: list[str] = Field(default_factory=_empty_list, description="Stages that must succeed before this one starts (Slurm afterok; every task of an array).")
     model_from: str | None = Field(None, description="Train on the model an earlier stage produces: sets model.path to its <output.uri>/final (full) or <output.uri>/merged (LoRA with merge_at_end); implies `after`.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides for this stage's spec as dotted field paths, e.g. {training.max_steps: 100}.")
 
@@ -561,6 +576,8 @@ class PipelineStage(_Model):
 
 class PipelineSpec(_Model):
     """Several jobs submitted as one: each stage starts when the stages it depends on have succeeded."""
+
+    model_config = ConfigDict(defer_build=True)  # built on first use: a job spec never needs it
 
     pipeline: str = Field(..., description="Pipeline name (DNS-1035 label); names the run folder.")
     description: str | None = Field(None, description="Free text.")

@@ -168,6 +168,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert "requeueing job" in log
     assert (tmp_path / "out" / "checkpoints" / f"step-{saved:08d}" / "manifest.json").is_file()
     assert info["Reason"] in ("BeginTime", "None", "Priority", "Resources"), info
+    # Slurm holds a requeued job ~2 min (BeginTime) so that no node still holds the revoked credential of
+    # its last run. slurmd compares credential times in whole seconds: a release within the same second
+    # as the requeue fails the launch with "Job credential revoked". Let one second pass, then release.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
         "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
