@@ -1,8 +1,9 @@
 """Slurm target: one plain, reviewable ``sbatch`` script per job.
 
-All logic lives here; ``templates/sbatch.sh.j2`` only places lines that are already
-formatted and shell-quoted (Jinja2 with ``StrictUndefined``, so a misspelled variable is
-an error, not an empty string; shipped compiled, see :mod:`ftcluster.render.template`). The script:
+All logic lives here; ``templates/sbatch.sh.j2`` (shipped compiled, see
+:mod:`ftcluster.render.template`) only places lines that are already formatted and
+shell-quoted (Jinja2 with ``StrictUndefined``, so a misspelled variable is an error, not an
+empty string). The script:
 
 * carries sorted, ``shlex.quote``d ``#SBATCH`` lines (submitit's layout);
 * runs one ``srun`` task per node, each a torchrun (``ftcluster.train.launch``) with c10d
