@@ -216,6 +216,34 @@ def test_deepspeed_two_processes_export_consolidated_model(tmp_path, cache_dir, 
     assert committed_steps(out)[-1] == spec.training.max_steps
 
 
+@pytest.mark.slow
+def test_lora_data_parallel_two_processes(tmp_path, cache_dir):
+    """LoRA with 2 processes (DDP over gloo): both ranks train, the adapter is saved once and is the
+    one that produced the reported eval loss."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from ftcluster.train import model as M
+
+    out = tmp_path / "out"
+    overrides = [f"output.uri={out.as_uri()}", "resources.procs_per_node=2", "training.max_steps=16",
+                 "training.micro_batch_size=4", "training.log_every_steps=1", "training.eval_every_steps=1000",
+                 "output.checkpoint_every_steps=8"]
+    rc, log = finish(launch(write_payload(tmp_path, "ddp", overrides), 2, cache_dir, tmp_path))
+    assert rc == 0, log[-4000:]
+    assert "2 process(es) on 1 node(s)" in log
+    assert sorted(curve(out)) == list(range(1, 17))
+    assert committed_steps(out) == [8, 16]
+    spec = load_spec(QUICKSTART, overrides=overrides)
+    adapter = out / "adapter"
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    base = M.load_base_model(spec, tok, torch.float32, torch.device("cpu"), cache_dir)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    evals = records(out, "eval")
+    assert evals[-1]["step"] == 16 and evals[-1]["loss"] < evals[0]["loss"]
+    assert eval_loss_of(model, spec, tok) == pytest.approx(evals[-1]["loss"], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- (c) + (e) stop, resume
 
 
