@@ -48,15 +48,26 @@ def main(argv: list[str] | None = None) -> int:
         torchrun.main(args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - ChildFailedError, SignalException: decided by the marker
+    except BaseException as exc:  # noqa: BLE001 - ChildFailedError, SignalException: decided by the marker
         code = 1
         if not (exit_dir / MARKER).exists():
             shutil.rmtree(exit_dir, ignore_errors=True)
-            raise
+            if type(exc).__name__ != "ChildFailedError" or os.environ.get("FTCLUSTER_DEBUG") == "1":
+                raise
+            # The failing rank already printed its one-line error; torchrun's traceback adds nothing.
+            print(f"ftcluster: training failed ({_failure_summary(exc)}); the rank's error is above "
+                  "(FTCLUSTER_DEBUG=1 shows torchrun's report)", file=sys.stderr, flush=True)
+            return 1
     if (exit_dir / MARKER).exists():
         code = 143
     shutil.rmtree(exit_dir, ignore_errors=True)
     return code
+
+
+def _failure_summary(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    parts = [f"rank {rank} exit code {getattr(f, 'exitcode', '?')}" for rank, f in sorted(failures.items())]
+    return ", ".join(parts) or "a worker failed"
 
 
 if __name__ == "__main__":
