@@ -31,6 +31,15 @@ def ftc_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def live_slurm() -> None:
+    """Tests that need the live Slurm (.ci/test.sh starts it): skip without it, fail under STRICT=1."""
+    if not os.environ.get("SLURM_CONF"):
+        if os.environ.get("STRICT") == "1":
+            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
+        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return ROOT
 

@@ -110,11 +110,8 @@ def test_table_output(tmp_path):
 
 
 @pytest.fixture
-def slurm():
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+def slurm(live_slurm):
+    """The live Slurm (see conftest.live_slurm)."""
 
 
 SLURM_JOB = f"""

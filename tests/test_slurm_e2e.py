@@ -33,11 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.train, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
-def _needs_slurm_and_runtime():
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+def _needs_slurm_and_runtime(live_slurm):
     pytest.importorskip("deepspeed", reason="needs the [train] extra")
 
 

@@ -26,11 +26,8 @@ pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(autouse=True)
-def _live_slurm():
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+def _live_slurm(live_slurm):
+    """Every test here needs the live Slurm (see conftest.live_slurm)."""
 
 
 def ftc(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:

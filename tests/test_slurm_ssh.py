@@ -35,11 +35,8 @@ exit "${FAKE_RC:-0}"
 
 
 @pytest.fixture
-def slurm():
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+def slurm(live_slurm):
+    """The live Slurm (see conftest.live_slurm)."""
 
 
 def write_job(tmp_path: Path, login: str, env: dict[str, str], requeue: bool = True) -> Path:

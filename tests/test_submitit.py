@@ -44,11 +44,7 @@ def make_spec(tmp_path: Path, steps: int = 20, nodes: int = 1, procs: int = 1):
 
 
 @pytest.fixture
-def slurm(monkeypatch, tmp_path):
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
+def slurm(live_slurm, monkeypatch, tmp_path):
     # The test nodes n1, n2 do not resolve; every task runs on this host. sbatch exports this
     # process's environment to the job, so the tasks see both variables.
     monkeypatch.setenv("FTCLUSTER_RDZV_HOST", "127.0.0.1")
