@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, SpecError
+from .problems import problem_at, sort_unique, validation_messages
 from .yamlio import LoadedDoc, apply_overrides, load_file
 
 PIPELINE_KEYS = ("pipeline", "stages")
@@ -99,13 +100,12 @@ def load_pipeline_doc(doc: LoadedDoc, overrides: list[str] | None = None) -> Pip
     """Check a parsed pipeline document and load its stages."""
     from pydantic import ValidationError
 
-    from .loader import _problem, sort_unique, validation_messages
     from .spec import PipelineSpec
 
     try:
         ps = PipelineSpec.model_validate(doc.data)
     except ValidationError as exc:
-        raise SpecError(sort_unique([_problem(doc, p, m) for p, m in validation_messages(exc, doc.data, PipelineSpec)],
+        raise SpecError(sort_unique([problem_at(doc, p, m) for p, m in validation_messages(exc, doc.data, PipelineSpec)],
                                     doc.source)) from None
     base_dir = Path(doc.source).parent
     problems: list[Problem] = []
@@ -123,17 +123,17 @@ def load_pipeline_doc(doc: LoadedDoc, overrides: list[str] | None = None) -> Pip
 
 def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: list[str],
                 base_dir: Path) -> tuple[Stage | None, list[Problem]]:
-    from .loader import _problem, validate_doc
+    from .loader import validate_doc
     from .variants import OVERLAP, locate, overlap, set_dotted
 
     where = ("stages", i)
     file = st.spec if os.path.isabs(st.spec) else os.path.normpath(base_dir / st.spec)
     if not Path(file).is_file():
-        return None, [_problem(doc, where + ("spec",), f"{file}: no such file; the path is relative to the pipeline file")]
+        return None, [problem_at(doc, where + ("spec",), f"{file}: no such file; the path is relative to the pipeline file")]
     try:
         sdoc = load_file(file)
         if is_pipeline(sdoc.data):
-            return None, [_problem(doc, where + ("spec",), f"{file} is a pipeline; a stage names a job spec")]
+            return None, [problem_at(doc, where + ("spec",), f"{file} is a pipeline; a stage names a job spec")]
         if overrides:
             apply_overrides(sdoc, overrides)
     except SpecError as err:
@@ -144,7 +144,7 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
     for key, value in st.set.items():
         err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else set_dotted(sdoc.data, key, value)
         if err:
-            problems.append(_problem(doc, where + ("set", key), err))
+            problems.append(problem_at(doc, where + ("set", key), err))
         else:
             applied[key] = value
     label = f"stage {st.name or sdoc.data.get('name')!r}"
@@ -152,7 +152,7 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
         upstream = next((s for s in done if s.name == st.model_from), None)
         uri, why = model_source(upstream.spec) if upstream else (None, "")
         if why:
-            problems.append(_problem(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
+            problems.append(problem_at(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
         elif uri:
             _point_model_at(sdoc.data, uri, upstream.spec.output.storage_options)
 
@@ -161,7 +161,7 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
         if path and any(path[: len(k)] == k or k[: len(path)] == path for k in keys):
             return locate(doc, where, applied, path, msg, label)
         if st.model_from and path[:1] == ("model",):
-            return _problem(doc, where + ("model_from",), f"model: {msg}")
+            return problem_at(doc, where + ("model_from",), f"model: {msg}")
         return None
 
     try:
@@ -188,7 +188,6 @@ def _point_model_at(data: dict[str, Any], uri: str, storage_options: dict[str, A
 
 def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> list[Problem]:
     """Names unique, dependencies on earlier stages only, one backend, one output folder per stage."""
-    from .loader import _problem
     from .variants import resolve_variants
 
     where = ("stages", i)
@@ -196,26 +195,26 @@ def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> lis
     problems = []
     earlier = {s.name: s for s in done}
     if stage.name in earlier:
-        problems.append(_problem(doc, where + (("name",) if has_name else ("spec",)),
-                                 f"stage name {stage.name!r} is taken by an earlier stage; give this stage its own `name:`"))
+        problems.append(problem_at(doc, where + (("name",) if has_name else ("spec",)),
+                                   f"stage name {stage.name!r} is taken by an earlier stage; give this stage its own `name:`"))
     listed = doc.data["stages"][i].get("after") or []
     for j, ref in enumerate(stage.after):
         if ref not in earlier:
             field = ("after", j) if ref in listed else ("model_from",)
             known = ", ".join(earlier) or "none"
-            problems.append(_problem(doc, where + field, f"no earlier stage is named {ref!r} (earlier stages: {known}); "
-                                                         "a stage can wait only for stages listed before it"))
+            problems.append(problem_at(doc, where + field, f"no earlier stage is named {ref!r} (earlier stages: {known}); "
+                                                           "a stage can wait only for stages listed before it"))
     if done and stage.spec.backend != done[0].spec.backend:
-        problems.append(_problem(doc, where + ("spec",), f"this stage runs on backend {stage.spec.backend} but stage "
-                                                         f"{done[0].name!r} on {done[0].spec.backend}; a pipeline runs on "
-                                                         "one backend: set the same backend in every stage spec"))
+        problems.append(problem_at(doc, where + ("spec",), f"this stage runs on backend {stage.spec.backend} but stage "
+                                                           f"{done[0].name!r} on {done[0].spec.backend}; a pipeline runs on "
+                                                           "one backend: set the same backend in every stage spec"))
     mine = [stage.spec.output.uri] + [v.output.uri for v in resolve_variants(stage.spec)]
     for other in done:
         theirs = {other.spec.output.uri} | {v.output.uri for v in resolve_variants(other.spec)}
         clash = [u for u in mine if u in theirs]
         if clash:
-            problems.append(_problem(doc, where + ("spec",), f"writes to {clash[0]}, as stage {other.name!r} does; give "
-                                                             "each stage its own output.uri (in its spec or its `set`)"))
+            problems.append(problem_at(doc, where + ("spec",), f"writes to {clash[0]}, as stage {other.name!r} does; give "
+                                                               "each stage its own output.uri (in its spec or its `set`)"))
     return problems
 
 

@@ -11,26 +11,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .envbuild import build_env
 from .errors import Problem, SpecError
+from .payload import json_changes
 
 TRAIN_MODULE = "ftcluster.train"
 K8S_MASTER_PORT = 23456  # the Training Operator's default `pytorchjob-port`
 PORT_BASE, PORT_SPAN = 20000, 40000  # job-id derived ports, as submitit does (REFERENCE.md)
-
-# Defaults a user can override through `env:` in the spec.
-DEFAULT_ENV = {
-    "PYTHONUNBUFFERED": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    "NCCL_DEBUG": "WARN",
-}
-
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge ``over`` onto a copy of ``base`` (``over`` wins)."""
@@ -199,80 +191,15 @@ class LaunchPlan:
         return argv
 
 
-def build_env(spec: Any, backend_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for every training process: defaults < spec.env < backend env."""
-    env = dict(DEFAULT_ENV)
-    uses_hub = spec.model.hub_id is not None or spec.tokenizer.hub_id is not None
-    if not uses_hub:
-        # No code path may reach a model hub unless the spec names one.
-        env["HF_HUB_OFFLINE"] = "1"
-        env["HF_DATASETS_OFFLINE"] = "1"
-    cpus = spec.resources.cpus_per_node
-    if cpus:
-        env["OMP_NUM_THREADS"] = str(max(1, cpus // spec.resources.nproc_per_node))
-    env.update(spec.env)
-    env.update(backend_env or {})
-    return dict(sorted(env.items()))
-
-
 def _payload(spec: Any) -> dict[str, Any]:
     return {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"),
             "deepspeed": resolved_deepspeed_config(spec)}
 
 
-def _pointer(keys: tuple[Any, ...]) -> str:
-    """A JSON Pointer (RFC 6901): ("lora", "r") -> "/lora/r"; "~" and "/" in keys are escaped."""
-    return "".join("/" + str(k).replace("~", "~0").replace("/", "~1") for k in keys)
-
-
-def _keys(pointer: str) -> list[str]:
-    return [k.replace("~1", "/").replace("~0", "~") for k in pointer.split("/")[1:]]
-
-
-def json_changes(base: Any, other: Any, path: tuple[Any, ...] = ()) -> tuple[dict[str, Any], list[str]]:
-    """What turns JSON value ``base`` into ``other``: ({JSON Pointer: new value}, [JSON Pointer removed]).
-
-    Mappings are compared key by key; any other value that differs is replaced whole.
-    """
-    if not (isinstance(base, dict) and isinstance(other, dict)):
-        return ({} if base == other else {_pointer(path): other}), []
-    changed: dict[str, Any] = {}
-    removed = [_pointer(path + (k,)) for k in base if k not in other]
-    for key, value in other.items():
-        if key not in base:
-            changed[_pointer(path + (key,))] = value
-            continue
-        c, r = json_changes(base[key], value, path + (key,))
-        changed.update(c)
-        removed += r
-    return changed, removed
-
-
-def apply_changes(base: Any, changed: dict[str, Any], removed: list[str]) -> Any:
-    """Inverse of :func:`json_changes`: a copy of ``base`` with the changes applied."""
-    out = copy.deepcopy(base)
-    for pointer, value in changed.items():
-        keys = _keys(pointer)
-        if not keys:
-            out = copy.deepcopy(value)
-            continue
-        target = out
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = copy.deepcopy(value)
-    for pointer in removed:
-        keys = _keys(pointer)
-        target = out
-        for key in keys[:-1]:
-            target = target[key]
-        target.pop(keys[-1], None)
-    return out
-
-
 def _array_payload(spec: Any, resolved: tuple[Any, ...]) -> dict[str, Any]:
     """The payload of a job array: the spec the variants share once, and per variant only what it
     changes (JSON Pointers). Compact on purpose: the payload travels in one environment variable
-    (at most 128 KiB on Linux), so hundreds of variants fit. :func:`select_payload` rebuilds a
+    (at most 128 KiB on Linux), so hundreds of variants fit. :func:`ftcluster.payload.select_payload` rebuilds a
     variant's full payload from it.
     """
     base = _payload(spec)
@@ -296,7 +223,7 @@ def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> Launch
 
     A spec with ``variants`` compiles to one plan for a job array: its payload holds the base
     spec and what each resolved variant changes (``{"base": ..., "variants": [...]}``), and each
-    task rebuilds its own payload with :func:`select_payload`.
+    task rebuilds its own payload with :func:`ftcluster.payload.select_payload`.
     """
     from .variants import resolve_variants
 
@@ -313,39 +240,3 @@ def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> Launch
         variants=tuple(v._variant for v in resolved),
         array_parallelism=spec.array_parallelism if resolved else None,
     )
-
-
-def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """The payload this process trains: ``payload`` itself, or for a job with variants the entry
-    of this process's variant.
-
-    ``FTCLUSTER_VARIANT`` (a variant name or index; for launchers other than Slurm) wins over
-    ``SLURM_ARRAY_TASK_ID`` (set by Slurm in every task of a job array). Pure: reads only
-    ``environ``. Raises :class:`~ftcluster.errors.TrainError` when no variant is chosen.
-    """
-    variants = payload.get("variants")
-    if variants is None:
-        return payload
-    names = [str(v.get("variant")) for v in variants]
-    index = _variant_index(names, environ)
-    entry, base = variants[index], payload["base"]
-    return {"ftcluster_version": payload.get("ftcluster_version"), "variant": entry["variant"],
-            "spec": apply_changes(base["spec"], entry.get("set", {}), entry.get("unset", [])),
-            "deepspeed": entry["deepspeed"] if "deepspeed" in entry else base["deepspeed"]}
-
-
-def _variant_index(names: list[str], environ: Mapping[str, str]) -> int:
-    from .errors import TrainError
-
-    source = "FTCLUSTER_VARIANT" if environ.get("FTCLUSTER_VARIANT") else "SLURM_ARRAY_TASK_ID"
-    want = (environ.get(source) or "").strip()
-    if not want:
-        raise TrainError(
-            f"this payload holds {len(names)} variants ({', '.join(names)}); choose one with "
-            "FTCLUSTER_VARIANT=<name or index>, or run it as a task of the Slurm job array")
-    if want in names:
-        return names.index(want)
-    if want.isdigit() and int(want) < len(names):
-        return int(want)
-    raise TrainError(f"{source}={want} names no variant of this job; use one of {', '.join(names)} "
-                     f"or an index 0-{len(names) - 1}")

@@ -9,9 +9,10 @@ run, are errors rather than silently ignored.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
 SECRET_OPTION_KEYS = {
@@ -550,6 +551,12 @@ JobSpec = Annotated[LoraJob | FullJob, Field(discriminator="method")]
 """A job: :class:`LoraJob` or :class:`FullJob`, picked by ``method``."""
 
 AnyJob = LoraJob | FullJob
+
+
+@lru_cache(maxsize=1)
+def job_adapter() -> TypeAdapter[Any]:
+    """The validator of :data:`JobSpec` (built once: building it costs start-up time)."""
+    return TypeAdapter(JobSpec)
 
 
 # --------------------------------------------------------------------------- pipeline

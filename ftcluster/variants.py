@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .envbuild import build_env
 from .errors import Problem, SpecError
+from .problems import dotted_path, problem_at, sort_unique, validation_messages
 from .yamlio import LoadedDoc
 
 NAME_LIMIT = 50  # spec.py's job-name rule: Kubernetes appends suffixes such as -worker-12
@@ -85,12 +87,6 @@ def variant_uri(base: str, variant: str) -> str:
     return f"{base.rstrip('/')}/{variant}"
 
 
-def _at(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
-    from .loader import _problem
-
-    return _problem(doc, path, msg)
-
-
 def locate(doc: LoadedDoc, prefix: tuple[Any, ...], sets: dict[str, Any], path: tuple[Any, ...], msg: str,
            label: str) -> Problem:
     """Place a problem found in a spec built from ``sets`` overrides at the override that caused it.
@@ -100,18 +96,16 @@ def locate(doc: LoadedDoc, prefix: tuple[Any, ...], sets: dict[str, Any], path: 
     overrides change points at the key too; anything else (a check across fields) points at
     the ``prefix`` item and names the resolved field.
     """
-    from .loader import dotted_path
-
     keys = [(tuple(k.split(".")), k) for k in sets]
     if path:
         for parts, key in keys:
             if path[: len(parts)] == parts:
-                return _at(doc, prefix + ("set", key) + path[len(parts):], msg)
+                return problem_at(doc, prefix + ("set", key) + path[len(parts):], msg)
         for parts, key in keys:
             if parts[: len(path)] == path:
-                return _at(doc, prefix + ("set", key), f"{dotted_path(path)}: {msg}")
-        return _at(doc, prefix, f"{label}: {dotted_path(path)}: {msg}")
-    return _at(doc, prefix, f"{label}: {msg}")
+                return problem_at(doc, prefix + ("set", key), f"{dotted_path(path)}: {msg}")
+        return problem_at(doc, prefix, f"{label}: {dotted_path(path)}: {msg}")
+    return problem_at(doc, prefix, f"{label}: {msg}")
 
 
 def resolve_variants(spec: Any, doc: LoadedDoc | None = None) -> tuple[Any, ...]:
@@ -137,8 +131,6 @@ def resolve_variants(spec: Any, doc: LoadedDoc | None = None) -> tuple[Any, ...]
         if vspec is not None:
             resolved.append(vspec)
     if problems:
-        from .loader import sort_unique
-
         raise SpecError(sort_unique(problems, doc.source))
     spec._resolved = tuple(resolved)
     return spec._resolved
@@ -148,19 +140,19 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
                  seen: dict[str, int]) -> tuple[list[Problem], Any]:
     from pydantic import ValidationError
 
-    from .loader import _adapter, validation_messages
+    from .spec import job_adapter
 
     where = ("variants", i)
     label = f"variant {variant.name!r}"
     problems: list[Problem] = []
     if variant.name in seen:
-        problems.append(_at(doc, where + ("name",), f"{variant.name!r} is already the name of variants[{seen[variant.name]}]; "
-                                                    "give every variant its own name"))
+        problems.append(problem_at(doc, where + ("name",), f"{variant.name!r} is already the name of variants[{seen[variant.name]}]; "
+                                                           "give every variant its own name"))
     seen.setdefault(variant.name, i)
     full = f"{spec.name}-{variant.name}"
     if len(full) > NAME_LIMIT:
-        problems.append(_at(doc, where + ("name",), f"the variant's job name {full!r} has {len(full)} characters, more than "
-                                                    f"{NAME_LIMIT}; shorten the variant name or the job name"))
+        problems.append(problem_at(doc, where + ("name",), f"the variant's job name {full!r} has {len(full)} characters, more than "
+                                                           f"{NAME_LIMIT}; shorten the variant name or the job name"))
     data = copy.deepcopy(base)
     applied = {}
     nested = overlap(list(variant.set))
@@ -169,14 +161,14 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
         err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else None
         err = err or (None if why else set_dotted(data, key, value))
         if why or err:  # not applied; the other overrides are still checked
-            problems.append(_at(doc, where + ("set", key), f"cannot vary within one array: {why}" if why else err))
+            problems.append(problem_at(doc, where + ("set", key), f"cannot vary within one array: {why}" if why else err))
         else:
             applied[key] = value
     data["name"] = full
     if isinstance(data.get("output"), dict):
         data["output"]["uri"] = variant_uri(spec.output.uri, variant.name)
     try:
-        vspec = _adapter().validate_python(data)
+        vspec = job_adapter().validate_python(data)
     except ValidationError as exc:
         problems += [locate(doc, where, applied, path, msg, label) for path, msg in validation_messages(exc, data)
                      if not (path == ("name",) and len(full) > NAME_LIMIT)]
@@ -186,15 +178,13 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
     vspec._source_file, vspec._overrides, vspec._variant = spec._source_file, spec._overrides, variant.name
     changed = _env_change(spec, vspec)
     if changed:
-        return [_at(doc, where, f"{label}: changes the environment every array task shares ({changed}); use the same "
-                                "kind of model and tokenizer source (path or hub_id) in every variant, or make it a "
-                                "separate job")], None
+        return [problem_at(doc, where, f"{label}: changes the environment every array task shares ({changed}); use the same "
+                                       "kind of model and tokenizer source (path or hub_id) in every variant, or make it a "
+                                       "separate job")], None
     return [], vspec
 
 
 def _env_change(spec: Any, vspec: Any) -> str:
-    from .plan import build_env
-
     a, b = build_env(spec), build_env(vspec)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return ", ".join(f"{k}: {a.get(k, 'unset')} -> {b.get(k, 'unset')}" for k in diff)

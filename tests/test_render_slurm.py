@@ -510,7 +510,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ftcluster.plan import select_payload
+from ftcluster.payload import select_payload
 from ftcluster.train.launch import mark_preempted
 from ftcluster.train.signals import PREEMPTED_EXIT, StopFlag
 

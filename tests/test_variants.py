@@ -14,7 +14,8 @@ import pytest
 
 from ftcluster.errors import SpecError, TrainError
 from ftcluster.loader import load_spec, load_spec_text, spec_from_dict
-from ftcluster.plan import compile_plan, select_payload, slurm_output
+from ftcluster.payload import select_payload
+from ftcluster.plan import compile_plan, slurm_output
 from ftcluster.variants import resolve_variants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +150,7 @@ variants:
 
 
 def test_json_changes_round_trip():
-    from ftcluster.plan import apply_changes, json_changes
+    from ftcluster.payload import apply_changes, json_changes
 
     a = {"x": 1, "m": {"k": [1, 2], "a/b": {"~t": 1}, "gone": 0}, "same": {"v": None}}
     b = {"x": 2, "m": {"k": [1], "a/b": {"~t": 2}, "new": {"z": 1}}, "same": {"v": None}}

@@ -2,7 +2,7 @@
 
 It is invoked exactly like the real one (``<python> -m torch.distributed.run ... -m ftcluster.train
 --spec PATH`` or ``--spec-env VAR``), ignores the launcher flags, picks its payload with the real
-:func:`ftcluster.plan.select_payload` and records what it picked in ``<output.uri>/selected.json``
+:func:`ftcluster.payload.select_payload` and records what it picked in ``<output.uri>/selected.json``
 (plus start and end times), so tests can check which variant each task trained.
 ``SHIM_SLEEP`` seconds of "training"; ``SHIM_FAIL=<variant or job name>`` makes that one exit 3.
 """
@@ -19,7 +19,7 @@ if "--spec" in args:
     payload = json.loads(open(args[args.index("--spec") + 1]).read())
 else:
     payload = json.loads(os.environ[args[args.index("--spec-env") + 1]])
-from ftcluster.plan import select_payload
+from ftcluster.payload import select_payload
 chosen = select_payload(payload, os.environ)
 spec = chosen["spec"]
 out = spec["output"]["uri"].removeprefix("file://")

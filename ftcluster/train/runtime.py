@@ -453,8 +453,8 @@ def run(payload: dict[str, Any]) -> int:
     """Train as the payload says; returns the process exit status (0 or 143).
 
     A payload with variants (a job array) trains the variant this process is assigned
-    (``FTCLUSTER_VARIANT`` or ``SLURM_ARRAY_TASK_ID``; :func:`ftcluster.plan.select_payload`).
+    (``FTCLUSTER_VARIANT`` or ``SLURM_ARRAY_TASK_ID``; :func:`ftcluster.payload.select_payload`).
     """
-    from ..plan import select_payload
+    from ..payload import select_payload
 
     return Trainer(select_payload(payload, os.environ)).run()
