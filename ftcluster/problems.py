@@ -15,7 +15,9 @@ from typing import Any
 from .errors import Problem
 from .yamlio import LoadedDoc
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_0-9][A-Za-z0-9_-]*)*): (.*)$", re.S)
+# A model validator's line "field.path: message"; list items as name[3] (volumes[0].name).
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*(?:\[\d+\])*(?:\.[A-Za-z_0-9][A-Za-z0-9_-]*(?:\[\d+\])*)*): (.*)$", re.S)
+_PATH_PART = re.compile(r"\[(\d+)\]|([^.\[]+)")
 _METHOD_ONLY = {
     "lora": "LoRA options apply only to method: lora; remove the `lora` section or set method: lora",
     "deepspeed": "DeepSpeed/ZeRO options apply only to method: full (LoRA runs on one GPU, or data parallel, without ZeRO); remove the `deepspeed` section or set method: full",
@@ -88,7 +90,7 @@ def _split_custom(err: dict[str, Any], loc: tuple[Any, ...]) -> list[tuple[tuple
     for line in err["msg"].removeprefix("Value error, ").split("\n"):
         m = _FIELD_PREFIX.match(line)
         if m:
-            sub = tuple(m.group(1).split("."))
+            sub = tuple(int(i) if i else name for i, name in _PATH_PART.findall(m.group(1)))
             # A top-level validator names full paths (data.seq_len); nested ones name their own field.
             full = sub if loc == () else loc + sub
             out.append((full, m.group(2), err))

@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
 
+from .envbuild import build_env
+from .kubenames import env_problems, section_problems
+
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
 SECRET_OPTION_KEYS = {
     "key", "secret", "token", "password", "session_token", "aws_access_key_id",
@@ -430,6 +433,14 @@ class KubernetesSpec(_Model):
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         return _check_env(v)
 
+    @model_validator(mode="after")
+    def _manifest_names(self) -> KubernetesSpec:
+        """Clashes with what the manifests set themselves: found on load, so they point at a line."""
+        problems = section_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
 
 class LocalSpec(_Model):
     """Settings for the local backend (this machine)."""
@@ -512,6 +523,14 @@ class _JobBase(_Model):
             problems.append("array_parallelism: only applies to a job with variants; remove it or add variants")
         if self.backend == "kubernetes" and not self.kubernetes.image:
             problems.append("kubernetes.image: the kubernetes backend needs an image with ftcluster[train]; set kubernetes.image to a pinned tag")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _kubernetes_env(self) -> _JobBase:
+        """Environment names the Kubeflow operators set, or set twice: found on load, so they point at a line."""
+        problems = env_problems(self, build_env(self))
         if problems:
             raise ValueError("\n".join(problems))
         return self

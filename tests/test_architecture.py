@@ -52,6 +52,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.loader": "spec",
     "ftcluster.variants": "spec",
     "ftcluster.envbuild": "spec",
+    "ftcluster.kubenames": "spec",
     "ftcluster.docgen": "spec",
     "ftcluster.plan": "plan",
     "ftcluster.payload": "plan",

@@ -16,7 +16,7 @@ import k8s_schema
 import pytest
 import yaml
 
-from ftcluster.errors import RenderError
+from ftcluster.errors import RenderError, SpecError
 from ftcluster.loader import load_spec, load_spec_text
 from ftcluster.podexec import exit_status
 from ftcluster.render import render
@@ -340,8 +340,8 @@ def test_trainjob_refers_to_the_runtime_and_ships_it():
 
 
 def test_trainjob_fields_it_cannot_carry():
-    with pytest.raises(RenderError) as err:
-        render(_kube("kind: TrainJob\npriority_class: batch-low\n"), "trainjob")
+    with pytest.raises(SpecError) as err:  # more cases in test_kubernetes_clashes_are_spec_errors_at_their_line
+        _kube("kind: TrainJob\npriority_class: batch-low\n")
     assert "kubernetes.priority_class: applies to PyTorchJob only" in str(err.value) and "\n" not in str(err.value)
     # A PyTorchJob spec rendered as a TrainJob on purpose: the gap is written in the header.
     text = render(_spec("lora-pytorchjob.yaml"), "trainjob")["legal-style-lora.yaml"]
@@ -375,21 +375,48 @@ def test_missing_image_is_one_line():
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: examples/quickstart.yaml: kubernetes.image:")
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("  env: {PET_NNODES: '2'}\n", "kubernetes.env.PET_NNODES: set by the Kubeflow operator"),
-    ("  labels: {'bad key': x}\n", "kubernetes.labels.bad key: not a valid key"),
-    ("  labels: {team: 'not ok!'}\n", "label values are at most 63"),
-    ("  labels: {ftcluster.dev/spec-hash: x}\n", "set by ftcluster"),
-    ("  volumes: [{name: dshm, pvc: x, mount_path: /data}]\n", "volume name 'dshm' is used twice"),
-    ("  volumes: [{name: data, pvc: x, mount_path: /etc/ftcluster}]\n", "mount path '/etc/ftcluster' is used twice"),
-    ("  secret_env: [{name: NCCL_DEBUG, secret: s, key: k}]\n", "NCCL_DEBUG is defined twice"),
+# BASE ends at line 10 with `  image: ...`; each case's first line is line 11.
+@pytest.mark.parametrize("extra, where", [
+    ("  env: {PET_NNODES: '2'}\n",
+     "11:9: kubernetes.env.PET_NNODES: set by the Kubeflow operator for torchrun; remove it"),
+    ("  labels: {'bad key': x}\n", "11:3: kubernetes.labels: 'bad key': not a valid key; use [dns-prefix/]name"),
+    ("  labels: {team: 'not ok!'}\n", "11:12: kubernetes.labels.team: label values are at most 63"),
+    ("  labels: {ftcluster.dev/spec-hash: x}\n", "11:3: kubernetes.labels: 'ftcluster.dev/spec-hash': set by ftcluster"),
+    ("  queue: team-a\n  labels: {kueue.x-k8s.io/queue-name: team-b}\n",
+     "12:3: kubernetes.labels: 'kueue.x-k8s.io/queue-name': differs from kubernetes.queue"),
+    ("  annotations: {'bad key': x}\n", "11:3: kubernetes.annotations: 'bad key': not a valid key"),
+    ("  volumes: [{name: dshm, pvc: x, mount_path: /data}]\n",
+     "11:14: kubernetes.volumes[0].name: volume name 'dshm' is used twice"),
+    ("  volumes: [{name: data, pvc: x, mount_path: /etc/ftcluster}]\n",
+     "11:34: kubernetes.volumes[0].mount_path: mount path '/etc/ftcluster' is used twice"),
+    ("  kind: TrainJob\n  env_from_secrets: [a.b]\n  volumes: [{name: secret-env-a-b, pvc: x, mount_path: /d}]\n",
+     "13:14: kubernetes.volumes[0].name: volume name 'secret-env-a-b' is used twice"),
+    ("  secret_env: [{name: NCCL_DEBUG, secret: s, key: k}]\n",
+     "11:17: kubernetes.secret_env[0].name: NCCL_DEBUG is defined twice (or reserved)"),
+    ("  kind: TrainJob\n  priority_class: batch-low\n", "12:3: kubernetes.priority_class: applies to PyTorchJob only"),
 ])
-def test_render_errors_are_one_line(extra: str, message: str):
+def test_kubernetes_clashes_are_spec_errors_at_their_line(tmp_path, extra: str, where: str):
+    """Checks that read only the spec run when it is loaded: one line with file:line:col, as any spec error."""
+    path = tmp_path / "job.yaml"
+    path.write_text(BASE + extra)
+    res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "render", str(path), "--target", "pytorchjob"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith(f"error: {path}:{where}") and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_env_reserved_on_kubernetes_only_when_rendered_for_it():
+    """`env` names the operators set are a spec error for a kubernetes job, and a render error when a
+    job of another backend is rendered for Kubernetes (its Slurm script may set them)."""
+    with pytest.raises(SpecError) as err:
+        _text(BASE.replace("backend: kubernetes", "backend: kubernetes\nenv: {MASTER_ADDR: x}"))
+    assert str(err.value) == "job.yaml:5:7: env.MASTER_ADDR: set by the Kubeflow operator for torchrun; remove it"
+    spec = _text(BASE.replace("backend: kubernetes", "backend: slurm\nenv: {MASTER_ADDR: x}"))
+    render(spec, "slurm")
     for target in K8S_TARGETS:
-        with pytest.raises(RenderError) as err:
-            render(_text(BASE + extra), target)
-        assert message in str(err.value) and "\n" not in str(err.value)
-        assert str(err.value).startswith("job.yaml: ")
+        with pytest.raises(RenderError) as rerr:
+            render(spec, target)
+        assert str(rerr.value) == "job.yaml: env.MASTER_ADDR: set by the Kubeflow operator for torchrun; remove it"
 
 
 def test_rendering_is_deterministic():

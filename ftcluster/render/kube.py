@@ -11,43 +11,30 @@ docs/kubernetes.md. Checked in tests against the vendored CRD schemas (tests/sch
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..errors import RenderError
+from ..kubenames import (
+    GRACE_SECONDS,
+    HASH_LABEL,
+    K8S_ENV,
+    PYTORCHJOB_ONLY,
+    QUEUE_LABEL,
+    RESERVED_ENV,
+    RESERVED_MOUNTS,
+    SECRET_ENV_DIR,
+    SHM_PATH,
+    SHM_VOLUME,
+    SPEC_DIR,
+    SPEC_VOLUME,
+    secret_volume_name,
+)
 from ..plan import LaunchPlan
 
-SPEC_DIR = "/etc/ftcluster"
 PAYLOAD_KEY = "payload.json"
-SPEC_VOLUME = "ftcluster-spec"
-SHM_VOLUME = "dshm"
-SECRET_ENV_DIR = "/var/run/ftcluster/secret-env"
 DEFAULT_RUNTIME = "ftcluster-torch"
 PATCH_MANAGER = "ftcluster.dev/render"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-HASH_LABEL = "ftcluster.dev/spec-hash"
 GPU_RESOURCE = "nvidia.com/gpu"
-# A stopped pod (preemption, Kueue eviction, drain) gets SIGTERM, then SIGKILL after the grace
-# period. torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) to save a
-# checkpoint before it kills them; both are raised here, the shutdown timeout 30 s inside the grace.
-GRACE_SECONDS = 300
-K8S_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 30)}
-# Set by the Training Operator / Trainer torch plugin for torchrun; a user value would clash
-# (the Trainer webhook rejects PET_* in trainer.env).
-RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
-                          "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"})
-# Fields of `kubernetes:` that TrainJob v1alpha1 cannot carry per job (they live in the runtime).
-PYTORCHJOB_ONLY = {
-    "restart_policy": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy "
-                      "(ftcluster-torch: every node restarts together, at most 10 times)",
-    "backoff_limit": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy.maxRestarts",
-    "ttl_seconds_after_finished": "TrainJob has no TTL field",
-    "priority_class": "TrainJob cannot set a Pod priorityClassName per job; set it in the runtime, "
-                      "or with Kueue use the label kueue.x-k8s.io/priority-class in kubernetes.labels",
-    "image_pull_policy": "TrainJob has no per-job imagePullPolicy (Kubernetes pulls tagged images IfNotPresent)",
-}
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -196,7 +183,7 @@ def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
                             "template": {"spec": {
                                 "restartPolicy": "Never",
                                 "containers": [{"name": "node", "volumeMounts": [
-                                    {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}],
+                                    {"name": SHM_VOLUME, "mountPath": SHM_PATH}]}],
                                 # No sizeLimit here: a TrainJob sets its own through runtimePatches;
                                 # without one the tmpfs is bounded by the pod's memory limit.
                                 "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
@@ -223,16 +210,12 @@ def _require_image(spec: Any) -> None:
 def _trainjob_gaps(spec: Any) -> list[str]:
     """Explicitly set ``kubernetes`` fields a TrainJob cannot carry per job.
 
-    A spec whose ``kubernetes.kind`` is TrainJob gets an error for each; a PyTorchJob spec
+    A spec whose ``kubernetes.kind`` is TrainJob cannot set them (a spec error); a PyTorchJob spec
     rendered as a TrainJob on purpose gets a note in the file header instead, so the gap is
     visible in review rather than silently dropped.
     """
-    k = spec.kubernetes
+    k = spec.kubernetes  # with kind: TrainJob these are spec errors (KubernetesSpec), so never set here
     gaps = [f for f in sorted(PYTORCHJOB_ONLY) if f in k.model_fields_set and getattr(k, f) is not None]
-    if gaps and k.kind == "TrainJob":
-        field = gaps[0]
-        raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.{field}: applies to PyTorchJob only; "
-                          f"{PYTORCHJOB_ONLY[field]}. Remove it, or set kubernetes.kind: PyTorchJob")
     return [f"Not expressible in a TrainJob (kubernetes.{f}={getattr(k, f)}): {PYTORCHJOB_ONLY[f]}." for f in gaps]
 
 
@@ -243,13 +226,8 @@ def _labels(plan: LaunchPlan) -> dict[str, str]:
         "app.kubernetes.io/name": plan.name,
         HASH_LABEL: plan.hash,
     }
-    user = plan.spec.kubernetes.labels
-    _check_keys(user, "kubernetes.labels", plan.spec, values=True)
-    clash = sorted(set(user) & set(ours))
-    if clash:
-        raise RenderError(f"{plan.spec._source_file or '<spec>'}: kubernetes.labels.{clash[0]}: set by ftcluster; "
-                          "remove it from kubernetes.labels")
-    return {**user, **ours}
+    # The spec rejects invalid keys and values and keys of ours (KubernetesSpec).
+    return {**plan.spec.kubernetes.labels, **ours}
 
 
 def _metadata(plan: LaunchPlan, name: str, job: bool = False) -> dict[str, Any]:
@@ -257,15 +235,11 @@ def _metadata(plan: LaunchPlan, name: str, job: bool = False) -> dict[str, Any]:
     labels = _labels(plan)
     meta: dict[str, Any] = {"name": name, "namespace": k.namespace, "labels": labels}
     if job:
-        if k.queue:
-            if labels.get(QUEUE_LABEL, k.queue) != k.queue:
-                raise RenderError(f"{plan.spec._source_file or '<spec>'}: kubernetes.labels.{QUEUE_LABEL}: "
-                                  "differs from kubernetes.queue; set the queue in one place")
+        if k.queue:  # a different queue label is a spec error
             # Kueue's webhook suspends the job on creation and resumes it on admission; ftcluster
             # never writes `suspend`, so GitOps tools do not fight Kueue over it.
             labels[QUEUE_LABEL] = k.queue
         if k.annotations:
-            _check_keys(k.annotations, "kubernetes.annotations", plan.spec, values=False)
             meta["annotations"] = dict(k.annotations)
     return meta
 
@@ -286,6 +260,8 @@ def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
     spec = plan.spec
     k = spec.kubernetes
     plain = {**K8S_ENV, **plan.env, **k.env}
+    # The spec rejects these in kubernetes.env, and in env when its backend is kubernetes; this catches
+    # the rest (a Slurm spec rendered for Kubernetes, a backend's own variables).
     for name in sorted(plain):
         if name in RESERVED_ENV:
             where = "kubernetes.env" if name in k.env else "env"
@@ -330,11 +306,6 @@ def _resources(spec: Any) -> dict[str, Any]:
     return out
 
 
-def _secret_volume_name(secret: str) -> str:
-    """A volume name (DNS-1123 label) for a Secret name (DNS-1123 subdomain: may hold dots)."""
-    return re.sub(r"[^a-z0-9-]", "-", f"secret-env-{secret}")[:63].rstrip("-")
-
-
 def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], list[dict]]:
     spec = plan.spec
     k = spec.kubernetes
@@ -343,7 +314,7 @@ def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], l
         {"name": SPEC_VOLUME, "configMap": {"name": f"{plan.name}-spec"}},
     ]
     # In a TrainJob the runtime already mounts dshm at /dev/shm; the patch only sizes the volume.
-    mounts: list[dict[str, Any]] = [] if trainjob else [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, Any]] = [] if trainjob else [{"name": SHM_VOLUME, "mountPath": SHM_PATH}]
     mounts.append({"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": True})
     for v in k.volumes:
         if v.pvc:
@@ -359,11 +330,12 @@ def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], l
         mounts.append(mount)
     if trainjob:
         for secret in k.env_from_secrets:
-            name = _secret_volume_name(secret)
+            name = secret_volume_name(secret)
             volumes.append({"name": name, "secret": {"secretName": secret}})
             mounts.append({"name": name, "mountPath": f"{SECRET_ENV_DIR}/{secret}", "readOnly": True})
+    # The spec rejects these clashes; this catches a PyTorchJob spec rendered as a TrainJob (secret volumes).
     _check_unique([v["name"] for v in volumes], "volume name", spec)
-    _check_unique([m["mountPath"] for m in mounts] + (["/dev/shm"] if trainjob else []), "mount path", spec)
+    _check_unique([m["mountPath"] for m in mounts] + ([SHM_PATH] if trainjob else []), "mount path", spec)
     return volumes, mounts
 
 
@@ -421,21 +393,7 @@ def _check_unique(items: list[str], what: str, spec: Any) -> None:
     dup = sorted({x for x in items if items.count(x) > 1})
     if dup:
         raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.volumes: {what} {dup[0]!r} is used twice "
-                          f"(ftcluster reserves {SHM_VOLUME}, {SPEC_VOLUME}, /dev/shm and {SPEC_DIR}); rename it")
-
-
-def _check_keys(mapping: dict[str, str], field: str, spec: Any, values: bool) -> None:
-    """Label/annotation keys ([prefix/]name) and, for labels, values, as the API server checks them."""
-    for key, value in mapping.items():
-        prefix, _, name = key.rpartition("/")
-        ok = (0 < len(name) <= 63 and _LABEL_NAME.match(name)
-              and (not prefix or (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix))))
-        if not ok:
-            raise RenderError(f"{spec._source_file or '<spec>'}: {field}.{key}: not a valid key; use [dns-prefix/]name "
-                              "with letters, digits, '-', '_', '.' (name at most 63 characters)")
-        if values and (len(value) > 63 or not _LABEL_NAME.match(value)):
-            raise RenderError(f"{spec._source_file or '<spec>'}: {field}.{key}: label values are at most 63 "
-                              f"letters, digits, '-', '_', '.', starting and ending alphanumeric (got {value!r})")
+                          f"({RESERVED_MOUNTS}); rename it")
 
 
 # --------------------------------------------------------------------------- YAML
