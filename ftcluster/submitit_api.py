@@ -34,10 +34,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("ftcluster.submitit_api needs submitit: pip install 'ftcluster[slurm]'") from exc
 
 from .errors import BackendError
+from .exitcodes import PREEMPTED_EXIT
 
 __all__ = ["TrainTask", "executor_for", "submit"]
 
-PREEMPTED_EXIT = 143  # the runtime's "stopped after a committed checkpoint" status (ftcluster.train.signals)
 # As in the sbatch script: override the rendezvous host (node names that do not resolve) and port.
 RDZV_HOST_ENV, RDZV_PORT_ENV = "FTCLUSTER_RDZV_HOST", "FTCLUSTER_RDZV_PORT"
 DEFAULT_ENTRY = "ftcluster.train.runtime:run"

@@ -130,6 +130,17 @@ def _wait_state(run_id: str, env: dict, states: set[str], timeout: float = 30) -
     raise AssertionError(f"run {run_id} never reached {states}: {st}")
 
 
+def _wait_log(run_id: str, env: dict, text: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    log = ""
+    while time.time() < deadline:
+        log = ftc("logs", run_id, env=env, check=True).stdout
+        if text in log:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} never logged {text!r}: {log[-500:]!r}")
+
+
 def test_local_backend_lifecycle(tmp_path):
     env = {"FTCLUSTER_HOME": str(tmp_path / "home")}
     job = _fake_job(tmp_path, "  env:\n    FAKE_STEPS: '3'\n")
@@ -158,7 +169,7 @@ def test_local_backend_cancel(tmp_path):
     res = ftc("submit", str(job), env=env, check=True)
     run_id = res.stdout.split()[1]
     _wait_state(run_id, env, {"RUNNING"})
-    time.sleep(0.5)
+    _wait_log(run_id, env, "step 1")  # printed after the fake trainer's TERM trap is installed
     assert "cancel requested" in ftc("cancel", run_id, env=env, check=True).stdout
     st = _wait_state(run_id, env, {"CANCELLED", "FAILED", "SUCCEEDED"})
     assert st["state"] == "CANCELLED" and st["returncode"] == 143

@@ -28,6 +28,7 @@ import jinja2
 import pytest
 
 from ftcluster.errors import RenderError
+from ftcluster.exitcodes import PREEMPTED_EXIT
 from ftcluster.loader import load_spec, load_spec_text
 from ftcluster.pipeline import Pipeline, load, load_pipeline, render_pipeline
 from ftcluster.plan import compile_plan, derived_port
@@ -392,6 +393,13 @@ def test_passthrough_variable_missing_fails_before_launch(tmp_path):
     res = run_script(script, tmp_path, {"AWS_ACCESS_KEY_ID": "id-from-shell", "AWS_SECRET_ACCESS_KEY": "k"})
     assert res.returncode == 0 and srun_env(tmp_path)["AWS_SECRET_ACCESS_KEY"] == "k"
     assert "id-from-shell" not in script
+
+
+def test_requeue_status_is_the_runtimes_preempted_exit():
+    """The script requeues on the status the runtime and launcher exit with after a checkpoint. The
+    template spells it as a literal (passing it in would change the compiled template for nothing)."""
+    text = (ROOT / "templates" / "sbatch.sh.j2").read_text()
+    assert f'"$1" -eq {PREEMPTED_EXIT} ]' in text and f"ftc_finish {PREEMPTED_EXIT}  #" in text
 
 
 def test_compiled_template_is_the_template_source():

@@ -264,11 +264,24 @@ def test_metrics_reporter_writes_every_step_and_logs_every_n(tmp_path, caplog):
     assert "eta" in format_line({**recs[0], "eta_s": 3.0}, 4)
 
 
-def test_disabled_reporter_is_silent(tmp_path):
-    rep = MetricsReporter(enabled=False, total_steps=2, start_step=0, log_every=1, sink=None, tty=False)
-    rep.train_step({"step": 1})
-    rep.event({"kind": "eval"}, "x")
-    rep.close()
+def test_disabled_reporter_is_silent(tmp_path, caplog, capsys):
+    def report(enabled: bool, name: str) -> Path:
+        path = tmp_path / name
+        rep = MetricsReporter(enabled=enabled, total_steps=2, start_step=0, log_every=1, sink=JsonlSink(path),
+                              tty=False)
+        with caplog.at_level("DEBUG", logger="ftcluster.train"):
+            rep.train_step({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens": 10,
+                            "tokens_per_s": 100.0, "peak_mem_gb": 0.0, "elapsed_s": 1, "tokens_seen": 10})
+            rep.event({"kind": "eval", "step": 1, "loss": 0.5}, "eval loss 0.5000 at step 1")
+            rep.print("a message")
+            rep.close()
+        return path
+
+    metrics = report(False, "off.jsonl")  # another rank: no log record, no output, no metrics line
+    assert caplog.records == [] and capsys.readouterr() == ("", "")
+    assert not metrics.exists() or metrics.read_text() == ""
+    metrics = report(True, "on.jsonl")  # rank 0, the same calls: the capture above would have seen them
+    assert len(caplog.records) >= 3 and metrics.read_text().count("\n") == 2
 
 
 # --------------------------------------------------------------------------- launcher

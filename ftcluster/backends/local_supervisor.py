@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+from ..exitcodes import PREEMPTED_EXIT
 from .base import load_status, save_status
 
 GRACE_S = float(os.environ.get("FTCLUSTER_CANCEL_GRACE_S", "60"))
-PREEMPTED_EXIT = 143
 
 
 def main(run_dir_arg: str) -> int:
@@ -63,7 +63,7 @@ def main(run_dir_arg: str) -> int:
         status.state, status.message = "SUCCEEDED", ""
     elif rc == PREEMPTED_EXIT:
         status.state = "FAILED"
-        status.message = f"{which}stopped by a signal after saving a checkpoint (exit 143); resubmit to resume"
+        status.message = f"{which}stopped by a signal after saving a checkpoint (exit {PREEMPTED_EXIT}); resubmit to resume"
     else:
         status.state, status.message = "FAILED", f"{which}exit code {rc}; see `ftcluster logs {status.run_id}`"
     for task in status.tasks:

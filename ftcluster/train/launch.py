@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..exitcodes import PREEMPTED_EXIT
+
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
 MARKER = "preempted"
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(FTCLUSTER_DEBUG=1 shows torchrun's report)", file=sys.stderr, flush=True)
             return 1
     if (exit_dir / MARKER).exists():
-        code = 143
+        code = PREEMPTED_EXIT
     shutil.rmtree(exit_dir, ignore_errors=True)
     return code
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from ..exitcodes import PREEMPTED_EXIT  # noqa: F401 - the runtime imports it from here
+
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: the Slurm script requeues on it; Kubernetes ExitCode retries it
 
 
 class StopFlag:
