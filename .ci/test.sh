@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (`make test` runs it): start the real services the tests use,
-# run ruff and pytest, stop the services. Slurm needs root and apt; without them
+# run ruff, pyright and pytest, stop the services. Slurm needs root and apt; without them
 # the Slurm tests are skipped with a reason (in CI, STRICT=1 makes that an error).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +26,5 @@ if [ -z "${SLURM_CONF:-}" ]; then
 fi
 
 ruff check ftcluster tests benchmarks
+basedpyright  # type check of the core package (basic mode; [tool.pyright] in pyproject.toml)
 python -m pytest -q -p no:cacheprovider "$@"

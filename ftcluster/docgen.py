@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .spec import FullJob, LoraJob
+from .spec import DeepSpeedSpec, LoraJob
 
 
 def _type_name(tp: Any) -> str:
@@ -77,7 +77,7 @@ def render_markdown() -> str:
     out.append("\n## method: lora")
     _section(LoraJob, "", out, set())
     out.append("\n## method: full (only the sections that differ)")
-    _section(FullJob.model_fields["deepspeed"].annotation, "deepspeed.", out, set())
+    _section(DeepSpeedSpec, "deepspeed.", out, set())
     return "\n".join(out) + "\n"
 
 

@@ -153,7 +153,7 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
         uri, why = model_source(upstream.spec) if upstream else (None, "")
         if why:
             problems.append(problem_at(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
-        elif uri:
+        elif uri and upstream is not None:
             _point_model_at(sdoc.data, uri, upstream.spec.output.storage_options)
 
     def relocate(path: tuple[Any, ...], msg: str) -> Problem | None:
@@ -171,13 +171,16 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
     if problems:
         return None, problems
     name = st.name or spec.name
-    after = tuple(dict.fromkeys([*st.after, *([st.model_from] if st.model_from else [])]))
+    deps: list[str] = [*st.after, *([st.model_from] if st.model_from else [])]
+    after = tuple(dict.fromkeys(deps))
     return Stage(name, spec, after, st.model_from, file), []
 
 
 def _point_model_at(data: dict[str, Any], uri: str, storage_options: dict[str, Any]) -> None:
     """model.path = ``uri``; the stage's other model sources go; the upstream's storage options carry over."""
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model = data.get("model")
+    if not isinstance(model, dict):
+        model = {}
     for key in ("hub_id", "revision", "random_init"):
         model.pop(key, None)
     model["path"] = uri

@@ -6,6 +6,10 @@ discriminated union: LoRA options on a full fine-tune, or DeepSpeed options on a
 run, are errors rather than silently ignored.
 """
 
+# pyright: reportArgumentType=false
+# (pyright takes a field whose default is given positionally, `Field(None, ...)`, for a required
+# one, so it rejects `default_factory=SomeSection` although pydantic builds SomeSection() fine.)
+
 from __future__ import annotations
 
 import re
@@ -517,7 +521,7 @@ class _JobBase(_Model):
         ri = self.model.random_init
         if ri is not None and self.data.seq_len > ri.max_position_embeddings:
             problems.append(f"data.seq_len: {self.data.seq_len} exceeds model.random_init.max_position_embeddings ({ri.max_position_embeddings}); lower seq_len or raise max_position_embeddings")
-        if self.training.precision == "fp16" and self.method == "lora" and self.resources.gpus_per_node == 0:
+        if self.training.precision == "fp16" and self.method == "lora" and self.resources.gpus_per_node == 0:  # pyright: ignore[reportAttributeAccessIssue]  # LoraJob and FullJob declare method
             problems.append("training.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
         if self.array_parallelism is not None and not self.variants:
             problems.append("array_parallelism: only applies to a job with variants; remove it or add variants")

@@ -160,8 +160,9 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
         why = fixed_reason(key, value)
         err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else None
         err = err or (None if why else set_dotted(data, key, value))
-        if why or err:  # not applied; the other overrides are still checked
-            problems.append(problem_at(doc, where + ("set", key), f"cannot vary within one array: {why}" if why else err))
+        msg = f"cannot vary within one array: {why}" if why else err
+        if msg:  # not applied; the other overrides are still checked
+            problems.append(problem_at(doc, where + ("set", key), msg))
         else:
             applied[key] = value
     data["name"] = full
