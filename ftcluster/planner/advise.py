@@ -213,9 +213,10 @@ def _fmt_gib(n: int) -> str:
 
 
 def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None, network: bool = True,
-               count_data: bool = True, alternatives: bool = True) -> Plan:
-    """Plan a job spec. ``network`` allows reading a remote config.json and listing remote data."""
-    shape = spec_shape(spec, network=network)
+               count_data: bool = True, alternatives: bool = True, shape: ModelShape | None = None) -> Plan:
+    """Plan a job spec. ``network`` allows reading a remote config.json and listing remote data;
+    ``shape`` gives the model's shape when the spec cannot (a pipeline stage's model_from)."""
+    shape = shape or spec_shape(spec, network=network)
     if shape is None:
         where = spec.model.path or spec.model.hub_id
         raise FtclusterError(f"model: cannot read the model's shape from {where!r} (no config.json there or "
@@ -252,6 +253,23 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
         rec = pick(every[other], req_layout)
         why += f"; but no {chosen_method} layout fits on {g.name}, so {other}"
     return Plan(spec.name, shape, g, assumed, data, req, alts, rec, why, notes)
+
+
+def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape | None]]:
+    """(spec, shape) per job of a job spec or pipeline: a stage with model_from trains the model an
+    earlier stage produces, so it has that stage's shape."""
+    from ..pipeline import Pipeline
+
+    if not isinstance(spec, Pipeline):
+        return [(spec, None)]
+    shapes: dict[str, ModelShape | None] = {}
+    out = []
+    for st in spec.stages:
+        shape = shapes.get(st.model_from) if st.model_from else None
+        shape = shape or spec_shape(st.spec, network=network)
+        shapes[st.name] = shape
+        out.append((st.spec, shape))
+    return out
 
 
 def _replace_gpu(g: Gpu, price: float) -> Gpu:

@@ -20,11 +20,14 @@ SKIP_HINT = "or pass --no-plan-check"
 
 
 def check_spec(spec: Any) -> list[Problem]:
-    """Problems for a job spec (each resolved variant is checked too); [] when it fits or is unknown."""
-    specs = list(getattr(spec, "_resolved", None) or ()) or [spec]
+    """Problems for a job spec or pipeline (each resolved variant and stage is checked too); []
+    when everything fits or cannot be known offline."""
+    from .advise import stage_specs
+
     out: list[Problem] = []
-    for s in specs:
-        out += _check_one(s, spec)
+    for job, shape in stage_specs(spec):
+        for s in list(getattr(job, "_resolved", None) or ()) or [job]:
+            out += _check_one(s, job, shape)
     return out
 
 
@@ -41,11 +44,11 @@ def _gpu_for(spec: Any):
     return table.get(normalise(raw))
 
 
-def _check_one(spec: Any, root: Any) -> list[Problem]:
+def _check_one(spec: Any, root: Any, shape: Any = None) -> list[Problem]:
     gpu = _gpu_for(spec)
     if gpu is None:
         return []
-    shape = spec_shape(spec, network=False)
+    shape = shape or spec_shape(spec, network=False)
     if shape is None:
         return []
     lora = getattr(spec, "lora", None)
