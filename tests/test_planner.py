@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from ftcluster.errors import SpecError
 from ftcluster.loader import load_spec, load_spec_text
 from ftcluster.planner import build_plan, check_spec
 from ftcluster.planner.gpus import GPUS, load_gpus

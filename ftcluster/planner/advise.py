@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import FtclusterError
 from .data import DataEstimate, estimate_tokens, sequences
-from .gpus import GPUS, Gpu, load_gpus, normalise
+from .gpus import Gpu, load_gpus, normalise
 from .layout import Layout, Workload
 from .memory import Memory, host_bytes_per_node, per_gpu_memory, usable_bytes
 from .shape import ModelShape, count_lora, spec_shape
@@ -283,7 +283,7 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
     that fit), the smallest count's best attempt when nothing fits there, and variations of the
     spec's own layout (checkpointing, micro-batch, ZeRO stage)."""
     chosen: list[Option] = []
-    for method, opts in every.items():
+    for opts in every.values():
         by_world: dict[tuple[int, int], list[Option]] = {}
         for o in opts:
             by_world.setdefault((o.layout.nodes, o.layout.gpus_per_node), []).append(o)
