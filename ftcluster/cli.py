@@ -19,6 +19,7 @@ import click
 from . import __version__
 
 SET_HELP = "Override a spec field, e.g. --set training.max_steps=10 (repeatable)."
+NO_PLAN_CHECK_HELP = "Skip the planner's check that the job fits in its GPUs' memory."
 
 
 class _Cli(click.Group):
@@ -76,12 +77,15 @@ def _collector_paused():
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(job: str, sets: tuple[str, ...]) -> None:
+@click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
+def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
     """Check a job spec or pipeline; prints a summary, or every problem with file:line:column."""
     spec = _load(job, sets)
     from .pipeline import Pipeline, describe
     from .plan import compile_plan
 
+    if not no_plan_check:
+        _plan_check(spec)
     if isinstance(spec, Pipeline):
         click.echo(f"{job}: ok: {describe(spec)}")
         return
@@ -155,12 +159,15 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...]) -> None:
+@click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
+def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...], no_plan_check: bool) -> None:
     """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
     from .backends import get_backend
     from .pipeline import Pipeline
 
     spec = _load(job, sets)
+    if not no_plan_check:
+        _plan_check(spec)
     if isinstance(spec, Pipeline):
         if backend:
             raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
@@ -175,6 +182,41 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
         sys.exit(_wait(b, st.run_dir))
+
+
+def _plan_check(spec) -> None:
+    """Refuse a job (or any stage of a pipeline) that will not fit in its GPUs' memory (ftcluster.planner)."""
+    from .errors import SpecError
+    from .planner import check_spec
+
+    problems = check_spec(spec)
+    if problems:
+        raise SpecError(problems)
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/plan.schema.json).")
+@click.option("--gpu", default=None, metavar="TYPE", help="Plan for this GPU type (h200, h100, a100-80g, ...) instead of resources.gpu_type.")
+@click.option("--price", type=float, default=None, metavar="USD", help="Price per GPU-hour (overrides the price table).")
+@click.option("--offline", is_flag=True, help="Do not read a remote config.json or list remote data.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline: bool, sets: tuple[str, ...]) -> None:
+    """Predict per-GPU memory, step time and cost, compare layouts and recommend one."""
+    from .pipeline import Pipeline
+    from .planner import build_plan
+    from .planner.advise import stage_specs
+    from .planner.report import plan_dict, print_plan
+
+    spec = _load(job, sets)
+    plans = [build_plan(s, gpu=gpu, price=price, network=not offline, shape=shape)
+             for s, shape in stage_specs(spec, network=not offline)]
+    if as_json:
+        out = [plan_dict(p) for p in plans]
+        click.echo(json.dumps(out if isinstance(spec, Pipeline) else out[0], indent=1))
+        return
+    for p in plans:
+        print_plan(p)
 
 
 def _wait(backend, run_ref: str) -> int:

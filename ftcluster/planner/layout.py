@@ -1,0 +1,65 @@
+"""What the planner plans: the workload (model, sequence, precision) and one layout of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .shape import ModelShape
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What stays the same across layouts: the model, the data shape and the numerics."""
+
+    shape: ModelShape
+    seq_len: int
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    global_batch: int = 1  # sequences per optimizer step (micro-batch x accumulation x world)
+    # LoRA settings (used by method='lora' layouts)
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lora_dropout: float = 0.05
+    modules_to_save: tuple[str, ...] = ()
+    # DeepSpeed settings (used by method='full' layouts)
+    reduce_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element: the compute dtype."""
+        return 4 if self.precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the workload: method, ZeRO stage, GPUs, batch split, recompute."""
+
+    method: str  # lora | full
+    nodes: int
+    gpus_per_node: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    zero_stage: int | None = None  # full only
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gpu: str = "h200"
+
+    @property
+    def world(self) -> int:
+        return self.nodes * max(self.gpus_per_node, 1)
+
+    def with_(self, **kw: Any) -> Layout:
+        return replace(self, **kw)
+
+    def describe(self) -> str:
+        """'full ZeRO-3, 2x8 h200, micro-batch 2 x accumulation 4, checkpointing on'."""
+        how = "LoRA" if self.method == "lora" else f"full ZeRO-{self.zero_stage}"
+        if self.offload_optimizer or self.offload_params:
+            how += " + CPU offload (" + ", ".join(
+                n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on) + ")"
+        where = f"{self.nodes}x{self.gpus_per_node} {self.gpu}" if self.nodes > 1 else f"{self.gpus_per_node} x {self.gpu}"
+        return (f"{how} on {where}, micro-batch {self.micro_batch_size} x accumulation "
+                f"{self.gradient_accumulation_steps}, checkpointing {'on' if self.gradient_checkpointing else 'off'}")
