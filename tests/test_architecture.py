@@ -59,6 +59,8 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.render": "render",
     "ftcluster.pipeline": "render",
     "ftcluster.slurm_request": "render",
+    # the planner reads specs and pipelines (a stage's model_from), beside the renderers
+    "ftcluster.planner": "render",
     "ftcluster.submitit_api": "backends",
     "ftcluster.podexec": "backends",
     "ftcluster.backends": "backends",
