@@ -1,4 +1,5 @@
-"""Python API with the CLI's verbs: load_spec, render, submit, status, logs, cancel."""
+"""Python API with the CLI's verbs: load_spec, submit (submit_dryrun + schedule), status, logs,
+cancel, list_runs, doctor. The CLI uses only this module to reach the backends."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .backends import get_backend
-from .backends.base import RunStatus, SubmitRequest, find_run, load_status
+from .backends.base import EXIT_CODES, Backend, RunStatus, SubmitRequest, find_run, load_status
+from .backends.base import list_runs as _run_folders
 from .loader import load_spec
 
-__all__ = ["load_spec", "submit", "submit_dryrun", "status", "logs", "cancel"]
+__all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "status", "logs",
+           "cancel", "list_runs", "doctor"]
 
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None):
@@ -21,7 +24,8 @@ def _spec(spec_or_path: Any, overrides: list[str] | None = None):
     return spec_or_path
 
 
-def _backend_for(spec: Any, backend: str | None):
+def backend_for(spec: Any, backend: str | None = None) -> Backend:
+    """The backend that runs ``spec``: ``backend`` if given, else the spec's (a pipeline: the pipeline backend)."""
     from .pipeline import Pipeline
 
     return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend)
@@ -30,14 +34,18 @@ def _backend_for(spec: Any, backend: str | None):
 def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
     spec = _spec(spec)
-    return _backend_for(spec, backend).submit_dryrun(spec)
+    return backend_for(spec, backend).submit_dryrun(spec)
+
+
+def schedule(request: Any) -> RunStatus:
+    """Carry out a request from :func:`submit_dryrun` on the backend that built it."""
+    return get_backend(request.backend).schedule(request)
 
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None) -> RunStatus:
     """Submit a spec or pipeline (object or YAML path) to its backend (or ``backend``)."""
     spec = _spec(spec, overrides)
-    b = _backend_for(spec, backend)
-    return b.schedule(b.submit_dryrun(spec))
+    return backend_for(spec, backend).submit(spec)
 
 
 def _backend_of(run_ref: str):
@@ -58,3 +66,22 @@ def logs(run_ref: str, follow: bool = False) -> Iterator[str]:
 def cancel(run_ref: str) -> RunStatus:
     """Ask a run to stop (it checkpoints first when it can)."""
     return _backend_of(run_ref).cancel(run_ref)
+
+
+def list_runs() -> list[RunStatus]:
+    """The current status of every run under the runs folder, oldest first; a broken run folder is skipped."""
+    runs = []
+    for d in _run_folders():
+        try:
+            runs.append(get_backend(load_status(d).backend).status(str(d)))
+        except Exception:  # one broken folder must not hide the others
+            continue
+    return runs
+
+
+def doctor(path: str, overrides: list[str] | None = None, remote: bool = False) -> list[Any]:
+    """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.checks.Check` rows): spec, launch
+    files, the backend's ``preflight``, output storage; ``remote`` also probes a compute node."""
+    from .doctor import diagnose
+
+    return diagnose(path, overrides, remote=remote)

@@ -162,26 +162,22 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
 @click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
 def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...], no_plan_check: bool) -> None:
     """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
-    from .backends import get_backend
+    from . import api
     from .pipeline import Pipeline
 
     spec = _load(job, sets)
     if not no_plan_check:
         _plan_check(spec)
-    if isinstance(spec, Pipeline):
-        if backend:
-            raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
-        b = get_backend("pipeline")
-    else:
-        b = get_backend(backend or spec.backend)
-    req = b.submit_dryrun(spec)
+    if isinstance(spec, Pipeline) and backend:
+        raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
+    req = api.submit_dryrun(spec, backend)
     if dry_run:
         click.echo(req.describe(), nl=False)
         return
-    st = b.schedule(req)
+    st = api.schedule(req)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
-        sys.exit(_wait(b, st.run_dir))
+        sys.exit(_wait(st.run_dir))
 
 
 def _plan_check(spec) -> None:
@@ -219,17 +215,17 @@ def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline:
         print_plan(p)
 
 
-def _wait(backend, run_ref: str) -> int:
-    from .backends.base import EXIT_CODES
+def _wait(run_ref: str) -> int:
+    from . import api
 
-    for line in backend.logs(run_ref, follow=True):
+    for line in api.logs(run_ref, follow=True):
         click.echo(line, nl=False)
-    st = backend.status(run_ref)
+    st = api.status(run_ref)
     while not st.terminal:
         time.sleep(1)
-        st = backend.status(run_ref)
+        st = api.status(run_ref)
     click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
-    return EXIT_CODES.get(st.state, 1)
+    return api.EXIT_CODES.get(st.state, 1)
 
 
 @cli.command()
@@ -256,16 +252,9 @@ def list_cmd(as_json: bool) -> None:
 
 
 def _list(as_json: bool) -> None:
-    from .backends import get_backend
-    from .backends.base import list_runs, load_status
+    from . import api
 
-    runs = []
-    for d in list_runs():
-        try:
-            st = load_status(d)
-            runs.append(get_backend(st.backend).status(str(d)))
-        except Exception:  # one broken folder must not hide the others
-            continue
+    runs = api.list_runs()
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in runs], indent=1, sort_keys=True))
     else:
@@ -316,17 +305,32 @@ def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None
     """Check a job against its cluster and storage before submitting; exit 1 if any check fails."""
     import logging
 
-    from .doctor import diagnose, print_report
+    from . import api
 
     # s3fs/aiohttp report a dropped connection again as "Task exception was never retrieved" with a
     # traceback when the loop is collected; the output check already shows it as one row.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    checks = diagnose(job, list(sets), remote=remote)
+    checks = api.doctor(job, list(sets), remote=remote)
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in checks], indent=1))
     else:
-        print_report(checks)
+        _report(checks)
     sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
+
+
+def _report(checks) -> None:
+    """The doctor's report as a rich table: check / result / how to fix."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+    t = Table(box=None, show_lines=False, pad_edge=False)
+    for col in ("CHECK", "", "RESULT", "HOW TO FIX"):
+        t.add_column(col, overflow="fold")
+    for c in checks:
+        t.add_row(escape(c.name), f"[{style[c.status]}]{c.status}[/]", escape(c.result), escape(c.fix))
+    Console().print(t)
 
 
 @cli.command()

@@ -18,6 +18,8 @@ from .spec import DeepSpeedSpec, LoraJob
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Annotated:  # a checked type (spec.OneLine) reads as what it annotates
+        return _type_name(args[0])
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

@@ -16,7 +16,16 @@ import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from .envbuild import build_env
 from .kubenames import env_problems, section_problems
@@ -303,26 +312,73 @@ class OutputSpec(_Model):
         return _check_storage_options(v)
 
 
+# sbatch options ftcluster writes itself (see ftcluster.slurm_request), and the spec field that controls each.
+SLURM_OWNED = {
+    "job-name": "name", "nodes": "resources.nodes", "ntasks-per-node": None, "gpus-per-node": "resources.gpus_per_node",
+    "gres": "resources.gpu_type and resources.gpus_per_node", "cpus-per-task": "resources.cpus_per_node",
+    "mem": "resources.memory", "time": "resources.time_limit", "partition": "slurm.partition",
+    "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
+    "reservation": "slurm.reservation", "signal": "slurm.signal_seconds", "requeue": "slurm.requeue",
+    "no-requeue": "slurm.requeue", "open-mode": None, "output": "slurm.output", "array": "variants",
+}
+# Options that break the one-torchrun-per-node launch (REFERENCE.md, DeepSpeed PR #3165).
+SLURM_BREAKS_LAUNCH = ("ntasks", "ntasks-per-gpu", "gpus-per-task", "gpus")
+
+
+def _directive_problem(key: str) -> str | None:
+    """Why ``slurm.extra_directives.<key>`` cannot be used, or None."""
+    if len(key) == 1:
+        return "write the long option name (e.g. partition, not p)"
+    if key in SLURM_OWNED:
+        owner = SLURM_OWNED[key]
+        return f"ftcluster writes --{key} itself; " + (
+            f"set {owner} instead" if owner else "ftcluster sets it for the one-task-per-node launch")
+    if key in SLURM_BREAKS_LAUNCH:
+        return (f"--{key} breaks the one-torchrun-per-node launch (each task would get its own GPUs); "
+                "use resources.gpus_per_node and resources.procs_per_node")
+    return None
+
+
+def _one_line(value: Any) -> Any:
+    """A value that becomes a Slurm option or a shell line: a line break would end it early."""
+    if value is not None and any(c in str(value) for c in "\n\r\0"):
+        raise ValueError(f"contains a line break or NUL ({value!r}); Slurm options and shell lines must be one line")
+    return value
+
+
+def _one_mount(value: str) -> str:
+    if "," in value:
+        raise ValueError(f"one mount per entry, no commas ({value!r})")
+    return value
+
+
+# Checked where pydantic knows the value's place (an item of a list, a value of a map), so the
+# error names its file:line:col like every spec error; the renderer, submitit and the doctor's
+# probe all rely on it.
+OneLine = Annotated[str, AfterValidator(_one_line)]
+Mount = Annotated[str, AfterValidator(_one_line), AfterValidator(_one_mount)]
+
+
 class SlurmSpec(_Model):
     """Slurm settings (sbatch)."""
 
-    partition: str | None = Field(None, description="Partition (-p).")
-    account: str | None = Field(None, description="Account (-A).")
-    qos: str | None = Field(None, description="Quality of service.")
-    constraint: str | None = Field(None, description="Node feature constraint (-C).")
-    reservation: str | None = Field(None, description="Reservation name.")
+    partition: OneLine | None = Field(None, description="Partition (-p).")
+    account: OneLine | None = Field(None, description="Account (-A).")
+    qos: OneLine | None = Field(None, description="Quality of service.")
+    constraint: OneLine | None = Field(None, description="Node feature constraint (-C).")
+    reservation: OneLine | None = Field(None, description="Reservation name.")
     extra_directives: dict[str, str | int | None] = Field(default_factory=dict, description="More #SBATCH options, e.g. {exclusive: null, mail-type: END}.")
     setup: list[str] = Field(default_factory=_empty_list, description="Shell lines run before launch on the batch host (module loads, venv activation). Written verbatim: this is your shell.")
-    modules: list[str] = Field(default_factory=_empty_list, description="Environment modules to `module load` (quoted).")
-    python: str = Field("python3", description="Python interpreter on the compute nodes that has ftcluster[train].")
-    container_image: str | None = Field(None, description="Container image for pyxis/enroot (srun --container-image).")
-    container_mounts: list[str] = Field(default_factory=_empty_list, description="pyxis mounts, SRC:DST[:FLAGS].")
+    modules: list[OneLine] = Field(default_factory=_empty_list, description="Environment modules to `module load` (quoted).")
+    python: OneLine = Field("python3", description="Python interpreter on the compute nodes that has ftcluster[train].")
+    container_image: OneLine | None = Field(None, description="Container image for pyxis/enroot (srun --container-image).")
+    container_mounts: list[Mount] = Field(default_factory=_empty_list, description="pyxis mounts, SRC:DST[:FLAGS].")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the job (no secrets).")
     env_passthrough: list[str] = Field(default_factory=_empty_list, description="Names of variables taken from the submitting environment (secrets go here).")
-    login: str | None = Field(None, description="user@host of a login node to submit through over SSH.")
+    login: OneLine | None = Field(None, description="user@host of a login node to submit through over SSH.")
     signal_seconds: int = Field(120, ge=10, le=3600, description="Seconds before the time limit at which USR2 asks the job to checkpoint and requeue.")
     requeue: bool = Field(True, description="Requeue on preemption or the time-limit signal.")
-    output: str = Field("slurm-%x-%j.out", description="Log file pattern (--output).")
+    output: OneLine = Field("slurm-%x-%j.out", description="Log file pattern (--output).")
 
     @field_validator("env")
     @classmethod
@@ -332,9 +388,19 @@ class SlurmSpec(_Model):
     @field_validator("extra_directives")
     @classmethod
     def _directives(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problems = []
         for k in v:
             if not re.match(r"^[a-z][a-z0-9-]*$", k):
-                raise ValueError(f"{k}: write directive names as long sbatch options without dashes, e.g. mail-type")
+                problems.append(f"{k}: write directive names as long sbatch options without dashes, e.g. mail-type")
+            elif why := _directive_problem(k):
+                problems.append(f"{k}: {why}")
+            else:
+                try:
+                    _one_line(v[k])
+                except ValueError as exc:
+                    problems.append(f"{k}: {exc}")
+        if problems:  # one line per key: the loader places each at its key
+            raise ValueError("\n".join(problems))
         return v
 
     @field_validator("env_passthrough")

@@ -6,7 +6,8 @@
     job = submit(ftcluster.load_spec("job.yaml"), folder="runs/%j")
     print(job.job_id, job.result())
 
-:func:`executor_for` maps the spec's resources and ``slurm:`` section to a
+:func:`executor_for` maps the spec's resources and ``slurm:`` section (through
+:func:`ftcluster.slurm_request.slurm_request`, as the sbatch renderer does) to a
 ``submitit.AutoExecutor``; :func:`submit` submits a :class:`TrainTask`, a checkpointable callable
 that trains in-process (one task per training process: ``tasks_per_node = procs per node``,
 no torchrun). Preemption and time limits use submitit's own mechanism: the job gets
@@ -36,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from .errors import BackendError
 from .exitcodes import PREEMPTED_EXIT
 
-__all__ = ["TrainTask", "executor_for", "submit"]
+__all__ = ["TrainTask", "executor_for", "submit", "submitit_parameters"]
 
 # As in the sbatch script: override the rendezvous host (node names that do not resolve) and port.
 RDZV_HOST_ENV, RDZV_PORT_ENV = "FTCLUSTER_RDZV_HOST", "FTCLUSTER_RDZV_PORT"
@@ -59,55 +60,67 @@ def executor_for(spec: Any, folder: str | Path | None = None, cluster: str | Non
     ``"debug"`` runs in this process). ``folder`` holds submitit's pickles and logs; ``%j`` is the
     job id. Default: ``$FTCLUSTER_HOME/submitit/<name>/%j``.
     """
-    r, s = spec.resources, spec.slurm
-    if r.time_limit_seconds is None:
+    if spec.resources.time_limit_seconds is None:
         raise BackendError("resources.time_limit: submitit always passes --time (5 minutes unless told); set "
                            "resources.time_limit, e.g. 08:00:00 (the job requeues and resumes when it runs out)")
     if spec.variants:
         raise BackendError("variants: submitting job arrays through submitit is not supported; submit each variant "
                            "spec, or use `ftcluster submit` (one sbatch --array)")
-    ntasks = r.nproc_per_node
     kwargs: dict[str, Any] = {"slurm_max_num_timeout": MAX_NUM_TIMEOUT}
-    if "python" in s.model_fields_set:  # default: the interpreter that pickles the task (submitit's choice)
-        kwargs["slurm_python"] = s.python
+    if "python" in spec.slurm.model_fields_set:  # default: the interpreter that pickles the task (submitit's)
+        kwargs["slurm_python"] = spec.slurm.python
     ex = submitit.AutoExecutor(folder=str(folder or _default_folder(spec)), cluster=cluster, **kwargs)
-    params: dict[str, Any] = {
-        "name": spec.name,
-        "nodes": r.nodes,
-        "tasks_per_node": ntasks,
-        "timeout_min": math.ceil(r.time_limit_seconds / 60),
-        "slurm_signal_delay_s": s.signal_seconds,
-    }
-    if r.gpus_per_node:
-        if r.gpu_type:  # typed GPUs are a gres request; submitit's gpus_per_node has no type
-            params["slurm_gres"] = f"gpu:{r.gpu_type}:{r.gpus_per_node}"
-        else:
-            params["gpus_per_node"] = r.gpus_per_node
-    if r.cpus_per_node:
-        params["cpus_per_task"] = max(1, r.cpus_per_node // ntasks)
-    if r.memory:
-        params["slurm_mem"] = r.memory
-    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
-                       ("constraint", s.constraint)):
-        if value:
-            params[f"slurm_{key}"] = value
-    extra = {k: v for k, v in s.extra_directives.items()}
-    if s.reservation:
-        extra["reservation"] = s.reservation
+    ex.update_parameters(**submitit_parameters(spec))
+    return ex
+
+
+# The sbatch options of slurm_request() that submitit writes its own way: its layout is one task per
+# training process (not one torchrun per node), it adds its own log, signal and requeue handling.
+SUBMITIT_OWN = {"ntasks-per-node", "signal", "open-mode", "output", "requeue", "array"}
+_AS_PARAMETER = {"gres": "slurm_gres", "mem": "slurm_mem", "partition": "slurm_partition",
+                 "account": "slurm_account", "qos": "slurm_qos", "constraint": "slurm_constraint"}
+
+
+def _sbatch_text(value: str) -> str:
+    """A value for an ``#SBATCH`` line that submitit will ``shlex.quote``: sbatch's own parser reads a
+    backslash as an escape even inside single quotes (see ftcluster.render.slurm._sbatch_directive)."""
+    return value.replace("\\", "\\\\")
+
+
+def submitit_parameters(spec: Any) -> dict[str, Any]:
+    """``executor.update_parameters`` arguments: the spec's :func:`~ftcluster.slurm_request.slurm_request`
+    (the rendered sbatch script's options) in submitit's terms."""
+    from .slurm_request import slurm_request
+
+    r, s = spec.resources, spec.slurm
+    request = slurm_request(spec)
+    ntasks = r.nproc_per_node
+    params: dict[str, Any] = {"tasks_per_node": ntasks, "slurm_signal_delay_s": s.signal_seconds}
+    extra: dict[str, Any] = {}
+    for o in request.sbatch:
+        if o.name in SUBMITIT_OWN:
+            continue
+        if o.name == "job-name":
+            params["name"] = o.value
+        elif o.name == "nodes":
+            params["nodes"] = int(o.value)
+        elif o.name == "time":
+            params["timeout_min"] = math.ceil(r.time_limit_seconds / 60)
+        elif o.name == "gpus-per-node":
+            params["gpus_per_node"] = int(o.value)
+        elif o.name == "cpus-per-task":  # the sbatch script has one task per node, submitit one per process
+            params["cpus_per_task"] = max(1, int(o.value) // ntasks)
+        elif o.name in _AS_PARAMETER:
+            params[_AS_PARAMETER[o.name]] = _sbatch_text(o.value)
+        else:  # reservation, slurm.extra_directives; a flag (exclusive: null) is True for submitit
+            extra[o.name] = True if o.value is None else _sbatch_text(o.value)
     if extra:
         params["slurm_additional_parameters"] = extra
-    setup = [f"module load {m}" for m in s.modules] + list(s.setup)
-    if setup:
-        params["slurm_setup"] = setup
-    srun_args = []
-    if s.container_image:
-        srun_args.append(f"--container-image={s.container_image}")
-    if s.container_mounts:
-        srun_args.append(f"--container-mounts={','.join(s.container_mounts)}")
-    if srun_args:
-        params["slurm_srun_args"] = srun_args
-    ex.update_parameters(**params)
-    return ex
+    if request.setup_lines:
+        params["slurm_setup"] = request.setup_lines
+    if request.srun:
+        params["slurm_srun_args"] = request.srun_args()
+    return params
 
 
 class TrainTask(Checkpointable):

@@ -46,6 +46,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster": "base",  # for __version__ only; see the module docstring
     "ftcluster.errors": "base",
     "ftcluster.exitcodes": "base",
+    "ftcluster.checks": "plan",  # the doctor's rows (Check) and pure probes (port rule from plan): backends and doctor share them
     "ftcluster.yamlio": "base",
     "ftcluster.problems": "spec",
     "ftcluster.spec": "spec",
@@ -76,10 +77,6 @@ HEAVY = {"torch", "transformers", "peft", "deepspeed", "accelerate", "safetensor
 # test_pending_module_is_clean. Remove an entry once its module is clean (the test then
 # XPASSes, which strict xfail reports as a failure).
 PENDING: dict[str, str] = {
-    "ftcluster.backends.slurm": "backends/slurm.py <-> backends/slurm_array.py import cycle (issue #7, backends branch)",
-    "ftcluster.backends.slurm_array": "backends/slurm_array.py <-> backends/slurm.py import cycle (issue #7, backends branch)",
-    "ftcluster.backends.pipeline": "backends/pipeline.py imports slurm._first_line (issue #7, backends branch)",
-    "ftcluster.doctor": "doctor.py imports backends.local._free_port (issue #7, backends/doctor branch)",
     "ftcluster.train.checkpoint": "train/checkpoint.py imports train.storage._is_local_fs (issue #7, storage/train branch)",
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from s3fixture import moto_server, s3  # noqa: F401  (fixtures)
 
-from ftcluster.doctor import gpus_of_type, memory_mb, parse_gres, slurm_seconds
+from ftcluster.backends.slurm_preflight import gpus_of_type, memory_mb, parse_gres, slurm_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from ftcluster.errors import RenderError
+from ftcluster.errors import RenderError, SpecError
 from ftcluster.exitcodes import PREEMPTED_EXIT
 from ftcluster.loader import load_spec, load_spec_text
 from ftcluster.pipeline import Pipeline, load, load_pipeline, render_pipeline
@@ -191,21 +191,41 @@ def spec_text(extra: str, overrides: list[str] | None = None):
 
 
 @pytest.mark.parametrize("extra, field, phrase", [
-    ("slurm: {partition: \"gpu\\nrm -rf /\"}", "slurm.partition", "line break"),
-    ("slurm: {extra_directives: {comment: \"a\\rb\"}}", "slurm.extra_directives.comment", "line break"),
     ("env: {X: \"a\\nb\"}", "env.X", "line break"),
-    ("slurm: {modules: [\"cuda\\nfoo\"]}", "slurm.modules[0]", "line break"),
-    ("slurm: {extra_directives: {time: '01:00:00'}}", "slurm.extra_directives.time", "set resources.time_limit"),
-    ("slurm: {extra_directives: {gpus-per-task: 1}}", "slurm.extra_directives.gpus-per-task", "one-torchrun-per-node"),
-    ("slurm: {extra_directives: {ntasks-per-node: 2}}", "slurm.extra_directives.ntasks-per-node", "writes"),
-    ("slurm: {extra_directives: {p: gpu}}", "slurm.extra_directives.p", "long option name"),
-    ("slurm: {container_mounts: ['/a,/b']}", "slurm.container_mounts[0]", "no commas"),
 ])
 def test_bad_values_are_one_line_render_errors(extra, field, phrase):
     with pytest.raises(RenderError) as err:
         render(spec_text(extra), "slurm")
     msg = str(err.value)
     assert msg.startswith(f"job.yaml: {field}: ") and phrase in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("extra, field, phrase", [
+    ("slurm: {partition: \"gpu\\nrm -rf /\"}", "slurm.partition", "line break"),
+    ("slurm: {extra_directives: {comment: \"a\\rb\"}}", "slurm.extra_directives.comment", "line break"),
+    ("slurm: {modules: [\"cuda\\nfoo\"]}", "slurm.modules[0]", "line break"),
+    ("slurm: {extra_directives: {time: '01:00:00'}}", "slurm.extra_directives.time", "set resources.time_limit"),
+    ("slurm: {extra_directives: {nodes: 3}}", "slurm.extra_directives.nodes", "set resources.nodes"),
+    ("slurm: {extra_directives: {gpus-per-task: 1}}", "slurm.extra_directives.gpus-per-task", "one-torchrun-per-node"),
+    ("slurm: {extra_directives: {ntasks-per-node: 2}}", "slurm.extra_directives.ntasks-per-node", "writes"),
+    ("slurm: {extra_directives: {p: gpu}}", "slurm.extra_directives.p", "long option name"),
+    ("slurm: {container_mounts: ['/a,/b']}", "slurm.container_mounts[0]", "no commas"),
+    ("slurm: {container_image: \"img\\nx\"}", "slurm.container_image", "line break"),
+])
+def test_bad_slurm_values_are_located_spec_errors(extra, field, phrase):
+    """Checks of the slurm: section that only read the spec fail at load time with file:line:col
+    (they were render errors naming only the file), and so hold for submitit and the doctor too."""
+    line = (BASE + textwrap.dedent(extra)).splitlines().index(textwrap.dedent(extra).strip()) + 1
+    with pytest.raises(SpecError) as err:
+        spec_text(extra)
+    msg = str(err.value)
+    assert re.match(rf"^job\.yaml:{line}:\d+: {re.escape(field)}: ", msg), msg
+    assert phrase in msg and "\n" not in msg
+
+
+def test_slurm_spec_errors_hold_in_variants_and_overrides():
+    with pytest.raises(SpecError, match=r"^--set: slurm\.extra_directives\.nodes: ftcluster writes --nodes"):
+        spec_text("", ["slurm.extra_directives={nodes: 2}"])
 
 
 # --------------------------------------------------------------------------- executed with stand-ins

@@ -1,22 +1,32 @@
-"""The backend contract shared by local, Slurm and (later) Kubernetes.
+"""The backend contract shared by local, Slurm, pipelines and (later) Kubernetes.
 
 Following torchx: ``submit(spec) == schedule(submit_dryrun(spec))``. The dry run builds
 a :class:`SubmitRequest` whose ``describe()`` is exactly what would be run (command and
 file contents); ``schedule`` is the only step with side effects.
+
+A new backend subclasses :class:`Backend`, fills its abstract hooks and registers its name
+in :func:`ftcluster.backends.get_backend`. Run folders (one per submitted run, holding
+``status.json`` and whatever the backend writes beside it) are handled here once.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, RunNotFoundError
+
+if TYPE_CHECKING:
+    from ..checks import Check
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3, "PREEMPTED": 4}
@@ -164,3 +174,91 @@ def tail_file(path: Path, follow: bool, is_done, poll: float = 0.5) -> Iterator[
             follow = False  # one more read to flush what was written last
             continue
         time.sleep(poll)
+
+
+class Backend(abc.ABC):
+    """Where runs go: the hooks every backend fills, and the run-folder code they share.
+
+    Every run has a folder (``<root>/<run id>/``, root from :func:`runs_root` unless given)
+    holding ``status.json`` (a :class:`RunStatus`); its ``backend`` field names the backend
+    that manages the run, so ``ftcluster status|logs|cancel <run>`` find it again. A run is
+    referred to by ``run_ref``: its id, a unique prefix of it, or its folder's path.
+    """
+
+    #: The name in ``spec.backend`` and in every run's ``status.json``.
+    name: str = ""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root  # None: run folders under runs_root(spec) (spec.local.runs_dir or $FTCLUSTER_HOME/runs)
+
+    # -- hooks ------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> Any:
+        """Build the request :meth:`schedule` would carry out, with no side effects at all (no
+        cluster call, no file written). It has ``run_id``, ``run_dir`` and ``describe()``:
+        text that shows exactly what would run (commands, full file contents). ``run_id``
+        None: a new one from :func:`new_run_id`."""
+
+    @abc.abstractmethod
+    def schedule(self, request: Any) -> RunStatus:
+        """Carry out a request from :meth:`submit_dryrun`: create the run folder (see
+        :meth:`creating_run_folder`), start the run, save and return its first status. On any
+        failure nothing is left behind: no run folder, nothing queued."""
+
+    @abc.abstractmethod
+    def status(self, run_ref: str) -> RunStatus:
+        """The run's status refreshed from the backend (saved back when it changed)."""
+
+    @abc.abstractmethod
+    def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
+        """The run's log lines (with line ends); ``follow`` keeps yielding until the run ends."""
+
+    @abc.abstractmethod
+    def cancel(self, run_ref: str) -> RunStatus:
+        """Ask the run to stop (it checkpoints first when it can) and return its status; a run
+        that has already ended is returned as it is."""
+
+    @abc.abstractmethod
+    def preflight(self, spec: Any, remote: bool = False) -> list[Check]:
+        """Check that ``spec`` can run on this backend, one :class:`~ftcluster.checks.Check`
+        row per fact (cluster reachable, resources exist, ...); never raise for a failed check,
+        return a ``fail`` row with its fix. ``remote`` allows checks that start work on the
+        cluster (a one-node probe job). The doctor adds the spec and storage rows itself."""
+
+    # -- shared -----------------------------------------------------------------
+    def submit(self, spec: Any) -> RunStatus:
+        """Submit ``spec``: ``schedule(submit_dryrun(spec))``."""
+        return self.schedule(self.submit_dryrun(spec))
+
+    def list(self) -> list[RunStatus]:
+        """The status of every run of this backend under this backend's root."""
+        out = []
+        for d in list_runs(self.root):
+            try:
+                if load_status(d).backend == self.name:
+                    out.append(self.status(str(d)))
+            except BackendError:  # one broken folder must not hide the others
+                continue
+        return out
+
+    def run_folder(self, run_ref: str) -> Path:
+        """The folder of run ``run_ref`` (id, unique prefix or path) under this backend's root."""
+        return find_run(run_ref, [self.root] if self.root else None)
+
+    def new_run_dir(self, spec: Any, run_id: str) -> Path:
+        """Where a new run of ``spec`` called ``run_id`` gets its folder (nothing is created)."""
+        return (self.root or runs_root(spec)) / run_id
+
+    @contextlib.contextmanager
+    def creating_run_folder(self, request: Any) -> Iterator[Path]:
+        """Create ``request.run_dir`` with ``request.files`` in it; if the block raises, remove
+        the folder again, so a failed submission leaves nothing behind."""
+        run_dir = Path(request.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            for name, text in getattr(request, "files", {}).items():
+                write_atomic(run_dir / name, text)
+            yield run_dir
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise

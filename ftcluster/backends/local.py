@@ -18,27 +18,28 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError
+from ..errors import BackendError, FtclusterError
 from ..plan import compile_plan, derived_port
 from .base import (
+    Backend,
     RunStatus,
     SubmitRequest,
-    find_run,
-    list_runs,
     load_status,
     new_run_id,
-    runs_root,
     save_status,
     tail_file,
     write_atomic,
 )
 
+if TYPE_CHECKING:
+    from ..checks import Check
+
 CANCEL_GRACE_S = 60.0
 
 
-def _free_port(preferred: int) -> int:
+def free_port(preferred: int) -> int:
     """``preferred`` if free on loopback, else the next free one (the run records it)."""
     for port in list(range(preferred, min(preferred + 50, 65535))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -66,19 +67,16 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Run jobs as managed subprocesses on this machine."""
 
     name = "local"
-
-    def __init__(self, root: Path | None = None):
-        self.root = root
 
     # -- submit -----------------------------------------------------------------
     def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
         """Everything that would run, with no side effects."""
         run_id = run_id or new_run_id(spec.name)
-        run_dir = (self.root or runs_root(spec)) / run_id
+        run_dir = self.new_run_dir(spec, run_id)
         plan = compile_plan(spec, spec.local.env)
         port = derived_port(run_id)
         python = spec.local.python or sys.executable
@@ -97,36 +95,31 @@ class LocalBackend:
     def schedule(self, req: SubmitRequest) -> RunStatus:
         """Write the run folder and start the supervisor."""
         _check_runtime(req.argv[0])
-        port = _free_port(req.meta["port"])
+        port = free_port(req.meta["port"])
         if port != req.meta["port"]:
             req.argv = [a.replace(f"127.0.0.1:{req.meta['port']}", f"127.0.0.1:{port}") for a in req.argv]
             req.files["launch.sh"] = _launch_script(req.argv, req.env, req.cwd or os.getcwd())
-        req.run_dir.mkdir(parents=True, exist_ok=False)
-        for name, text in req.files.items():
-            write_atomic(req.run_dir / name, text)
-        launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd, "steps": req.meta.get("steps", [])}
-        write_atomic(req.run_dir / "launch.json", json.dumps(launch, indent=1, sort_keys=True))
-        status = RunStatus(req.run_id, "local", req.meta["name"], "PENDING", str(req.run_dir),
-                           submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"],
-                           tasks=[{"name": s["name"], "job_id": None, "state": "PENDING", "message": ""}
-                                  for s in req.meta.get("steps", [])])
-        save_status(req.run_dir, status)
-        log = open(req.run_dir / "supervisor.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ftcluster.backends.local_supervisor", str(req.run_dir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
-        )
-        log.close()
+        with self.creating_run_folder(req):
+            launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd, "steps": req.meta.get("steps", [])}
+            write_atomic(req.run_dir / "launch.json", json.dumps(launch, indent=1, sort_keys=True))
+            status = RunStatus(req.run_id, "local", req.meta["name"], "PENDING", str(req.run_dir),
+                               submitted_at=time.time(), spec_hash=req.meta["spec_hash"],
+                               output_uri=req.meta["output_uri"],
+                               tasks=[{"name": s["name"], "job_id": None, "state": "PENDING", "message": ""}
+                                      for s in req.meta.get("steps", [])])
+            save_status(req.run_dir, status)
+            with open(req.run_dir / "supervisor.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "ftcluster.backends.local_supervisor", str(req.run_dir)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
+                )
         write_atomic(req.run_dir / "supervisor.pid", str(proc.pid))
         status.job_id = str(proc.pid)
         return status
 
-    def submit(self, spec: Any) -> RunStatus:
-        return self.schedule(self.submit_dryrun(spec))
-
     # -- query ------------------------------------------------------------------
     def status(self, run_ref: str) -> RunStatus:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = load_status(run_dir)
         if not st.terminal and not _pid_alive(_read_int(run_dir / "supervisor.pid")):
             st = load_status(run_dir)  # it may have just finished
@@ -137,11 +130,11 @@ class LocalBackend:
         return st
 
     def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         return tail_file(run_dir / "log.txt", follow, lambda: self.status(str(run_dir)).terminal)
 
     def cancel(self, run_ref: str) -> RunStatus:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = self.status(str(run_dir))
         if st.terminal:
             return st
@@ -151,14 +144,30 @@ class LocalBackend:
             os.kill(pid, signal.SIGTERM)  # the supervisor forwards it and escalates
         return st
 
-    def list(self) -> list[RunStatus]:
-        out = []
-        for d in list_runs(self.root):
-            try:
-                out.append(self.status(str(d)))
-            except BackendError:
-                continue
-        return out
+    # -- checks -----------------------------------------------------------------
+    def preflight(self, spec: Any, remote: bool = False) -> list[Check]:
+        """This machine: /dev/shm, a free rendezvous port and the interpreter (``local.python``)."""
+        from ..checks import Check, failed, parse_probe, probe_code, python_check, shm_check
+
+        r = spec.resources
+        st = os.statvfs("/dev/shm")
+        out = [shm_check(st.f_frsize * st.f_blocks, r.nproc_per_node, "this host")]
+        try:
+            port = free_port(derived_port(new_run_id(spec.name)))
+            out.append(Check("rendezvous port", "ok", f"127.0.0.1:{port} binds"))
+        except FtclusterError as err:
+            out.append(failed("rendezvous port", err))
+        python = spec.local.python or sys.executable
+        fix = "set local.python to an interpreter with ftcluster[train]"
+        try:
+            proc = subprocess.run([python, "-c", probe_code(r.nproc_per_node, spec.method)], capture_output=True,
+                                  text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return out + [Check("python", "fail", f"{python}: {exc}", fix)]
+        probe = parse_probe(proc.stdout)
+        if probe is None:
+            return out + [Check("python", "fail", f"{python} did not run the probe (exit {proc.returncode})", fix)]
+        return out + [python_check(probe, python, "this host", "local.python")]
 
 
 def _read_int(path: Path) -> int | None:

@@ -15,25 +15,19 @@ single stage too.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, FtclusterError
-from .base import (
-    TERMINAL,
-    RunStatus,
-    find_run,
-    list_runs,
-    load_status,
-    new_run_id,
-    runs_root,
-    save_status,
-    write_atomic,
-)
+from .base import TERMINAL, Backend, RunStatus, load_status, new_run_id, save_status, write_atomic
+from .slurm_array import aggregate
+from .slurm_state import first_line
+
+if TYPE_CHECKING:
+    from ..checks import Check
 
 
 @dataclass
@@ -51,6 +45,7 @@ class PipelineRequest:
     run_id: str
     run_dir: Path
     stages: list[StageRequest] = field(default_factory=list)
+    backend: str = "pipeline"
 
     def describe(self) -> str:
         lines = [f"# pipeline: {self.name}", f"# run id: {self.run_id}", f"# run folder: {self.run_dir}",
@@ -68,13 +63,13 @@ def _sbatch_args(after_ids: list[str]) -> list[str]:
     return ["--hold", *dependency_args(after_ids)]
 
 
-class PipelineBackend:
+class PipelineBackend(Backend):
     """Submit, query, follow and cancel pipelines (stages on the Slurm backend)."""
 
     name = "pipeline"
 
     def __init__(self, root: Path | None = None, slurm: Any = None):
-        self.root = root
+        super().__init__(root)
         self._slurm = slurm
 
     @property
@@ -97,7 +92,7 @@ class PipelineBackend:
                 f"set backend: slurm (e.g. --set backend=slurm), or render the stages with "
                 f"`ftcluster render {pipe.source} -o DIR` and run them in order yourself")
         run_id = run_id or new_run_id(pipe.name)
-        run_dir = (self.root or runs_root(pipe.stages[0].spec)) / run_id
+        run_dir = self.new_run_dir(pipe.stages[0].spec, run_id)
         req = PipelineRequest(pipe.name, run_id, run_dir)
         header = header_lines(None, "slurm", pipeline_command(pipe, "slurm"))
         for stage in pipe.stages:
@@ -112,17 +107,17 @@ class PipelineBackend:
 
     def schedule(self, req: PipelineRequest) -> RunStatus:
         """Submit every stage, or none: on any failure, cancel what was queued and remove the run folder."""
-        req.run_dir.mkdir(parents=True, exist_ok=False)
         ids: dict[str, str] = {}
         current = req.stages[0].name
         try:
-            for st in req.stages:
-                current = st.name
-                st.request.meta["sbatch_args"] = _sbatch_args([ids[a] for a in st.after])
-                ids[st.name] = self.slurm.schedule(st.request).job_id
-            current = "release"
-            for st in req.stages:
-                self._scontrol(st.request.meta["login"], ["release", ids[st.name]])
+            with self.creating_run_folder(req):  # removed again if anything below fails
+                for st in req.stages:
+                    current = st.name
+                    st.request.meta["sbatch_args"] = _sbatch_args([ids[a] for a in st.after])
+                    ids[st.name] = self.slurm.schedule(st.request).job_id
+                current = "release"
+                for st in req.stages:
+                    self._scontrol(st.request.meta["login"], ["release", ids[st.name]])
         except BaseException as exc:
             self._undo(req, ids)
             if not isinstance(exc, FtclusterError):
@@ -140,23 +135,17 @@ class PipelineBackend:
         return status
 
     def _scontrol(self, login: str | None, args: list[str]) -> None:
-        from .slurm import _first_line
-
-        proc = self.slurm._run(login)(["scontrol", *args])
+        proc = self.slurm.runner(login)(["scontrol", *args])
         if proc.returncode != 0:
-            raise BackendError(f"scontrol {' '.join(args)} failed: {_first_line(proc.stderr or proc.stdout)}")
+            raise BackendError(f"scontrol {' '.join(args)} failed: {first_line(proc.stderr or proc.stdout)}")
 
     def _undo(self, req: PipelineRequest, ids: dict[str, str]) -> None:
         for st in reversed(req.stages):  # dependents first, so none of them starts meanwhile
             if st.name in ids:
                 try:
-                    self.slurm._run(st.request.meta["login"])(["scancel", ids[st.name]])
+                    self.slurm.runner(st.request.meta["login"])(["scancel", ids[st.name]])
                 except FtclusterError:
                     pass
-        shutil.rmtree(req.run_dir, ignore_errors=True)
-
-    def submit(self, pipe: Any) -> RunStatus:
-        return self.schedule(self.submit_dryrun(pipe))
 
     # -- query ------------------------------------------------------------------
     def _stages(self, run_dir: Path) -> list[dict[str, Any]]:
@@ -167,9 +156,7 @@ class PipelineBackend:
 
     def status(self, run_ref: str) -> RunStatus:
         """The pipeline's state from its stages': one row per stage, and per task of a stage's array."""
-        from .slurm_array import aggregate
-
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = load_status(run_dir)
         if st.terminal:
             return st
@@ -191,14 +178,14 @@ class PipelineBackend:
 
     def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
         """Each stage's log in order (a stage with variants: each task's), following each until it ends."""
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         for stage in self._stages(run_dir):
             yield f"===== stage {stage['name']} (job {stage['job_id']}) =====\n"
             yield from self.slurm.logs(str(run_dir / stage["run_dir"]), follow=follow)
 
     def cancel(self, run_ref: str) -> RunStatus:
         """Cancel every stage that has not ended, later stages first."""
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = self.status(str(run_dir))
         if st.terminal:
             return st
@@ -208,8 +195,16 @@ class PipelineBackend:
                 self.slurm.cancel(str(sdir))
         return st
 
-    def list(self) -> list[RunStatus]:
-        return [self.status(str(d)) for d in list_runs(self.root) if load_status(d).backend == "pipeline"]
+    # -- checks -----------------------------------------------------------------
+    def preflight(self, pipe: Any, remote: bool = False) -> list[Check]:
+        """The Slurm checks of every stage, each row named ``<stage>: <check>``."""
+        from ..checks import Check
+
+        rows = []
+        for stage in pipe.stages:
+            rows += [Check(f"{stage.name}: {c.name}", c.status, c.result, c.fix)
+                     for c in self.slurm.preflight(stage.spec, remote)]
+        return rows
 
 
 def _pipeline_message(stages: list[dict[str, Any]], summary: str) -> str:

@@ -18,33 +18,24 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from .base import (
+    Backend,
     RunStatus,
     SubmitRequest,
-    find_run,
-    list_runs,
     load_status,
     new_run_id,
-    runs_root,
     save_status,
     tail_file,
     write_atomic,
 )
 from .slurm_array import array_log_pattern, array_logs, refresh_array
+from .slurm_state import STATE_MAP, first_line, query_state, sbatch_job_id
 
-# Slurm job states -> ftcluster states.
-STATE_MAP = {
-    "PENDING": "PENDING", "CONFIGURING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING",
-    "REQUEUE_FED": "PENDING", "RESV_DEL_HOLD": "PENDING", "SUSPENDED": "PENDING", "RESIZING": "RUNNING",
-    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
-    "COMPLETED": "SUCCEEDED", "CANCELLED": "CANCELLED", "FAILED": "FAILED", "TIMEOUT": "FAILED",
-    "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED", "DEADLINE": "FAILED",
-    "PREEMPTED": "PENDING", "REVOKED": "FAILED", "SPECIAL_EXIT": "FAILED",
-}
-
+if TYPE_CHECKING:
+    from ..checks import Check
 
 @dataclass
 class Runner:
@@ -100,33 +91,17 @@ class Runner:
             raise BackendError(f"cannot run {cmd[0]!r}; is it installed?") from None
 
 
-def _job_id(stdout: str) -> str:
-    """The job id from `sbatch --parsable` (``id`` or ``id;cluster``), ignoring any banner lines before it."""
-    for line in reversed(stdout.strip().splitlines()):
-        job_id = line.strip().split(";")[0]
-        if job_id.isdigit():
-            return job_id
-    raise BackendError(f"sbatch printed no job id ({_first_line(stdout)!r})")
-
-
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line.removeprefix("sbatch: error: ").removeprefix("error: ")
-    return "no output"
-
-
-class SlurmBackend:
+class SlurmBackend(Backend):
     """Submit and manage jobs on Slurm."""
 
     name = "slurm"
 
     def __init__(self, runner: Runner | None = None, root: Path | None = None):
+        super().__init__(root)
         self._runner = runner
-        self.root = root
 
-    def _run(self, login: str | None) -> Runner:
+    def runner(self, login: str | None) -> Runner:
+        """What runs Slurm commands for a job submitted through ``login`` (the injected runner, if any)."""
         return self._runner or Runner(login=login)
 
     # -- submit -----------------------------------------------------------------
@@ -138,7 +113,7 @@ class SlurmBackend:
         files = render(spec, "slurm")
         (script_name, script), = files.items()
         run_id = run_id or new_run_id(spec.name)
-        run_dir = (self.root or runs_root(spec)) / run_id
+        run_dir = self.new_run_dir(spec, run_id)
         argv = ["sbatch", "--parsable"]
         meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
                 "variants": [v.name for v in spec.variants], "sbatch_args": [],
@@ -152,21 +127,15 @@ class SlurmBackend:
     def schedule(self, req: SubmitRequest) -> RunStatus:
         """Run sbatch; the run folder only stays when the submission succeeded."""
         script = req.files[req.meta["script"]]
-        req.run_dir.mkdir(parents=True, exist_ok=False)
-        try:
-            for name, text in req.files.items():
-                write_atomic(req.run_dir / name, text)
+        with self.creating_run_folder(req):
             # Over SSH the submitting environment is the remote shell: send the passthrough variables along
             # (on stdin, see .ssh); locally sbatch inherits them from this process anyway.
             login = req.meta["login"]
             env = {n: os.environ[n] for n in req.meta.get("env_passthrough", ()) if n in os.environ} if login else {}
-            proc = self._run(login)(["sbatch", "--parsable", *req.meta.get("sbatch_args", ())], stdin=script, env=env)
+            proc = self.runner(login)(["sbatch", "--parsable", *req.meta.get("sbatch_args", ())], stdin=script, env=env)
             if proc.returncode != 0:
-                raise BackendError(f"sbatch rejected the job: {_first_line(proc.stderr or proc.stdout)}")
-            job_id = _job_id(proc.stdout)
-        except BaseException:
-            shutil.rmtree(req.run_dir, ignore_errors=True)
-            raise
+                raise BackendError(f"sbatch rejected the job: {first_line(proc.stderr or proc.stdout)}")
+            job_id = sbatch_job_id(proc.stdout)
         status = RunStatus(req.run_id, "slurm", req.meta["name"], "PENDING", str(req.run_dir), job_id=job_id,
                            submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"])
         extra = {"log": self._log_path(req, job_id), "login": login, "cwd": req.cwd}
@@ -183,7 +152,7 @@ class SlurmBackend:
         """
         login = req.meta["login"]
         try:
-            proc = self._run(login)(["scontrol", "show", "job", "-o", job_id])
+            proc = self.runner(login)(["scontrol", "show", "job", "-o", job_id])
             m = re.search(r"(?:^|\s)StdOut=(\S+)", proc.stdout) if proc.returncode == 0 else None
         except BackendError:
             m = None
@@ -192,9 +161,6 @@ class SlurmBackend:
         log = req.meta["output_pattern"].replace("%x", req.meta["name"]).replace("%j", job_id)
         return log if login else str(Path(req.cwd or ".") / log)
 
-    def submit(self, spec: Any) -> RunStatus:
-        return self.schedule(self.submit_dryrun(spec))
-
     # -- query ------------------------------------------------------------------
     def _extra(self, run_dir: Path) -> dict[str, Any]:
         try:
@@ -202,32 +168,16 @@ class SlurmBackend:
         except (OSError, ValueError):
             return {}
 
-    def query_state(self, job_id: str, login: str | None = None) -> tuple[str | None, int | None]:
-        """(Slurm state, exit code) from squeue, then sacct, then scontrol; (None, None) if unknown."""
-        run = self._run(login)
-        q = run(["squeue", "-h", "-j", job_id, "-o", "%T"])
-        if q.returncode == 0 and q.stdout.strip():
-            return q.stdout.split()[0], None
-        a = run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"])
-        if a.returncode == 0 and a.stdout.strip():
-            state, _, code = a.stdout.strip().splitlines()[0].partition("|")
-            return state.split()[0], int(code.split(":")[0]) if code.split(":")[0].isdigit() else None
-        s = run(["scontrol", "show", "job", "-o", job_id])
-        if s.returncode == 0 and "JobState=" in s.stdout:
-            fields = dict(kv.split("=", 1) for kv in s.stdout.split() if "=" in kv)
-            code = fields.get("ExitCode", "").split(":")[0]
-            return fields["JobState"], int(code) if code.isdigit() else None
-        return None, None
-
     def status(self, run_ref: str) -> RunStatus:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = load_status(run_dir)
         if st.terminal or not st.job_id:
             return st
         extra = self._extra(run_dir)
+        run = self.runner(extra.get("login"))
         if extra.get("variants"):
-            return refresh_array(st, run_dir, extra, self._run(extra.get("login")))
-        raw, code = self.query_state(st.job_id, extra.get("login"))
+            return refresh_array(st, run_dir, extra, run)
+        raw, code = query_state(run, st.job_id)
         if raw is None:
             st.message = f"Slurm no longer knows job {st.job_id} (no accounting, past MinJobAge); last state {st.state}"
             st.state = "UNKNOWN"
@@ -242,7 +192,7 @@ class SlurmBackend:
         return st
 
     def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         extra = self._extra(run_dir)
         done = lambda: self.status(str(run_dir)).state in ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN")  # noqa: E731
         if extra.get("variants"):
@@ -258,7 +208,7 @@ class SlurmBackend:
     def _remote_tail(self, login: str, log: str, follow: bool, is_done, poll: float = 1.0) -> Iterator[str]:
         """Like :func:`tail_file`, reading the log on the login node: `tail -c +OFFSET` over the shared
         ssh connection, so each poll costs one round trip, not a new login."""
-        run = self._run(login)
+        run = self.runner(login)
         pos = 0
         while True:
             proc = run(["tail", "-c", f"+{pos + 1}", "--", log])
@@ -274,15 +224,20 @@ class SlurmBackend:
             time.sleep(poll)
 
     def cancel(self, run_ref: str) -> RunStatus:
-        run_dir = find_run(run_ref, [self.root] if self.root else None)
+        run_dir = self.run_folder(run_ref)
         st = self.status(str(run_dir))
         if st.terminal:
             return st
         # scancel sends SIGTERM to every step first; the runtime checkpoints on it (KillWait later).
-        proc = self._run(self._extra(run_dir).get("login"))(["scancel", st.job_id])
+        proc = self.runner(self._extra(run_dir).get("login"))(["scancel", st.job_id])
         if proc.returncode != 0:
-            raise BackendError(f"scancel {st.job_id} failed: {_first_line(proc.stderr)}")
+            raise BackendError(f"scancel {st.job_id} failed: {first_line(proc.stderr)}")
         return st
 
-    def list(self) -> list[RunStatus]:
-        return [self.status(str(d)) for d in list_runs(self.root) if load_status(d).backend == "slurm"]
+    # -- checks -----------------------------------------------------------------
+    def preflight(self, spec: Any, remote: bool = False) -> list[Check]:
+        """The cluster (client, partition, nodes, time limit; with ``remote`` a one-node probe job) and the
+        submitting shell's passthrough variables (see :mod:`.slurm_preflight`)."""
+        from .slurm_preflight import SlurmPreflight, check_passthrough
+
+        return SlurmPreflight(spec, self.runner(spec.slurm.login)).checks(remote) + [check_passthrough(spec)]

@@ -3,33 +3,19 @@
 A job array is one job id; each task is ``<id>_<index>`` and trains variant ``index``.
 Task states come from ``scontrol show job -o <id>`` (one record per started task, one
 record for the still-pending rest, e.g. ``ArrayTaskId=2-3%2``) and, once the controller
-has forgotten the job (MinJobAge), from ``sacct`` when accounting is on.
+has forgotten the job (MinJobAge), from ``sacct`` when accounting is on (parsed in
+:mod:`.slurm_state`).
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .base import TERMINAL, RunStatus, save_status
-
-_FIELD = {k: re.compile(rf"(?:^|\s){k}=(\S*)") for k in ("JobId", "ArrayTaskId", "JobState", "Reason", "ExitCode")}
-
-
-@dataclass
-class TaskRecord:
-    """What Slurm says about some tasks of an array."""
-
-    indexes: list[int]
-    job_id: str  # the task's own job id (equals the array id for the first or pending tasks)
-    raw_state: str
-    reason: str
-    exit_code: int | None
+from .slurm_state import STATE_MAP, TaskRecord, query_tasks
 
 
 def array_log_pattern(meta: dict[str, Any], job_id: str, cwd: str | None) -> str:
@@ -43,59 +29,9 @@ def task_log(pattern: str, index: int, task_job_id: str | None) -> str:
     return log.replace("%j", task_job_id) if task_job_id else log
 
 
-def expand_indexes(text: str) -> list[int]:
-    """``0``, ``1-3%2``, ``[0,2-3]``, ``0-6:2`` -> task indexes."""
-    out: list[int] = []
-    for part in text.strip("[]").split("%")[0].split(","):
-        rng, _, step = part.partition(":")
-        lo, _, hi = rng.partition("-")
-        if lo.isdigit():
-            out += range(int(lo), int(hi or lo) + 1, int(step) if step.isdigit() else 1)
-    return out
-
-
-def _exit(text: str) -> int | None:
-    code = text.split(":")[0]
-    return int(code) if code.isdigit() else None
-
-
-def scontrol_records(text: str) -> list[TaskRecord]:
-    """Parse ``scontrol show job -o <array id>`` output."""
-    records = []
-    for line in text.splitlines():
-        got = {k: (m.group(1) if (m := rx.search(line)) else "") for k, rx in _FIELD.items()}
-        if got["JobState"] and got["ArrayTaskId"]:
-            records.append(TaskRecord(expand_indexes(got["ArrayTaskId"]), got["JobId"], got["JobState"],
-                                      got["Reason"], _exit(got["ExitCode"])))
-    return records
-
-
-def sacct_records(text: str) -> list[TaskRecord]:
-    """Parse ``sacct -n -P -X -o JobID,State,ExitCode -j <array id>`` output (``5_0|COMPLETED|0:0``)."""
-    records = []
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 3 and "_" in parts[0]:
-            records.append(TaskRecord(expand_indexes(parts[0].split("_", 1)[1]), parts[0], parts[1].split()[0], "",
-                                      _exit(parts[2])))
-    return records
-
-
-def query_tasks(run: Callable[..., subprocess.CompletedProcess], job_id: str) -> list[TaskRecord]:
-    """Every task's record, from scontrol, else sacct; empty when Slurm no longer knows the job."""
-    proc = run(["scontrol", "show", "job", "-o", job_id])
-    records = scontrol_records(proc.stdout) if proc.returncode == 0 else []
-    if not records:
-        proc = run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode"])
-        records = sacct_records(proc.stdout) if proc.returncode == 0 else []
-    return records
-
-
 def task_rows(names: list[str], array_id: str, records: list[TaskRecord],
               previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant: {name, job_id, state, message, returncode, slurm_job_id}."""
-    from .slurm import STATE_MAP
-
     by_index = {i: r for r in records for i in r.indexes}
     old = {row.get("name"): row for row in previous}
     rows = []

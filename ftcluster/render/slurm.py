@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import RenderError
 from ..plan import PORT_BASE, PORT_SPAN
+from ..slurm_request import slurm_request
 from .template import sbatch_template
 
 PAYLOAD_VAR = "FTCLUSTER_PAYLOAD"
@@ -31,19 +32,6 @@ PAYLOAD_EOF = "FTCLUSTER_PAYLOAD_EOF"
 LAUNCHER = "ftcluster.train.launch"  # torchrun that forwards SIGUSR2 and exits 143 after a checkpoint-and-stop
 # One environment string may hold at most MAX_ARG_STRLEN (128 KiB) on Linux; stay well below it.
 PAYLOAD_LIMIT = 100_000
-
-# Options ftcluster writes itself, and the spec field that controls each.
-OWNED = {
-    "job-name": "name", "nodes": "resources.nodes", "ntasks-per-node": None, "gpus-per-node": "resources.gpus_per_node",
-    "gres": "resources.gpu_type and resources.gpus_per_node", "cpus-per-task": "resources.cpus_per_node",
-    "mem": "resources.memory", "time": "resources.time_limit", "partition": "slurm.partition",
-    "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
-    "reservation": "slurm.reservation", "signal": "slurm.signal_seconds", "requeue": "slurm.requeue",
-    "no-requeue": "slurm.requeue", "open-mode": None, "output": "slurm.output", "array": "variants",
-}
-# Options that break the one-torchrun-per-node launch (REFERENCE.md, DeepSpeed PR #3165).
-BREAKS_LAUNCH = ("ntasks", "ntasks-per-gpu", "gpus-per-task", "gpus")
-
 
 def _where(spec: Any) -> str:
     return spec._source_file or "<spec>"
@@ -74,50 +62,9 @@ def _sbatch_directive(spec: Any, field: str, option: str, value: Any = None) -> 
     return f"--{option}={shlex.quote(_one_line(spec, field, value).replace(chr(92), chr(92) * 2))}"
 
 
-def _check_extra(spec: Any, key: str) -> None:
-    field = f"slurm.extra_directives.{key}"
-    if len(key) == 1:
-        raise RenderError(f"{_where(spec)}: {field}: write the long option name (e.g. partition, not p)")
-    if key in OWNED:
-        owner = OWNED[key]
-        fix = f"set {owner} instead" if owner else "ftcluster sets it for the one-task-per-node launch"
-        raise RenderError(f"{_where(spec)}: {field}: ftcluster writes --{key} itself; {fix}")
-    if key in BREAKS_LAUNCH:
-        raise RenderError(f"{_where(spec)}: {field}: --{key} breaks the one-torchrun-per-node launch "
-                          "(each task would get its own GPUs); use resources.gpus_per_node and resources.procs_per_node")
-
-
 def sbatch_directives(plan: Any) -> list[str]:
     """The ``#SBATCH`` options (without the prefix), sorted, every value quoted as sbatch reads it."""
-    from ..plan import slurm_output
-
-    spec, res, sl = plan.spec, plan.spec.resources, plan.spec.slurm
-    d = [
-        _sbatch_directive(spec, "name", "job-name", spec.name),
-        _sbatch_directive(spec, "resources.nodes", "nodes", plan.nnodes),
-        "--ntasks-per-node=1",
-        _sbatch_directive(spec, "slurm.signal_seconds", "signal", f"B:USR2@{sl.signal_seconds}"),
-        "--open-mode=append",  # a requeued job appends to the same log
-        _sbatch_directive(spec, "slurm.output", "output", slurm_output(sl.output, bool(plan.variants))),
-    ]
-    if res.gpus_per_node:
-        if res.gpu_type:
-            gres = f"gpu:{_one_line(spec, 'resources.gpu_type', res.gpu_type)}:{res.gpus_per_node}"
-            d.append(_sbatch_directive(spec, "resources.gpu_type", "gres", gres))
-        else:
-            d.append(_sbatch_directive(spec, "resources.gpus_per_node", "gpus-per-node", res.gpus_per_node))
-    optional = [("resources.cpus_per_node", "cpus-per-task", res.cpus_per_node),
-                ("resources.memory", "mem", res.memory), ("resources.time_limit", "time", res.time_limit),
-                ("slurm.partition", "partition", sl.partition), ("slurm.account", "account", sl.account),
-                ("slurm.qos", "qos", sl.qos), ("slurm.constraint", "constraint", sl.constraint),
-                ("slurm.reservation", "reservation", sl.reservation), ("variants", "array", plan.array)]
-    d += [_sbatch_directive(spec, f, opt, v) for f, opt, v in optional if v is not None]
-    if sl.requeue:
-        d.append("--requeue")
-    for key, value in sl.extra_directives.items():
-        _check_extra(spec, key)
-        d.append(_sbatch_directive(spec, f"slurm.extra_directives.{key}", key, value))
-    return sorted(d)
+    return sorted(_sbatch_directive(plan.spec, o.field, o.name, o.value) for o in slurm_request(plan.spec).sbatch)
 
 
 def job_env(plan: Any) -> dict[str, str]:
@@ -164,13 +111,7 @@ def launch_lines(plan: Any) -> list[str]:
     if spec.resources.cpus_per_node:  # Slurm 22.05+ srun no longer inherits --cpus-per-task from sbatch
         srun.append(f"--cpus-per-task={spec.resources.cpus_per_node}")
     lines = [" ".join(srun)]
-    if sl.container_image:  # pyxis/enroot
-        lines.append(_directive(spec, "slurm.container_image", "container-image", sl.container_image))
-    if sl.container_mounts:
-        for i, m in enumerate(sl.container_mounts):
-            if "," in _one_line(spec, f"slurm.container_mounts[{i}]", m):
-                raise RenderError(f"{_where(spec)}: slurm.container_mounts[{i}]: one mount per entry, no commas ({m!r})")
-        lines.append(_directive(spec, "slurm.container_mounts", "container-mounts", ",".join(sl.container_mounts)))
+    lines += [_directive(spec, o.field, o.name, o.value) for o in slurm_request(spec).srun]  # container
     python = _one_line(spec, "slurm.python", sl.python)
     argv = plan.torchrun_args(rdzv_endpoint="@ENDPOINT@", rdzv_id="@JOB_ID@", python=python,
                               spec_arg=["--spec-env", PAYLOAD_VAR], launcher=LAUNCHER)
@@ -204,15 +145,14 @@ def render_slurm(plan: Any, header: list[str]) -> dict[str, str]:
 def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
     """What ``templates/sbatch.sh.j2`` places: lines already formatted and shell-quoted."""
     spec, sl = plan.spec, plan.spec.slurm
-    for i, module in enumerate(sl.modules):
-        _one_line(spec, f"slurm.modules[{i}]", module)
+    request = slurm_request(spec)
     launch = launch_lines(plan)
     return dict(
         header=[_one_line(spec, "header", h) for h in header],
         summary=_summary(plan),
         directives=sbatch_directives(plan),
-        modules=[x for m in sl.modules for x in _with_note(f"module load {shlex.quote(m)}")],
-        setup=list(sl.setup),
+        modules=[x for line in request.modules for x in _with_note(line)],
+        setup=list(request.setup),
         exports=[x for k, v in job_env(plan).items() for x in _with_note(f"export {k}={shlex.quote(v)}")],
         passthrough=list(sl.env_passthrough),
         payload_var=PAYLOAD_VAR,
