@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import TrainError
 from .data import instruction_prompt, load_records
-from .storage import fetch_dir, file_lock
+from ..storage.fetch import fetch_dir, file_lock
 
 log = logging.getLogger("ftcluster.train")
 
