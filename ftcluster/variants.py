@@ -82,7 +82,9 @@ def overlap(keys: list[str]) -> dict[str, str]:
 
 def variant_uri(base: str, variant: str) -> str:
     """Where a variant writes: ``<output.uri>/<variant>``."""
-    return f"{base.rstrip('/')}/{variant}"
+    from .storage.layout import OutputLayout
+
+    return OutputLayout(base).variant(variant).root
 
 
 def _at(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
