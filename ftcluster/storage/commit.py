@@ -267,13 +267,12 @@ class CheckpointStore:
                             one_line(exc), delay, "" if job.final else " while training goes on")
 
         return Attempts(job.display, "upload", deadline=lambda: job.deadline, policy=self.policy,
-                        limit_s=self.retry_max_s, on_failure=on_failure,
+                        limit_s=self.retry_max_s, on_failure=on_failure, started=job.submitted,
                         hint="check the endpoint, bucket and credentials; a rerun resumes from the last "
                              "committed checkpoint")
 
     def _retry(self, job: _Job, what: str, fn: Callable[[], Any]) -> Any:
         attempts = self._attempts(job, what)
-        attempts.started = job.submitted
         while True:
             try:
                 return fn()
@@ -320,7 +319,6 @@ class CheckpointStore:
         """
         pending = dict(files)
         attempts = self._attempts(job, f"{len(pending)} file(s) of {job.display}")
-        attempts.started = job.submitted
         while pending:
             futs = {rel: self._pool.submit(self._put_one, job.local_dir / rel, f"{job.dest}/{rel}", info["size"])
                     for rel, info in pending.items()}

@@ -139,14 +139,14 @@ class Attempts:
 
     def __init__(self, where: str, action: str, *, deadline: float | None | Callable[[], float | None] = None,
                  policy: RetryPolicy = DEFAULT_POLICY, limit_s: float | None = None, hint: str = "",
-                 on_failure: Callable[[BaseException, int, float], None] | None = None):
+                 on_failure: Callable[[BaseException, int, float], None] | None = None, started: float | None = None):
         self.where, self.action = where, action
         self._deadline = deadline
         self.policy = policy
         self.limit_s = limit_s
         self.hint = hint or "check the endpoint, bucket and credentials"
         self.on_failure = on_failure
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # for "failed for N s"
         self.attempt = 0
 
     def deadline(self) -> float | None:
