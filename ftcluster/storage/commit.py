@@ -300,7 +300,10 @@ class CheckpointStore:
         self._retry(job, manifest_path, lambda: put_bytes(self.fs, manifest_path, data))
         dt = time.monotonic() - t0
         total = sum(i["size"] for i in files.values())
-        log.info("committed %s (%d files, %.1f MB in %.1f s)", job.display, len(files), total / 1e6, dt)
+        if job.kind == "manifest":
+            log.info("committed %s (%d files from every node)", job.display, len(files))
+        else:
+            log.info("committed %s (%d files, %.1f MB in %.1f s)", job.display, len(files), total / 1e6, dt)
         if kind == "checkpoint":
             try:
                 self._prune()

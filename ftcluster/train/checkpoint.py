@@ -40,6 +40,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,8 @@ class CheckpointManager:
         fut = self._awaiting[0].future
         return 0 if fut is None or fut.done() else 1
 
-    def maybe_save(self, state: TrainState, *, time_due: bool, uploading: bool, before: Any = None) -> bool:
+    def maybe_save(self, state: TrainState, *, time_due: bool, uploading: bool,
+                   before: Callable[[], None] | None = None) -> bool:
         """After the step's agreement: commit a multi-node checkpoint every node finished uploading,
         and save a periodic checkpoint when one is due (never at the last step: the end saves).
         ``before`` is called just before saving (the loop flushes its metrics and brings ``state``
