@@ -57,12 +57,12 @@ def check_output(spec: Any, timeout: float = 60.0) -> Check:
 
     def probe() -> None:
         try:
-            import fsspec
+            from .storage.uri import fs_and_path, is_local_fs
 
-            fs, path = fsspec.core.url_to_fs(uri, **spec.output.storage_options)
+            fs, path = fs_and_path(uri, spec.output.storage_options)
             created = []
-            if "file" in fs.protocol or "local" in fs.protocol:  # object stores need no folders (and
-                parent = path                                   # makedirs would create a bucket)
+            if is_local_fs(fs):  # object stores need no folders (and makedirs would create a bucket)
+                parent = path
                 while not fs.exists(parent):
                     created.append(parent)
                     parent = parent.rsplit("/", 1)[0]
@@ -84,12 +84,17 @@ def check_output(spec: Any, timeout: float = 60.0) -> Check:
         return Check("output", "fail", f"{uri}: no answer within {timeout:.0f}s",
                      "check the endpoint (output.storage_options.client_kwargs.endpoint_url) and the network")
     err = result.get("error")
-    if isinstance(err, ImportError):
-        return Check("output", "fail", f"{uri}: {err}", "pip install 'ftcluster[train]' (it brings s3fs/gcsfs)")
+    if isinstance(err, ImportError) or isinstance(getattr(err, "__cause__", None), ImportError):
+        return Check("output", "fail", f"{uri}: {err.__cause__ or err}",
+                     "pip install 'ftcluster[train]' (it brings s3fs/gcsfs)")
     if err is not None:
+        from .storage.retry import classify
+
         msg = " ".join(str(err).split()) or type(err).__name__
-        return Check("output", "fail", f"{uri}: cannot write a probe object ({type(err).__name__}: {msg[:200]})",
-                     _storage_fix(uri))
+        permanent = classify(err, uri)  # the storage layer's verdict: what is wrong and how to fix it
+        problem = f"{permanent.problem}: " if permanent else ""
+        return Check("output", "fail", f"{uri}: cannot write a probe object ({problem}{type(err).__name__}: "
+                     f"{msg[:200]})", permanent.fix if permanent else _storage_fix(uri))
     if not result.get("ok"):
         return Check("output", "fail", f"{uri}: the probe object read back different bytes", "check the storage")
     return Check("output", "ok", f"{uri}: wrote, read and deleted {name}")

@@ -89,10 +89,12 @@ def model_source(spec: Any) -> tuple[str | None, str]:
         names = ", ".join(v.name for v in spec.variants)
         return None, (f"it has variants ({names}), so it publishes one model per variant; model_from needs "
                       "a stage that produces one model")
+    from .storage.layout import OutputLayout
+
     if spec.method == "full":
-        return f"{spec.output.uri.rstrip('/')}/final", ""
+        return OutputLayout(spec.output.uri).artifact("final"), ""
     if spec.lora.merge_at_end:
-        return f"{spec.output.uri.rstrip('/')}/merged", ""
+        return OutputLayout(spec.output.uri).artifact("merged"), ""
     return None, "it is a LoRA run that publishes only an adapter; set lora.merge_at_end: true in that stage"
 
 

@@ -84,7 +84,9 @@ def overlap(keys: list[str]) -> dict[str, str]:
 
 def variant_uri(base: str, variant: str) -> str:
     """Where a variant writes: ``<output.uri>/<variant>``."""
-    return f"{base.rstrip('/')}/{variant}"
+    from .storage.layout import OutputLayout
+
+    return OutputLayout(base).variant(variant).root
 
 
 def locate(doc: LoadedDoc, prefix: tuple[Any, ...], sets: dict[str, Any], path: tuple[Any, ...], msg: str,

@@ -20,7 +20,11 @@ from fsspec.implementations.local import LocalFileSystem
 from s3fixture import moto_server, s3  # noqa: F401 - pytest fixtures
 
 from ftcluster.errors import StorageError
-from ftcluster.train.storage import MANIFEST, CheckpointStore, MetricsWriter, fetch_dir, fs_and_path
+from ftcluster.storage.commit import CheckpointStore
+from ftcluster.storage.fetch import fetch_dir
+from ftcluster.storage.layout import MANIFEST
+from ftcluster.storage.metrics import MetricsWriter
+from ftcluster.storage.uri import fs_and_path
 
 
 def snapshot(root: Path, step: int, size: int = 1000) -> Path:
@@ -92,7 +96,8 @@ def test_fs_and_path_for_plain_file_memory_and_unknown(tmp_path, monkeypatch):
 
 
 def test_storage_and_data_import_no_torch():
-    code = ("import sys, ftcluster.train.storage, ftcluster.train.data; "
+    code = ("import sys, ftcluster.storage.commit, ftcluster.storage.fetch, ftcluster.storage.metrics, "
+            "ftcluster.train.data; "
             "bad = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -270,7 +275,7 @@ def test_unreadable_store_raises_instead_of_starting_fresh(tmp_path):
             raise ConnectionError("endpoint down")
 
     st = store(tmp_path, Down(), retry_max_s=0.2)
-    with pytest.raises(StorageError, match="cannot read the checkpoint store: ConnectionError: endpoint down"):
+    with pytest.raises(StorageError, match=r"reading the checkpoint store failed for \d+ s \(limit 0.2 s\): ConnectionError: endpoint down"):
         st.restore_latest(tmp_path / "r")
 
 
@@ -453,7 +458,7 @@ def test_s3_final_commit_with_the_store_down_past_its_deadline_raises(s3, tmp_pa
 def test_s3_restore_with_the_store_down_raises_after_retrying(s3, tmp_path):  # noqa: F811
     st = s3_store(s3, retry_max_s=1.0)
     s3.stop()
-    with pytest.raises(StorageError, match=r"s3://.*/runs/a/checkpoints/: cannot read the checkpoint store"):
+    with pytest.raises(StorageError, match=r"s3://.*/runs/a/checkpoints/: reading the checkpoint store failed"):
         st.restore_latest(tmp_path / "r")
 
 
@@ -485,7 +490,7 @@ def test_s3_metrics_writer_resume(s3, tmp_path):  # noqa: F811
 FETCH = """
 import sys, threading
 from pathlib import Path
-from ftcluster.train.storage import fetch_dir
+from ftcluster.storage.fetch import fetch_dir
 uri, cache, opts = sys.argv[1], Path(sys.argv[2]), {"client_kwargs": {"endpoint_url": sys.argv[3]}}
 out = []
 ts = [threading.Thread(target=lambda: out.append(fetch_dir(uri, opts, cache))) for _ in range(4)]

@@ -108,7 +108,7 @@ def assert_same_curve(got: dict[int, float], ref: dict[int, float]) -> None:
 
 
 def committed_steps(out: Path) -> list[int]:
-    from ftcluster.train.storage import CheckpointStore
+    from ftcluster.storage.commit import CheckpointStore
 
     store = CheckpointStore(out.as_uri())
     try:

@@ -1,5 +1,9 @@
 """Resumable checkpoints: snapshot locally (fast), upload in the background, commit last.
 
+The training loop talks only to :class:`CheckpointManager` (``load``, ``maybe_save``, ``save``,
+``wait``, ``finished``) with a :class:`TrainState`; where and how things are stored is
+:mod:`ftcluster.storage`'s business.
+
 Layout of one snapshot (a node-local folder, then ``{output.uri}/checkpoints/step-NNNNNNNN/``)::
 
     state.json              step, tokens seen, world size, engine kind, forgetting baseline (rank 0)
@@ -14,11 +18,12 @@ Protocol (documented in docs/training.md):
   then rank 0 alone commits the folder with ``CheckpointStore.commit_async``; training goes
   on while it uploads.
 * Several nodes (node-local disks): every node's local rank 0 uploads the files its node
-  wrote into the same step folder, without a manifest, in the background. Each step the
-  loop's MAX all-reduce carries a "this node is still uploading" flag next to the stop
-  flag; once it is 0 everywhere, all ranks all-gather each node's file list and outcome
-  (a barrier with status) and rank 0 writes the manifest listing every node's files, only
-  when every node succeeded. The final save (end or preemption) waits for all of that.
+  wrote into the same step folder, without a manifest (``upload_part_async``), in the
+  background. Each step the loop's MAX all-reduce carries a "this node is still uploading"
+  flag next to the stop flag; once it is 0 everywhere, all ranks all-gather each node's file
+  list and outcome (a barrier with status) and rank 0 commits the manifest listing every
+  node's files (``commit_parts_async``), only when every node succeeded. The final save (end
+  or preemption) waits for all of that.
 * Resume: rank 0 asks the store for the newest *committed* checkpoint (a corrupt or
   half-uploaded one is skipped) and broadcasts its step; on every node local rank 0
   downloads that step and all ranks load from the node-local copy.
@@ -27,20 +32,39 @@ Protocol (documented in docs/training.md):
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..errors import TrainError
+from ..storage.commit import CheckpointStore
+from ..storage.layout import Artifact, artifact_name, step_dir
+from .engine import Engine
 
 log = logging.getLogger("ftcluster.train")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves besides the engine's state, and what :meth:`CheckpointManager.load` returns."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training time up to this state, over every attempt
+    data: dict[str, Any] | None = None  # this rank's data position (ShardedBatches.state_dict())
+    general_eval_before: float | None = None  # the forgetting baseline, measured before the first step
+    last_loss: float | None = None  # recorded in the manifest's meta only
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -76,180 +100,96 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- multi-node uploads
+def default_work_dir(spec: Any, node_rank: int) -> Path:
+    """A node-local folder for snapshots, unique per output URI and launch."""
+    base = Path(os.environ.get("FTCLUSTER_LOCAL_DIR") or Path(tempfile.gettempdir()) / "ftcluster")
+    key = hashlib.sha256(f"{spec.output.uri}|{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode()).hexdigest()[:10]
+    return base / f"{spec.name}-{key}" / f"node{node_rank}"
+
+
+# ----------------------------------------------------------------------------- manager
 
 
 @dataclass
 class _Awaiting:
+    """Multi-node: a checkpoint whose parts are uploading; its manifest is not written yet."""
+
     step: int
     meta: dict[str, Any]
     final: bool
     future: Future | None  # this node's upload (node leaders only)
 
 
-class NodeUploader:
-    """One node's share of a multi-node checkpoint: upload its files into the step folder (no
-    manifest), and on rank 0 write the manifest listing every node's files, then prune.
+@dataclass
+class RunIdentity:
+    """What a checkpoint must match to be resumed by this run."""
 
-    Uses the store's filesystem and its commit format, so ``CheckpointStore.restore_latest``
-    and ``committed`` treat these checkpoints like single-node ones.
-    """
-
-    def __init__(self, store: Any):
-        self.store = store
-        self._serial = ThreadPoolExecutor(1, thread_name_prefix="ftcluster-node-commit")
-        self._pool = ThreadPoolExecutor(max(1, store.concurrency), thread_name_prefix="ftcluster-node-put")
-
-    def _dest(self, step: int) -> str:
-        return f"{self.store.root}/{self.store.prefix}/step-{step:08d}"
-
-    def submit(self, step: int, folder: Path, final: bool) -> Future:
-        deadline = time.monotonic() + self.store.retry_max_s if final else None
-        return self._serial.submit(self._upload, step, folder, deadline)
-
-    def _upload(self, step: int, folder: Path, deadline: float | None) -> dict[str, Any]:
-        from .storage import scan_local
-
-        files = scan_local(folder)
-        dest = self._dest(step)
-        pending, attempt = dict(files), 0
-        while pending:
-            futs = {rel: self._pool.submit(self._put, folder / rel, f"{dest}/{rel}") for rel in pending}
-            failed = {rel: fut.exception() for rel, fut in futs.items() if fut.exception() is not None}
-            pending = {rel: files[rel] for rel in failed}
-            if pending:
-                self._backoff(next(iter(failed.values())), attempt, deadline, f"{len(pending)} file(s) of step {step}")
-                attempt += 1
-        shutil.rmtree(folder, ignore_errors=True)
-        return files
-
-    def _put(self, src: Path, dest: str) -> None:
-        from .storage import _is_local_fs
-
-        if _is_local_fs(self.store.fs):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-        self.store.fs.put_file(str(src), dest)
-
-    def _backoff(self, exc: BaseException, attempt: int, deadline: float | None, what: str) -> None:
-        from ..errors import StorageError
-        from .storage import backoff_s, one_line
-
-        delay = backoff_s(attempt, self.store.retry_base_s, self.store.retry_cap_s)
-        if deadline is not None and time.monotonic() + delay > deadline:
-            raise StorageError(f"{self.store.uri}: upload of {what} failed: {one_line(exc)}")
-        if attempt % 10 == 0:
-            log.warning("upload of %s failed (%s); retrying in %.1f s", what, one_line(exc), delay)
-        time.sleep(delay)
-
-    def write_manifest(self, step: int, files: dict[str, Any], meta: dict[str, Any], final: bool) -> Future:
-        deadline = time.monotonic() + self.store.retry_max_s if final else None
-        return self._serial.submit(self._write_manifest, step, files, meta, deadline)
-
-    def _write_manifest(self, step: int, files: dict[str, Any], meta: dict[str, Any], deadline: float | None) -> None:
-        from .. import __version__
-        from .storage import MANIFEST, MANIFEST_FORMAT, put_bytes
-
-        man = {"format": MANIFEST_FORMAT, "kind": "checkpoint", "step": step, "meta": meta,
-               "files": dict(sorted(files.items())), "total_bytes": sum(i["size"] for i in files.values()),
-               "ftcluster_version": __version__, "created_unix": round(time.time(), 3)}
-        data = json.dumps(man, indent=1, sort_keys=True, default=str).encode()
-        attempt = 0
-        while True:
-            try:
-                put_bytes(self.store.fs, f"{self._dest(step)}/{MANIFEST}", data)
-                break
-            except Exception as exc:  # noqa: BLE001 - retried like the files
-                self._backoff(exc, attempt, deadline, f"the manifest of step {step}")
-                attempt += 1
-        log.info("committed %s (%d files from every node)", self.store.step_uri(step), len(files))
-        try:
-            self.store._prune()
-        except Exception as exc:  # noqa: BLE001 - housekeeping; the next commit retries it
-            log.warning("could not prune old checkpoints: %s", exc)
+    engine: str
+    model_fingerprint: str
+    method: str
+    total_steps: int
+    every_steps: int | None = None
+    every_s: float | None = None
 
 
-# ----------------------------------------------------------------------------- checkpointer
+class CheckpointManager:
+    """Saves and restores the run's state; every method is called on every rank (collective)."""
 
-
-class Checkpointer:
-    """Writes snapshots and drives the store. All methods are called on every rank."""
-
-    def __init__(self, store: Any, ctx: Any, work_dir: Path):
-        self.store = store
-        self.ctx = ctx  # runtime.DistContext
-        self.work_dir = work_dir
+    def __init__(self, spec: Any, ctx: Any, engine: Engine, work_dir: Path, identity: RunIdentity):
+        out = spec.output
+        self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency)
+        self.ctx, self.engine, self.work_dir, self.id = ctx, engine, work_dir, identity
         self._pending: list[Future] = []
-        self._awaiting: list[_Awaiting] = []  # multi-node: uploaded or uploading, manifest not yet written
-        self._nodes: NodeUploader | None = None
+        self._awaiting: list[_Awaiting] = []
         self._errors: list[str] = []
+        self._last_save = time.monotonic()
 
-    # -- save ------------------------------------------------------------------
-    def snapshot(self, step: int, engine: Any, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
-        """Write the state of every rank into the node-local folder for ``step`` (collective)."""
-        import torch
-
-        ctx = self.ctx
-        folder = self.work_dir / f"step-{step:08d}"
-        if ctx.local_rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-            (folder / "engine").mkdir(parents=True)
-        ctx.barrier()
-        engine.save(folder / "engine", ctx.rank)
-        torch.save({**per_rank, "rng": rng_state(ctx.device)}, folder / f"rank-{ctx.rank:05d}.pt")
-        if ctx.rank == 0:
-            (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
-        ctx.barrier()  # every file of every rank is on the node's disk
-        return folder
-
-    def commit(self, step: int, folder: Path, meta: dict[str, Any], final: bool) -> None:
-        """Start uploading ``folder`` as checkpoint ``step``; returns at once (collective)."""
-        ctx = self.ctx
-        if ctx.nnodes == 1:
-            if ctx.rank == 0:
-                self._pending.append(self.store.commit_async(step, folder, meta, final=final))
-            return
-        fut = None
-        if ctx.local_rank == 0:
-            if self._nodes is None:
-                self._nodes = NodeUploader(self.store)
-            fut = self._nodes.submit(step, folder, final)
-        self._awaiting.append(_Awaiting(step, meta, final, fut))
+    # -- the loop's surface ----------------------------------------------------------
+    def time_due(self) -> int:
+        """1 when the time-based checkpoint interval has passed on this rank (all-reduced by the loop)."""
+        return 1 if self.id.every_s and time.monotonic() - self._last_save >= self.id.every_s else 0
 
     def busy(self) -> int:
-        """1 while this node's oldest uncommitted multi-node upload is still running (for the step's all-reduce)."""
+        """1 while this node's oldest uncommitted multi-node upload is still running (all-reduced by the loop)."""
         if not self._awaiting:
             return 0
         fut = self._awaiting[0].future
         return 0 if fut is None or fut.done() else 1
 
-    def commit_ready(self) -> None:
-        """After the all-reduced ``busy()`` came back 0: commit the oldest awaiting checkpoint (collective)."""
-        if self._awaiting:
-            self._finalize(self._awaiting.pop(0))
+    def maybe_save(self, state: TrainState, *, time_due: bool, uploading: bool,
+                   before: Callable[[], None] | None = None) -> bool:
+        """After the step's agreement: commit a multi-node checkpoint every node finished uploading,
+        and save a periodic checkpoint when one is due (never at the last step: the end saves).
+        ``before`` is called just before saving (the loop flushes its metrics and brings ``state``
+        up to date)."""
+        if not uploading:
+            self._commit_ready()
+        every = self.id.every_steps
+        if state.step >= self.id.total_steps or not ((every and state.step % every == 0) or time_due):
+            return False
+        if before is not None:
+            before()
+        self.save(state, final=False)
+        return True
 
-    def _finalize(self, item: _Awaiting) -> None:
-        """Every node reports its uploaded files; rank 0 writes the manifest only if all succeeded."""
-        import torch.distributed as dist
+    def save(self, state: TrainState, *, final: bool) -> None:
+        """Snapshot every rank's state to node-local disk and start uploading it; returns at once."""
+        folder = self._snapshot(state)
+        meta = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": self.ctx.world_size,
+                "method": self.id.method, "last_loss": state.last_loss}
+        self._commit(state.step, folder, meta, final)
+        self._last_save = time.monotonic()
 
-        ctx = self.ctx
-        mine: tuple[int, Any, str | None] = (ctx.node_rank, None, None)
-        if item.future is not None:
-            exc = item.future.exception()
-            mine = (ctx.node_rank, None if exc else item.future.result(), None if exc is None else str(exc))
-        reports: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(reports, mine, group=ctx.ctl_group)
-        errors = [f"node {n}: {e}" for n, _, e in reports if e]
-        if errors:
-            msg = f"checkpoint step {item.step} was not committed: " + "; ".join(sorted(set(errors)))
-            if item.final:
-                self._errors.append(msg)
-            log.warning("%s", msg)
-            return
-        if ctx.rank == 0:
-            files: dict[str, Any] = {}
-            for _, f, _ in reports:
-                files.update(f or {})
-            self._pending.append(self._nodes.write_manifest(item.step, files, item.meta, item.final))
+    def publish(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: upload an exported folder as ``{uri}/{name}/`` (committed like a checkpoint)."""
+        if self.ctx.rank == 0:  # a failed final publish is raised by wait() (the store's final jobs)
+            self.store.publish(name, folder, meta)
+
+    def finished(self, artifact: Artifact) -> bool:
+        """Whether ``artifact`` is committed under the output URI (rank 0 looks, every rank learns)."""
+        flag = [self.store.is_published(artifact_name(artifact)) if self.ctx.rank == 0 else False]
+        self._broadcast(flag)
+        return bool(flag[0])
 
     def wait(self) -> None:
         """Block until every started commit finished; raise if a final one failed (collective)."""
@@ -258,7 +198,7 @@ class Checkpointer:
             item = self._awaiting[0]
             if item.future is not None:
                 concurrent.futures.wait([item.future])
-            self.commit_ready()
+            self._commit_ready()
         for fut in self._pending:
             if fut.cancelled():  # a queued periodic upload superseded by the final one
                 continue
@@ -276,11 +216,90 @@ class Checkpointer:
         if errors:
             raise TrainError(f"output.uri: a final upload failed: {errors[0]}")
 
-    # -- restore ---------------------------------------------------------------
-    def restore(self) -> tuple[int, Path, dict[str, Any]] | None:
-        """Download the newest committed checkpoint onto every node; None on a fresh start."""
+    def load(self) -> TrainState | None:
+        """Restore the newest committed checkpoint into the engine and the RNGs; None on a fresh start."""
+        found = self._restore()
+        if found is None:
+            return None
+        step, folder, shared = found
+        if shared["world_size"] != self.ctx.world_size:
+            raise TrainError(
+                f"output.uri: checkpoint step {step} was written by {shared['world_size']} processes, this run has "
+                f"{self.ctx.world_size}; resume with the same resources or write to a new output.uri")
+        if shared["engine"] != self.id.engine or shared["model_fingerprint"] != self.id.model_fingerprint:
+            raise TrainError(f"output.uri: checkpoint step {step} belongs to another model or method; "
+                             "use a new output.uri for a changed spec")
+        self.engine.load(folder / "engine")
+        rank_state = self._load_rank_state(folder)
+        self._cleanup_restore()
+        return TrainState(step=shared["step"], tokens_seen=shared["tokens_seen"], elapsed_s=shared.get("elapsed_s", 0.0),
+                          data=rank_state["data"], general_eval_before=shared.get("general_eval_before"))
+
+    # -- save ------------------------------------------------------------------
+    def _snapshot(self, state: TrainState) -> Path:
+        import torch
+
+        ctx = self.ctx
+        folder = self.work_dir / step_dir(state.step)
+        if ctx.local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            (folder / "engine").mkdir(parents=True)
+        ctx.barrier()
+        self.engine.save(folder / "engine", ctx.rank)
+        torch.save({"data": state.data, "step": state.step, "rng": rng_state(ctx.device)},
+                   folder / f"rank-{ctx.rank:05d}.pt")
+        if ctx.rank == 0:
+            shared = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": ctx.world_size,
+                      "engine": self.id.engine, "model_fingerprint": self.id.model_fingerprint,
+                      "total_steps": self.id.total_steps, "general_eval_before": state.general_eval_before,
+                      "elapsed_s": state.elapsed_s, "ftcluster_version": __version__}
+            (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
+        ctx.barrier()  # every file of every rank is on the node's disk
+        return folder
+
+    def _commit(self, step: int, folder: Path, meta: dict[str, Any], final: bool) -> None:
+        ctx = self.ctx
+        if ctx.nnodes == 1:
+            if ctx.rank == 0:
+                self._pending.append(self.store.commit_async(step, folder, meta, final=final))
+            return
+        fut = self.store.upload_part_async(step, folder, final=final) if ctx.local_rank == 0 else None
+        self._awaiting.append(_Awaiting(step, meta, final, fut))
+
+    def _commit_ready(self) -> None:
+        """Multi-node: every node reports its uploaded files; rank 0 commits only if all succeeded."""
+        if not self._awaiting:
+            return
         import torch.distributed as dist
 
+        item, ctx = self._awaiting.pop(0), self.ctx
+        mine: tuple[int, Any, str | None] = (ctx.node_rank, None, None)
+        if item.future is not None:
+            exc = item.future.exception()
+            mine = (ctx.node_rank, None if exc else item.future.result()["manifest_files"],
+                    None if exc is None else str(exc))
+        reports: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(reports, mine, group=ctx.ctl_group)
+        errors = [f"node {n}: {e}" for n, _, e in reports if e]
+        if errors:
+            msg = f"checkpoint step {item.step} was not committed: " + "; ".join(sorted(set(errors)))
+            if item.final:
+                self._errors.append(msg)
+            log.warning("%s", msg)
+            return
+        if ctx.rank == 0:
+            parts = [f for _, f, _ in reports if f]
+            self._pending.append(self.store.commit_parts_async(item.step, parts, item.meta, final=item.final))
+
+    # -- restore ---------------------------------------------------------------
+    def _broadcast(self, obj: list[Any]) -> None:
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(obj, src=0, group=self.ctx.ctl_group)
+
+    def _restore(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """Download the newest committed checkpoint onto every node; None on a fresh start."""
         ctx = self.ctx
         local = self.work_dir / "restore"
         found: list[Any] = [None]
@@ -288,8 +307,7 @@ class Checkpointer:
             shutil.rmtree(local, ignore_errors=True)
             res = self.store.restore_latest(local)
             found = [None if res is None else int(res[0])]
-        if ctx.world_size > 1:
-            dist.broadcast_object_list(found, src=0, group=ctx.ctl_group)
+        self._broadcast(found)
         step = found[0]
         if step is None:
             return None
@@ -301,10 +319,9 @@ class Checkpointer:
                                  f"{None if got is None else got[0]} while rank 0 restores {step}; "
                                  "is another job writing to the same output.uri?")
         ctx.barrier()
-        state = json.loads((local / "state.json").read_text())
-        return step, local, state
+        return step, local, json.loads((local / "state.json").read_text())
 
-    def load_rank_state(self, folder: Path) -> dict[str, Any]:
+    def _load_rank_state(self, folder: Path) -> dict[str, Any]:
         import torch
 
         path = folder / f"rank-{self.ctx.rank:05d}.pt"
@@ -314,17 +331,7 @@ class Checkpointer:
         set_rng_state(st.pop("rng"), self.ctx.device)
         return st
 
-    def cleanup_restore(self) -> None:
+    def _cleanup_restore(self) -> None:
         self.ctx.barrier()
         if self.ctx.local_rank == 0:
             shutil.rmtree(self.work_dir / "restore", ignore_errors=True)
-
-
-def default_work_dir(spec: Any, node_rank: int) -> Path:
-    """A node-local folder for snapshots, unique per output URI and launch."""
-    import hashlib
-    import tempfile
-
-    base = Path(os.environ.get("FTCLUSTER_LOCAL_DIR") or Path(tempfile.gettempdir()) / "ftcluster")
-    key = hashlib.sha256(f"{spec.output.uri}|{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode()).hexdigest()[:10]
-    return base / f"{spec.name}-{key}" / f"node{node_rank}"

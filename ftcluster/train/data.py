@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TrainError
-from .storage import fs_and_path, one_line
+from ..storage.uri import fs_and_path, one_line
 
 log = logging.getLogger("ftcluster.train")
 

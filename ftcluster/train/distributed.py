@@ -108,9 +108,10 @@ def setup_logging(rank: int) -> None:
     handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(asctime)s [ftcluster.train" + (f" rank {rank}" if rank else "")
                                            + "] %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    for logger in (log, logging.getLogger("ftcluster.storage")):  # the storage layer logs commits and retries
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

@@ -1,4 +1,4 @@
-"""Two engines behind one interface: the training loop never knows which one it drives.
+"""Two engines behind one interface (:class:`Engine`): the training loop never knows which one it drives.
 
 * :class:`PlainEngine` - LoRA (or any small trainable subset): torch AdamW, DDP when
   there is more than one process, autocast on GPU.
@@ -20,9 +20,50 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("ftcluster.train")
+
+
+class Engine(Protocol):
+    """What the loop, the checkpoint manager and the exports call; a new engine (e.g. FSDP2) implements it."""
+
+    kind: str  # recorded in checkpoints: a checkpoint resumes only into the same kind
+    module: Any  # the underlying Hugging Face model (its config fingerprints checkpoints)
+
+    @property
+    def grad_accum_scale(self) -> int:
+        """The factor by which the engine divides the loss (ranks x accumulation); the loop multiplies it back."""
+        ...
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        ...
+
+    def train_step(self, micro_batches: list[dict[str, Any]], scale: float) -> tuple[Any, Any]:
+        """One optimizer step; (sum of token CE, grad norm) as detached tensors."""
+        ...
+
+    def eval_sums(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(sum of token CE, number of label tokens) of one batch, without gradients."""
+        ...
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Write this rank's share of the state into ``folder`` (collective)."""
+        ...
+
+    def load(self, folder: Path) -> None:
+        """Restore what :meth:`save` wrote (collective)."""
+        ...
+
+    def export(self, folder: Path, rank: int) -> None:
+        """The end-of-run artifact: an adapter (LoRA) or a consolidated model (collective)."""
+        ...
+
+    def export_merged(self, folder: Path, rank: int) -> None:
+        """LoRA: base weights with the adapter merged in."""
+        ...
 
 
 class LrLambda:

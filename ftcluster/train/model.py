@@ -2,7 +2,7 @@
 checkpointing and the LoRA wrap.
 
 Sources (exactly one, validated by the spec): a local folder or fsspec URI (downloaded
-once per node by ``storage.fetch_dir``), a Hub id (the only path that may reach a hub),
+once per node by ``ftcluster.storage.fetch.fetch_dir``), a Hub id (the only path that may reach a hub),
 or ``random_init`` (a LlamaConfig from a preset; seeded, so every rank and every rerun
 builds the same weights).
 """
@@ -91,7 +91,7 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         if m.path:
-            from .storage import fetch_dir
+            from ..storage.fetch import fetch_dir
 
             where = str(fetch_dir(m.path, m.storage_options, cache_dir / "models"))
             kwargs["local_files_only"] = True

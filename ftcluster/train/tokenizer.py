@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError
+from ..storage.fetch import fetch_dir, file_lock
 from .data import instruction_prompt, load_records
-from .storage import fetch_dir, file_lock
 
 log = logging.getLogger("ftcluster.train")
 

@@ -1,0 +1,67 @@
+"""The run's published folders: the LoRA adapter of each checkpoint and the end-of-run artifacts.
+
+Each is exported into a node-local folder (collective: ZeRO-3 gathers its shards), then rank 0
+adds ``ftcluster_meta.json`` and the tokenizer and publishes it through the checkpoint manager,
+whose store commits it like a checkpoint (manifest last).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..storage.layout import Artifact, artifact_name, step_adapter_name
+from .checkpoint import CheckpointManager, TrainState
+from .engine import Engine
+
+
+def last_artifact(spec: Any) -> Artifact:
+    """The artifact published last at the end (uploads commit in order): its commit means "done"."""
+    if spec.method != "lora":
+        return "final"
+    return "merged" if spec.lora.merge_at_end else "adapter"
+
+
+class Outputs:
+    def __init__(self, spec: Any, ctx: Any, engine: Engine, tokenizer: Any, ckpt: CheckpointManager,
+                 work_dir: Path, model_fingerprint: str):
+        self.spec, self.ctx, self.engine, self.tokenizer, self.ckpt = spec, ctx, engine, tokenizer, ckpt
+        self.work_dir, self.model_fingerprint = work_dir, model_fingerprint
+
+    def meta(self, state: TrainState, eval_loss: float | None) -> dict[str, Any]:
+        from .model import model_source
+
+        return {"base_model": model_source(self.spec), "base_config_sha256": self.model_fingerprint,
+                "step": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss,
+                "eval_loss": eval_loss, "training": self.spec.model_dump(mode="json"),
+                "ftcluster_version": __version__}
+
+    def after_checkpoint(self, state: TrainState, eval_loss: float | None) -> None:
+        """LoRA: publish the adapter of the checkpoint just saved (collective)."""
+        if self.spec.method == "lora":
+            self._export(step_adapter_name(state.step), self.engine.export, self.meta(state, eval_loss))
+
+    def publish_final(self, state: TrainState, eval_loss: float | None) -> None:
+        """The end-of-run artifacts: the adapter (and the merged model) or the consolidated model (collective)."""
+        meta = self.meta(state, eval_loss)
+        if self.spec.method == "lora":
+            self._export(artifact_name("adapter"), self.engine.export, meta)
+            if self.spec.lora.merge_at_end:
+                self._export(artifact_name("merged"), self.engine.export_merged, meta)
+        else:
+            self._export(artifact_name("final"), self.engine.export, meta)
+
+    def _export(self, name: str, export: Any, meta: dict[str, Any]) -> None:
+        folder = self.work_dir / "export" / name.replace("/", "_")
+        if self.ctx.local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        self.ctx.barrier()
+        export(folder, self.ctx.rank)
+        if self.ctx.is_main:
+            (folder / "ftcluster_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            self.tokenizer.save_pretrained(str(folder))
+            self.ckpt.publish(name, folder, meta)
