@@ -73,13 +73,6 @@ LAYER_OF: dict[str, str] = {
 }
 HEAVY = {"torch", "transformers", "peft", "deepspeed", "accelerate", "safetensors", "tokenizers", "datasets"}
 
-# Violations other branches of issue #7 are removing; each entry is one xfail of
-# test_pending_module_is_clean. Remove an entry once its module is clean (the test then
-# XPASSes, which strict xfail reports as a failure).
-PENDING: dict[str, str] = {
-    "ftcluster.train.checkpoint": "train/checkpoint.py imports train.storage._is_local_fs (issue #7, storage/train branch)",
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -273,16 +266,9 @@ def test_every_module_has_a_layer(graph):
 
 
 def test_architecture(graph):
-    """Rules (a)-(d) hold everywhere except in the modules listed in PENDING."""
-    bad = {m: v for m, v in graph.violations().items() if m not in PENDING}
+    """Rules (a)-(d) hold in every module."""
+    bad = graph.violations()
     assert not bad, "architecture violations:\n" + _report(bad)
-
-
-@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.xfail(reason=why, strict=True))
-                                    for m, why in PENDING.items()])
-def test_pending_module_is_clean(graph, module):
-    bad = {m: v for m, v in graph.violations().items() if m == module}
-    assert not bad, _report(bad)
 
 
 # The rules themselves, on small made-up packages: a checker that finds nothing proves nothing.
