@@ -84,7 +84,7 @@ def check_output(spec: Any, timeout: float = 60.0) -> Check:
         return Check("output", "fail", f"{uri}: no answer within {timeout:.0f}s",
                      "check the endpoint (output.storage_options.client_kwargs.endpoint_url) and the network")
     err = result.get("error")
-    if isinstance(err, ImportError) or isinstance(getattr(err, "__cause__", None), ImportError):
+    if err is not None and (isinstance(err, ImportError) or isinstance(err.__cause__, ImportError)):
         return Check("output", "fail", f"{uri}: {err.__cause__ or err}",
                      "pip install 'ftcluster[train]' (it brings s3fs/gcsfs)")
     if err is not None:

@@ -102,6 +102,8 @@ def submitit_parameters(spec: Any) -> dict[str, Any]:
             continue
         if o.name == "job-name":
             params["name"] = o.value
+        elif o.value is None:  # a flag (exclusive: null): True for submitit
+            extra[o.name] = True
         elif o.name == "nodes":
             params["nodes"] = int(o.value)
         elif o.name == "time":
@@ -112,8 +114,8 @@ def submitit_parameters(spec: Any) -> dict[str, Any]:
             params["cpus_per_task"] = max(1, int(o.value) // ntasks)
         elif o.name in _AS_PARAMETER:
             params[_AS_PARAMETER[o.name]] = _sbatch_text(o.value)
-        else:  # reservation, slurm.extra_directives; a flag (exclusive: null) is True for submitit
-            extra[o.name] = True if o.value is None else _sbatch_text(o.value)
+        else:  # reservation, slurm.extra_directives
+            extra[o.name] = _sbatch_text(o.value)
     if extra:
         params["slurm_additional_parameters"] = extra
     if request.setup_lines:

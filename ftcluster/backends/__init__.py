@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import BackendError
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 BACKENDS = ("local", "slurm", "kubernetes")
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     """Instantiate the backend called ``name``."""
     if name == "local":
         from .local import LocalBackend

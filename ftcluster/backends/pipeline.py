@@ -114,7 +114,9 @@ class PipelineBackend(Backend):
                 for st in req.stages:
                     current = st.name
                     st.request.meta["sbatch_args"] = _sbatch_args([ids[a] for a in st.after])
-                    ids[st.name] = self.slurm.schedule(st.request).job_id
+                    job_id = self.slurm.schedule(st.request).job_id
+                    assert job_id is not None  # SlurmBackend.schedule raises unless sbatch gave an id
+                    ids[st.name] = job_id
                 current = "release"
                 for st in req.stages:
                     self._scontrol(st.request.meta["login"], ["release", ids[st.name]])
@@ -214,4 +216,6 @@ def _pipeline_message(stages: list[dict[str, Any]], summary: str) -> str:
     if all(r["state"] in TERMINAL for r in stages):
         return ""
     active = next((r for r in stages if r["state"] != "SUCCEEDED"), None)
+    if active is None:
+        return ""
     return f"stage {active['name']} {active['state'].lower()}" + (f" ({active['message']})" if active["message"] else "")

@@ -52,7 +52,7 @@ class Runner:
     def __call__(self, argv: list[str], stdin: str | None = None,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         if self.login:
-            return self._remote(argv, stdin, env or {})
+            return self._remote(self.login, argv, stdin, env or {})
         if shutil.which(argv[0]) is None:
             raise BackendError(
                 f"`{argv[0]}` is not on PATH: run ftcluster on a Slurm login node, or set slurm.login: user@host "
@@ -60,15 +60,16 @@ class Runner:
             )
         return self._exec(argv, argv, stdin, {**os.environ, **env} if env else None)
 
-    def _remote(self, argv: list[str], stdin: str | None, env: dict[str, str]) -> subprocess.CompletedProcess:
+    def _remote(self, login: str, argv: list[str], stdin: str | None,
+                env: dict[str, str]) -> subprocess.CompletedProcess:
         from . import ssh
 
-        cmd = ssh.ssh_argv(self.login, ssh.remote_command(argv, sorted(env)))
+        cmd = ssh.ssh_argv(login, ssh.remote_command(argv, sorted(env)))
         if env:
             stdin = ssh.env_preamble(env) + (stdin or "")
         proc = self._exec(cmd, argv, stdin, None)
         if proc.returncode == 255:
-            raise ssh.ssh_error(self.login, proc.stderr)
+            raise ssh.ssh_error(login, proc.stderr)
         if proc.returncode == 127 and ssh.BEGIN in proc.stdout:
             raise BackendError(
                 f"`{argv[0]}` is not on PATH on {self.login}, even in a login shell (bash -l); load Slurm in "
@@ -226,7 +227,7 @@ class SlurmBackend(Backend):
     def cancel(self, run_ref: str) -> RunStatus:
         run_dir = self.run_folder(run_ref)
         st = self.status(str(run_dir))
-        if st.terminal:
+        if st.terminal or not st.job_id:
             return st
         # scancel sends SIGTERM to every step first; the runtime checkpoints on it (KillWait later).
         proc = self.runner(self._extra(run_dir).get("login"))(["scancel", st.job_id])

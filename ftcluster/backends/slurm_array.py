@@ -71,6 +71,8 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 def refresh_array(st: RunStatus, run_dir: Path, extra: dict[str, Any], run: Callable[..., Any]) -> RunStatus:
     """Query every task of the array run ``st``, save and return the updated status."""
+    if not st.job_id:
+        return st
     records = query_tasks(run, st.job_id)
     if not records and not st.tasks:
         st.state = "UNKNOWN"

@@ -115,7 +115,7 @@ class SlurmPreflight:
         self.spec = spec
         self.run = runner
         self.where = f"via ssh {spec.slurm.login}" if spec.slurm.login else "locally"
-        self.partition: dict[str, str] | None = None
+        self.partition: dict[str, str] = {}  # set by check_partition; later checks run only after it passed
 
     def client(self) -> Check:
         try:

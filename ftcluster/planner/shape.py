@@ -233,7 +233,7 @@ def read_config(uri: str, storage_options: dict[str, Any] | None = None, *, netw
             import fsspec
 
             with fsspec.open(path, "rb", **(storage_options or {})) as fh:
-                return json.loads(fh.read())
+                return json.loads(fh.read())  # pyright: ignore[reportAttributeAccessIssue]  (fsspec.open's stub says list)
         local = path[len("file://"):] if path.startswith("file://") else path
         with open(local, "rb") as fh:
             return json.loads(fh.read())
