@@ -122,13 +122,22 @@ def check_backend(spec: Any, remote: bool = False, backend: Any = None) -> list[
         return [failed("cluster", err)]
 
 
+def check_plan(spec: Any) -> list[Check]:
+    """The planner's verdict (offline): per-GPU memory against the GPU, and its recommendation."""
+    from .planner import doctor_checks
+
+    fixes = {"fail": "`ftcluster plan` lists layouts that fit; lower micro_batch_size, turn on "
+                     "gradient_checkpointing, raise the ZeRO stage or add GPUs"}
+    return [Check(name, status, detail, fixes.get(status, "")) for name, status, detail in doctor_checks(spec)]
+
+
 def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False,
              backend: Any = None) -> list[Check]:
     """Every check for the job at ``path``; a failed spec check stops the rest."""
     first, spec = check_spec(path, list(overrides or []))
     if spec is None:
         return [first]
-    out = [first, check_render(spec)]
+    out = [first, check_render(spec), *check_plan(spec)]
     out += check_backend(spec, remote, backend)
     out.append(check_output(spec))
     return out

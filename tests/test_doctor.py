@@ -75,7 +75,18 @@ def test_local_backend_checks_pass_and_clean_up(tmp_path):
     rc, checks = doctor(job)
     assert rc == 0, checks
     assert {k: v["status"] for k, v in checks.items()} == {
-        "spec": "ok", "launch files": "ok", "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "output": "ok"}
+        "spec": "ok", "launch files": "ok", "plan: memory": "ok", "plan: recommendation": "ok", "/dev/shm": "ok",
+        "rendezvous port": "ok", "python": "ok", "output": "ok"}
+    assert "GiB usable per" in checks["plan: memory"]["result"]
+
+
+def test_plan_that_does_not_fit_is_a_failed_row(tmp_path):
+    """doctor shows the planner's verdict; a job too big for its GPU fails that row with the fix."""
+    job = write_job(tmp_path, "local")
+    rc, checks = doctor(job, "--set", "model.random_init.preset=llama-3-8b", "--set", "method=full",
+                        "--set", "resources.gpu_type=a100-40g", "--set", "resources.gpus_per_node=1")
+    assert rc == 1
+    assert checks["plan: memory"]["status"] == "fail" and "ftcluster plan" in checks["plan: memory"]["fix"]
     assert not (tmp_path / "out").exists()  # the probe removed the folders it made
 
 
