@@ -138,7 +138,8 @@ def test_slurm_good_spec_passes_with_remote_probe(slurm, tmp_path):
     rc, checks = doctor(job, "--remote", "--set", "resources.gpus_per_node=2", "--set", "resources.time_limit=00:20:00")
     assert rc == 0, checks
     assert {k: v["status"] for k, v in checks.items()} == {
-        "spec": "ok", "launch files": "ok", "slurm": "ok", "partition": "ok", "nodes": "ok", "time limit": "ok",
+        "spec": "ok", "launch files": "ok", "plan: memory": "ok", "plan: recommendation": "ok", "slurm": "ok",
+        "partition": "ok", "nodes": "ok", "time limit": "ok",
         "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "env passthrough": "skip", "output": "ok"}
     assert "2 of 2 nodes in debug fit 2 x gpu" in checks["nodes"]["result"]
     assert "ftcluster" in checks["python"]["result"]
