@@ -94,7 +94,8 @@ class ProgressBar:
         self.progress.console.print(Text(line.rstrip("\n")), soft_wrap=True, highlight=False)
 
     def saw_total(self, total: int) -> None:
-        if self.progress.tasks[0].total is None:
+        """The runtime's own count (its log says ``step N/TOTAL``) wins over the spec's max_steps."""
+        if self.progress.tasks[0].total != total:
             self.progress.update(self.task, total=total)
 
     def refresh(self) -> None:
@@ -118,5 +119,5 @@ def show(lines: Iterable[str], echo: Callable[[str], None], bar: ProgressBar | N
         for line in lines:
             bar.print(line)
             m = STEP_IN_LOG.search(line)
-            if m:  # the total, when the spec gave epochs instead of training.max_steps
+            if m:  # the total, also when the spec gave epochs instead of training.max_steps
                 bar.saw_total(int(m.group(2)))

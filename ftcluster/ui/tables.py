@@ -4,7 +4,8 @@ rich's tables shrink every column to fit the terminal and then fold or ellipsize
 cut run ids mid-token (not copy-pasteable) at 80 columns. Here the key columns (run ids, names,
 states) are always printed whole, at their natural width; one column (the message) takes the
 rest of the line and wraps at word boundaries. When less than ``MIN_WRAP`` characters are left
-for it, it moves to indented detail lines under its row instead. A word longer than the space
+for it, it moves to indented detail lines under its row instead; when even the key columns do not
+fit (a very long run id), each row is stacked: its id alone on a line, the rest indented below. A word longer than the space
 it gets is printed whole too (the line runs long rather than splitting a path or URI).
 """
 
@@ -44,9 +45,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | No
     keys = len(headers) - 1
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(keys)]
     used = sum(widths) + len(GAP) * keys
+    if used - len(GAP) > width:
+        return _stacked(headers, rows, width, details, style)
     room = width - used
     inline = room >= MIN_WRAP or all(len(str(r[-1])) <= max(room, 0) for r in rows)
-    lines = [_join(headers[:keys], widths, None) + (GAP + headers[-1] if inline else "")]
+    lines = [(_join(headers[:keys], widths, None) + (GAP + headers[-1] if inline else "")).rstrip()]
     for i, row in enumerate(rows):
         head = _join(row[:keys], widths, style)
         last = str(row[-1])
@@ -59,6 +62,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | No
             if last:
                 lines += [INDENT + w for w in _wrap(last, width - len(INDENT))]
         for extra in (details[i] if details else ()):
+            if extra:
+                lines += [INDENT + w for w in _wrap(extra, width - len(INDENT))]
+    return "\n".join(lines) + "\n"
+
+
+def _stacked(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int,
+             details: Sequence[Sequence[str]] | None, style: Callable[[int, str], str] | None) -> str:
+    """Keys too wide for one line (a very long id): each row's first cell alone on its line, the other
+    key cells as ``name value`` pairs under it, then the last column and the details."""
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append(style(0, str(row[0])) if style else str(row[0]))
+        pairs = [(f"{h.lower()} " if h else "") + (style(c, str(row[c])) if style else str(row[c]))
+                 for c, h in enumerate(headers[1:-1], start=1) if str(row[c]).strip()]
+        lines.append(INDENT + GAP.join(pairs))
+        for extra in [str(row[-1]), *(details[i] if details else ())]:
             if extra:
                 lines += [INDENT + w for w in _wrap(extra, width - len(INDENT))]
     return "\n".join(lines) + "\n"
