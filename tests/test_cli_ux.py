@@ -179,6 +179,8 @@ def test_sample_without_torch_is_one_line_with_the_fix(tmp_path, monkeypatch):
         "error: ftcluster sample runs the model here and needs torch: pip install 'ftcluster[train]'"]
 
 
+@pytest.mark.train
+@pytest.mark.slow
 def test_sample_a_tiny_quickstart_run(tmp_path):
     pytest.importorskip("peft")
     env = {"FTCLUSTER_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", "FTCLUSTER_CACHE": str(tmp_path / "cache")}

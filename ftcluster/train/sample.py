@@ -65,14 +65,18 @@ def load(folder: Path, whole: bool, device: Any) -> tuple[Any, Any, Any]:
 
     from ..loader import spec_from_dict
     from .model import compute_dtype, load_base_model
-    from .tokenizer import _finish
+    from .tokenizer import CHAT_TEMPLATE
 
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise TrainError(f"{folder}/{META}: cannot read the run's metadata ({exc}); is this an ftcluster output?") from None
     spec = spec_from_dict(meta["training"])
-    tokenizer = _finish(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), spec.data.format)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # saved by the run, as trained
+    if tokenizer.pad_token is None:  # as the runtime set it (train.tokenizer); not always saved
+        tokenizer.pad_token = tokenizer.eos_token
+    if spec.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
     dtype = compute_dtype(spec.training.precision, device)
     if whole:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
