@@ -13,7 +13,7 @@ from .backends.base import list_runs as _run_folders
 from .loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "status", "logs",
-           "cancel", "list_runs", "doctor"]
+           "cancel", "list_runs", "doctor", "run_output"]
 
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None):
@@ -66,6 +66,39 @@ def logs(run_ref: str, follow: bool = False) -> Iterator[str]:
 def cancel(run_ref: str) -> RunStatus:
     """Ask a run to stop (it checkpoints first when it can)."""
     return _backend_of(run_ref).cancel(run_ref)
+
+
+def run_output(run_ref: str) -> dict[str, Any]:
+    """Where a run writes its outputs: ``{"uri", "storage_options", "max_steps", "single"}``.
+
+    ``uri`` is absolute for a local run whose output.uri was relative (resolved against the folder
+    it was launched from, as the runtime resolved it); ``single`` is False for a run with several
+    outputs (variants, pipeline stages), whose ``uri`` is then only their common root.
+    """
+    import json
+
+    from .storage.uri import is_local, local_path
+
+    run_dir = find_run(run_ref)
+    st = load_status(run_dir)
+    spec: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
+    try:
+        payload = json.loads((run_dir / "payload.json").read_text(encoding="utf-8"))
+        spec = payload.get("spec") or {}
+    except (OSError, ValueError):
+        pass
+    uri = st.output_uri
+    rest = uri.removeprefix("file://") if uri and is_local(uri) else None
+    if rest is not None and not rest.startswith(("/", "~")):
+        try:
+            cwd = json.loads((run_dir / "launch.json").read_text(encoding="utf-8"))["cwd"]
+            uri = "file://" + str(local_path(str(Path(cwd) / rest)))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return {"uri": uri, "storage_options": (spec.get("output") or {}).get("storage_options") or {},
+            "max_steps": (spec.get("training") or {}).get("max_steps"),
+            "single": bool(uri) and not st.tasks and "variants" not in payload}
 
 
 def list_runs() -> list[RunStatus]:

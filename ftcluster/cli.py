@@ -160,12 +160,21 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
-def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...], no_plan_check: bool) -> None:
+@click.option("--fresh", is_flag=True, help="Train from scratch in a new output folder (output.uri + '-<UTC time>') "
+              "instead of resuming from output.uri; nothing is moved or deleted.")
+def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...], no_plan_check: bool,
+           fresh: bool) -> None:
     """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
     from . import api
     from .pipeline import Pipeline
 
     spec = _load(job, sets)
+    if fresh:
+        if isinstance(spec, Pipeline):
+            raise click.UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
+        sets = (*sets, f"output.uri={_fresh_uri(spec.output.uri)}")  # a --set: the rendered header reproduces it
+        spec = _load(job, sets)
+        click.echo(f"--fresh: output.uri is {spec.output.uri}", err=True)
     if not no_plan_check:
         _plan_check(spec)
     if isinstance(spec, Pipeline) and backend:
@@ -174,10 +183,33 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple
     if dry_run:
         click.echo(req.describe(), nl=False)
         return
+    if not isinstance(spec, Pipeline):
+        _note_finished(job, spec)
     st = api.schedule(req)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
         sys.exit(_wait(st.run_dir))
+    click.echo(f"follow it: ftcluster logs -f {st.run_id}   state: ftcluster status {st.run_id}")
+
+
+def _fresh_uri(uri: str) -> str:
+    """A new output folder beside ``uri``: ``<uri>-<UTC time>`` (the old outputs stay as they are)."""
+    return f"{uri.rstrip('/')}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _note_finished(job: str, spec) -> None:
+    """Say, before submitting, that a local output already holds this run's end (the run would do nothing)."""
+    from .storage.layout import MANIFEST, OutputLayout
+    from .storage.uri import is_local, local_path
+
+    if not is_local(spec.output.uri):
+        return  # a remote store is looked at by the run itself (it logs the same advice)
+    last = "final" if spec.method != "lora" else "merged" if spec.lora.merge_at_end else "adapter"
+    done = local_path(OutputLayout(spec.output.uri).artifact(last)) / MANIFEST
+    if done.exists():
+        click.echo(f"note: {spec.output.uri} already holds a finished run ({last}/ is committed), so this run will "
+                   f"resume there and find nothing to do. To train again: ftcluster submit {job} --fresh "
+                   "(a new output folder), or --set output.uri=<another folder>", err=True)
 
 
 def _plan_check(spec) -> None:
@@ -215,11 +247,25 @@ def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline:
         print_plan(p)
 
 
+def _follow(run_ref: str) -> None:
+    """The run's log until it ends; on a terminal with a live progress bar under it (ftcluster.ui.progress)."""
+    from . import api
+    from .storage.layout import OutputLayout
+    from .ui.progress import ProgressBar, show
+
+    lines = api.logs(run_ref, follow=True)
+    bar = None
+    if sys.stdout.isatty() and not api.status(run_ref).terminal:
+        out = api.run_output(run_ref)
+        if out["single"]:
+            bar = ProgressBar(OutputLayout(out["uri"]).metrics, out["storage_options"], out["max_steps"])
+    show(lines, lambda line: click.echo(line, nl=False), bar)
+
+
 def _wait(run_ref: str) -> int:
     from . import api
 
-    for line in api.logs(run_ref, follow=True):
-        click.echo(line, nl=False)
+    _follow(run_ref)
     st = api.status(run_ref)
     while not st.terminal:
         time.sleep(1)
@@ -262,17 +308,15 @@ def _list(as_json: bool) -> None:
 
 
 def _table(runs) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Runs as a table whose run ids are never cut (ftcluster.ui.tables)."""
+    from .ui.tables import table
 
-    t = Table(box=None)
-    for col in ("RUN", "BACKEND", "JOB", "STATE", "MESSAGE"):
-        t.add_column(col)
+    rows = []
     for r in runs:
-        t.add_row(r.run_id, r.backend, r.job_id or "-", r.state, r.message)
+        rows.append([r.run_id, r.backend, r.job_id or "-", r.state, r.message])
         for task in r.tasks:  # the variants of a job array, the stages of a pipeline
-            t.add_row(f"  {task['name']}", "", task.get("job_id") or "-", task["state"], task.get("message", ""))
-    Console().print(t)
+            rows.append([f"  {task['name']}", "", task.get("job_id") or "-", task["state"], task.get("message", "")])
+    click.echo(table(["RUN", "BACKEND", "JOB", "STATE", "MESSAGE"], rows), nl=False)
 
 
 @cli.command()
@@ -282,7 +326,10 @@ def logs(run: str, follow: bool) -> None:
     """Print a run's log."""
     from . import api
 
-    for line in api.logs(run, follow=follow):
+    if follow:
+        _follow(run)
+        return
+    for line in api.logs(run):
         click.echo(line, nl=False)
 
 
@@ -319,18 +366,62 @@ def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None
 
 
 def _report(checks) -> None:
-    """The doctor's report as a rich table: check / result / how to fix."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    """The doctor's report: check / status / result, each fix on a line of its own under its row."""
+    from .ui.tables import table
 
-    style = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
-    t = Table(box=None, show_lines=False, pad_edge=False)
-    for col in ("CHECK", "", "RESULT", "HOW TO FIX"):
-        t.add_column(col, overflow="fold")
-    for c in checks:
-        t.add_row(escape(c.name), f"[{style[c.status]}]{c.status}[/]", escape(c.result), escape(c.fix))
-    Console().print(t)
+    colours = {"ok": {"fg": "green"}, "warn": {"fg": "yellow"}, "fail": {"fg": "red", "bold": True},
+               "skip": {"dim": True}}
+    tty = sys.stdout.isatty()
+
+    def style(col: int, cell: str) -> str:
+        return click.style(cell, **colours.get(cell.strip(), {})) if tty and col == 1 else cell
+
+    rows = [[c.name, c.status, c.result] for c in checks]
+    details = [[f"fix: {c.fix}" if c.fix else ""] for c in checks]
+    click.echo(table(["CHECK", "", "RESULT"], rows, details=details, style=style), nl=False)
+
+
+@cli.command()
+@click.argument("run_or_uri", metavar="RUN_OR_URI")
+@click.option("--prompt", "-p", required=True, help="What to ask, written as in the training data.")
+@click.option("--input", "input_text", default="", help="data.format instruction: the record's input field.")
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token.")
+def sample(run_or_uri: str, prompt: str, input_text: str, max_new_tokens: int, temperature: float) -> None:
+    """Try a trained model: complete PROMPT with a run's adapter or final model (needs ftcluster[train])."""
+    import importlib.util
+    import subprocess
+
+    from .errors import FtclusterError
+
+    uri, options = _sample_source(run_or_uri)
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
+                             "pip install 'ftcluster[train]'")
+    argv = [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
+            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
+            "--storage-options", json.dumps(options)]
+    sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
+
+
+def _sample_source(run_or_uri: str) -> tuple[str, dict]:
+    """The output URI (and its storage options) of a run id or folder, or a URI/path given as is."""
+    from pathlib import Path
+
+    from . import api
+    from .errors import FtclusterError, RunNotFoundError
+
+    if "://" in run_or_uri or (Path(run_or_uri).is_dir() and not (Path(run_or_uri) / "status.json").exists()):
+        return run_or_uri, {}
+    try:
+        out = api.run_output(run_or_uri)
+    except RunNotFoundError as err:
+        raise FtclusterError(f"{err}; or give an output URI (output.uri)") from None
+    if not out["single"]:
+        raise FtclusterError(f"run {run_or_uri} has several outputs (variants or stages); give one of their output "
+                             f"URIs, e.g. {out['uri'] or '<output.uri>'}/<variant name>")
+    return out["uri"], out["storage_options"]
 
 
 @cli.command()

@@ -68,6 +68,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.doctor": "api",
     "ftcluster.api": "api",
     "ftcluster.cli": "cli",
+    "ftcluster.ui": "cli",  # what the CLI shows: tables, the progress bar
     "ftcluster.storage": "storage",
     "ftcluster.train": "train",
 }

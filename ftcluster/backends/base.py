@@ -44,19 +44,31 @@ class SubmitRequest:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: A file of ``files`` that the command reads on its stdin (``ssh login sbatch < job.sbatch``).
+    stdin_file: str | None = None
 
-    def describe(self) -> str:
-        """Human-readable: the command, then every file's full contents."""
+    def command(self) -> str:
+        """The command as a shell line that can be pasted (a stdin file as an unquoted ``<`` redirect)."""
         import shlex
 
-        lines = [f"# backend: {self.backend}", f"# run id: {self.run_id}", f"# run folder: {self.run_dir}"]
+        line = shlex.join(self.argv)
+        return f"{line} < {shlex.quote(self.stdin_file)}" if self.stdin_file else line
+
+    def describe(self) -> str:
+        """Human-readable: the command, then every file's full contents.
+
+        A dry run writes nothing, so the files are named relative to the run folder and their
+        headers say that ``submit`` would write them there.
+        """
+        lines = [f"# backend: {self.backend}", f"# run id: {self.run_id}",
+                 f"# run folder: {self.run_dir} (created by submit, with the files below; a dry run writes nothing)"]
         if self.cwd:
             lines.append(f"# working directory: {self.cwd}")
         for k, v in sorted(self.env.items()):
             lines.append(f"# env {k}={v}")
-        lines.append("$ " + shlex.join(self.argv))
+        lines.append("$ " + self.command())
         for name, text in self.files.items():
-            lines.append(f"\n----- {self.run_dir / name} -----")
+            lines.append(f"\n----- {name} (would be written to the run folder) -----")
             lines.append(text.rstrip("\n"))
         return "\n".join(lines) + "\n"
 

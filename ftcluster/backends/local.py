@@ -114,8 +114,7 @@ class LocalBackend(Backend):
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
                 )
         write_atomic(req.run_dir / "supervisor.pid", str(proc.pid))
-        status.job_id = str(proc.pid)
-        return status
+        return status  # no job id: a local run is named by its run id (the supervisor's pid is in the run folder)
 
     # -- query ------------------------------------------------------------------
     def status(self, run_ref: str) -> RunStatus:

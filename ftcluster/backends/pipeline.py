@@ -101,7 +101,9 @@ class PipelineBackend(Backend):
             script = sreq.meta["script"]
             sreq.files[script] = render(stage.spec, "slurm", header=header)[script]  # names the pipeline file
             sreq.meta["sbatch_args"] = _sbatch_args([f"<job id of {a}>" for a in stage.after])
-            sreq.argv = ["sbatch", "--parsable", *sreq.meta["sbatch_args"], f"< {script}"]
+            sbatch = ["sbatch", "--parsable", *sreq.meta["sbatch_args"]]
+            login = sreq.meta["login"]
+            sreq.argv = ["ssh", login, *sbatch] if login else [*sbatch, script]
             req.stages.append(StageRequest(stage.name, stage.after, sreq))
         return req
 

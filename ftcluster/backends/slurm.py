@@ -122,8 +122,10 @@ class SlurmBackend(Backend):
                 "env_passthrough": list(spec.slurm.env_passthrough)}
         meta["spec_hash"] = spec_hash(spec)
         if spec.slurm.login:  # what runs, in short: ssh LOGIN bash -lc 'exec sbatch --parsable' < script
-            argv = ["ssh", spec.slurm.login] + argv
-        return SubmitRequest("slurm", run_id, run_dir, argv + [f"< {script_name}"], files, {}, os.getcwd(), meta)
+            return SubmitRequest("slurm", run_id, run_dir, ["ssh", spec.slurm.login, *argv], files, {}, os.getcwd(),
+                                 meta, stdin_file=script_name)
+        # sbatch reads the script on stdin when it runs; a file argument is the same and can be pasted.
+        return SubmitRequest("slurm", run_id, run_dir, [*argv, script_name], files, {}, os.getcwd(), meta)
 
     def schedule(self, req: SubmitRequest) -> RunStatus:
         """Run sbatch; the run folder only stays when the submission succeeded."""

@@ -147,7 +147,8 @@ class Trainer:
         spec, state = self.spec, self.state
         # Resumed at the last step with the final artifact committed (e.g. a requeue after the end).
         if self.resumed_step == self.total_steps and self.ckpt.finished(last_artifact(spec)):
-            log.info("this run already finished: step %d and %s/ are committed under %s; nothing to do",
+            log.info("already complete: step %d and %s/ are committed under %s; nothing to do. To train again, "
+                     "submit with --fresh (a new output folder beside it) or --set output.uri=<another folder>",
                      state.step, last_artifact(spec), spec.output.uri)
             self._shutdown()
             return 0

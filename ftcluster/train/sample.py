@@ -1,0 +1,157 @@
+"""Try what a run trained: ``python -m ftcluster.train.sample OUTPUT_URI --prompt TEXT``.
+
+``ftcluster sample RUN_OR_URI`` runs this module in a subprocess (the core package never imports
+torch). It picks the run's newest usable artifact under the output URI (``merged``/``final``: a
+whole model; else ``adapter``, else the newest ``adapters/step-N``), reads the spec the run
+trained with from the artifact's ``ftcluster_meta.json``, loads the base model as training did
+(a ``random_init`` base is rebuilt from the spec's seed, like every rank builds it), applies the
+adapter, formats the prompt the way the run's ``data.format`` trained it (instruction: the
+Alpaca prompt; chat: the tokenizer's chat template with one user turn; text: as it is) and prints
+only the completion on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import FtclusterError, TrainError
+from ..storage.layout import ADAPTERS, MANIFEST, OutputLayout, parse_step_dir
+
+META = "ftcluster_meta.json"
+WHOLE_MODELS = ("merged", "final")  # loadable alone, no base needed
+
+
+def find_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """``(folder URI, is a whole model)`` of the newest committed artifact under ``uri``."""
+    from ..storage.uri import fs_and_path
+
+    fs, root = fs_and_path(uri, storage_options)
+    paths, uris = OutputLayout(root), OutputLayout(uri)
+    for name, whole in (("merged", True), ("final", True), ("adapter", False)):
+        if fs.exists(f"{paths.artifact(name)}/{MANIFEST}"):
+            return uris.artifact(name), whole
+    try:
+        steps = [parse_step_dir(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(f"{root}/{ADAPTERS}", detail=False)]
+    except FileNotFoundError:
+        steps = []
+    for step in sorted((s for s in steps if s is not None), reverse=True):
+        if fs.exists(f"{paths.step_adapter(step)}/{MANIFEST}"):
+            return uris.step_adapter(step), False
+    raise TrainError(f"{uri}: no trained model or adapter there yet (looked for merged/, final/, adapter/ and "
+                     f"{ADAPTERS}/step-N/ with a manifest); wait for the run's first checkpoint or check the URI")
+
+
+def format_prompt(tokenizer: Any, fmt: str, prompt: str, inp: str = "") -> list[int]:
+    """Token ids of ``prompt`` as the run's data format presented prompts in training (ftcluster.train.data)."""
+    from .data import instruction_prompt
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if fmt == "chat":  # the template renders bos itself, as in data.chat_pieces
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = instruction_prompt(prompt, inp) if fmt == "instruction" else prompt
+    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load(folder: Path, whole: bool, device: Any) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, spec)`` from a downloaded artifact folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..loader import spec_from_dict
+    from .model import compute_dtype, load_base_model
+    from .tokenizer import CHAT_TEMPLATE
+
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"{folder}/{META}: cannot read the run's metadata ({exc}); is this an ftcluster output?") from None
+    spec = spec_from_dict(meta["training"])
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # saved by the run, as trained
+    if tokenizer.pad_token is None:  # as the runtime set it (train.tokenizer); not always saved
+        tokenizer.pad_token = tokenizer.eos_token
+    if spec.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    dtype = compute_dtype(spec.training.precision, device)
+    if whole:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
+    else:
+        from peft import PeftModel
+
+        cache = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
+        base = load_base_model(spec, tokenizer, dtype, device, cache)
+        model = PeftModel.from_pretrained(base, str(folder))
+    model.eval()
+    return model, tokenizer, spec
+
+
+def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> str:
+    import torch
+
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def sample(uri: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+           storage_options: dict[str, Any] | None = None, device: str | None = None, inp: str = "") -> str:
+    """The completion of ``prompt`` by the model trained under ``uri`` (see the module docstring)."""
+    import torch
+
+    from ..storage.fetch import fetch_dir
+
+    folder_uri, whole = find_artifact(uri, storage_options)
+    print(f"sampling from {folder_uri}", file=sys.stderr)
+    cache = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
+    folder = fetch_dir(folder_uri, storage_options, cache / "samples")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, spec = load(folder, whole, dev)
+    ids = format_prompt(tokenizer, spec.data.format, prompt, inp)
+    return generate(model, tokenizer, ids, max_new_tokens, temperature, spec.training.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ftcluster.train.sample", description=__doc__.splitlines()[0])
+    ap.add_argument("uri", help="the run's output URI (output.uri)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--input", default="", help="data.format instruction: the record's input field")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
+    ap.add_argument("--storage-options", default="{}", help="JSON: fsspec options for the URI")
+    args = ap.parse_args(argv)
+    try:
+        import warnings
+
+        import transformers
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        text = sample(args.uri, args.prompt, args.max_new_tokens, args.temperature,
+                      json.loads(args.storage_options), args.device, args.input)
+    except FtclusterError as err:
+        if os.environ.get("FTCLUSTER_DEBUG") == "1":
+            raise
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

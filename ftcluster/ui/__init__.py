@@ -1,0 +1,1 @@
+"""What the CLI shows on a terminal: tables that keep ids whole, and a run's live progress."""
