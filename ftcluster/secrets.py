@@ -44,11 +44,29 @@ _TOKEN = re.compile(r"[A-Za-z0-9+/=_\-]{16,}")
 BASE64_LIMIT, HEX_LIMIT = 4.5, 3.0  # detect-secrets' defaults for Base64/HexHighEntropyString
 
 
-@lru_cache(maxsize=1)
-def _screen() -> tuple[tuple[str, str, re.Pattern[str]], ...]:
+# Several plugins match an assignment "<name><key|pwd|pass|token...> = <value>"; their regexes take
+# most of the screen's compile time (IBM's alone ~15 ms), so they are compiled only for a line
+# that has one of those words at all (which each of them requires).
+_ASSIGNMENT_WORD = re.compile(r"key|pwd|pw|pass|token", re.I)
+
+
+def _needs_word(rx: str) -> bool:
+    return "(?:key|pwd" in rx
+
+
+@lru_cache(maxsize=None)
+def _compiled(rx: str, flags: int) -> re.Pattern[str]:
+    return re.compile(rx, flags)
+
+
+def _screen(line: str) -> Iterator[tuple[str, str, re.Pattern[str]]]:
+    """The screen's (plugin, kind, regex) that can apply to ``line``."""
     from .secret_patterns import PATTERNS
 
-    return tuple((plugin, kind, re.compile(rx, flags)) for plugin, kind, rx, flags in (*PATTERNS, *EXTRA))
+    word = _ASSIGNMENT_WORD.search(line) is not None
+    for plugin, kind, rx, flags in (*PATTERNS, *EXTRA):
+        if word or not _needs_word(rx):
+            yield plugin, kind, _compiled(rx, flags)
 
 
 @lru_cache(maxsize=1)
@@ -98,7 +116,7 @@ def secret_kind(name: str, value: str) -> str | None:
         return None
     text = DIGEST.sub("sha256:digest", value)
     line = f'{name}="{text}"'  # the form detect-secrets scans: some plugins look at the name too
-    for plugin, kind, rx in _screen():
+    for plugin, kind, rx in _screen(line):
         if rx.search(line) and (plugin in ("hf", "bearer", "basic") or _confirmed(plugin, line)):
             return kind
     if CREDENTIAL_NAME.search(name) and _TOKEN.search(text) and _high_entropy(text):
