@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 # Not in detect-secrets 1.5.0 (checked: no Hugging Face plugin, and BasicAuthDetector only
@@ -54,7 +54,7 @@ def _needs_word(rx: str) -> bool:
     return "(?:key|pwd" in rx
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(rx: str, flags: int) -> re.Pattern[str]:
     return re.compile(rx, flags)
 
