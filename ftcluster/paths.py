@@ -113,10 +113,11 @@ def probe_input(uri: str, storage_options: dict[str, Any], timeout: float = 60.0
 
             fs, path = fs_and_path(uri, storage_options)
             files = fs.glob(path) if glob.has_magic(path) else [path]
-            if not files or not fs.exists(files[0]):
-                raise FileNotFoundError(uri)
+            if not files:
+                raise FileNotFoundError(f"{uri}: no file matches this pattern")
             first = files[0]
-            if fs.isdir(first):
+            # info, not exists(): its error says why (a missing bucket, no credentials), exists() only False.
+            if fs.info(first).get("type") == "directory":
                 inside = [p for p in fs.find(first)][:1]
                 if not inside:
                     raise FileNotFoundError(f"{uri}: the folder is empty")
