@@ -86,6 +86,8 @@ def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
 
     if not no_plan_check:
         _plan_check(spec)
+    if not isinstance(spec, Pipeline):
+        _path_check(job, sets, spec)
     if isinstance(spec, Pipeline):
         click.echo(f"{job}: ok: {describe(spec)}")
         return
@@ -99,6 +101,20 @@ def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
         f"{job}: ok: {spec.name} ({spec.method}), {r.nodes} node(s) x {r.nproc_per_node} process(es) = "
         f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}{array}"
     )
+
+
+def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
+    """Local inputs exist and the output folder can be created (ftcluster.paths), located in the spec."""
+    from .errors import SpecError
+    from .paths import local_problems
+    from .yamlio import apply_overrides, load_file
+
+    doc = load_file(job)
+    if sets:
+        apply_overrides(doc, list(sets))
+    problems = local_problems(spec, doc)
+    if problems:
+        raise SpecError(problems)
 
 
 @cli.command()

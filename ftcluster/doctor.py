@@ -109,6 +109,34 @@ def _storage_fix(uri: str) -> str:
     return "check the folder's parent exists and you may write there, or change output.uri"
 
 
+def check_inputs(spec: Any) -> list[Check]:
+    """Every input the runtime reads (data, model.path, tokenizer.path): remote ones read with this shell's
+    credentials (exists, one file readable; the storage layer's classifier gives the fix), local ones as
+    `validate` checks them."""
+    from .paths import INPUTS, checks_here, input_problem, local_path, probe_input, remote_inputs
+
+    out = []
+    for field, uri, opts in remote_inputs(spec):
+        status, result, fix = probe_input(uri, opts)
+        out.append(Check(field, status, result, fix))
+    for path, _ in INPUTS:
+        obj: Any = spec
+        for part in path:
+            obj = getattr(obj, part, None)
+        local = local_path(obj) if isinstance(obj, str) else None
+        if local is None:
+            continue
+        field = ".".join(path)
+        if not checks_here(spec):
+            out.append(Check(field, "skip", f"{local}: a path where the job runs, not here",
+                             "check it on the cluster (or the image)"))
+            continue
+        why = input_problem(local)
+        out.append(Check(field, "fail", why, "fix the path (relative: against the directory you submit from)")
+                   if why else Check(field, "ok", f"{local}: exists"))
+    return out
+
+
 def check_backend(spec: Any, remote: bool = False, backend: Any = None) -> list[Check]:
     """The backend's own pre-flight rows (``backend``: an instance to use instead of the spec's)."""
     if backend is None and spec.backend == "kubernetes":
@@ -139,5 +167,6 @@ def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = Fa
         return [first]
     out = [first, check_render(spec), *check_plan(spec)]
     out += check_backend(spec, remote, backend)
+    out += check_inputs(spec)
     out.append(check_output(spec))
     return out

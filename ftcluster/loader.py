@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .problems import problem_at, problems_from_validation, sort_unique, validation_messages
+from .errors import Problem, SpecError
+from .problems import dotted_path, problem_at, problems_from_validation, sort_unique, validation_messages
 from .yamlio import LoadedDoc, apply_overrides, load_file, parse_text
 
 
@@ -20,13 +20,19 @@ def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: A
 
     from .spec import job_adapter
 
+    secrets = _secret_problems(doc, relocate)
     try:
         spec = job_adapter().validate_python(doc.data)
     except ValidationError as exc:
-        if relocate is None:
+        if relocate is None and not secrets:
             raise SpecError(problems_from_validation(exc, doc)) from None
-        found = [relocate(path, msg) or problem_at(doc, path, msg) for path, msg in validation_messages(exc, doc.data)]
-        raise SpecError(sort_unique(found, doc.source)) from None
+        # A secret's own field reports the secret only: pydantic's message may quote the value.
+        found = [(relocate and relocate(path, msg)) or problem_at(doc, path, msg)
+                 for path, msg in validation_messages(exc, doc.data)
+                 if not any(tuple(path[: len(s)]) == s for s, _ in secrets)]
+        raise SpecError(sort_unique(found + [p for _, p in secrets], doc.source)) from None
+    if secrets:
+        raise SpecError(sort_unique([p for _, p in secrets], doc.source))
     spec._source_file = doc.source
     spec._overrides = tuple(overrides or ())
     if spec.variants:
@@ -34,6 +40,23 @@ def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: A
 
         resolve_variants(spec, doc)  # every variant is validated now, with errors located in this file
     return spec
+
+
+def _secret_problems(doc: LoadedDoc, relocate: Any = None) -> list[tuple[tuple[Any, ...], Problem]]:
+    """Every string value of ``doc`` that looks like a secret, as a problem at the value (never quoting it)."""
+    from .secrets import find_secrets, message
+
+    out = []
+    for path, kind in find_secrets(doc.data):
+        msg = message(kind, path)
+        problem = relocate(path, msg) if relocate is not None else None
+        if problem is None and doc.is_overridden(path):
+            problem = problem_at(doc, path, msg)  # names --set
+        elif problem is None:
+            line, col = doc.locate_value(path)
+            problem = Problem(doc.source, line, col, dotted_path(path), msg)
+        out.append((path, problem))
+    return out
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None):

@@ -74,12 +74,66 @@ def _message(err: dict[str, Any], path: tuple[Any, ...], method: str | None, roo
         return f"unknown field {name!r}; {hint}{valid}"
     if kind == "missing":
         return "required field is missing; add it (see `ftcluster schema`)"
+    typed = _type_fix(err, path, method, root)
+    if typed:
+        return typed
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {_fmt_value(err['input'])})"
     return msg
+
+
+_TYPE_FIXES = {
+    "int_parsing": "expected an integer, e.g. {ex}", "int_type": "expected an integer, e.g. {ex}",
+    "int_from_float": "expected a whole number, e.g. {ex}",
+    "float_parsing": "expected a number, e.g. {ex}", "float_type": "expected a number, e.g. {ex}",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "string_type": "expected text{quote}",
+    "list_type": "expected a list, e.g. [a, b] or one `- item` line per item",
+    "dict_type": "expected a mapping: indented `key: value` lines",
+    "model_type": "expected a mapping: indented `key: value` lines{fields}",
+    "model_attributes_type": "expected a mapping: indented `key: value` lines{fields}",
+}
+_EXAMPLES = {"int": 8, "float": 0.5}
+
+
+def _field_default(path: tuple[Any, ...], method: str | None, root: Any) -> Any:
+    cls = _model_at(path[:-1], method, root) if path and isinstance(path[-1], str) else None
+    field = getattr(cls, "model_fields", {}).get(path[-1]) if cls is not None else None
+    return None if field is None else field.default
+
+
+def _type_fix(err: dict[str, Any], path: tuple[Any, ...], method: str | None, root: Any) -> str | None:
+    """A type error as 'expected X, e.g. Y (got Z)': the fix, with an example (the field's default where it fits)."""
+    kind = err["type"]
+    got = _got(err)
+    if kind == "literal_error":
+        import difflib  # only for this hint (start-up time)
+
+        options = re.findall(r"'([^']*)'|(\d+)", str((err.get("ctx") or {}).get("expected", "")))
+        names = [a or b for a, b in options]
+        close = difflib.get_close_matches(str(err.get("input")), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"expected one of {', '.join(names)}{got}{hint}" if names else None
+    template = _TYPE_FIXES.get(kind)
+    if template is None:
+        return None
+    default = _field_default(path, method, root)
+    base = "int" if kind.startswith("int") else "float"
+    ex = default if isinstance(default, (int, float)) and not isinstance(default, bool) and default else _EXAMPLES[base]
+    if base == "int" and not isinstance(ex, int):
+        ex = _EXAMPLES["int"]
+    quote = ""
+    if kind == "string_type" and got and not isinstance(err["input"], bool) and err["input"] is not None:
+        quote = f'; quote it, e.g. "{err["input"]}"'
+    fields = ""
+    if kind.startswith("model"):
+        cls = _model_at(path, method, root)
+        names = sorted(getattr(cls, "model_fields", {}))
+        fields = f" with fields such as {', '.join(names[:6])}" if names else ""
+    return template.format(ex=ex, quote=quote, fields=fields) + got
 
 
 def _split_custom(err: dict[str, Any], loc: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str, dict[str, Any]]]:
@@ -113,9 +167,19 @@ def validation_messages(exc: Any, data: dict[str, Any], root: Any = None) -> lis
             continue
         if loc and loc[0] in ("lora", "full"):
             loc = loc[1:]  # the discriminator tag pydantic puts first
+        # A union's members tag the path (lora.target_modules.list[str]): one line per field instead.
+        tagged = any(isinstance(p, str) and "[" in p for p in loc)
+        loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p))
         for path, custom, e in _split_custom(err, loc):
-            out.append((path, custom or _message(e, path, method, root)))
+            msg = custom or _message(e, path, method, root)
+            if tagged and out and out[-1][0] == path:
+                msg = out.pop()[1].removesuffix(_got(e)) + " or " + msg.removeprefix("expected ")
+            out.append((path, msg))
     return out
+
+
+def _got(err: dict[str, Any]) -> str:
+    return f" (got {_fmt_value(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
 
 
 def problems_from_validation(exc: Any, doc: LoadedDoc) -> list[Problem]:

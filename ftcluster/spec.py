@@ -305,6 +305,7 @@ class OutputSpec(_Model):
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older committed ones are deleted.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output URI, e.g. {client_kwargs: {endpoint_url: ...}}; never credentials.")
     upload_concurrency: int = Field(8, ge=1, le=128, description="Files uploaded at once.")
+    final_upload_timeout: float = Field(600, gt=0, le=7 * 86400, description="Seconds the end of a run waits for the output store: the final checkpoint, adapters and model are retried through transient errors (timeouts, resets, throttling, 5xx) for this long, then the run fails. Also bounds reading the store on resume. Permanent errors (credentials, access denied, no bucket, bad endpoint) fail at once. Periodic checkpoints retry without end while training goes on.")
 
     @field_validator("storage_options")
     @classmethod

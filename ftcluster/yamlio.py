@@ -24,6 +24,7 @@ class LoadedDoc:
     source: str
     locations: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     overridden: set[PathKey] = field(default_factory=set)
+    value_locations: dict[PathKey, tuple[int, int]] = field(default_factory=dict)  # where a mapping's value starts
 
     def is_overridden(self, path: PathKey) -> bool:
         """True when ``path`` or one of its ancestors was set with ``--set``."""
@@ -38,6 +39,10 @@ class LoadedDoc:
             path = path[:-1]
         return self.locations.get((), (None, None))
 
+    def locate_value(self, path: PathKey) -> tuple[int | None, int | None]:
+        """Position of the value at ``path`` (of its key, or an ancestor, where unknown)."""
+        return self.value_locations.get(tuple(path)) or self.locate(path)
+
 
 def _yaml():
     from ruamel.yaml import YAML
@@ -47,7 +52,8 @@ def _yaml():
     return y
 
 
-def _plain(node: Any, path: PathKey, locs: dict[PathKey, tuple[int, int]]) -> Any:
+def _plain(node: Any, path: PathKey, locs: dict[PathKey, tuple[int, int]],
+           values: dict[PathKey, tuple[int, int]] | None = None) -> Any:
     """Convert ruamel round-trip nodes to plain dict/list/scalars, recording positions."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
@@ -57,9 +63,12 @@ def _plain(node: Any, path: PathKey, locs: dict[PathKey, tuple[int, int]]) -> An
             try:
                 line, col = node.lc.key(key)
                 locs[path + (key,)] = (line + 1, col + 1)
+                if values is not None:
+                    vline, vcol = node.lc.value(key)
+                    values[path + (key,)] = (vline + 1, vcol + 1)
             except (KeyError, TypeError, AttributeError):
                 pass
-            out[key if isinstance(key, str) else str(key)] = _plain(value, path + (str(key),), locs)
+            out[key if isinstance(key, str) else str(key)] = _plain(value, path + (str(key),), locs, values)
         return out
     if isinstance(node, CommentedSeq):
         items = []
@@ -69,7 +78,7 @@ def _plain(node: Any, path: PathKey, locs: dict[PathKey, tuple[int, int]]) -> An
                 locs[path + (i,)] = (line + 1, col + 1)
             except (KeyError, TypeError, AttributeError, IndexError):
                 pass
-            items.append(_plain(value, path + (i,), locs))
+            items.append(_plain(value, path + (i,), locs, values))
         return items
     return _scalar(node)
 
@@ -119,11 +128,12 @@ def parse_text(text: str, source: str) -> LoadedDoc:
         what = (exc.problem or str(exc)).strip().splitlines()[0]
         raise SpecError([Problem(source, line, col, "", f"invalid YAML: {what}; check indentation and quoting")]) from None
     locs: dict[PathKey, tuple[int, int]] = {(): (1, 1)}
-    data = _plain(node, (), locs)
+    values: dict[PathKey, tuple[int, int]] = {}
+    data = _plain(node, (), locs, values)
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
         raise SpecError([Problem(source, 1, 1, "", f"the document must be a mapping of fields (name:, method:, ...), got {kind}")])
-    return LoadedDoc(data=data, source=source, locations=locs)
+    return LoadedDoc(data=data, source=source, locations=locs, value_locations=values)
 
 
 def load_file(path: str | Path) -> LoadedDoc:

@@ -48,6 +48,9 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.exitcodes": "base",
     "ftcluster.checks": "plan",  # the doctor's rows (Check) and pure probes (port rule from plan): backends and doctor share them
     "ftcluster.yamlio": "base",
+    "ftcluster.secrets": "base",  # secrets by value: the loader (spec) and the render header use it
+    "ftcluster.secret_patterns": "base",
+    "ftcluster.paths": "plan",  # validate's local paths (spec's Problem) and doctor's remote inputs (storage)
     "ftcluster.problems": "spec",
     "ftcluster.spec": "spec",
     "ftcluster.loader": "spec",

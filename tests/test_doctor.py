@@ -76,7 +76,7 @@ def test_local_backend_checks_pass_and_clean_up(tmp_path):
     assert rc == 0, checks
     assert {k: v["status"] for k, v in checks.items()} == {
         "spec": "ok", "launch files": "ok", "plan: memory": "ok", "plan: recommendation": "ok", "/dev/shm": "ok",
-        "rendezvous port": "ok", "python": "ok", "output": "ok"}
+        "rendezvous port": "ok", "python": "ok", "data.train": "ok", "output": "ok"}
     assert "GiB usable per" in checks["plan: memory"]["result"]
 
 
@@ -138,9 +138,9 @@ def test_slurm_good_spec_passes_with_remote_probe(slurm, tmp_path):
     rc, checks = doctor(job, "--remote", "--set", "resources.gpus_per_node=2", "--set", "resources.time_limit=00:20:00")
     assert rc == 0, checks
     assert {k: v["status"] for k, v in checks.items()} == {
-        "spec": "ok", "launch files": "ok", "plan: memory": "ok", "plan: recommendation": "ok", "slurm": "ok",
-        "partition": "ok", "nodes": "ok", "time limit": "ok",
-        "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "env passthrough": "skip", "output": "ok"}
+        "spec": "ok", "launch files": "ok", "slurm": "ok", "partition": "ok", "nodes": "ok", "time limit": "ok",
+        "/dev/shm": "ok", "rendezvous port": "ok", "python": "ok", "env passthrough": "skip", "output": "ok",
+        "plan: memory": "ok", "plan: recommendation": "ok", "data.train": "ok"}
     assert "2 of 2 nodes in debug fit 2 x gpu" in checks["nodes"]["result"]
     assert "ftcluster" in checks["python"]["result"]
 
@@ -198,3 +198,25 @@ def test_output_on_s3(s3, tmp_path):  # noqa: F811
     rc, checks = doctor(job)
     assert rc == 1 and checks["output"]["status"] == "fail", checks["output"]
     assert "endpoint" in checks["output"]["fix"]
+
+
+@pytest.mark.s3
+def test_remote_data_is_read_with_the_classifiers_fix(s3, tmp_path):  # noqa: F811
+    s3.client().put_object(Bucket=s3.bucket, Key="data/train.jsonl", Body=b'{"text": "hi"}\n')
+    opts = f'{{client_kwargs: {{endpoint_url: "{s3.endpoint_url}"}}}}'
+    job = write_job(tmp_path, "local")
+    base = ["--set", f"data.storage_options={opts}"]
+    rc, checks = doctor(job, *base, "--set", f"data.train={s3.uri('data/train.jsonl')}",
+                        "--set", f"data.eval={s3.uri('data/')}")
+    assert checks["data.train"]["status"] == "ok" and "exists, read train.jsonl" in checks["data.train"]["result"]
+    assert checks["data.eval"]["status"] == "ok", checks["data.eval"]  # a folder: one file inside is read
+    rc, checks = doctor(job, *base, "--set", f"data.train={s3.uri('data/missing.jsonl')}")
+    assert rc == 1 and checks["data.train"]["status"] == "fail" and "not found" in checks["data.train"]["result"]
+    assert "check the bucket and path exist" in checks["data.train"]["fix"]
+    rc, checks = doctor(job, *base, "--set", "data.train=s3://ftc-no-such-bucket/train.jsonl")
+    assert checks["data.train"]["status"] == "fail" and "bucket does not exist" in checks["data.train"]["result"]
+    rc, checks = doctor(job, *base, "--set", f"data.train={s3.uri('data/train.jsonl')}",
+                        env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"})
+    assert checks["data.train"]["status"] == "fail" and "no valid credentials" in checks["data.train"]["result"]
+    assert "AWS_ACCESS_KEY_ID" in checks["data.train"]["fix"]

@@ -77,8 +77,29 @@ def test_two_typos_reported_at_once_with_did_you_mean(tmp_path):
 def test_wrong_type_and_out_of_range(tmp_path):
     text = GOOD + "training:\n  micro_batch_size: lots\n  learning_rate: -0.1\n"
     msgs = problems(text, tmp_path)
-    assert any("training.micro_batch_size" in m and "valid integer" in m and "'lots'" in m for m in msgs)
+    assert any("training.micro_batch_size: expected an integer, e.g. 1 (got 'lots')" in m for m in msgs)
     assert any(":12:3: training.learning_rate" in m and "greater than 0" in m and "-0.1" in m for m in msgs)
+
+
+@pytest.mark.parametrize("section, line, expected", [
+    ("training", "micro_batch_size: eight", "training.micro_batch_size: expected an integer, e.g. 1 (got 'eight')"),
+    ("training", "max_steps: ten", "training.max_steps: expected an integer, e.g. 8 (got 'ten')"),
+    ("training", "learning_rate: fast", "training.learning_rate: expected a number, e.g. 0.0002 (got 'fast')"),
+    ("data", "general_eval: [a]", "data.general_eval: expected text"),
+    ("resources", "nodes: 1.5", "resources.nodes: expected a whole number, e.g. 1 (got 1.5)"),
+    ("data", "packing: maybe", "data.packing: expected true or false (got 'maybe')"),
+    ("data", "fields: oops", "data.fields: expected a mapping: indented `key: value` lines with fields such as input"),
+    ("model", "attn_implementation: spda",
+     "model.attn_implementation: expected one of sdpa, eager, flash_attention_2 (got 'spda'); did you mean 'sdpa'?"),
+    ("lora", "target_modules: 7", "lora.target_modules: expected one of all-linear or a list, e.g. [a, b]"),
+    ("slurm", "partition: 5", 'slurm.partition: expected text; quote it, e.g. "5" (got 5)'),
+    ("slurm", "modules: lmod", "slurm.modules: expected a list, e.g. [a, b]"),
+])
+def test_type_errors_carry_a_fix_with_an_example(tmp_path, section, line, expected):
+    text = GOOD + f"{section}:\n  {line}\n" if section not in ("model", "data") else GOOD.replace(
+        f"{section}:\n", f"{section}:\n  {line}\n", 1)
+    (msg,) = problems(text, tmp_path)
+    assert expected in msg, msg
 
 
 def test_method_missing_and_invalid(tmp_path):

@@ -147,6 +147,48 @@ def test_s3_without_credentials_fails_within_seconds_with_one_line(s3, tmp_path,
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.s3
+@pytest.mark.parametrize("case, problem", [
+    ("missing bucket", "the bucket does not exist"),
+    ("malformed endpoint", "malformed endpoint or URL"),
+    ("endpoint without a scheme", "malformed endpoint or URL"),
+])
+def test_s3_permanent_errors_fail_a_final_upload_within_seconds(s3, tmp_path, case, problem):  # noqa: F811
+    uri, opts = s3.uri("runs/a"), s3.storage_options
+    if case == "missing bucket":
+        uri = "s3://ftcluster-no-such-bucket/runs/a"
+    elif case == "malformed endpoint":
+        opts = {"client_kwargs": {"endpoint_url": "htp:/not a url"}}
+    else:
+        opts = {"client_kwargs": {"endpoint_url": "localhost:9000"}}
+    st = CheckpointStore(uri, opts, retry_max_s=600)  # a deadline that only fail-fast beats
+    local = tmp_path / "snap"
+    local.mkdir()
+    (local / "state.json").write_text("{}")
+    t0 = time.monotonic()
+    st.commit_async(1, local, {}, final=True)
+    with pytest.raises(StorageError) as err:
+        st.wait(timeout=60)
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert "\n" not in msg and f"upload failed: {problem}" in msg, msg
+
+
+def test_the_output_store_deadline_is_the_spec_option_only(monkeypatch):
+    """output.final_upload_timeout (default 600 s) is validated; no environment variable changes it."""
+    from ftcluster.errors import SpecError
+    from ftcluster.loader import load_spec_text
+
+    base = "name: d\nmethod: lora\nmodel: {random_init: {preset: tiny}}\ndata: {train: x.jsonl, seq_len: 64}\n"
+    assert load_spec_text(base + "output: {uri: /tmp/o}\n").output.final_upload_timeout == 600
+    monkeypatch.setenv("FTCLUSTER_FINAL_UPLOAD_TIMEOUT", "5")
+    assert load_spec_text(base + "output: {uri: /tmp/o, final_upload_timeout: 90}\n").output.final_upload_timeout == 90
+    with pytest.raises(SpecError, match="output.final_upload_timeout: Input should be greater than 0"):
+        load_spec_text(base + "output: {uri: /tmp/o, final_upload_timeout: 0}\n")
+    src = (Path(__file__).resolve().parent.parent / "ftcluster" / "train" / "checkpoint.py").read_text()
+    assert "retry_max_s=out.final_upload_timeout" in src  # the runtime's output store takes it
+
+
 # ----------------------------------------------------------------------------- layout
 
 

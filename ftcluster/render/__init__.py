@@ -23,10 +23,13 @@ def reproduce_command(spec: Any, target: str) -> str:
 
 
 def command_for(source: str, overrides: Any, target: str) -> str:
-    """``ftcluster render SOURCE --target TARGET [--set ...]``."""
+    """``ftcluster render SOURCE --target TARGET [--set ...]``, with secret-looking ``--set`` values replaced
+    by ``<secret:KEY>`` (see :func:`ftcluster.secrets.redact_override`)."""
+    from ..secrets import redact_override
+
     argv = ["ftcluster", "render", source, "--target", target]
     for item in overrides:
-        argv += ["--set", item]
+        argv += ["--set", redact_override(item)]  # a header is no place for a secret
     return shlex.join(argv)
 
 

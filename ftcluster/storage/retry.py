@@ -29,7 +29,7 @@ log = logging.getLogger("ftcluster.storage")
 
 T = TypeVar("T")
 
-END_OF_RUN_S = 600.0  # the deadline of a final save and of reads that must succeed (restore, fetch)
+END_OF_RUN_S = 600.0  # default deadline of reads that must succeed (fetch); the output store takes output.final_upload_timeout
 
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
                       "NoAuthTokenError", "DefaultCredentialsError", "RefreshError"}
@@ -103,7 +103,8 @@ def classify(exc: BaseException, where: str = "") -> Permanent | None:
             return Permanent("no valid credentials", fix["credentials"])
         if code in _ACCESS_CODES or status == 403 or isinstance(e, PermissionError):
             return Permanent("access denied", fix["access"])
-        if code in _MISSING_BUCKET_CODES:
+        # s3fs turns NoSuchBucket into FileNotFoundError("The specified bucket does not exist").
+        if code in _MISSING_BUCKET_CODES or (isinstance(e, FileNotFoundError) and "bucket does not exist" in str(e)):
             return Permanent("the bucket does not exist", fix["missing"])
         if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
             return Permanent("not found", fix["missing"])

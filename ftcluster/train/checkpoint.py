@@ -137,7 +137,8 @@ class CheckpointManager:
 
     def __init__(self, spec: Any, ctx: Any, engine: Engine, work_dir: Path, identity: RunIdentity):
         out = spec.output
-        self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency)
+        self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency,
+                                     retry_max_s=out.final_upload_timeout)
         self.ctx, self.engine, self.work_dir, self.id = ctx, engine, work_dir, identity
         self._pending: list[Future] = []
         self._awaiting: list[_Awaiting] = []

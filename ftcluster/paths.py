@@ -1,0 +1,145 @@
+"""Preflight of a spec's local paths (``ftcluster validate``) and remote data URIs (``ftcluster doctor``).
+
+A relative local path is resolved the way the runtime resolves it: against the directory the job
+is submitted from (the local backend starts its processes there; sbatch runs the job in the
+submission directory). Only paths on this machine are checked by ``validate``: a Slurm spec
+submitted through ``slurm.login`` names paths on the cluster, a Kubernetes one paths in the
+container. Remote URIs (s3://, gs://, ...) are the doctor's: it reads them with this shell's
+credentials.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem
+
+# (field path, what) of every input the runtime reads.
+INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation data"),
+          (("data", "general_eval"), "general evaluation data"), (("model", "path"), "model folder"),
+          (("tokenizer", "path"), "tokenizer folder"))
+
+
+def _value(spec: Any, path: tuple[str, ...]) -> Any:
+    obj = spec
+    for part in path:
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a local URI (plain path or file://), or None for a remote one."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None if "://" in uri else uri
+
+
+def checks_here(spec: Any) -> bool:
+    """Do the spec's local paths name this machine's files?"""
+    if spec.backend == "kubernetes":
+        return False
+    return not (spec.backend == "slurm" and spec.slurm.login)
+
+
+def input_problem(path: str) -> str | None:
+    full = os.path.abspath(path)
+    if glob.has_magic(path):
+        return None if glob.glob(full) else f"{path}: no file matches this pattern"
+    if not os.path.exists(full):
+        return f"{path}: no such file or folder"
+    if not os.access(full, os.R_OK):
+        return f"{path}: not readable by this user"
+    return None
+
+
+def _output_problem(path: str) -> str | None:
+    full = Path(os.path.abspath(path))
+    if full.exists():
+        if not full.is_dir():
+            return f"{path}: exists and is not a folder"
+        return None if os.access(full, os.W_OK | os.X_OK) else f"{path}: the folder is not writable by this user"
+    parent = full.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path}: cannot be created ({parent} is not a writable folder)"
+    return None
+
+
+def local_problems(spec: Any, doc: Any) -> list[Problem]:
+    """Missing local inputs and an output folder that cannot be created, at their file:line:col."""
+    if not checks_here(spec):
+        return []
+    cwd = os.getcwd()
+    rel = f"a relative path is resolved against the directory you submit from, {cwd}"
+    found: list[tuple[tuple[str, ...], str]] = []
+    for path, what in INPUTS:
+        uri = _value(spec, path)
+        local = local_path(uri) if isinstance(uri, str) else None
+        why = input_problem(local) if local else None
+        if why:
+            found.append((path, f"{why}; check the path of the {what}" + ("" if os.path.isabs(local or "") else f" ({rel})")))
+    out = local_path(spec.output.uri)
+    why = _output_problem(out) if out else None
+    if why:
+        found.append((("output", "uri"), f"{why}; pick a folder you may write to"))
+    from .problems import problem_at
+
+    return [problem_at(doc, path, msg) for path, msg in found]
+
+
+def remote_inputs(spec: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """(field, uri, storage_options) of every input on a remote filesystem."""
+    out = []
+    for path, _ in INPUTS:
+        uri = _value(spec, path)
+        if isinstance(uri, str) and local_path(uri) is None:
+            opts = spec.data.storage_options if path[0] == "data" else spec.model.storage_options
+            out.append((".".join(path), uri, opts))
+    return out
+
+
+def probe_input(uri: str, storage_options: dict[str, Any], timeout: float = 60.0) -> tuple[str, str, str]:
+    """(status, result, fix) of reading ``uri`` with this shell's credentials: exists, and one file is readable."""
+    result: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            from .storage.uri import fs_and_path
+
+            fs, path = fs_and_path(uri, storage_options)
+            files = fs.glob(path) if glob.has_magic(path) else [path]
+            if not files:
+                raise FileNotFoundError(f"{uri}: no file matches this pattern")
+            first = files[0]
+            # info, not exists(): its error says why (a missing bucket, no credentials), exists() only False.
+            if fs.info(first).get("type") == "directory":
+                inside = [p for p in fs.find(first)][:1]
+                if not inside:
+                    raise FileNotFoundError(f"{uri}: the folder is empty")
+                first = inside[0]
+            with fs.open(first, "rb") as f:
+                f.read(1)
+            result["ok"] = first
+        except BaseException as exc:  # reported as the check's result
+            result["error"] = exc
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return "fail", f"{uri}: no answer within {timeout:.0f}s", "check the endpoint (storage_options.client_kwargs.endpoint_url) and the network"
+    err = result.get("error")
+    if err is None:
+        return "ok", f"{uri}: exists, read {result['ok'].rsplit('/', 1)[-1]}", ""
+    from .storage.retry import classify
+
+    perm = classify(err, uri)
+    msg = " ".join(str(err).split())[:200] or type(err).__name__
+    if perm is None:
+        return "fail", f"{uri}: cannot read ({type(err).__name__}: {msg})", "check the endpoint, bucket and credentials"
+    return "fail", f"{uri}: {perm.problem} ({type(err).__name__}: {msg})", perm.fix
