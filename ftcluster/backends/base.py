@@ -44,6 +44,7 @@ class SubmitRequest:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # comment lines for describe() (which overrides apply)
 
     def describe(self) -> str:
         """Human-readable: the command, then every file's full contents."""
@@ -52,6 +53,7 @@ class SubmitRequest:
         lines = [f"# backend: {self.backend}", f"# run id: {self.run_id}", f"# run folder: {self.run_dir}"]
         if self.cwd:
             lines.append(f"# working directory: {self.cwd}")
+        lines += [f"# {n}" for n in self.notes]
         for k, v in sorted(self.env.items()):
             lines.append(f"# env {k}={v}")
         lines.append("$ " + shlex.join(self.argv))
