@@ -244,7 +244,7 @@ def set_path(data: dict[str, Any], path: PathKey, value: Any) -> str | None:
         if i == len(path) - 1:
             target[part] = value
             return None
-        nxt = target[part] if isinstance(part, int) else target.get(part)
+        nxt = target[part] if isinstance(target, list) else target.get(part)
         if nxt is None:
             if isinstance(path[i + 1], int):
                 return f"{dotted(path[: i + 1])} is not set, so it has no item [{path[i + 1]}]"
