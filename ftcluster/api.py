@@ -33,8 +33,16 @@ def backend_for(spec: Any, backend: str | None = None) -> Backend:
 
 def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
+    from .pipeline import Pipeline, precedence
+
     spec = _spec(spec)
-    return backend_for(spec, backend).submit_dryrun(spec)
+    req = backend_for(spec, backend).submit_dryrun(spec)
+    if isinstance(spec, Pipeline):
+        for st in req.stages:
+            st.request.notes = precedence(spec.stage(st.name).spec, spec.stage(st.name), spec.source)
+    else:
+        req.notes = precedence(spec)
+    return req
 
 
 def schedule(request: Any) -> RunStatus:

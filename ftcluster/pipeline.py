@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import Problem, SpecError
 from .problems import problem_at, sort_unique, validation_messages
-from .yamlio import LoadedDoc, apply_overrides, load_file
+from .yamlio import LoadedDoc, apply_overrides, load_file, parse_key
 
 PIPELINE_KEYS = ("pipeline", "stages")
 SUBMIT_SCRIPT = "submit-pipeline.sh"
@@ -41,6 +41,7 @@ class Stage:
     after: tuple[str, ...]
     model_from: str | None
     spec_file: str
+    sets: dict[str, Any] = field(default_factory=dict)  # the stage's own `set`, as applied
 
 
 @dataclass
@@ -136,14 +137,12 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
         sdoc = load_file(file)
         if is_pipeline(sdoc.data):
             return None, [problem_at(doc, where + ("spec",), f"{file} is a pipeline; a stage names a job spec")]
-        if overrides:
-            apply_overrides(sdoc, overrides)
     except SpecError as err:
         return None, err.problems
     problems: list[Problem] = []
     applied: dict[str, Any] = {}
     nested = overlap(list(st.set))
-    for key, value in st.set.items():
+    for key, value in st.set.items():  # spec file < the stage's set (and model_from) < --set
         err = OVERLAP.format(key=key, outer=nested[key]) if key in nested else set_dotted(sdoc.data, key, value)
         if err:
             problems.append(problem_at(doc, where + ("set", key), err))
@@ -157,9 +156,16 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
             problems.append(problem_at(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
         elif uri and upstream is not None:
             _point_model_at(sdoc.data, uri, upstream.spec.output.storage_options)
+    if overrides:
+        try:
+            apply_overrides(sdoc, overrides)
+        except SpecError as err:
+            return None, problems + err.problems
 
     def relocate(path: tuple[Any, ...], msg: str) -> Problem | None:
-        keys = [tuple(k.split(".")) for k in applied]
+        if sdoc.is_overridden(path):  # the command line's --set has the last word: the problem is there
+            return None
+        keys = [parse_key(k) or (k,) for k in applied]
         if path and any(path[: len(k)] == k or k[: len(path)] == path for k in keys):
             return locate(doc, where, applied, path, msg, label)
         if st.model_from and path[:1] == ("model",):
@@ -175,7 +181,20 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
     name = st.name or spec.name
     deps: list[str] = [*st.after, *([st.model_from] if st.model_from else [])]
     after = tuple(dict.fromkeys(deps))
-    return Stage(name, spec, after, st.model_from, file), []
+    return Stage(name, spec, after, st.model_from, file, applied), []
+
+
+def precedence(spec: Any, stage: Stage | None = None, pipeline_file: str | None = None) -> list[str]:
+    """Which settings a job is built from, each over the ones before (``submit --dry-run`` prints them):
+    spec file < the pipeline stage's ``set`` < each variant's ``set`` < every ``--set``, in order."""
+    lines = ["settings, each over the ones before it:", f"  spec file {spec._source_file or '<spec>'}"]
+    if stage is not None and (stage.sets or stage.model_from):
+        keys = [*stage.sets, *(["model.path (model_from)"] if stage.model_from else [])]
+        lines.append(f"  stage {stage.name} in {pipeline_file}: set {', '.join(keys)}")
+    if any(v.set for v in spec.variants):
+        lines.append("  each variant's set: " + "; ".join(f"{v.name}: {', '.join(v.set) or '-'}" for v in spec.variants))
+    lines += [f"  --set {item}" for item in spec._overrides]
+    return lines
 
 
 def _point_model_at(data: dict[str, Any], uri: str, storage_options: dict[str, Any]) -> None:
@@ -218,8 +237,10 @@ def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> lis
         theirs = {other.spec.output.uri} | {v.output.uri for v in resolve_variants(other.spec)}
         clash = [u for u in mine if u in theirs]
         if clash:
+            hint = ("; --set output.uri applies to every stage, so set it in each stage's `set` instead"
+                    if any(o.partition("=")[0].strip().startswith("output") for o in stage.spec._overrides) else "")
             problems.append(problem_at(doc, where + ("spec",), f"writes to {clash[0]}, as stage {other.name!r} does; give "
-                                                               "each stage its own output.uri (in its spec or its `set`)"))
+                                                               f"each stage its own output.uri (in its spec or its `set`){hint}"))
     return problems
 
 

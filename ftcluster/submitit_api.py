@@ -169,14 +169,12 @@ class TrainTask(Checkpointable):
         with _SignalLog() as received:
             status = run(self.payload)
         if status == PREEMPTED_EXIT and signal.SIGUSR2 not in received.signals:
-            # SIGTERM alone: `scancel`, or a Slurm preemption that requeues or cancels the job itself.
-            # Requeueing here would bring a cancelled job back, so stop (submitit ignores SIGTERM too). A USR2
-            # right behind it (submitit's simulated preemption sends both) now reaches submitit's own handler,
-            # which requeues; give it a moment to arrive.
+            # SIGTERM alone: `scancel`, or Slurm requeueing the job itself (`scontrol requeue`, preemption with
+            # PreemptMode=REQUEUE). Requeueing here would bring a cancelled job back, so stop (submitit ignores
+            # SIGTERM too). A USR2 right behind it (submitit's simulated preemption sends both) now reaches
+            # submitit's own handler, which requeues; give it a moment to arrive.
             time.sleep(SIGTERM_GRACE_S)
-            raise RuntimeError(f"rank {os.environ.get('RANK')} stopped by SIGTERM after a committed checkpoint; "
-                               "not requeued (cancelled, or Slurm requeues a preempted job itself). Submit again "
-                               "to resume from output.uri")
+            _exit_without_result()
         if status == PREEMPTED_EXIT:
             # USR2 (submitit's time-limit/preemption signal): the runtime saved, committed the checkpoint and
             # restored submitit's handlers. Hand the signal back: on rank 0 submitit calls self.checkpoint()
@@ -189,7 +187,10 @@ class TrainTask(Checkpointable):
                                f"did not requeue the job within {RANK_WAIT_S}s; see rank 0's log")
         elif status != 0:
             raise RuntimeError(f"training exited with status {status}")
-        return {"status": status, "output_uri": self.payload["spec"]["output"]["uri"], "requeues": self.requeues}
+        # Slurm counts every requeue (submitit's, `scontrol requeue`, preemption); submitit's checkpoint only its own.
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        return {"status": status, "output_uri": self.payload["spec"]["output"]["uri"],
+                "requeues": max(self.requeues, restarts)}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit on rank 0 before it requeues.
@@ -227,6 +228,20 @@ class _SignalLog:
             pass
         os.close(self._r)
         os.close(self._w)
+
+
+def _exit_without_result() -> None:
+    """End this task with no result: whether the job was cancelled or Slurm runs it again is decided by
+    Slurm, not here. A result written now would be read as the job's outcome by ``job.result()``, even
+    while a requeued job runs again; without one, submitit waits for the requeued run's result, or
+    reports the job's final state (CANCELLED) with this message from the task's stderr."""
+    import sys
+
+    print(f"ftcluster: rank {os.environ.get('RANK')} stopped by SIGTERM after a committed checkpoint; if the job "
+          "was cancelled, submit again to resume from output.uri (a requeued job resumes by itself)",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PREEMPTED_EXIT)  # not an exception: submitit would record it as the job's result
 
 
 def _hand_back_to_submitit() -> None:

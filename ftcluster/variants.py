@@ -22,7 +22,7 @@ from typing import Any
 from .envbuild import build_env
 from .errors import Problem, SpecError
 from .problems import dotted_path, problem_at, sort_unique, validation_messages
-from .yamlio import LoadedDoc
+from .yamlio import LoadedDoc, parse_key, set_path
 
 NAME_LIMIT = 50  # spec.py's job-name rule: Kubernetes appends suffixes such as -worker-12
 
@@ -55,20 +55,12 @@ def fixed_reason(key: str, value: Any) -> str | None:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> str | None:
-    """Set ``a.b.c`` in nested dicts (creating missing ones); returns a problem text or None."""
-    parts = key.split(".")
-    if any(not p for p in parts):
-        return f"{key!r} is not a field path; write dotted names such as lora.r"
-    target = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = target.get(part)
-        if nxt is None:
-            nxt = target[part] = {}
-        if not isinstance(nxt, dict):
-            return f"{'.'.join(parts[: i + 1])} is not a mapping, so it has no field {parts[i + 1]!r}"
-        target = nxt
-    target[parts[-1]] = copy.deepcopy(value)
-    return None
+    """Set the field ``key`` (``a.b.c``, ``a.list[0]``) in nested data, creating missing mappings;
+    returns a problem text or None."""
+    path = parse_key(key)
+    if not path:
+        return f"{key!r} is not a field path; write dotted names such as lora.r (list items as lora.target_modules[0])"
+    return set_path(data, path, copy.deepcopy(value))
 
 
 def overlap(keys: list[str]) -> dict[str, str]:
@@ -76,7 +68,7 @@ def overlap(keys: list[str]) -> dict[str, str]:
     silently undo the earlier. Maps each such inner key to its outer one."""
     out = {}
     for key in keys:
-        outer = next((k for k in keys if key.startswith(k + ".")), None)
+        outer = next((k for k in keys if key.startswith((k + ".", k + "["))), None)
         if outer:
             out[key] = outer
     return out
@@ -98,7 +90,9 @@ def locate(doc: LoadedDoc, prefix: tuple[Any, ...], sets: dict[str, Any], path: 
     overrides change points at the key too; anything else (a check across fields) points at
     the ``prefix`` item and names the resolved field.
     """
-    keys = [(tuple(k.split(".")), k) for k in sets]
+    if doc.is_overridden(path):  # set on the command line (after the overrides): --set has the last word
+        return problem_at(doc, path, f"{label}: {msg}")
+    keys = [(parse_key(k) or (k,), k) for k in sets]
     if path:
         for parts, key in keys:
             if path[: len(parts)] == parts:
@@ -167,6 +161,7 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
             problems.append(problem_at(doc, where + ("set", key), msg))
         else:
             applied[key] = value
+    problems += _reapply_command_line(doc, data, i, applied, label)
     data["name"] = full
     if isinstance(data.get("output"), dict):
         data["output"]["uri"] = variant_uri(spec.output.uri, variant.name)
@@ -185,6 +180,24 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
                                        "kind of model and tokenizer source (path or hub_id) in every variant, or make it a "
                                        "separate job")], None
     return [], vspec
+
+
+def _reapply_command_line(doc: LoadedDoc, data: dict[str, Any], i: int, applied: dict[str, Any],
+                          label: str) -> list[Problem]:
+    """The command line has the last word: apply the ``--set`` overrides again, in order, over the
+    variant's ``set`` (they are in the shared spec already, but the variant may have set the same
+    field). ``--set variants[i].KEY`` is a key of this variant's ``set``."""
+    problems = []
+    for path, value, _ in doc.applied:
+        if path[:3] == ("variants", i, "set") and len(path) == 4 and path[3] in applied:
+            err = set_dotted(data, path[3], value)
+        elif path[0] not in ("variants", "array_parallelism"):
+            err = set_path(data, path, copy.deepcopy(value))
+        else:
+            continue
+        if err:
+            problems.append(Problem("--set", None, None, dotted_path(path), f"{label}: {err}"))
+    return problems
 
 
 def _env_change(spec: Any, vspec: Any) -> str:

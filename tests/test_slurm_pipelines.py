@@ -244,3 +244,35 @@ def test_rendered_submit_script_is_all_or_nothing(lab, tmp_path):
         assert "Reason=JobHeldUser" not in scontrol(ids["cpt"])  # released
     finally:
         subprocess.run(["scancel", ids["lora"], ids["cpt"]], check=False)
+
+
+def test_array_tasks_run_as_name_variant_and_status_has_their_times(lab):
+    """docs/pipelines.md: a variant runs as job <name>-<variant>; `status --json` has started_at/ended_at."""
+    run = ftc("submit", str(lab.lora(sleep=3)), home=lab.home).stdout.split()[1]
+    names: set[str] = set()
+
+    def done(s: dict) -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", s["job_id"], "-t", "RUNNING", "-o", "%j"], capture_output=True,
+                             text=True).stdout
+        names.update(out.split())
+        return s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED")
+
+    st = wait_for(run, lab.home, done)
+    assert st["state"] == "SUCCEEDED", st
+    assert names & {"adapters-r2", "adapters-r4", "adapters-r8"}, names  # squeue shows the new name (after setup)
+    for i, v in enumerate(("r2", "r4", "r8")):  # the controller still knows the tasks (MinJobAge)
+        assert f"JobName=adapters-{v} " in scontrol(f"{st['job_id']}_{i}")
+    for row in [st, *st["tasks"]]:
+        assert row["started_at"] and row["ended_at"], row
+        assert row["ended_at"] >= row["started_at"] >= st["submitted_at"] - 1, row
+    assert st["started_at"] == min(t["started_at"] for t in st["tasks"])
+
+
+def test_status_of_a_finished_job_has_its_start_and_end(lab):
+    run = ftc("submit", str(lab.full(sleep=2)), home=lab.home).stdout.split()[1]
+    st = wait_for(run, lab.home, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"))
+    assert st["state"] == "SUCCEEDED", st
+    assert st["started_at"] and st["ended_at"], st
+    assert st["submitted_at"] - 1 <= st["started_at"] and st["ended_at"] - st["started_at"] >= 2, st
+    shown = scontrol(st["job_id"])
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st["started_at"])) in shown, shown

@@ -168,6 +168,27 @@ def test_fake_runtime_cancel_saves_and_stays_cancelled(slurm):
     assert json.loads((out / "rank0.json").read_text())["stopped_by"] == "SIGTERM"  # saved before exiting
 
 
+def test_result_after_scontrol_requeue_is_the_final_outcome(slurm):
+    """`scontrol requeue` (SIGTERM, then Slurm runs the job again): while the job runs again, the
+    stopped run's outcome must not be read as the job's; the final result counts the requeue."""
+    spec = make_spec(slurm, steps=80, nodes=2, procs=1)
+    job = submit_fake(spec, slurm)
+    out = slurm / "out"
+    wait_for(lambda: (out / "rank0.json").exists(), 60, "the fake training to make progress")
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True)
+
+    def running_again():
+        state, reason = squeue_state(job.job_id)
+        if state == "PENDING" and reason == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], capture_output=True)
+        return state == "RUNNING" and len(_starts(out)) == 4
+    wait_for(running_again, 120, f"job {job.job_id} to run again")
+    assert not job.done(), job.paths.result_pickle  # no outcome yet: the job runs
+    result = run_to_end(job, 120).results()[0]
+    assert result["status"] == 0 and result["requeues"] == 1, result
+    assert json.loads((out / "rank0.json").read_text()) == {"step": 80, "done": True}
+
+
 def submit_fake(spec, tmp_path: Path):
     from ftcluster.plan import compile_plan
 

@@ -46,6 +46,7 @@ class SubmitRequest:
     meta: dict[str, Any] = field(default_factory=dict)
     #: A file of ``files`` that the command reads on its stdin (``ssh login sbatch < job.sbatch``).
     stdin_file: str | None = None
+    notes: list[str] = field(default_factory=list)  # comment lines for describe() (which overrides apply)
 
     def command(self) -> str:
         """The command as a shell line that can be pasted (a stdin file as an unquoted ``<`` redirect)."""
@@ -64,6 +65,7 @@ class SubmitRequest:
                  f"# run folder: {self.run_dir} (created by submit, with the files below; a dry run writes nothing)"]
         if self.cwd:
             lines.append(f"# working directory: {self.cwd}")
+        lines += [f"# {n}" for n in self.notes]
         for k, v in sorted(self.env.items()):
             lines.append(f"# env {k}={v}")
         lines.append("$ " + self.command())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, FtclusterError
 from .base import TERMINAL, Backend, RunStatus, load_status, new_run_id, save_status, write_atomic
-from .slurm_array import aggregate
+from .slurm_array import aggregate, span
 from .slurm_state import first_line
 
 if TYPE_CHECKING:
@@ -168,12 +168,14 @@ class PipelineBackend(Backend):
         for stage in self._stages(run_dir):
             sst = self.slurm.status(str(run_dir / stage["run_dir"]))
             rows.append({"name": stage["name"], "job_id": sst.job_id, "state": sst.state,
-                         "message": sst.message, "returncode": sst.returncode})
+                         "message": sst.message, "returncode": sst.returncode,
+                         "started_at": sst.started_at, "ended_at": sst.ended_at})
             rows += [{**t, "name": f"{stage['name']}/{t['name']}"} for t in sst.tasks]
         st.tasks = rows
         stage_rows = [r for r in rows if "/" not in r["name"]]
         st.state, summary = aggregate(stage_rows)
         st.message = _pipeline_message(stage_rows, summary)
+        st.started_at, st.ended_at = span(stage_rows, st.started_at)
         if st.terminal:
             st.ended_at = st.ended_at or time.time()
             st.returncode = next((r["returncode"] for r in stage_rows if r.get("returncode")), 0)

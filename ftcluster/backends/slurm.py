@@ -180,17 +180,19 @@ class SlurmBackend(Backend):
         run = self.runner(extra.get("login"))
         if extra.get("variants"):
             return refresh_array(st, run_dir, extra, run)
-        raw, code = query_state(run, st.job_id)
+        info = query_state(run, st.job_id)
+        raw = info.raw_state
         if raw is None:
             st.message = f"Slurm no longer knows job {st.job_id} (no accounting, past MinJobAge); last state {st.state}"
             st.state = "UNKNOWN"
             return st
         st.state = STATE_MAP.get(raw, "RUNNING")
         st.message = "" if raw in ("RUNNING", "PENDING", "COMPLETED") else raw
-        if code is not None:
-            st.returncode = code
+        if info.exit_code is not None:
+            st.returncode = info.exit_code
+        st.started_at = st.started_at or info.started_at  # the first start, when the job was requeued
         if st.terminal:
-            st.ended_at = time.time()
+            st.ended_at = info.ended_at or time.time()
         save_status(run_dir, st)
         return st
 

@@ -47,7 +47,8 @@ def task_rows(names: list[str], array_id: str, records: list[TaskRecord],
             message = rec.raw_state + (f", exit code {rec.exit_code}" if rec.exit_code else "")
         rows.append({"name": name, "job_id": f"{array_id}_{index}", "state": state, "message": message,
                      "returncode": rec.exit_code if state in TERMINAL else None,
-                     "slurm_job_id": rec.job_id if len(rec.indexes) == 1 else None})
+                     "slurm_job_id": rec.job_id if len(rec.indexes) == 1 else None,
+                     "started_at": (old.get(name) or {}).get("started_at") or rec.started_at, "ended_at": rec.ended_at})
     return rows
 
 
@@ -69,6 +70,13 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return ("RUNNING" if started else "PENDING"), summary
 
 
+def span(rows: list[dict[str, Any]], started_at: float | None) -> tuple[float | None, float | None]:
+    """(first start, last end) of an array or pipeline from its parts' rows; the end once every part has one."""
+    starts = [r["started_at"] for r in rows if r.get("started_at")] + ([started_at] if started_at else [])
+    ends = [r.get("ended_at") for r in rows]
+    return (min(starts) if starts else None), (max(ends) if ends and all(ends) else None)  # type: ignore[type-var]
+
+
 def refresh_array(st: RunStatus, run_dir: Path, extra: dict[str, Any], run: Callable[..., Any]) -> RunStatus:
     """Query every task of the array run ``st``, save and return the updated status."""
     if not st.job_id:
@@ -82,6 +90,7 @@ def refresh_array(st: RunStatus, run_dir: Path, extra: dict[str, Any], run: Call
     st.state, st.message = aggregate(st.tasks)
     codes = [t["returncode"] for t in st.tasks if t.get("returncode")]
     st.returncode = codes[0] if codes else (0 if st.state == "SUCCEEDED" else None)
+    st.started_at, st.ended_at = span(st.tasks, st.started_at)
     if st.terminal:
         st.ended_at = st.ended_at or time.time()
     save_status(run_dir, st)

@@ -19,6 +19,7 @@ def root(context, missing=missing):
     l_0_payload_eof = resolve('payload_eof')
     l_0_payload = resolve('payload')
     l_0_variants = resolve('variants')
+    l_0_array_name = resolve('array_name')
     l_0_port_base = resolve('port_base')
     l_0_port_span = resolve('port_span')
     l_0_launch_note = resolve('launch_note')
@@ -108,7 +109,11 @@ def root(context, missing=missing):
         pass
         yield '\n# ---- job array: task N trains variant N (the runtime picks it with SLURM_ARRAY_TASK_ID) -----\nftc_variants=('
         yield str(t_1(context.eval_ctx, (undefined(name='variants') if l_0_variants is missing else l_0_variants), ' '))
-        yield ')\necho "ftcluster: array task ${SLURM_ARRAY_TASK_ID} trains variant ${ftc_variants[$SLURM_ARRAY_TASK_ID]}"\n'
+        yield ')\necho "ftcluster: array task ${SLURM_ARRAY_TASK_ID} trains variant ${ftc_variants[$SLURM_ARRAY_TASK_ID]}"\n# Every task of an array has the name given to sbatch; rename this one <name>-<variant> (what\n# squeue and scontrol show from now on), as a variant is named everywhere else.\nscontrol update JobId="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" JobName='
+        yield str((undefined(name='array_name') if l_0_array_name is missing else l_0_array_name))
+        yield '-"${ftc_variants[$SLURM_ARRAY_TASK_ID]}" \\\n  || echo "ftcluster: could not rename the task; squeue shows it as '
+        yield str((undefined(name='array_name') if l_0_array_name is missing else l_0_array_name))
+        yield '" >&2\n'
     yield '\n# ---- rendezvous: c10d on the first node, port derived from the job id -----------------------\n# Override from the submitting shell with FTCLUSTER_RDZV_HOST and FTCLUSTER_RDZV_PORT.\nif [ -n "${FTCLUSTER_RDZV_HOST:-}" ]; then\n  ftc_rdzv_host=$FTCLUSTER_RDZV_HOST\nelse\n  # sed, not head: it reads all of scontrol\'s output, so pipefail never sees a SIGPIPE\n  ftc_rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)\nfi\nftc_rdzv_port=${FTCLUSTER_RDZV_PORT:-$(('
     yield str((undefined(name='port_base') if l_0_port_base is missing else l_0_port_base))
     yield ' + SLURM_JOB_ID % '
@@ -122,7 +127,7 @@ def root(context, missing=missing):
     yield ' &\nftc_step=$!\nftc_rc=0\nwait "$ftc_step" || ftc_rc=$?\nwhile kill -0 "$ftc_step" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait for the step\'s end\n  ftc_rc=0\n  wait "$ftc_step" || ftc_rc=$?\ndone\necho "ftcluster: training step exited with status ${ftc_rc}"\nftc_finish "$ftc_rc"\n'
 
 blocks = {}
-debug_info = '3=35&4=39&6=43&7=45&8=49&36=53&49=60&53=63&54=66&56=69&58=72&59=75&66=80&67=83&69=86&74=89&84=97&85=101&86=103&88=105&89=107&92=110&104=113&112=117&113=119&115=121'
+debug_info = '3=36&4=40&6=44&7=46&8=50&36=54&49=61&53=64&54=67&56=70&58=73&59=76&66=81&67=84&69=87&74=90&84=98&85=102&86=104&88=106&89=108&92=111&96=113&97=115&108=118&116=122&117=124&119=126'
 
 # Generated from templates/sbatch.sh.j2 by Jinja2: `python -m ftcluster.render.template > ftcluster/render/_sbatch_j2.py`.
 # Do not edit; edit the template and regenerate.

@@ -159,6 +159,7 @@ def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
         payload_eof=PAYLOAD_EOF,
         payload=_payload(plan),
         variants=list(plan.variants),
+        array_name=shlex.quote(_one_line(spec, "name", spec.name)),
         port_base=PORT_BASE,
         port_span=PORT_SPAN,
         literal_note=LITERAL_NOTE,
