@@ -72,9 +72,16 @@ CASES: dict[str, dict] = {
 }
 
 
+def adhoc(name: str) -> dict:
+    """``p-METHOD-zSTAGE-gGPUS-mbMB-sSEQ-SHAPE-gcCKPT``, e.g. p-full-z3-g2-mb4-s4096-1b-gc1: ftcluster only."""
+    _, method, z, g, mb, seq, shape, gc = name.split("-")
+    return dict(method=method, stage=int(z[1:]), gpus=int(g[1:]), mb=int(mb[2:]), seq=int(seq[1:]), shape=shape,
+                grad_ckpt=gc == "gc1", only=("ft",))
+
+
 def case(name: str) -> dict:
     c = {"stage": 0, "shape": "8b", "seq": 2048, "grad_ckpt": True, "ckpt_every": None, "only": None,
-         **CASES[name]}
+         **(adhoc(name) if name.startswith("p-") else CASES[name])}
     c["name"] = name
     return c
 
@@ -210,6 +217,8 @@ def metrics_summary(recs: list[dict], warmup: int, gpus: int) -> dict:
     out = {"tok_s_per_gpu": round((b["tokens_seen"] - a["tokens_seen"]) / (b["elapsed_s"] - a["elapsed_s"]) / gpus),
            "step_s": round(med, 3), "peak_alloc_gb": round(max(r["peak_mem_gb"] for r in train) * 2**30 / 1e9, 1),
            "peak_reserved_gb": round(max(r.get("peak_mem_reserved_gb", 0) for r in train) * 2**30 / 1e9, 1),
+           "peak_alloc_bytes": round(max(r["peak_mem_gb"] for r in train) * 2**30),
+           "peak_reserved_bytes": round(max(r.get("peak_mem_reserved_gb", 0) for r in train) * 2**30),
            "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
            "step_times": [round(times[s], 3) for s in sorted(times)]}
     if ckpts:
@@ -262,6 +271,26 @@ def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict
     return res
 
 
+def plan_record(c: dict, res: dict, overrides: dict, env_note: dict) -> dict:
+    """One line of plan_accuracy.jsonl: the full configuration and what the run measured
+    (rank 0's torch.cuda.max_memory_allocated / reserved in bytes, median step seconds)."""
+    layers, h, inter, heads, kv, vocab, tied = SHAPES[c["shape"]]
+    rec = {"method": c["method"], "zero_stage": c["stage"] if c["method"] == "full" else None,
+           "gpus": c["gpus"], "micro_batch_size": c["mb"], "seq_len": c["seq"], "gradient_checkpointing": c["grad_ckpt"],
+           "preset": PRESET[c["shape"]], "params": n_params(c["shape"]),
+           "model": dict(layers=layers, hidden=h, intermediate=inter, heads=heads, kv_heads=kv, vocab=vocab, tied=tied),
+           "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"} if c["method"] == "lora" else None,
+           "precision": "bf16", "attn_implementation": "sdpa", "packing": True, "overrides": overrides,
+           "exit_code": res["exit_code"], **env_note}
+    if "error" in res:
+        rec["error_tail"] = res["error"][-400:]
+        rec["oom"] = "OutOfMemoryError" in res["error"] or "CUDA out of memory" in res["error"]
+    else:
+        rec.update(max_memory_allocated_bytes=res["peak_alloc_bytes"], max_memory_reserved_bytes=res["peak_reserved_bytes"],
+                   step_s=res["step_s"], tok_s_per_gpu=res["tok_s_per_gpu"])
+    return rec
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -302,7 +331,8 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help="ftcluster full runs under benchmarks/ds_probe.py")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--work-dir", type=Path, default=None)
-    ap.add_argument("--records", type=int, default=2000, help="synthetic corpus size (1,000 words each)")
+    ap.add_argument("--records", type=int, default=1200, help="synthetic corpus records")
+    ap.add_argument("--words", type=int, default=500, help="words per record (~1.1 tokens each)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -317,12 +347,16 @@ def main() -> int:
 
     data = work / "corpus.jsonl"
     if not data.exists():
-        write_corpus(data, records=args.records, words_per_record=1000)
+        write_corpus(data, records=args.records, words_per_record=args.words)
     variants = [("", {})]
     for v in filter(None, args.ft_variants.split(",")):
         name, _, kvs = v.partition(":")
         variants.append((name, {k: json.loads(x) for k, _, x in (p.partition("=") for p in kvs.split(";") if p)}))
     stacks = set(args.only.split(","))
+    import torch
+
+    env_note = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     rows: list[dict] = []
     for name in [n for n in args.cases.split(",") if n]:
         c = case(name)
@@ -331,6 +365,8 @@ def main() -> int:
             if s == "ft":
                 for vname, ov in variants:
                     rows.append(run_ft(c, args, work, data, results, ov, f"{name}.ft" + (f".{vname}" if vname else "")))
+                    with (results / "plan_accuracy.jsonl").open("a") as fh:
+                        fh.write(json.dumps(plan_record(c, rows[-1], ov, env_note)) + "\n")
                     print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error", "step_times")}), flush=True)
             else:
                 rows.append(run_plain(c, s == "liger", args, results))
