@@ -291,6 +291,23 @@ def plan_record(c: dict, res: dict, overrides: dict, env_note: dict) -> dict:
     return rec
 
 
+def warm_up(args, results: Path) -> None:
+    """An untimed small DeepSpeed job on every GPU first: on a freshly started machine the first
+    heavy job ran 1.3-1.4x slower (host memory growing on first use, NCCL and cuDNN start-up),
+    which biased whichever stack ran first (docs/BENCHMARKS.md)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           str(args.baselines / "ds_baseline.py"), "--stage", "3", "--bs", "2", "--layers", "4", "--steps", "2"]
+    t0 = time.monotonic()
+    with (results / "warm_up.log").open("w") as fh:
+        rc = subprocess.run(cmd, env={**os.environ, "OUT": str(results)}, stdout=fh, stderr=subprocess.STDOUT,
+                            timeout=args.timeout).returncode
+    print(json.dumps({"warm_up": "ds_baseline 4 layers", "exit_code": rc, "wall_s": round(time.monotonic() - t0, 1)}),
+          flush=True)
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -334,6 +351,7 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=1200, help="synthetic corpus records")
     ap.add_argument("--words", type=int, default=500, help="words per record (~1.1 tokens each)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--warm-up", action="store_true", help="run an untimed small job on every GPU first")
     args = ap.parse_args()
     if args.list:
         for k, v in CASES.items():
@@ -352,6 +370,8 @@ def main() -> int:
     for v in filter(None, args.ft_variants.split(",")):
         name, _, kvs = v.partition(":")
         variants.append((name, {k: json.loads(x) for k, _, x in (p.partition("=") for p in kvs.split(";") if p)}))
+    if args.warm_up:
+        warm_up(args, results)
     stacks = set(args.only.split(","))
     import torch
 
