@@ -8,11 +8,16 @@ rate of an H200), peak allocated and reserved GB (10^9 bytes, both stacks), and,
 that checkpoint, the seconds a checkpoint blocks training (from metrics.jsonl: the step that
 saved, minus the median step) and the slowdown of the steps while the upload runs.
 
-    python benchmarks/speed.py OUT_DIR --baselines DIR [--cases z3-mb2,lora-mb8] [--steps 14]
+    python benchmarks/speed.py OUT_DIR --baselines DIR [--warm-up] [--cases z3-mb2,lora-mb8] [--steps 14]
     python benchmarks/speed.py OUT_DIR --list                     # the known cases
 
 Every case is ``name: (stack runs..., gpus, shape)``; ``--cases`` picks them, ``--only``
-restricts the stacks (``plain``, ``liger``, ``ft``). Throughput counts real (non-padding)
+restricts the stacks (``plain``, ``liger``, ``ft``); ``p-METHOD-zSTAGE-gGPUS-mbMB-sSEQ-SHAPE-gcCKPT``
+names an ad-hoc ftcluster-only case, and every ftcluster run appends its configuration,
+``max_memory_allocated`` and step time to ``OUT_DIR/plan_accuracy.jsonl`` (the planner's
+accuracy data). ``--warm-up`` first runs an untimed small job on every GPU (a freshly started
+machine ran its first heavy job 1.3-1.4x slower). ftcluster runs go through
+``benchmarks/ds_probe.py``, which skips the final checkpoint and exports. Throughput counts real (non-padding)
 tokens for ftcluster and all tokens for the baselines (random ids, no padding); the
 synthetic corpus packs to about 98 % full blocks, so the two agree to that. Results land in
 ``OUT_DIR/speed.json`` and one log per run. MFU uses the baselines' formula: 6N (full) or 4N
