@@ -82,6 +82,9 @@ def init_distributed(spec: Any) -> DistContext:
             torch.set_num_threads(threads)
     ctx = DistContext(rank, world, local_rank, local_world, node_rank, max(1, world // local_world), device)
     if "MASTER_ADDR" in env and not dist.is_initialized():
+        from .speedups import nccl_defaults
+
+        nccl_defaults(use_cuda, world)
         # Long timeout: a rank can wait at a barrier while another uploads a final checkpoint.
         timeout = datetime.timedelta(seconds=float(env.get("FTCLUSTER_DIST_TIMEOUT_S", "3600")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,

@@ -87,14 +87,16 @@ def _right_padded(mask: Any) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def token_ce_sum(model: Any, batch: dict[str, Any], device: Any):
+def token_ce_sum(model: Any, batch: dict[str, Any], device: Any, fused: bool = False):
     """Sum of next-token cross entropy over label tokens, and the number of those tokens.
 
     Labels are aligned with inputs (Hugging Face convention) and shifted here. With
     packing, a token never learns to predict the first token of the next example
     (position_ids restart there). The attention mask is dropped for right padding so
     transformers derives a block-diagonal causal mask from position_ids (packed examples
-    do not attend to each other); padding positions carry label -100.
+    do not attend to each other); padding positions carry label -100. ``fused`` (training
+    with :func:`.speedups.apply_fused_kernels` applied) lets the model compute the sum from
+    its hidden states without materialising the logits.
     """
     import torch.nn.functional as F
 
@@ -107,10 +109,14 @@ def token_ce_sum(model: Any, batch: dict[str, Any], device: Any):
         mask = None
     elif mask is not None:
         mask = mask.to(device, non_blocking=True)
-    logits = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
     shift_labels = labels[:, 1:].clone()
     if pos is not None:
         shift_labels[pos[:, 1:] == 0] = -100
+    if fused and model.training:
+        from .speedups import fused_token_ce_sum
+
+        return fused_token_ce_sum(model, input_ids, shift_labels, pos, mask), (shift_labels != -100).sum()
+    logits = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
     ce = F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                          ignore_index=-100, reduction="sum")
     return ce, (shift_labels != -100).sum()
@@ -151,6 +157,7 @@ class PlainEngine:
         self.max_grad_norm = tr.max_grad_norm
         self.autocast_dtype = dtype if (device.type == "cuda" and dtype != torch.float32) else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.fused_ce = bool(getattr(model, "ftcluster_fused_ce", False))
 
     # ------------------------------------------------------------------ step
     @property
@@ -175,7 +182,7 @@ class PlainEngine:
             sync = contextlib.nullcontext() if (self.model is self.module or i == n - 1) else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    ce, _ = token_ce_sum(self.model, mb, self.device)
+                    ce, _ = token_ce_sum(self.model, mb, self.device, fused=self.fused_ce)
                 loss = ce * scale
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += ce.detach()
@@ -305,6 +312,10 @@ class DeepSpeedEngine:
             def sched(opt):
                 return torch.optim.lr_scheduler.LambdaLR(opt, lam)
 
+        from .speedups import tune_ds_config
+
+        self.fused_ce = bool(getattr(model, "ftcluster_fused_ce", False))
+        cfg = tune_ds_config(cfg, model, device, world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
             lr_scheduler=sched, config=cfg, dist_init_required=False)
@@ -320,7 +331,7 @@ class DeepSpeedEngine:
 
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            ce, _ = token_ce_sum(self.engine, mb, self.device)
+            ce, _ = token_ce_sum(self.engine, mb, self.device, fused=self.fused_ce)
             self.engine.backward(ce * scale)
             self.engine.step()  # applies the optimizer only at the accumulation boundary
             total += ce.detach()

@@ -113,6 +113,10 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     model.config.use_cache = False
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    from .speedups import apply_fused_kernels
+
+    # Before LoRA or DeepSpeed wrap it: the engines read this flag to take the fused loss path.
+    model.ftcluster_fused_ce = apply_fused_kernels(model, device)
     if spec.training.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input-grad hooks under LoRA and works with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

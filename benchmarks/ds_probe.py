@@ -1,0 +1,203 @@
+"""Phase timing and a torch.profiler window around any DeepSpeed training script, unchanged.
+
+Also the benchmark shim for ftcluster runs: ``PROBE_SKIP_FINISH=1`` ends a run after its
+last step without the final checkpoint and exports (an 8B ZeRO-3 checkpoint is ~112 GB;
+checkpoint cost is measured by the cases that checkpoint every N steps), and
+``PROBE_NO_POSITION_IDS=1`` drops the packed position_ids (an experiment: plain causal
+attention, no block-diagonal mask), ``PROBE_LIGER=1`` tries Liger-Kernel (RoPE, SwiGLU,
+RMSNorm, and a fused linear + cross-entropy that never materialises the logits) before it
+is built into the runtime. ``PROBE_PHASES=0`` turns the timing off.
+
+    torchrun ... -m benchmarks.ds_probe SCRIPT.py [args]           # e.g. the plain ds_baseline.py
+    python -m ftcluster.train.launch ... -m benchmarks.ds_probe -m ftcluster.train --spec payload.json
+
+It wraps ``DeepSpeedEngine.forward/backward/step`` so that, from optimizer step
+``PROBE_FROM`` (default 3) on, each boundary is synchronised and timed: "host" (from the
+end of the last step to the next forward: data, loss bookkeeping, metrics, collectives of
+the loop), "forward", "loss" (forward end to backward start: the cross-entropy outside the
+model), "backward", "step". Steps ``PROBE_PROFILE`` (default "6,7") run under torch.profiler
+(CPU+CUDA); rank 0 writes the tables and a JSON summary to ``PROBE_OUT`` (default $OUT).
+Synchronising costs the overlap between phases, so the step times here are a little higher
+than unprobed ones; use them to compare phases, and metrics.jsonl / RESULT lines for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+
+
+def _patch_ftcluster() -> None:
+    if os.environ.get("PROBE_SKIP_FINISH") == "1":
+        from ftcluster.train.runtime import Trainer
+
+        def finish(self) -> int:
+            self.ckpt.wait()
+            self._shutdown()
+            return 0
+
+        Trainer._finish = finish
+    if os.environ.get("PROBE_NO_POSITION_IDS") == "1":
+        import ftcluster.train.engine as E
+
+        orig = E.token_ce_sum
+
+        def token_ce_sum(model, batch, device):
+            return orig(model, {k: v for k, v in batch.items() if k != "position_ids"}, device)
+
+        E.token_ce_sum = token_ce_sum
+    if os.environ.get("PROBE_LIGER") == "1":
+        _liger_ce()
+
+
+def _liger_ce() -> None:
+    """token_ce_sum through Liger's fused linear cross-entropy: the model gets shifted labels
+    (packing boundaries masked as ftcluster does) and num_items_in_batch=1, so its loss is
+    the sum of token CE, and the 128k-wide logits never exist in training."""
+    import torch.nn.functional as F
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    import ftcluster.train.engine as E
+
+    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
+    orig = E.token_ce_sum
+
+    def token_ce_sum(model, batch, device):
+        if not model.training:
+            return orig(model, batch, device)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        pos = batch.get("position_ids")
+        pos = pos.to(device, non_blocking=True) if pos is not None else None
+        mask = batch.get("attention_mask")
+        if mask is not None and (bool(mask.all()) or (pos is not None and E._right_padded(mask))):
+            mask = None
+        elif mask is not None:
+            mask = mask.to(device, non_blocking=True)
+        shift = labels[:, 1:].clone()
+        if pos is not None:
+            shift[pos[:, 1:] == 0] = -100
+        shift = F.pad(shift, (0, 1), value=-100)
+        out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False,
+                    shift_labels=shift, num_items_in_batch=1)
+        return out.loss, (shift != -100).sum()
+
+    E.token_ce_sum = token_ce_sum
+
+
+def _install() -> None:
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    start = int(os.environ.get("PROBE_FROM", "3"))
+    prof_steps = {int(s) for s in os.environ.get("PROBE_PROFILE", "6,7").split(",") if s}
+    out = os.environ.get("PROBE_OUT") or os.environ.get("OUT") or "/tmp"
+    tag = os.environ.get("PROBE_TAG", "probe")
+    st = {"step": 0, "t": None, "rows": [], "cur": {}, "prof": None}
+
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def timed(name, fn):
+        def wrapper(self, *a, **kw):
+            if st["step"] < start:
+                return fn(self, *a, **kw)
+            t0 = now()
+            if name == "forward":
+                if st["t"] is not None:
+                    st["cur"]["host"] = st["cur"].get("host", 0.0) + t0 - st["t"]
+                if st["step"] in prof_steps and st["prof"] is None:
+                    st["prof"] = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                    st["prof"].__enter__()
+            elif name == "backward" and "fwd_end" in st:
+                st["cur"]["loss"] = st["cur"].get("loss", 0.0) + t0 - st.pop("fwd_end")
+            r = fn(self, *a, **kw)
+            t1 = now()
+            st["cur"][name] = st["cur"].get(name, 0.0) + t1 - t0
+            if name == "forward" and self.module.training:
+                st["fwd_end"] = t1
+            st["t"] = t1
+            return r
+        return wrapper
+
+    orig_fwd, orig_bwd, orig_step = DeepSpeedEngine.forward, DeepSpeedEngine.backward, DeepSpeedEngine.step
+    fwd_t, bwd_t, step_t = timed("forward", orig_fwd), timed("backward", orig_bwd), timed("step", orig_step)
+
+    def step(self, *a, **kw):
+        before = self.global_steps
+        r = step_t(self, *a, **kw)
+        if self.global_steps == before:  # inside gradient accumulation: the step goes on
+            return r
+        if st["step"] >= start:
+            row = {"step": st["step"], **{k: round(v, 4) for k, v in st["cur"].items()}}
+            row["total"] = round(sum(st["cur"].values()), 4)
+            st["rows"].append(row)
+            if st["prof"] is not None and st["step"] + 1 not in prof_steps:
+                st["prof"].__exit__(None, None, None)
+                _dump_profile(st["prof"], out, tag)
+                st["prof"] = None
+        st["cur"] = {}
+        st["step"] += 1
+        return r
+
+    DeepSpeedEngine.forward, DeepSpeedEngine.backward, DeepSpeedEngine.step = fwd_t, bwd_t, step
+    import atexit
+
+    atexit.register(_dump_rows, st, out, tag)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _dump_profile(prof, out: str, tag: str) -> None:
+    if _rank() != 0:
+        return
+    ka = prof.key_averages()
+    with open(os.path.join(out, f"{tag}_profile.txt"), "w") as fh:
+        fh.write(ka.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
+        fh.write("\n\n")
+        fh.write(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+    print(f"[probe] profile written to {out}/{tag}_profile.txt", flush=True)
+
+
+def _dump_rows(st, out: str, tag: str) -> None:
+    import torch
+
+    if _rank() != 0 or not st["rows"]:
+        return
+    rows = st["rows"]
+    keys = sorted({k for r in rows for k in r if k != "step"})
+    med = {k: sorted(r.get(k, 0.0) for r in rows)[len(rows) // 2] for k in keys}
+    ms = torch.cuda.memory_stats()
+    summary = {"tag": tag, "median_s": med, "rows": rows,
+               "alloc_retries": ms.get("num_alloc_retries"), "cuda_mallocs": ms.get("segment.all.allocated"),
+               "cuda_frees": ms.get("segment.all.freed"), "ooms": ms.get("num_ooms")}
+    with open(os.path.join(out, f"{tag}_phases.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print("[probe]", tag, "median phase seconds", json.dumps(med), "alloc_retries", summary["alloc_retries"],
+          "segments alloc/freed", summary["cuda_mallocs"], summary["cuda_frees"], flush=True)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:2] == ["-m", "ftcluster.train"]:
+        _patch_ftcluster()
+    if os.environ.get("PROBE_PHASES", "1") == "1":
+        _install()
+    if args[0] == "-m":
+        sys.argv = [args[1]] + args[2:]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = args
+        runpy.run_path(args[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

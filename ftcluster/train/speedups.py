@@ -1,0 +1,104 @@
+"""Optional speed-ups of the training step; each is off on CPU and falls back cleanly.
+
+Why these three (docs/BENCHMARKS.md, "Why ZeRO-3 mb2 was slow", has the profile):
+
+* **Fused linear + cross-entropy** (Liger-Kernel, an optional import): the loss is computed
+  from the last hidden states in chunks, so the ``tokens x 128k`` logits (and their fp32
+  copies and gradients, ~5 GB at 2 x 2048 tokens) never exist; Liger's RoPE, SwiGLU and
+  RMSNorm kernels come with it. Llama-family models only (the loss keyword arguments are
+  checked for that model's forward); without liger-kernel, on CPU, or with
+  ``FTCLUSTER_FUSED_CE=0`` the plain logits path runs.
+* **ZeRO-3 parameters kept between forward and backward**: by default stage 3 gathers every
+  weight twice per step (forward, then again for recompute and backward). When the whole
+  bf16 model plus this rank's shards fit in 60 % of the GPU, the generated config keeps
+  gathered weights until backward (``stage3_max_live_parameters`` and
+  ``stage3_max_reuse_distance`` = the parameter count), halving the gathers. Keys the user
+  set in ``deepspeed.config_file`` win; ``FTCLUSTER_ZERO3_KEEP=0`` turns it off.
+* **NCCL's Simple protocol**: for ZeRO's 20-100 MB gathers NCCL picked the LL protocol,
+  which moved ~25 GB/s over NVLink; ``NCCL_PROTO=Simple`` is set unless the environment
+  already sets NCCL_PROTO (``FTCLUSTER_NCCL_PROTO=auto`` leaves NCCL's choice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("ftcluster.train")
+
+FUSED_CE_MODEL_TYPES = ("llama",)  # Liger's forward for these accepts shift_labels and num_items_in_batch
+KEEP_FRACTION = 0.6  # of GPU memory that the gathered model plus this rank's ZeRO shards may take
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "auto").strip().lower() in ("0", "off", "false", "no")
+
+
+def nccl_defaults(use_cuda: bool, world_size: int) -> None:
+    """Before the process group starts: NCCL's Simple protocol for multi-GPU runs (see above)."""
+    choice = os.environ.get("FTCLUSTER_NCCL_PROTO", "Simple").strip()
+    if use_cuda and world_size > 1 and choice.lower() != "auto" and "NCCL_PROTO" not in os.environ:
+        os.environ["NCCL_PROTO"] = choice
+
+
+def apply_fused_kernels(model: Any, device: Any) -> bool:
+    """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied."""
+    if device.type != "cuda" or _off("FTCLUSTER_FUSED_CE"):
+        return False
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FUSED_CE_MODEL_TYPES:
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        if os.environ.get("FTCLUSTER_FUSED_CE") == "1":
+            log.warning("FTCLUSTER_FUSED_CE=1 but liger-kernel is not importable: using the plain loss")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    log.info("Liger-Kernel: fused linear cross-entropy, RoPE, SwiGLU and RMSNorm kernels")
+    return True
+
+
+def zero3_keep_settings(cfg: dict[str, Any], n_params: int, world_size: int, gpu_bytes: int) -> dict[str, int]:
+    """The stage-3 keys that keep gathered weights until backward, or {} when they do not fit or are set.
+
+    Static memory per GPU: the whole bf16 model while gathered (2 bytes x N) plus this rank's
+    shards of bf16 weights, bf16 gradients and fp32 Adam state (16 bytes x N / world)."""
+    zero = cfg.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3 or zero.get("offload_param", {}).get("device", "none") != "none":
+        return {}
+    if "stage3_max_live_parameters" in zero or "stage3_max_reuse_distance" in zero:
+        return {}
+    if 2 * n_params + 16 * n_params / max(world_size, 1) > KEEP_FRACTION * gpu_bytes:
+        return {}
+    n = int(max(n_params, 1_000_000_000))
+    return {"stage3_max_live_parameters": n, "stage3_max_reuse_distance": n}
+
+
+def tune_ds_config(cfg: dict[str, Any], model: Any, device: Any, world_size: int) -> dict[str, Any]:
+    """``cfg`` with the stage-3 keep settings merged in when they apply (GPU only)."""
+    if device.type != "cuda" or _off("FTCLUSTER_ZERO3_KEEP"):
+        return cfg
+    import torch
+
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    extra = zero3_keep_settings(cfg, n_params, world_size, torch.cuda.get_device_properties(device).total_memory)
+    if extra:
+        log.info("ZeRO-3: %s parameters fit gathered; keeping them from forward to backward (%s)",
+                 f"{n_params:,}", ", ".join(f"{k}={v:,}" for k, v in extra.items()))
+        cfg = {**cfg, "zero_optimization": {**cfg["zero_optimization"], **extra}}
+    return cfg
+
+
+def fused_token_ce_sum(model: Any, input_ids: Any, shift_labels: Any, pos: Any, mask: Any):
+    """Sum of token CE through the model's fused loss: shifted labels (boundaries already -100,
+    padded with -100 at the end to the input length) and num_items_in_batch=1, so the model's
+    "mean over num_items_in_batch" is the sum."""
+    import torch.nn.functional as F
+
+    padded = F.pad(shift_labels, (0, 1), value=-100)
+    out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False,
+                shift_labels=padded, num_items_in_batch=1)
+    return out.loss
