@@ -30,6 +30,7 @@ from ..errors import StorageError
 from .fetch import Corrupt, download_verified
 from .layout import CHECKPOINTS, MANIFEST, OutputLayout, parse_step_dir, step_dir
 from .retry import END_OF_RUN_S, Attempts, RetryPolicy, call, classify
+from .testhook import signal_at
 from .uri import fs_and_path, listing, one_line, put_bytes, put_file, rm_if_exists, scan_local
 
 log = logging.getLogger("ftcluster.storage")
@@ -297,7 +298,11 @@ class CheckpointStore:
             self._retry(job, job.dest, lambda: self._remove_stale(job.dest, set(files)))
         kind = "checkpoint" if job.kind == "manifest" else job.kind
         data = build_manifest(kind, job.step, job.meta, files)
+        if kind == "checkpoint":
+            signal_at("checkpoint-files")  # test-only (.testhook); a no-op unless its variable is set
         self._retry(job, manifest_path, lambda: put_bytes(self.fs, manifest_path, data))
+        if kind == "checkpoint":
+            signal_at("checkpoint-committed")
         dt = time.monotonic() - t0
         total = sum(i["size"] for i in files.values())
         if job.kind == "manifest":

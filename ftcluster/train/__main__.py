@@ -1,7 +1,8 @@
 """Entry point: ``python -m ftcluster.train --spec PAYLOAD.json`` (one process per rank, under torchrun).
 
-Exit status: 0 done; 143 stopped by SIGUSR2/SIGTERM after saving a checkpoint (resubmit or
-requeue to resume); 1 on an error, printed as one line (the traceback with FTCLUSTER_DEBUG=1).
+Exit status: 0 done; 143 stopped by SIGUSR2/SIGTERM, with everything saved so far committed
+(resubmit or requeue to resume); 1 on an error, printed as one line (the traceback with
+FTCLUSTER_DEBUG=1). docs/training.md, "Stops and crashes", lists what each moment leaves behind.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def read_payload(spec_path: str | None, spec_env: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..storage.testhook import signal_at
+    from .signals import StopFlag
+
+    # First thing: a stop from here on sets the flag instead of killing the process (issue #8).
+    # Kept installed until the process exits, so a late forwarded copy cannot kill it either.
+    stop = StopFlag().install()
+    signal_at("startup")  # test-only; a no-op unless FTCLUSTER_TEST_SIGNAL_AT is set
     parser = argparse.ArgumentParser(prog="python -m ftcluster.train", description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", help="payload JSON file written by ftcluster (payload.json)")
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = read_payload(args.spec, args.spec_env)
         from .runtime import run
 
-        return run(payload)
+        return run(payload, stop)
     except FtclusterError as exc:
         if debug:
             raise

@@ -64,7 +64,7 @@ class TrainState:
     elapsed_s: float = 0.0  # training time up to this state, over every attempt
     data: dict[str, Any] | None = None  # this rank's data position (ShardedBatches.state_dict())
     general_eval_before: float | None = None  # the forgetting baseline, measured before the first step
-    last_loss: float | None = None  # recorded in the manifest's meta only
+    last_loss: float | None = None  # the last logged train loss (meta of the checkpoint and its adapter)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -188,7 +188,11 @@ class CheckpointManager:
 
     def finished(self, artifact: Artifact) -> bool:
         """Whether ``artifact`` is committed under the output URI (rank 0 looks, every rank learns)."""
-        flag = [self.store.is_published(artifact_name(artifact)) if self.ctx.rank == 0 else False]
+        return self.is_published(artifact_name(artifact))
+
+    def is_published(self, name: str) -> bool:
+        """Whether ``{uri}/{name}/`` is committed (rank 0 looks, every rank learns; collective)."""
+        flag = [self.store.is_published(name) if self.ctx.rank == 0 else False]
         self._broadcast(flag)
         return bool(flag[0])
 
@@ -234,7 +238,8 @@ class CheckpointManager:
         rank_state = self._load_rank_state(folder)
         self._cleanup_restore()
         return TrainState(step=shared["step"], tokens_seen=shared["tokens_seen"], elapsed_s=shared.get("elapsed_s", 0.0),
-                          data=rank_state["data"], general_eval_before=shared.get("general_eval_before"))
+                          data=rank_state["data"], general_eval_before=shared.get("general_eval_before"),
+                          last_loss=shared.get("last_loss"))
 
     # -- save ------------------------------------------------------------------
     def _snapshot(self, state: TrainState) -> Path:
@@ -253,7 +258,7 @@ class CheckpointManager:
             shared = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": ctx.world_size,
                       "engine": self.id.engine, "model_fingerprint": self.id.model_fingerprint,
                       "total_steps": self.id.total_steps, "general_eval_before": state.general_eval_before,
-                      "elapsed_s": state.elapsed_s, "ftcluster_version": __version__}
+                      "elapsed_s": state.elapsed_s, "last_loss": state.last_loss, "ftcluster_version": __version__}
             (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
         ctx.barrier()  # every file of every rank is on the node's disk
         return folder

@@ -9,7 +9,9 @@ wrapper runs torchrun's own ``main`` with two changes:
   to checkpoint before SIGKILL;
 * it exits 143 when the workers stopped because of a signal (they leave a marker file
   in ``FTCLUSTER_EXIT_DIR``, which this wrapper creates), so the Slurm script requeues
-  and Kubernetes' ExitCode policy retries; other failures keep torchrun's status.
+  and Kubernetes' ExitCode policy retries; other failures keep torchrun's status;
+* it exits 0 when a stop signal reached it after the workers had committed every final
+  output (their "finished" marker), where torchrun raises its SignalException (issue #8).
 """
 
 from __future__ import annotations
@@ -24,14 +26,24 @@ from ..exitcodes import PREEMPTED_EXIT
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
 MARKER = "preempted"
+FINISHED = "finished"
 
 
 def mark_preempted() -> None:
     """Called by a worker that exits 143 (no-op outside this launcher)."""
+    _mark(MARKER)
+
+
+def mark_finished() -> None:
+    """Called by a worker that exits 0 with every final output committed (no-op outside this launcher)."""
+    _mark(FINISHED)
+
+
+def _mark(name: str) -> None:
     d = os.environ.get("FTCLUSTER_EXIT_DIR")
     if d:
         try:
-            (Path(d) / MARKER).touch()
+            (Path(d) / name).touch()
         except OSError:
             pass
 
@@ -52,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001 - ChildFailedError, SignalException: decided by the marker
         code = 1
-        if not (exit_dir / MARKER).exists():
+        if (exit_dir / FINISHED).exists() and not (exit_dir / MARKER).exists():
+            code = 0  # a stop reached torchrun after the workers finished: the run is done
+        elif not (exit_dir / MARKER).exists():
             shutil.rmtree(exit_dir, ignore_errors=True)
             if type(exc).__name__ != "ChildFailedError" or os.environ.get("FTCLUSTER_DEBUG") == "1":
                 raise

@@ -8,7 +8,9 @@ whose store commits it like a checkpoint (manifest last).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from .. import __version__
 from ..storage.layout import Artifact, artifact_name, step_adapter_name
 from .checkpoint import CheckpointManager, TrainState
 from .engine import Engine
+
+log = logging.getLogger("ftcluster.train")
 
 
 def last_artifact(spec: Any) -> Artifact:
@@ -44,15 +48,40 @@ class Outputs:
         if self.spec.method == "lora":
             self._export(step_adapter_name(state.step), self.engine.export, self.meta(state, eval_loss))
 
-    def publish_final(self, state: TrainState, eval_loss: float | None) -> None:
-        """The end-of-run artifacts: the adapter (and the merged model) or the consolidated model (collective)."""
+    def ensure_step_adapter(self, state: TrainState) -> None:
+        """LoRA, on resume: publish ``adapters/step-N`` of the checkpoint resumed from if it is missing
+        (collective; the engine must hold that checkpoint's weights).
+
+        A crash between the commit of ``checkpoints/step-N`` and that of its adapter leaves exactly
+        this gap, and only for the newest committed checkpoint: the store commits in submission
+        order, so every older checkpoint's adapter committed before it.
+        """
+        if self.spec.method != "lora":
+            return
+        name = step_adapter_name(state.step)
+        if not self.ckpt.is_published(name):
+            log.info("checkpoint step %d has no %s/ (the run stopped before it was committed); exporting it "
+                     "again", state.step, name)
+            self._export(name, self.engine.export, self.meta(state, None))
+
+    def publish_final(self, state: TrainState, eval_loss: float | None,
+                      stop: Callable[[], bool] = lambda: False) -> bool:
+        """The end-of-run artifacts: the adapter (and the merged model) or the consolidated model (collective).
+
+        ``stop`` is asked (collectively) before each export; False when it said stop: the exports
+        already submitted still commit, the rest are left to a rerun.
+        """
         meta = self.meta(state, eval_loss)
+        jobs = [("final", self.engine.export)]
         if self.spec.method == "lora":
-            self._export(artifact_name("adapter"), self.engine.export, meta)
+            jobs = [("adapter", self.engine.export)]
             if self.spec.lora.merge_at_end:
-                self._export(artifact_name("merged"), self.engine.export_merged, meta)
-        else:
-            self._export(artifact_name("final"), self.engine.export, meta)
+                jobs.append(("merged", self.engine.export_merged))
+        for name, export in jobs:
+            if stop():
+                return False
+            self._export(artifact_name(name), export, meta)
+        return True
 
     def _export(self, name: str, export: Any, meta: dict[str, Any]) -> None:
         folder = self.work_dir / "export" / name.replace("/", "_")

@@ -19,9 +19,10 @@ from typing import Any
 
 from .. import __version__
 from ..errors import TrainError
+from ..storage.testhook import signal_at
 from .checkpoint import TrainState
 from .distributed import init_distributed, setup_logging
-from .signals import PREEMPTED_EXIT, StopFlag
+from .signals import PREEMPTED_EXIT, StopFlag, Stopped
 
 log = logging.getLogger("ftcluster.train")
 
@@ -29,15 +30,17 @@ log = logging.getLogger("ftcluster.train")
 class Trainer:
     """State of one training process; :func:`run` is the entry."""
 
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, payload: dict[str, Any], stop: StopFlag):
         from ..loader import spec_from_dict
 
+        self.stop = stop
         self.payload = payload
         self.spec = spec_from_dict(payload["spec"])
         self.ds_config = payload.get("deepspeed")
+        if stop.local:
+            raise Stopped("before the process group was set up")
         self.ctx = init_distributed(self.spec)
         setup_logging(self.ctx.rank)
-        self.stop = StopFlag().install()
         self.cache_dir = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         self.state = TrainState()
         self.last_eval: float | None = None
@@ -53,11 +56,14 @@ class Trainer:
         from .tokenizer import load_or_train_tokenizer
 
         spec, ctx = self.spec, self.ctx
+        self.startup_boundary("joining the other processes")
         seed_everything(spec.training.seed)
         log.info("ftcluster %s: %s run %r, %d process(es) on %d node(s), device %s", __version__, spec.method,
                  spec.name, ctx.world_size, ctx.nnodes, ctx.device.type)
         self.tokenizer = load_or_train_tokenizer(spec, self.cache_dir / "tokenizers")
+        self.startup_boundary("loading the tokenizer")
         self.data = build_data(spec, self.tokenizer, ctx)
+        self.startup_boundary("loading the data")
         self.total_steps = total_steps_for(spec, self.data.batches_per_epoch)
         dtype = M.compute_dtype(spec.training.precision, ctx.device)
         self.work_dir = default_work_dir(spec, ctx.node_rank)
@@ -67,6 +73,7 @@ class Trainer:
         ctx.barrier()
         self.engine, self._keep_alive = build_engine(spec, self.ds_config, self.tokenizer, dtype, ctx, self.cache_dir,
                                                      self.total_steps)
+        self.startup_boundary("building the model and engine")
         fingerprint = M.config_fingerprint(self.engine.module.config)
         out = spec.output
         every_s = out.checkpoint_every_minutes * 60 if out.checkpoint_every_minutes else None
@@ -80,6 +87,20 @@ class Trainer:
             self.data.loader.load_state_dict(loaded.data)
             self.state, self.resumed_step, self.elapsed_before = loaded, loaded.step, loaded.elapsed_s
             log.info("resumed from checkpoint step %d (%s tokens seen)", loaded.step, f"{loaded.tokens_seen:,}")
+            # A crash between a checkpoint's commit and its adapter's leaves the adapter missing;
+            # the engine now holds exactly that checkpoint's weights, so export it again here.
+            self.outputs.ensure_step_adapter(self.state)
+        signal_at("setup")  # test-only; a no-op unless FTCLUSTER_TEST_SIGNAL_AT is set
+        self.startup_boundary("resuming" if loaded is not None else "setting up")
+
+    def startup_boundary(self, what: str) -> None:
+        """Before the first step: all ranks agree on the stop flag; a stop ends the run with nothing to save."""
+        if self.stop.agree(group=self.ctx.ctl_group)[0]:
+            raise Stopped(f"while {what}")
+
+    def stop_agreed(self) -> bool:
+        """After the last step (collective): whether a stop signal reached any rank."""
+        return self.stop.agree(group=self.ctx.ctl_group)[0]
 
     # -- state and checkpoints -----------------------------------------------------
     def elapsed(self) -> float:
@@ -115,8 +136,10 @@ class Trainer:
         self.t0 = time.monotonic()
         try:
             self.setup()
-        except BaseException:
-            self.stop.uninstall()
+        except Stopped:
+            if hasattr(self, "ckpt"):
+                self.ckpt.wait()  # a resume may have queued a missing adapter: let it commit
+            self._shutdown()
             raise
         self.t0 = time.monotonic()
         self.reporter = MetricsReporter(enabled=self.ctx.is_main, total_steps=self.total_steps,
@@ -128,7 +151,6 @@ class Trainer:
             self.reporter.close()
             if self.ctx.is_main:
                 self.metrics_writer.close()
-            self.stop.uninstall()
 
     def _metrics_sink(self):
         if not self.ctx.is_main:
@@ -141,6 +163,7 @@ class Trainer:
         return JsonlSink(self.metrics_writer.local_path, on_flush=lambda p: self.metrics_writer.upload())
 
     def _run(self) -> int:
+        from .launch import mark_finished
         from .loop import evaluate, run_steps
         from .outputs import last_artifact
 
@@ -150,7 +173,9 @@ class Trainer:
             log.info("already complete: step %d and %s/ are committed under %s; nothing to do. To train again, "
                      "submit with --fresh (a new output folder beside it) or --set output.uri=<another folder>",
                      state.step, last_artifact(spec), spec.output.uri)
+            self.ckpt.wait()
             self._shutdown()
+            mark_finished()
             return 0
         log.info("training %d optimizer steps from step %d (%d batches of %d per process per epoch, "
                  "gradient accumulation %d)", self.total_steps, state.step, self.data.batches_per_epoch,
@@ -172,7 +197,7 @@ class Trainer:
             self.ckpt.wait()
             self.reporter.event({"kind": "preempted", "step": step, "signal": self.stop.signal_name},
                                 f"checkpoint step {step} committed; exiting with {PREEMPTED_EXIT} "
-                                "so the scheduler requeues the job")
+                                "(rerun or requeue to resume)")
         except TrainError as exc:
             log.error("stopping at step %d but its checkpoint did not commit (%s); a rerun resumes from the "
                       "last committed one", step, exc)
@@ -180,16 +205,24 @@ class Trainer:
         return PREEMPTED_EXIT
 
     def _finish(self) -> int:
+        from .launch import mark_finished
         from .loop import evaluate
 
+        # A stop during the finish is honoured at the boundaries below: what was submitted is
+        # committed, then exit 143 and a rerun (resumed at the last step) redoes the exports.
+        # Past the last boundary the finish completes and exits 0 (docs/training.md).
         state = self.state
         if self.resumed_step != state.step:  # else this very state is committed already
             self.checkpoint(final=True)  # resumable: a rerun after a crash below only redoes the exports
+        if self.stop_agreed():
+            return self._preempted()
         self.last_eval = evaluate(self.engine, self.ctx, self.data.eval)
         self.eval_record("eval", self.last_eval)
         general_after = evaluate(self.engine, self.ctx, self.data.general_eval)
         self.eval_record("general_eval", general_after, when="after")
-        self.outputs.publish_final(state, self.last_eval)
+        signal_at("final-export")  # test-only
+        if not self.outputs.publish_final(state, self.last_eval, self.stop_agreed):
+            return self._preempted()
         summary = {"kind": "summary", "step": state.step, "tokens_seen": state.tokens_seen,
                    "train_loss": state.last_loss, "eval_loss": self.last_eval,
                    "general_eval_before": state.general_eval_before, "general_eval_after": general_after,
@@ -199,24 +232,40 @@ class Trainer:
         self.ckpt.wait()
         if self.ctx.is_main:
             log.info("outputs committed under %s", self.spec.output.uri)
+        signal_at("final-committed")  # test-only
         self._shutdown()
+        mark_finished()  # after the barrier: rank 0 committed everything (a stop now still means "done")
         return 0
 
     def _shutdown(self) -> None:
         import torch.distributed as dist
 
-        self.stop.uninstall()
         if dist.is_initialized():
             self.ctx.barrier()
             dist.destroy_process_group()
 
 
-def run(payload: dict[str, Any]) -> int:
+def run(payload: dict[str, Any], stop: StopFlag | None = None) -> int:
     """Train as the payload says; returns the process exit status (0 or 143).
+
+    ``stop``: the flag whose handlers the caller installed (the worker entry does, first thing);
+    without one, handlers are installed here and removed on return.
 
     A payload with variants (a job array) trains the variant this process is assigned
     (``FTCLUSTER_VARIANT`` or ``SLURM_ARRAY_TASK_ID``; :func:`ftcluster.payload.select_payload`).
     """
     from ..payload import select_payload
+    from .launch import mark_preempted
 
-    return Trainer(select_payload(payload, os.environ)).run()
+    owned = stop is None
+    stop = StopFlag().install() if stop is None else stop
+    try:
+        return Trainer(select_payload(payload, os.environ), stop).run()
+    except Stopped as exc:
+        mark_preempted()
+        log.warning("stopped by %s %s, before the first step: nothing to save; exiting with %d",
+                    stop.signal_name, exc, PREEMPTED_EXIT)
+        return PREEMPTED_EXIT
+    finally:
+        if owned:
+            stop.uninstall()

@@ -8,6 +8,11 @@ scheduler signalled only rank 0 (submitit #9) or only one node.
 Slurm sends ``--signal=B:USR2@T`` to the batch shell, which forwards it; Kubernetes and
 ``ftcluster cancel`` send SIGTERM. torchrun forwards SIGTERM (and SIGUSR2 when it is in
 ``--signals-to-handle``; :mod:`ftcluster.train.launch` adds it) to the workers.
+
+The worker entry (:mod:`ftcluster.train.__main__`) installs the handlers first thing and keeps
+them until the process exits: a stop that lands during start-up, or a second forwarded copy
+that lands while the run shuts down, must set the flag, never kill the process with the
+signal's default action (issue #8: that gave torchrun's traceback and exit 1).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from typing import Any
 from ..exitcodes import PREEMPTED_EXIT  # noqa: F401 - the runtime imports it from here
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class Stopped(Exception):
+    """A stop signal arrived before the first step: nothing new to save, the worker exits 143."""
 
 
 class StopFlag:

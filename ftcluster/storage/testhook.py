@@ -1,0 +1,49 @@
+"""TEST-ONLY: deliver a signal at a named moment of a training run, so the stop and crash tests
+need no timing-based sleeps. Unset in production (nothing happens then).
+
+``FTCLUSTER_TEST_SIGNAL_AT=BOUNDARY:SIGNAL[:RANK]``, e.g. ``checkpoint-files:SIGKILL`` or
+``startup:SIGTERM:1``. The first time the process of rank ``RANK`` (default 0) reaches
+``BOUNDARY`` it sends ``SIGNAL``:
+
+* ``SIGKILL`` to itself: a crashed worker;
+* any other signal (a stop: SIGUSR2, SIGTERM) to its parent, the launcher (torchrun's agent),
+  as a scheduler or ``ftcluster cancel`` would, and to itself, so the stop is seen at this very
+  moment rather than after the agent's forwarding delay (the agent forwards it too; a second
+  delivery only sets the same flag again).
+
+The boundaries (docs/training.md, "Stops and crashes"), in the order a run meets them:
+
+``startup``              the worker entry, right after its stop handlers are installed
+``setup``                start-up done (model, tokenizer, data, engine, resume), before the first step
+``checkpoint-files``     every file of a checkpoint is uploaded, its manifest not yet written
+``checkpoint-committed`` a checkpoint's manifest is written, its LoRA adapter not yet published
+``final-export``         after the last step's checkpoint and the final evaluation, before the exports
+``final-committed``      every final output committed (the last manifest written), before exit
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "FTCLUSTER_TEST_SIGNAL_AT"
+BOUNDARIES = ("startup", "setup", "checkpoint-files", "checkpoint-committed", "final-export", "final-committed")
+_fired: set[str] = set()
+
+
+def signal_at(boundary: str) -> None:
+    """Send the configured signal if ``boundary`` is the one named in ``$FTCLUSTER_TEST_SIGNAL_AT``."""
+    value = os.environ.get(ENV)
+    if not value:
+        return
+    name, _, rest = value.partition(":")
+    sig_name, _, rank = rest.partition(":")
+    if name not in BOUNDARIES:
+        raise ValueError(f"{ENV}={value}: unknown boundary {name!r}; one of {', '.join(BOUNDARIES)}")
+    if name != boundary or boundary in _fired or os.environ.get("RANK", "0") != (rank or "0"):
+        return
+    _fired.add(boundary)
+    sig = signal.Signals[sig_name]
+    if sig != signal.SIGKILL:
+        os.kill(os.getppid(), sig)
+    os.kill(os.getpid(), sig)
