@@ -39,6 +39,9 @@ def read_payload(spec_path: str | None, spec_env: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifeline import tie_to_parent
+
+    tie_to_parent()  # first: die with the launcher, even one that died before this line (docs/lifecycle.md)
     parser = argparse.ArgumentParser(prog="python -m ftcluster.train", description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", help="payload JSON file written by ftcluster (payload.json)")
