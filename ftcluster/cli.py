@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import sys
 import time
 
@@ -46,6 +47,8 @@ class _Cli(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Compile one fine-tuning job spec into Slurm or Kubernetes launch files, and run it."""
     ctx.obj = {"debug": debug}
+    if debug:  # runs started from here show torchrun's own lines and tracebacks too (docs/lifecycle.md)
+        os.environ["FTCLUSTER_DEBUG"] = "1"
 
 
 def _load(path: str, sets: tuple[str, ...]):
@@ -355,8 +358,12 @@ def cancel(run: str) -> None:
     """Stop a run; the training runtime checkpoints before it exits."""
     from . import api
 
-    st = api.cancel(run)
-    click.echo(f"{st.run_id}: {'already ' + st.state if st.terminal else 'cancel requested'}")
+    before = api.status(run)
+    if before.terminal:
+        click.echo(f"{before.run_id}: already {before.state}")
+        return
+    st = api.cancel(run)  # local runs: returns once every process of the run has exited
+    click.echo(f"{st.run_id}: cancel requested" + (f"; {st.state}, no process of the run is left" if st.terminal else ""))
 
 
 @cli.command()

@@ -32,11 +32,10 @@ from .base import (
     tail_file,
     write_atomic,
 )
+from .proctree import RUN_ENV, cancel_grace_s, run_key, run_pids, stop_all, wait_gone
 
 if TYPE_CHECKING:
     from ..checks import Check
-
-CANCEL_GRACE_S = 60.0
 
 
 def free_port(preferred: int) -> int:
@@ -52,19 +51,9 @@ def free_port(preferred: int) -> int:
 
 
 def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
+    from .proctree import alive
+
+    return alive(pid)
 
 
 class LocalBackend(Backend):
@@ -109,20 +98,30 @@ class LocalBackend(Backend):
                                       for s in req.meta.get("steps", [])])
             save_status(req.run_dir, status)
             with open(req.run_dir / "supervisor.log", "ab") as log:
+                # RUN_ENV marks the supervisor and everything it starts as this run's (proctree).
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "ftcluster.backends.local_supervisor", str(req.run_dir)],
+                    [sys.executable, "-m", "ftcluster.backends.local_supervisor", run_key(req.run_dir)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
+                    env={**os.environ, RUN_ENV: run_key(req.run_dir)},
                 )
         write_atomic(req.run_dir / "supervisor.pid", str(proc.pid))
         return status  # no job id: a local run is named by its run id (the supervisor's pid is in the run folder)
 
     # -- query ------------------------------------------------------------------
     def status(self, run_ref: str) -> RunStatus:
+        """The saved status, checked against the run's processes: a run is never reported ended
+        (SUCCEEDED, FAILED, CANCELLED) while one of its processes is alive; it is STOPPING then."""
         run_dir = self.run_folder(run_ref)
         st = load_status(run_dir)
+        pids = run_pids(run_dir)
+        if st.terminal and pids:
+            return _stopping(st, f"ends as {st.state} once pid(s) {_pids(pids)} have exited")
         if not st.terminal and not _pid_alive(_read_int(run_dir / "supervisor.pid")):
             st = load_status(run_dir)  # it may have just finished
-            if not st.terminal:
+            if not st.terminal and pids:
+                st.message = f"the supervisor is gone but pid(s) {_pids(pids)} of the run still run; `ftcluster " \
+                             "cancel` stops them"
+            elif not st.terminal:
                 st.state, st.message = "FAILED", "the supervisor process is gone (machine restarted or killed)"
                 st.ended_at = st.ended_at or time.time()
                 save_status(run_dir, st)
@@ -133,14 +132,33 @@ class LocalBackend(Backend):
         return tail_file(run_dir / "log.txt", follow, lambda: self.status(str(run_dir)).terminal)
 
     def cancel(self, run_ref: str) -> RunStatus:
+        """Stop the run and return once every process of it has exited (bounded: the grace period
+        FTCLUSTER_CANCEL_GRACE_S for the checkpoint, then SIGKILL); raise naming the pids that
+        could not be stopped."""
         run_dir = self.run_folder(run_ref)
         st = self.status(str(run_dir))
         if st.terminal:
             return st
         (run_dir / "cancel-requested").write_text(str(time.time()))
-        pid = _read_int(run_dir / "supervisor.pid")
-        if pid and _pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)  # the supervisor forwards it and escalates
+        grace = cancel_grace_s()
+        sup = _read_int(run_dir / "supervisor.pid")
+
+        def run_and_supervisor() -> list[int]:
+            return run_pids(run_dir) if _pid_alive(sup) else []
+
+        if _pid_alive(sup):
+            os.kill(sup, signal.SIGTERM)  # it forwards TERM (checkpoint, exit), SIGKILLs after the grace
+            # The supervisor ends last, after the rest; +15 s for it to stop leftovers and record.
+            wait_gone(run_and_supervisor, grace + 15.0, poll=0.2)
+        # No supervisor (killed, or it did not finish in time): stop what is left from here.
+        left = stop_all(lambda: run_pids(run_dir), 0.0 if _pid_alive(sup) else grace)
+        if left:
+            raise BackendError(f"{run_dir.name}: could not stop pid(s) {_pids(left)} of the run (stuck in the "
+                               "kernel? see `ps -o pid,stat,cmd -p ...`); the run is not cancelled until they exit")
+        st = load_status(run_dir)
+        if not st.terminal:  # its supervisor was gone, so nobody recorded the end
+            st.state, st.message, st.ended_at = "CANCELLED", "cancelled by the user", time.time()
+            save_status(run_dir, st)
         return st
 
     # -- checks -----------------------------------------------------------------
@@ -167,6 +185,17 @@ class LocalBackend(Backend):
         if probe is None:
             return out + [Check("python", "fail", f"{python} did not run the probe (exit {proc.returncode})", fix)]
         return out + [python_check(probe, python, "this host", "local.python")]
+
+
+def _pids(pids: list[int]) -> str:
+    return ", ".join(map(str, pids))
+
+
+def _stopping(st: RunStatus, message: str) -> RunStatus:
+    """``st`` shown as STOPPING (not saved: it is what the processes say now, not a record)."""
+    from dataclasses import replace
+
+    return replace(st, state="STOPPING", message=message)
 
 
 def _read_int(path: Path) -> int | None:

@@ -40,10 +40,14 @@ def read_payload(spec_path: str | None, spec_env: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifeline import tie_to_parent
+
+    tie_to_parent()  # first: die with the launcher, even one that died before this line (docs/lifecycle.md)
+
     from ..storage.testhook import signal_at
     from .signals import StopFlag
 
-    # First thing: a stop from here on sets the flag instead of killing the process (issue #8).
+    # Then: a stop from here on sets the flag instead of killing the process (issue #8).
     # Kept installed until the process exits, so a late forwarded copy cannot kill it either.
     stop = StopFlag().install()
     signal_at("startup")  # test-only; a no-op unless FTCLUSTER_TEST_SIGNAL_AT is set

@@ -189,15 +189,14 @@ class Trainer:
         return self._finish()
 
     def _preempted(self) -> int:
-        from .launch import mark_preempted
+        from .launch import mark_preempted, preempted_hint
 
         mark_preempted()
         step = self.state.step
         try:
             self.ckpt.wait()
             self.reporter.event({"kind": "preempted", "step": step, "signal": self.stop.signal_name},
-                                f"checkpoint step {step} committed; exiting with {PREEMPTED_EXIT} "
-                                "(rerun or requeue to resume)")
+                                f"checkpoint step {step} committed; {preempted_hint()}")
         except TrainError as exc:
             log.error("stopping at step %d but its checkpoint did not commit (%s); a rerun resumes from the "
                       "last committed one", step, exc)
