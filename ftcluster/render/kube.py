@@ -2,10 +2,13 @@
 (``trainer.kubeflow.org/v1alpha1``) plus ftcluster's ClusterTrainingRuntime.
 
 Objects are built as plain data and dumped with ruamel.yaml (apiVersion, kind, metadata, name
-first, every other key sorted; no timestamps). One file per job, ``<name>.yaml``, holds the
-ConfigMap and then the job; the TrainJob target adds the shared runtime as its own file. Every
-file starts with the ``# header`` lines and each object with ``---``, so files concatenate into
-one applyable stream. Field-by-field mapping and the reasons behind each choice:
+first, every other key sorted; no timestamps). One file per job, ``<name>.yaml``, holds
+one self-contained object: the resolved spec and DeepSpeed config travel in the pod template as
+the ``FTCLUSTER_PAYLOAD`` environment variable (as in the Slurm script), not in a separate
+ConfigMap, so creating the job is atomic, a GitOps repository has no ordering between objects,
+and deleting the job removes everything it brought. The TrainJob target adds the shared runtime
+as its own file. Every file starts with the ``# header`` lines and each object with ``---``, so
+files concatenate into one applyable stream. Field-by-field mapping and the reasons behind each choice:
 docs/kubernetes.md. Checked in tests against the vendored CRD schemas (tests/schemas/).
 """
 
@@ -16,10 +19,8 @@ from typing import Any
 
 from ..errors import RenderError
 from ..plan import LaunchPlan
+from .slurm import PAYLOAD_LIMIT, PAYLOAD_VAR
 
-SPEC_DIR = "/etc/ftcluster"
-PAYLOAD_KEY = "payload.json"
-SPEC_VOLUME = "ftcluster-spec"
 SHM_VOLUME = "dshm"
 SECRET_ENV_DIR = "/var/run/ftcluster/secret-env"
 DEFAULT_RUNTIME = "ftcluster-torch"
@@ -34,7 +35,7 @@ GRACE_SECONDS = 300
 K8S_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 30)}
 # Set by the Training Operator / Trainer torch plugin for torchrun; a user value would clash
 # (the Trainer webhook rejects PET_* in trainer.env).
-RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+RESERVED_ENV = frozenset({PAYLOAD_VAR, "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
                           "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"})
 # Fields of `kubernetes:` that TrainJob v1alpha1 cannot carry per job (they live in the runtime).
 PYTORCHJOB_ONLY = {
@@ -54,14 +55,14 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 
 
 def render_pytorchjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
-    """``<name>.yaml``: the ConfigMap with the payload, then the PyTorchJob."""
+    """``<name>.yaml``: the PyTorchJob, payload included."""
     _require_image(plan.spec)
-    return {f"{plan.name}.yaml": dump_yaml([config_map(plan), pytorchjob(plan)], header)}
+    return {f"{plan.name}.yaml": dump_yaml([pytorchjob(plan)], header)}
 
 
 def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
-    """``ftcluster-torch.clustertrainingruntime.yaml`` and ``<name>.yaml`` (the ConfigMap, then
-    the TrainJob).
+    """``ftcluster-torch.clustertrainingruntime.yaml`` and ``<name>.yaml`` (the TrainJob, payload
+    included).
 
     The runtime is cluster-scoped and the same for every job, so it gets its own file (GitOps
     repositories keep it in one platform-owned place); it is rendered only when the spec uses
@@ -74,21 +75,11 @@ def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
     runtime = plan.spec.kubernetes.runtime
     if runtime == DEFAULT_RUNTIME:  # first: the Trainer webhook rejects a TrainJob whose runtime is missing
         files[f"{runtime}.clustertrainingruntime.yaml"] = dump_yaml([cluster_training_runtime(runtime)], header)
-    files[f"{plan.name}.yaml"] = dump_yaml([config_map(plan), trainjob(plan)], header + notes)
+    files[f"{plan.name}.yaml"] = dump_yaml([trainjob(plan)], header + notes)
     return files
 
 
 # --------------------------------------------------------------------------- objects
-
-
-def config_map(plan: LaunchPlan) -> dict[str, Any]:
-    """The ConfigMap ``<name>-spec`` holding the payload (resolved spec + DeepSpeed config)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(plan, f"{plan.name}-spec"),
-        "data": {PAYLOAD_KEY: plan.payload_json() + "\n"},
-    }
 
 
 def pytorchjob(plan: LaunchPlan) -> dict[str, Any]:
@@ -124,7 +115,8 @@ def trainjob(plan: LaunchPlan) -> dict[str, Any]:
     container = pod.pop("containers")[0]
     pod_patch = {key: pod[key] for key in ("imagePullSecrets", "nodeSelector", "serviceAccountName",
                                             "terminationGracePeriodSeconds", "tolerations", "volumes") if key in pod}
-    pod_patch["containers"] = [{"name": "node", "volumeMounts": container["volumeMounts"]}]
+    if container["volumeMounts"]:  # the runtime mounts /dev/shm itself; only extra volumes go here
+        pod_patch["containers"] = [{"name": "node", "volumeMounts": container["volumeMounts"]}]
     job_spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": k.runtime},
         "trainer": {
@@ -281,8 +273,23 @@ def _pod_metadata(plan: LaunchPlan) -> dict[str, Any]:
     return meta
 
 
+def _payload(plan: LaunchPlan) -> str:
+    """The payload JSON for ``FTCLUSTER_PAYLOAD``, within the size one environment variable may have.
+
+    (The whole object must also stay under etcd's 1.5 MiB request limit; one variable's 128 KiB
+    keeps it far below that.)
+    """
+    text = plan.payload_json()
+    if len(text.encode()) > PAYLOAD_LIMIT:
+        raise RenderError(f"{plan.spec._source_file or '<spec>'}: the resolved spec is {len(text.encode())} bytes, over "
+                          f"the {PAYLOAD_LIMIT}-byte limit for one environment variable ({PAYLOAD_VAR} in the pod "
+                          "template); shorten deepspeed.config_file or split the variants into several jobs")
+    return text
+
+
 def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
-    """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references; never a secret value."""
+    """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references, then the
+    payload (last: it is long); never a secret value."""
     spec = plan.spec
     k = spec.kubernetes
     plain = {**K8S_ENV, **plan.env, **k.env}
@@ -299,6 +306,7 @@ def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
                               "twice (or reserved); give each variable one source")
         seen.add(item.name)
         out.append({"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}})
+    out.append({"name": PAYLOAD_VAR, "value": _payload(plan)})
     return out
 
 
@@ -338,13 +346,9 @@ def _secret_volume_name(secret: str) -> str:
 def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], list[dict]]:
     spec = plan.spec
     k = spec.kubernetes
-    volumes: list[dict[str, Any]] = [
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
-        {"name": SPEC_VOLUME, "configMap": {"name": f"{plan.name}-spec"}},
-    ]
+    volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]
     # In a TrainJob the runtime already mounts dshm at /dev/shm; the patch only sizes the volume.
     mounts: list[dict[str, Any]] = [] if trainjob else [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
-    mounts.append({"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": True})
     for v in k.volumes:
         if v.pvc:
             source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": v.pvc}}
@@ -375,7 +379,7 @@ def _command(plan: LaunchPlan, trainjob: bool) -> list[str]:
         for secret in plan.spec.kubernetes.env_from_secrets:
             wrapper += ["--env-dir", f"{SECRET_ENV_DIR}/{secret}"]
     torchrun = plan.torchrun_args(rdzv_endpoint=None, rdzv_id=None, python="python3",
-                                  spec_arg=["--spec", f"{SPEC_DIR}/{PAYLOAD_KEY}"],
+                                  spec_arg=["--spec-env", PAYLOAD_VAR],
                                   launcher="torch.distributed.run")  # podexec maps signals to 143
     return wrapper + ["--"] + torchrun
 
@@ -421,7 +425,7 @@ def _check_unique(items: list[str], what: str, spec: Any) -> None:
     dup = sorted({x for x in items if items.count(x) > 1})
     if dup:
         raise RenderError(f"{spec._source_file or '<spec>'}: kubernetes.volumes: {what} {dup[0]!r} is used twice "
-                          f"(ftcluster reserves {SHM_VOLUME}, {SPEC_VOLUME}, /dev/shm and {SPEC_DIR}); rename it")
+                          f"(ftcluster reserves {SHM_VOLUME} and /dev/shm); rename it")
 
 
 def _check_keys(mapping: dict[str, str], field: str, spec: Any, values: bool) -> None:
