@@ -50,9 +50,15 @@ def status(run_ref: str) -> RunStatus:
     return _backend_of(run_ref).status(run_ref)
 
 
-def logs(run_ref: str, follow: bool = False) -> Iterator[str]:
-    """Log lines of a run; ``follow`` keeps reading until it ends."""
-    return _backend_of(run_ref).logs(run_ref, follow=follow)
+def logs(run_ref: str, follow: bool = False, **options: Any) -> Iterator[str]:
+    """Log lines of a run; ``follow`` keeps reading until it ends. Kubernetes runs take ``rank=N``
+    (node rank N's pod; default 0, the master)."""
+    b = _backend_of(run_ref)
+    if options and b.name != "kubernetes":
+        from .errors import BackendError
+
+        raise BackendError(f"{', '.join(sorted(options))}: applies to kubernetes runs only ({run_ref} is a {b.name} run)")
+    return b.logs(run_ref, follow=follow, **options)
 
 
 def cancel(run_ref: str) -> RunStatus:

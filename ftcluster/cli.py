@@ -19,6 +19,8 @@ import click
 from . import __version__
 
 SET_HELP = "Override a spec field, e.g. --set training.max_steps=10 (repeatable)."
+CONTEXT_HELP = "Kubernetes: the kubeconfig context (default: the current one, or the pod's service account)."
+NAMESPACE_HELP = "Kubernetes: the namespace (same as --set kubernetes.namespace=NS)."
 
 
 class _Cli(click.Group):
@@ -154,22 +156,33 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
               help="Override the spec's backend.")
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
+@click.option("--server", is_flag=True, help="With --dry-run (kubernetes): also have the API server validate the job "
+              "(dryRun=All); nothing is stored.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help=NAMESPACE_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...]) -> None:
-    """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
+def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: bool, context: str | None,
+           namespace: str | None, sets: tuple[str, ...]) -> None:
+    """Submit a job (local, slurm, kubernetes) or a pipeline (slurm) to its backend."""
     from .backends import get_backend
     from .pipeline import Pipeline
 
-    spec = _load(job, sets)
+    spec = _load(job, sets + ((f"kubernetes.namespace={namespace}",) if namespace else ()))
     if isinstance(spec, Pipeline):
         if backend:
             raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
         b = get_backend("pipeline")
     else:
-        b = get_backend(backend or spec.backend)
+        b = get_backend(backend or spec.backend, context=context)
+    if (server or context) and b.name != "kubernetes":
+        raise click.UsageError("--server and --context apply to the kubernetes backend only")
+    if server and not dry_run:
+        raise click.UsageError("--server goes with --dry-run (a server-side dry run)")
     req = b.submit_dryrun(spec)
     if dry_run:
         click.echo(req.describe(), nl=False)
+        if server:
+            click.echo(b.server_dry_run(req))
         return
     st = b.schedule(req)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
@@ -182,7 +195,8 @@ def _wait(backend, run_ref: str) -> int:
 
     for line in backend.logs(run_ref, follow=True):
         click.echo(line, nl=False)
-    st = backend.status(run_ref)
+    # Kubernetes follows the job with a watch; the others poll.
+    st = backend.wait(run_ref) if hasattr(backend, "wait") else backend.status(run_ref)
     while not st.terminal:
         time.sleep(1)
         st = backend.status(run_ref)
@@ -208,8 +222,21 @@ def status(run: str | None, as_json: bool) -> None:
 
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(as_json: bool) -> None:
-    """List runs recorded in the run folders."""
+@click.option("--backend", "-b", type=click.Choice(["kubernetes"]), default=None,
+              help="Ask the cluster instead: ftcluster's jobs in the namespace, wherever they were submitted from.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help="Kubernetes: the namespace (default: the context's).")
+def list_cmd(as_json: bool, backend: str | None, context: str | None, namespace: str | None) -> None:
+    """List runs recorded in the run folders (or, with --backend kubernetes, the jobs on the cluster)."""
+    if backend:
+        from .backends import get_backend
+
+        runs = get_backend(backend, context=context, namespace=namespace).list()
+        if as_json:
+            click.echo(json.dumps([r.to_dict() for r in runs], indent=1, sort_keys=True))
+        else:
+            _table(runs)
+        return
     _list(as_json)
 
 
@@ -247,11 +274,13 @@ def _table(runs) -> None:
 @cli.command()
 @click.argument("run")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
-def logs(run: str, follow: bool) -> None:
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="Kubernetes: the log of node rank N's pod (default 0, the master).")
+def logs(run: str, follow: bool, rank: int | None) -> None:
     """Print a run's log."""
     from . import api
 
-    for line in api.logs(run, follow=follow):
+    for line in api.logs(run, follow=follow, **({"rank": rank} if rank is not None else {})):
         click.echo(line, nl=False)
 
 
@@ -269,8 +298,13 @@ def cancel(run: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--remote", is_flag=True, help="Also probe a compute node (/dev/shm, port, python); queues a 1-node job.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--backend", "-b", type=click.Choice(["local", "slurm", "kubernetes"]), default=None,
+              help="Override the spec's backend.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help=NAMESPACE_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None:
+def doctor(job: str, remote: bool, as_json: bool, backend: str | None, context: str | None, namespace: str | None,
+           sets: tuple[str, ...]) -> None:
     """Check a job against its cluster and storage before submitting; exit 1 if any check fails."""
     import logging
 
@@ -279,7 +313,8 @@ def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None
     # s3fs/aiohttp report a dropped connection again as "Task exception was never retrieved" with a
     # traceback when the loop is collected; the output check already shows it as one row.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    checks = diagnose(job, list(sets), remote=remote)
+    sets += ((f"backend={backend}",) if backend else ()) + ((f"kubernetes.namespace={namespace}",) if namespace else ())
+    checks = diagnose(job, list(sets), remote=remote, context=context)
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in checks], indent=1))
     else:

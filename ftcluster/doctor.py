@@ -450,7 +450,8 @@ def local_checks(spec: Any) -> list[Check]:
     return out
 
 
-def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False, runner: Any = None) -> list[Check]:
+def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False, runner: Any = None,
+             context: str | None = None) -> list[Check]:
     """Every check for the job at ``path``; a failed spec check stops the rest."""
     first, spec = check_spec(path, list(overrides or []))
     if spec is None:
@@ -461,6 +462,10 @@ def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = Fa
         out.append(check_passthrough(spec))
     elif spec.backend == "local":
         out += local_checks(spec)
+    elif spec.backend == "kubernetes":
+        from .backends import get_backend
+
+        out += get_backend("kubernetes", context=context).preflight(spec)
     else:
         out.append(Check("cluster", "skip", f"backend {spec.backend}: no cluster checks yet",
                          "`kubectl apply --dry-run=server -f` the rendered manifests"))

@@ -8,8 +8,8 @@ from ..errors import BackendError
 BACKENDS = ("local", "slurm", "kubernetes")
 
 
-def get_backend(name: str):
-    """Instantiate the backend called ``name``."""
+def get_backend(name: str, **options):
+    """Instantiate the backend called ``name``; ``options`` go to the kubernetes backend (context, namespace)."""
     if name == "local":
         from .local import LocalBackend
 
@@ -23,8 +23,7 @@ def get_backend(name: str):
 
         return PipelineBackend()
     if name == "kubernetes":
-        raise BackendError(
-            "the kubernetes backend (submit/status through the API) is not available yet; render the manifests with "
-            "`ftcluster render job.yaml --target pytorchjob -o out/` and `kubectl apply -f out/`"
-        )
+        from .kubernetes import KubernetesBackend
+
+        return KubernetesBackend(**{k: v for k, v in options.items() if v is not None})
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
