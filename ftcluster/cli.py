@@ -192,9 +192,13 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
 
 def _wait(backend, run_ref: str) -> int:
     from .backends.base import EXIT_CODES
+    from .errors import BackendError
 
-    for line in backend.logs(run_ref, follow=True):
-        click.echo(line, nl=False)
+    try:
+        for line in backend.logs(run_ref, follow=True):
+            click.echo(line, nl=False)
+    except BackendError as err:  # e.g. not allowed to read pod logs: still wait for the job's end
+        click.echo(f"warning: no log: {err}", err=True)
     # Kubernetes follows the job with a watch; the others poll.
     st = backend.wait(run_ref) if hasattr(backend, "wait") else backend.status(run_ref)
     while not st.terminal:

@@ -169,6 +169,8 @@ def api_error(exc: BaseException, conn: Connection, verb: str, kind: Kind | None
                                 "create it (kubectl create namespace ...) or set kubernetes.namespace / --namespace")
         if kind and not name:
             return crd_missing(kind, conn)
+        if not name:
+            return BackendError(f"{conn.server} does not serve {resource} ({message}); is this a full Kubernetes API server?")
         return BackendError(f"{kind.kind if kind else resource} {name!r} not found {where}; "
                             "it was deleted (or never created); `ftcluster list --backend kubernetes` shows what exists")
     if code == 409:
