@@ -105,8 +105,10 @@ def validate(job: str, sets: tuple[str, ...]) -> None:
               help="Output kind; default from the spec's backend.")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write files into this folder instead of printing them.")
+@click.option("--kustomize", is_flag=True, help="Kubernetes targets: add a kustomization.yaml listing the jobs "
+              "(a folder to commit as it is for Argo CD / Flux).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, ...]) -> None:
+def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
     from .pipeline import Pipeline, render_pipeline
     from .render import render as do_render
@@ -114,6 +116,8 @@ def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, .
     spec = _load(job, sets)
     with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
         files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
+    if kustomize:
+        files = _kustomized(spec, target, files)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:
@@ -123,6 +127,18 @@ def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, .
     _write_files(out_dir, files)
     for name in files:
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
+
+
+def _kustomized(spec, target: str | None, files: dict[str, str]) -> dict[str, str]:
+    from .pipeline import Pipeline
+    from .render import command_for, default_target, header_lines
+    from .render.kube import with_kustomization
+
+    if isinstance(spec, Pipeline) or (target or default_target(spec)) == "slurm":
+        raise click.UsageError("--kustomize applies to one job spec rendered for --target pytorchjob or trainjob")
+    target = target or default_target(spec)
+    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target) + " --kustomize"
+    return with_kustomization(files, header_lines(spec, target, command))
 
 
 def _write_files(out_dir: str, files: dict[str, str]) -> None:

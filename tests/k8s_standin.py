@@ -8,7 +8,7 @@ three such endpoints, and this server speaks only those, in the wire format kube
 - ``GET /api/v1/namespaces/NS/pods/NAME/log?container=C[&follow=true]``: the log text, streamed
   until the test marks the pod finished when following;
 - ``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews``: allowed or not by the rules of a
-  Role (the one in manifests/base/rbac/role.yaml unless a test gives others).
+  Role (the one in manifests/team/role.yaml unless a test gives others).
 
 ``canned`` answers chosen requests with a fixed status and kube-apiserver's own Status body, so
 the forbidden / unknown-namespace error paths can be tested. Nothing else is served (404).

@@ -30,7 +30,7 @@ from ftcluster.errors import BackendError
 from ftcluster.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLE = ROOT / "manifests" / "base" / "rbac" / "role.yaml"
+ROLE = ROOT / "manifests" / "team" / "role.yaml"
 CALLS: list[tuple[str, str]] = []  # (method, url) of every call any backend in this module made
 SECRET_VALUE = "do-not-leak-8d1f0c"
 
@@ -380,7 +380,7 @@ def test_missing_crd_says_what_to_install(crdless_server, monkeypatch, tmp_path)
 
 def test_doctor_preflight(make_backend, standin, ns):
     """Real server for reachability and CRD discovery; the stand-in answers the access reviews with
-    the Role in manifests/base/rbac/ (all allowed), then with a Role lacking `watch`."""
+    the Role in manifests/team/ (all allowed), then with a Role lacking `watch`."""
     b = make_backend()
     spec = _spec("lora-pytorchjob.yaml", ns)
     checks = {c.name: c for c in b.preflight(spec)}
@@ -461,7 +461,7 @@ def _verb_and_resource(method: str, url: str) -> tuple[str, str, str] | None:
 
 def test_role_grants_exactly_what_the_backend_calls():
     """Every call recorded in this module (run whole: the other tests exercise every verb) maps to a
-    rule of manifests/base/rbac/role.yaml, and every rule was used. Runs last in the module."""
+    rule of manifests/team/role.yaml, and every rule was used. Runs last in the module."""
     if not CALLS:
         pytest.skip("no calls recorded: run the whole module against the test API server")
     used = {c for c in (_verb_and_resource(m, u) for m, u in CALLS) if c}

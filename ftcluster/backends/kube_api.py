@@ -21,7 +21,7 @@ KUEUE = ("kueue.x-k8s.io", "v1beta1", "localqueues")
 # (connect, read) seconds for one request; a watch or a followed log sets its own.
 TIMEOUT = (5, 30)
 # A one-line help for the permission errors: where the least-privilege Role lives.
-ROLE_HINT = "manifests/base/rbac/role.yaml lists what ftcluster needs"
+ROLE_HINT = "manifests/team/role.yaml grants exactly what ftcluster needs"
 # Every (API group, resource) -> verbs the backend calls, in one namespace: the source of the
 # least-privilege Role (manifests/generate.py) and of doctor's access reviews. The tests record every
 # call the backend makes and fail if this grants more or less.

@@ -109,7 +109,7 @@ def _permissions(conn: Connection, spec: Any, ns: str) -> Check:
             denied.append(f"{verb} {resource}{'.' + group if group else ''}")
     if denied:
         return Check("permissions", "fail", f"not allowed in namespace {ns}: {', '.join(denied)}",
-                     "bind the Role in manifests/base/rbac/ to this identity (or ask the cluster admin)")
+                     "bind the Role in manifests/team/ to this identity (or ask the cluster admin)")
     return Check("permissions", "ok", f"{len(_needed(spec))} verbs allowed in namespace {ns}")
 
 
@@ -132,7 +132,7 @@ def _kueue(conn: Connection, spec: Any, ns: str) -> Check:
     except ApiException as exc:
         if exc.status == 404:
             return Check("Kueue", "warn", f"no LocalQueue {queue!r} in namespace {ns}: Kueue keeps the job suspended "
-                         "for ever", "create it (manifests/base/kueue/) or fix kubernetes.queue")
+                         "for ever", "create it (manifests/kueue/team/) or fix kubernetes.queue")
         return _fail("Kueue", api_error(exc, conn, "get", resource="localqueues.kueue.x-k8s.io", namespace=ns))
     except Exception as exc:
         return _fail("Kueue", api_error(exc, conn, "get", resource="localqueues.kueue.x-k8s.io", namespace=ns))

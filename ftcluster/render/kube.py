@@ -482,3 +482,23 @@ def dump_yaml(objects: list[dict[str, Any]], header: list[str]) -> str:
         out.write("---\n")
         y.dump(_for_yaml(obj), out)
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+def kustomization(resources: list[str], header: list[str], note: str = "") -> str:
+    """A ``kustomization.yaml`` listing ``resources`` in order (text: it is four fixed lines)."""
+    lines = [f"# {part}" for line in header + ([note] if note else []) for part in line.splitlines()]
+    lines += ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization", "resources:"]
+    return "\n".join(lines + [f"  - {r}" for r in resources]) + "\n"
+
+
+def with_kustomization(files: dict[str, str], header: list[str]) -> dict[str, str]:
+    """A folder a team commits as it is (``ftcluster render --kustomize``): the job files and a
+    kustomization listing them. The shared ClusterTrainingRuntime is left out: it is cluster-scoped
+    and platform-owned (manifests/base), and one owned by every job's application would be fought over."""
+    jobs = {name: text for name, text in files.items() if not name.endswith(".clustertrainingruntime.yaml")}
+    note = ("TrainJobs here need the ClusterTrainingRuntime from manifests/base (applied once per cluster)."
+            if len(jobs) < len(files) else "")
+    return {**jobs, "kustomization.yaml": kustomization(sorted(jobs), header, note)}
