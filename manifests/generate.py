@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftcluster import __version__  # noqa: E402
-from ftcluster.loader import load_spec  # noqa: E402
 from ftcluster.backends.kube_api import PERMISSIONS  # noqa: E402
+from ftcluster.loader import load_spec  # noqa: E402
 from ftcluster.render import command_for, header_lines, render  # noqa: E402
 from ftcluster.render.kube import (  # noqa: E402
     DEFAULT_RUNTIME,
