@@ -120,6 +120,7 @@ def test_submit_creates_exactly_the_rendered_object(make_backend, admin, ns, mon
     assert st.state == "PENDING" and st.job_id == f"{ns}/legal-style-lora"
     stored = admin.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "legal-style-lora")
     (rendered,) = [d for d in yaml.safe_load_all(req.files["legal-style-lora.yaml"]) if d]
+    assert stored["spec"]["runPolicy"].pop("suspend") is False  # the CRD's default, added by the server
     assert stored["spec"] == rendered["spec"]
     assert stored["metadata"]["labels"] == rendered["metadata"]["labels"]
     record = json.loads((Path(st.run_dir) / "kubernetes.json").read_text())
@@ -194,7 +195,7 @@ def test_status_follows_the_conditions_a_controller_writes(make_backend, admin, 
     _set_status(admin, "PyTorchJob", ns, "legal-style-lora", [("Created", ""), ("Restarting", "pod evicted")])
     assert b.status(st.run_id).message == "restarting: pod evicted"
     _set_status(admin, "PyTorchJob", ns, "legal-style-lora", [("Created", ""), ("Succeeded", "")],
-                replicaStatuses={"Master": {"succeeded": 1}})
+                replicaStatuses={"Master": {"active": None, "succeeded": 1}})  # merge patch: None removes
     done = b.status(st.run_id)
     assert (done.state, done.message) == ("SUCCEEDED", "Master 1 succeeded") and done.ended_at
 

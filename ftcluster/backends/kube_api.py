@@ -167,8 +167,8 @@ def api_error(exc: BaseException, conn: Connection, verb: str, kind: Kind | None
         if details.get("kind") == "namespaces" or message.startswith("namespaces "):
             return BackendError(f"namespace {namespace or details.get('name')!r} does not exist on {conn.server}; "
                                 "create it (kubectl create namespace ...) or set kubernetes.namespace / --namespace")
-        if kind and not name:
-            return crd_missing(kind, conn)
+        if kind and (verb in ("create", "list", "watch") or not details.get("name")):
+            return crd_missing(kind, conn)  # a missing object's 404 names it; a missing resource's does not
         if not name:
             return BackendError(f"{conn.server} does not serve {resource} ({message}); is this a full Kubernetes API server?")
         return BackendError(f"{kind.kind if kind else resource} {name!r} not found {where}; "
