@@ -119,6 +119,7 @@ class KubernetesBackend:
 
     def schedule(self, req: SubmitRequest) -> RunStatus:
         """Create the job; the run folder only stays when the API server accepted it."""
+        self._conn()  # no kubeconfig / bad context: fail before anything is written
         req.run_dir.mkdir(parents=True, exist_ok=False)
         try:
             for name, text in req.files.items():
