@@ -47,4 +47,5 @@ if [ -z "${FTCLUSTER_TEST_KUBECONFIG:-}" ]; then
 fi
 
 ruff check ftcluster tests benchmarks
+hadolint Dockerfile
 python -m pytest -q -p no:cacheprovider "$@"
