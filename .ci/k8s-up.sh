@@ -10,7 +10,7 @@
 # (e.g. --as=...) gets HTTP 500 "could not find the requested resource (post subjectaccessreviews...)".
 # Namespaces need not exist (NamespaceLifecycle admission is off: there is no Namespace API).
 #
-# Usage: bash k8s-up.sh                  # CRDs from ../schemas are installed and Established before it returns
+# Usage: bash k8s-up.sh                  # CRDs from ../tests/schemas are installed and Established before it returns
 #        CRDS= bash k8s-up.sh            # no CRDs;  CRDS=/some/dir bash k8s-up.sh for others
 # Afterwards:  export KUBECONFIG=$LAB/admin.kubeconfig     (stop: bash k8s-down.sh)
 # First run on a machine: ~85 MB of .debs from the machine's Debian mirror (suite sid) and a ~5 min build on 2 cores;

@@ -8,6 +8,7 @@ of Kueue's schemas), and manifests/third-party (remote bases: CI is offline).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ PLURALS = {"TrainJob": "trainjobs", "ClusterTrainingRuntime": "clustertrainingru
 def _kubectl() -> str:
     found = shutil.which("kubectl") or str(Path.home() / ".cache/ftcluster-k8s/bin/kubectl")
     if not Path(found).exists():
+        if os.environ.get("STRICT") == "1":
+            pytest.fail("STRICT=1 but there is no kubectl (.ci/k8s-up.sh leaves one in ~/.cache/ftcluster-k8s/bin)")
         pytest.skip("no kubectl (apt install kubectl, or .ci/k8s-up.sh leaves Debian's in ~/.cache/ftcluster-k8s/bin)")
     return found
 
