@@ -263,7 +263,8 @@ def test_cancel_deletes_with_foreground_propagation(make_backend, admin, ns, exa
     a cluster's GC then acts on (pods first, then the job)."""
     b = make_backend()
     st = b.submit(_spec(example, ns))
-    assert b.cancel(st.run_id).state == "CANCELLED"
+    asked = b.cancel(st.run_id)
+    assert asked.state == "PENDING" and asked.message.startswith("deletion requested")
     obj = admin.get_namespaced_custom_object(*resource[:2], ns, resource[2], name)
     assert obj["metadata"]["deletionTimestamp"] and "foregroundDeletion" in obj["metadata"]["finalizers"]
     assert b.status(st.run_id).state == "CANCELLED"

@@ -267,7 +267,8 @@ class KubernetesBackend:
 
     def cancel(self, run_ref: str) -> RunStatus:
         """Delete the job with foreground propagation: its pods (and a TrainJob's JobSet) go first, so
-        nothing it brought outlives it. Pods get SIGTERM and the grace period to checkpoint."""
+        nothing it brought outlives it. Pods get SIGTERM and the grace period to checkpoint. The run
+        folder records CANCELLED; the status returned is the one the job had when asked."""
         from kubernetes.client.exceptions import ApiException
 
         run_dir, st, record = self._run(run_ref)
@@ -285,9 +286,10 @@ class KubernetesBackend:
                 raise api_error(exc, conn, "delete", kind, namespace=record["namespace"], name=record["name"]) from None
         except Exception as exc:
             raise api_error(exc, conn, "delete", kind, namespace=record["namespace"], name=record["name"]) from None
+        requested = RunStatus(**{**st.to_dict(), "message": "deletion requested (foreground propagation)"})
         st.state, st.message, st.ended_at = "CANCELLED", "deleted (foreground propagation)", time.time()
         save_status(run_dir, st)
-        return st
+        return requested  # as the other backends: the state when the cancel was asked for
 
     def list(self) -> list[RunStatus]:
         """ftcluster's jobs in the namespace (label app.kubernetes.io/managed-by=ftcluster), each matched
