@@ -215,11 +215,13 @@ def _wait(backend, run_ref: str) -> int:
             click.echo(line, nl=False)
     except BackendError as err:  # e.g. not allowed to read pod logs: still wait for the job's end
         click.echo(f"warning: no log: {err}", err=True)
-    # Kubernetes follows the job with a watch; the others poll.
-    st = backend.wait(run_ref) if hasattr(backend, "wait") else backend.status(run_ref)
-    while not st.terminal:
-        time.sleep(1)
+    if hasattr(backend, "wait"):  # Kubernetes follows the job with a watch (and stops if it is deleted)
+        st = backend.wait(run_ref)
+    else:
         st = backend.status(run_ref)
+        while not st.terminal:
+            time.sleep(1)
+            st = backend.status(run_ref)
     click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
     return EXIT_CODES.get(st.state, 1)
 
