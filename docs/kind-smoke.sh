@@ -6,7 +6,8 @@
 #   IMAGE=registry.example.com/ftcluster-train:0.1.0 BUILD=0 bash docs/kind-smoke.sh   # use your own image
 #   KEEP=1 bash docs/kind-smoke.sh          # keep the cluster afterwards (kind delete cluster --name ftcluster-smoke)
 #
-# Steps: create a kind cluster; install the Training Operator v1.9.4 (PyTorchJob) and Kubeflow
+# NOT RUN in this project's CI (no Docker there); the API paths are tested against a real API server
+# instead (tests/test_k8s_backend.py). Steps: create a kind cluster; install the Training Operator v1.9.4 (PyTorchJob) and Kubeflow
 # Trainer v2.3.0 (TrainJob, with JobSet); apply ftcluster's ClusterTrainingRuntime from
 # manifests/base; build the training image (CPU torch, ftcluster[train], this checkout) and load
 # it into the cluster; render examples/quickstart.yaml for both targets with that image, apply
@@ -89,4 +90,14 @@ ftc render examples/quickstart.yaml --target trainjob --set "kubernetes.image=$I
 kubectl apply --server-side -f "$OUT/trainjob"
 wait_for trainjob quickstart-v2 Complete
 
-log "both jobs succeeded"
+log "the kubernetes backend: ftcluster submit --wait, list, logs, cancel"
+ftc submit examples/quickstart.yaml --backend kubernetes --set "kubernetes.image=$IMAGE" --set name=quickstart-api \
+  --wait
+ftc list --backend kubernetes --namespace default
+run=$(ftc list --json | "$PYTHON" -c 'import json,sys; print([r["run_id"] for r in json.load(sys.stdin) if r["name"] == "quickstart-api"][-1])')
+ftc logs "$run" | tail -n 5
+ftc submit examples/quickstart.yaml --backend kubernetes --set "kubernetes.image=$IMAGE" --set name=quickstart-cancel
+run=$(ftc list --json | "$PYTHON" -c 'import json,sys; print([r["run_id"] for r in json.load(sys.stdin) if r["name"] == "quickstart-cancel"][-1])')
+ftc cancel "$run"
+
+log "all jobs succeeded"

@@ -12,8 +12,8 @@ from .backends.base import EXIT_CODES, Backend, RunStatus, SubmitRequest, find_r
 from .backends.base import list_runs as _run_folders
 from .loader import load_spec
 
-__all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "status", "logs",
-           "cancel", "list_runs", "doctor", "run_output"]
+__all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "server_dry_run",
+           "status", "wait", "list_cluster", "logs", "cancel", "list_runs", "doctor", "run_output"]
 
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None):
@@ -24,19 +24,20 @@ def _spec(spec_or_path: Any, overrides: list[str] | None = None):
     return spec_or_path
 
 
-def backend_for(spec: Any, backend: str | None = None) -> Backend:
-    """The backend that runs ``spec``: ``backend`` if given, else the spec's (a pipeline: the pipeline backend)."""
+def backend_for(spec: Any, backend: str | None = None, **options: Any) -> Backend:
+    """The backend that runs ``spec``: ``backend`` if given, else the spec's (a pipeline: the pipeline backend).
+    ``options`` go to the kubernetes backend (``context``)."""
     from .pipeline import Pipeline
 
-    return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend)
+    return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend, **options)
 
 
-def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
+def submit_dryrun(spec: Any, backend: str | None = None, **options: Any) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
     from .pipeline import Pipeline, precedence
 
     spec = _spec(spec)
-    req = backend_for(spec, backend).submit_dryrun(spec)
+    req = backend_for(spec, backend, **options).submit_dryrun(spec)
     if isinstance(spec, Pipeline):
         for st in req.stages:
             st.request.notes = precedence(spec.stage(st.name).spec, spec.stage(st.name), spec.source)
@@ -45,9 +46,19 @@ def submit_dryrun(spec: Any, backend: str | None = None) -> SubmitRequest:
     return req
 
 
-def schedule(request: Any) -> RunStatus:
-    """Carry out a request from :func:`submit_dryrun` on the backend that built it."""
-    return get_backend(request.backend).schedule(request)
+def schedule(request: Any, **options: Any) -> RunStatus:
+    """Carry out a request from :func:`submit_dryrun` on the backend that built it (same ``options``)."""
+    return get_backend(request.backend, **options).schedule(request)
+
+
+def server_dry_run(request: Any, **options: Any) -> str:
+    """Kubernetes: have the API server validate the request's job (``dryRun=All``); nothing is stored."""
+    from .errors import BackendError
+
+    b = get_backend(request.backend, **options)
+    if not hasattr(b, "server_dry_run"):
+        raise BackendError(f"a server-side dry run applies to the kubernetes backend only, not {request.backend}")
+    return b.server_dry_run(request)
 
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None) -> RunStatus:
@@ -66,9 +77,34 @@ def status(run_ref: str) -> RunStatus:
     return _backend_of(run_ref).status(run_ref)
 
 
-def logs(run_ref: str, follow: bool = False) -> Iterator[str]:
-    """Log lines of a run; ``follow`` keeps reading until it ends."""
-    return _backend_of(run_ref).logs(run_ref, follow=follow)
+def wait(run_ref: str, poll: float = 1.0) -> RunStatus:
+    """Block until the run ends and return its final status (Kubernetes follows the job with a watch)."""
+    import time
+
+    b = _backend_of(run_ref)
+    if hasattr(b, "wait"):  # the kubernetes backend also ends the wait when the job is deleted
+        return b.wait(run_ref)
+    st = b.status(run_ref)
+    while not st.terminal:
+        time.sleep(poll)
+        st = b.status(run_ref)
+    return st
+
+
+def list_cluster(backend: str, **options: Any) -> list[RunStatus]:
+    """The runs a cluster knows (kubernetes: ftcluster's jobs in the namespace, by label)."""
+    return get_backend(backend, **options).list()
+
+
+def logs(run_ref: str, follow: bool = False, **options: Any) -> Iterator[str]:
+    """Log lines of a run; ``follow`` keeps reading until it ends. Kubernetes runs take ``rank=N``
+    (node rank N's pod; default 0, the master)."""
+    b = _backend_of(run_ref)
+    if options and b.name != "kubernetes":
+        from .errors import BackendError
+
+        raise BackendError(f"{', '.join(sorted(options))}: applies to kubernetes runs only ({run_ref} is a {b.name} run)")
+    return b.logs(run_ref, follow=follow, **options)
 
 
 def cancel(run_ref: str) -> RunStatus:
@@ -120,9 +156,11 @@ def list_runs() -> list[RunStatus]:
     return runs
 
 
-def doctor(path: str, overrides: list[str] | None = None, remote: bool = False) -> list[Any]:
+def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
+           context: str | None = None) -> list[Any]:
     """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.checks.Check` rows): spec, launch
-    files, the backend's ``preflight``, output storage; ``remote`` also probes a compute node."""
+    files, the planner, the backend's ``preflight``, inputs, output storage; ``remote`` also probes a
+    compute node; ``context`` is the kubeconfig context for a kubernetes job."""
     from .doctor import diagnose
 
-    return diagnose(path, overrides, remote=remote)
+    return diagnose(path, overrides, remote=remote, context=context)

@@ -21,6 +21,8 @@ from . import __version__
 
 SET_HELP = "Override a spec field, e.g. --set training.max_steps=10 (repeatable)."
 NO_PLAN_CHECK_HELP = "Skip the planner's check that the job fits in its GPUs' memory."
+CONTEXT_HELP = "Kubernetes: the kubeconfig context (default: the current one, or the pod's service account)."
+NAMESPACE_HELP = "Kubernetes: the namespace (same as --set kubernetes.namespace=NS)."
 
 
 class _Cli(click.Group):
@@ -126,8 +128,10 @@ def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
               help="Output kind; default from the spec's backend.")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write files into this folder instead of printing them.")
+@click.option("--kustomize", is_flag=True, help="Kubernetes targets: add a kustomization.yaml listing the jobs "
+              "(a folder to commit as it is for Argo CD / Flux).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, ...]) -> None:
+def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
     from .pipeline import Pipeline, render_pipeline
     from .render import render as do_render
@@ -135,6 +139,8 @@ def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, .
     spec = _load(job, sets)
     with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
         files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
+    if kustomize:
+        files = _kustomized(spec, target, files)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:
@@ -144,6 +150,18 @@ def render(job: str, target: str | None, out_dir: str | None, sets: tuple[str, .
     _write_files(out_dir, files)
     for name in files:
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
+
+
+def _kustomized(spec, target: str | None, files: dict[str, str]) -> dict[str, str]:
+    from .pipeline import Pipeline
+    from .render import command_for, default_target, header_lines
+    from .render.kube import with_kustomization
+
+    if isinstance(spec, Pipeline) or (target or default_target(spec)) == "slurm":
+        raise click.UsageError("--kustomize applies to one job spec rendered for --target pytorchjob or trainjob")
+    target = target or default_target(spec)
+    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target) + " --kustomize"
+    return with_kustomization(files, header_lines(spec, target, command))
 
 
 def _write_files(out_dir: str, files: dict[str, str]) -> None:
@@ -177,16 +195,21 @@ def _write_files(out_dir: str, files: dict[str, str]) -> None:
               help="Override the spec's backend.")
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
+@click.option("--server", is_flag=True, help="With --dry-run (kubernetes): also have the API server validate the job "
+              "(dryRun=All); nothing is stored.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help=NAMESPACE_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
 @click.option("--fresh", is_flag=True, help="Train from scratch in a new output folder (output.uri + '-<UTC time>') "
               "instead of resuming from output.uri; nothing is moved or deleted.")
-def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple[str, ...], no_plan_check: bool,
-           fresh: bool) -> None:
-    """Submit a job (local, slurm) or a pipeline (slurm) to its backend."""
+def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: bool, context: str | None,
+           namespace: str | None, sets: tuple[str, ...], no_plan_check: bool, fresh: bool) -> None:
+    """Submit a job (local, slurm, kubernetes) or a pipeline (slurm) to its backend."""
     from . import api
     from .pipeline import Pipeline
 
+    sets = sets + ((f"kubernetes.namespace={namespace}",) if namespace else ())
     spec = _load(job, sets)
     if fresh:
         if isinstance(spec, Pipeline):
@@ -198,13 +221,21 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, sets: tuple
         _plan_check(spec)
     if isinstance(spec, Pipeline) and backend:
         raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
-    req = api.submit_dryrun(spec, backend)
+    kube = not isinstance(spec, Pipeline) and (backend or spec.backend) == "kubernetes"
+    if (server or context) and not kube:
+        raise click.UsageError("--server and --context apply to the kubernetes backend only")
+    if server and not dry_run:
+        raise click.UsageError("--server goes with --dry-run (a server-side dry run)")
+    options = {"context": context} if kube else {}
+    req = api.submit_dryrun(spec, backend, **options)
     if dry_run:
         click.echo(req.describe(), nl=False)
+        if server:
+            click.echo(api.server_dry_run(req, **options))
         return
     if not isinstance(spec, Pipeline):
         _note_finished(job, spec)
-    st = api.schedule(req)
+    st = api.schedule(req, **options)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
         sys.exit(_wait(st.run_dir))
@@ -266,13 +297,13 @@ def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline:
         print_plan(p)
 
 
-def _follow(run_ref: str) -> None:
+def _follow(run_ref: str, **options) -> None:
     """The run's log until it ends; on a terminal with a live progress bar under it (ftcluster.ui.progress)."""
     from . import api
     from .storage.layout import OutputLayout
     from .ui.progress import ProgressBar, show
 
-    lines = api.logs(run_ref, follow=True)
+    lines = api.logs(run_ref, follow=True, **options)
     bar = None
     if sys.stdout.isatty() and not api.status(run_ref).terminal:
         out = api.run_output(run_ref)
@@ -283,12 +314,13 @@ def _follow(run_ref: str) -> None:
 
 def _wait(run_ref: str) -> int:
     from . import api
+    from .errors import BackendError
 
-    _follow(run_ref)
-    st = api.status(run_ref)
-    while not st.terminal:
-        time.sleep(1)
-        st = api.status(run_ref)
+    try:
+        _follow(run_ref)
+    except BackendError as err:  # e.g. not allowed to read pod logs: still wait for the job's end
+        click.echo(f"warning: no log: {err}", err=True)
+    st = api.wait(run_ref)
     click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
     return api.EXIT_CODES.get(st.state, 1)
 
@@ -311,8 +343,21 @@ def status(run: str | None, as_json: bool) -> None:
 
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(as_json: bool) -> None:
-    """List runs recorded in the run folders."""
+@click.option("--backend", "-b", type=click.Choice(["kubernetes"]), default=None,
+              help="Ask the cluster instead: ftcluster's jobs in the namespace, wherever they were submitted from.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help="Kubernetes: the namespace (default: the context's).")
+def list_cmd(as_json: bool, backend: str | None, context: str | None, namespace: str | None) -> None:
+    """List runs recorded in the run folders (or, with --backend kubernetes, the jobs on the cluster)."""
+    if backend:
+        from . import api
+
+        runs = api.list_cluster(backend, context=context, namespace=namespace)
+        if as_json:
+            click.echo(json.dumps([r.to_dict() for r in runs], indent=1, sort_keys=True))
+        else:
+            _table(runs)
+        return
     _list(as_json)
 
 
@@ -341,14 +386,17 @@ def _table(runs) -> None:
 @cli.command()
 @click.argument("run")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
-def logs(run: str, follow: bool) -> None:
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="Kubernetes: the log of node rank N's pod (default 0, the master).")
+def logs(run: str, follow: bool, rank: int | None) -> None:
     """Print a run's log."""
     from . import api
 
+    options = {"rank": rank} if rank is not None else {}
     if follow:
-        _follow(run)
+        _follow(run, **options)
         return
-    for line in api.logs(run):
+    for line in api.logs(run, **options):
         click.echo(line, nl=False)
 
 
@@ -370,8 +418,13 @@ def cancel(run: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--remote", is_flag=True, help="Also probe a compute node (/dev/shm, port, python); queues a 1-node job.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--backend", "-b", type=click.Choice(["local", "slurm", "kubernetes"]), default=None,
+              help="Override the spec's backend.")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--namespace", "-n", default=None, help=NAMESPACE_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None:
+def doctor(job: str, remote: bool, as_json: bool, backend: str | None, context: str | None, namespace: str | None,
+           sets: tuple[str, ...]) -> None:
     """Check a job against its cluster and storage before submitting; exit 1 if any check fails."""
     import logging
 
@@ -380,7 +433,8 @@ def doctor(job: str, remote: bool, as_json: bool, sets: tuple[str, ...]) -> None
     # s3fs/aiohttp report a dropped connection again as "Task exception was never retrieved" with a
     # traceback when the loop is collected; the output check already shows it as one row.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    checks = api.doctor(job, list(sets), remote=remote)
+    sets += ((f"backend={backend}",) if backend else ()) + ((f"kubernetes.namespace={namespace}",) if namespace else ())
+    checks = api.doctor(job, list(sets), remote=remote, context=context)
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in checks], indent=1))
     else:

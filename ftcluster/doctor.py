@@ -137,15 +137,16 @@ def check_inputs(spec: Any) -> list[Check]:
     return out
 
 
-def check_backend(spec: Any, remote: bool = False, backend: Any = None) -> list[Check]:
-    """The backend's own pre-flight rows (``backend``: an instance to use instead of the spec's)."""
-    if backend is None and spec.backend == "kubernetes":
-        return [Check("cluster", "skip", f"backend {spec.backend}: no cluster checks yet",
-                      "`kubectl apply --dry-run=server -f` the rendered manifests")]
+def check_backend(spec: Any, remote: bool = False, backend: Any = None, context: str | None = None) -> list[Check]:
+    """The backend's own pre-flight rows (``backend``: an instance to use instead of the spec's;
+    ``context``: the kubeconfig context for the kubernetes backend)."""
     from .backends import get_backend
 
     try:
-        return (backend or get_backend(spec.backend)).preflight(spec, remote=remote)
+        if backend is None:
+            backend = get_backend(spec.backend, context=context) if spec.backend == "kubernetes" else \
+                get_backend(spec.backend)
+        return backend.preflight(spec, remote=remote)
     except FtclusterError as err:  # a check that could not even run is a failed row, not a crash
         return [failed("cluster", err)]
 
@@ -160,13 +161,13 @@ def check_plan(spec: Any) -> list[Check]:
 
 
 def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False,
-             backend: Any = None) -> list[Check]:
+             backend: Any = None, context: str | None = None) -> list[Check]:
     """Every check for the job at ``path``; a failed spec check stops the rest."""
     first, spec = check_spec(path, list(overrides or []))
     if spec is None:
         return [first]
     out = [first, check_render(spec), *check_plan(spec)]
-    out += check_backend(spec, remote, backend)
+    out += check_backend(spec, remote, backend, context)
     out += check_inputs(spec)
     out.append(check_output(spec))
     return out

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# The resolved spec travels to the training processes in this variable (sbatch script, pod template);
+# one environment string may hold at most MAX_ARG_STRLEN (128 KiB) on Linux: renderers stay below this.
+PAYLOAD_VAR = "FTCLUSTER_PAYLOAD"
+PAYLOAD_LIMIT = 100_000
+
 # Defaults a user can override through `env:` in the spec.
 DEFAULT_ENV = {
     "PYTHONUNBUFFERED": "1",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-SPEC_DIR = "/etc/ftcluster"  # where the payload ConfigMap is mounted
-SPEC_VOLUME = "ftcluster-spec"
+from .envbuild import PAYLOAD_VAR
+
 SHM_VOLUME = "dshm"
 SHM_PATH = "/dev/shm"
 SECRET_ENV_DIR = "/var/run/ftcluster/secret-env"  # TrainJob: one mounted Secret per env_from_secrets entry
@@ -26,7 +26,7 @@ GRACE_SECONDS = 300
 K8S_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 30)}
 # Set by the Training Operator / Trainer torch plugin for torchrun; a user value would clash
 # (the Trainer webhook rejects PET_* in trainer.env).
-RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+RESERVED_ENV = frozenset({PAYLOAD_VAR, "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
                           "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"})
 # Fields of `kubernetes:` that TrainJob v1alpha1 cannot carry per job (they live in the runtime).
 PYTORCHJOB_ONLY = {
@@ -40,7 +40,7 @@ PYTORCHJOB_ONLY = {
 }
 LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-RESERVED_MOUNTS = f"ftcluster reserves {SHM_VOLUME}, {SPEC_VOLUME}, {SHM_PATH} and {SPEC_DIR}"
+RESERVED_MOUNTS = f"ftcluster reserves {SHM_VOLUME} and {SHM_PATH}"
 
 
 def secret_volume_name(secret: str) -> str:
@@ -92,8 +92,8 @@ def section_problems(k: Any) -> list[str]:
 def _volume_problems(k: Any) -> list[str]:
     trainjob = k.kind == "TrainJob"
     secrets = k.env_from_secrets if trainjob else []  # TrainJob mounts each Secret as a volume
-    names = {SHM_VOLUME, SPEC_VOLUME} | {secret_volume_name(s) for s in secrets}
-    paths = {SHM_PATH, SPEC_DIR} | {f"{SECRET_ENV_DIR}/{s}" for s in secrets}
+    names = {SHM_VOLUME} | {secret_volume_name(s) for s in secrets}
+    paths = {SHM_PATH} | {f"{SECRET_ENV_DIR}/{s}" for s in secrets}
     out = []
     for i, v in enumerate(k.volumes):
         for field, what, value, seen in (("name", "volume name", v.name, names),
@@ -104,6 +104,13 @@ def _volume_problems(k: Any) -> list[str]:
     return out
 
 
+def reserved_by(name: str) -> str:
+    """Who sets a reserved environment variable in the pods."""
+    if name == PAYLOAD_VAR:
+        return "set by ftcluster (it carries the resolved spec)"
+    return "set by the Kubeflow operator for torchrun"
+
+
 def env_problems(spec: Any, env: dict[str, str]) -> list[str]:
     """Environment clashes of a job spec on Kubernetes, as "field.path: message" lines (full paths).
 
@@ -111,11 +118,9 @@ def env_problems(spec: Any, env: dict[str, str]) -> list[str]:
     checked only when the job runs on Kubernetes; the renderer checks it for other targets.
     """
     k = spec.kubernetes
-    out = [f"kubernetes.env.{n}: set by the Kubeflow operator for torchrun; remove it"
-           for n in sorted(set(k.env) & RESERVED_ENV)]
+    out = [f"kubernetes.env.{n}: {reserved_by(n)}; remove it" for n in sorted(set(k.env) & RESERVED_ENV)]
     if spec.backend == "kubernetes":
-        out += [f"env.{n}: set by the Kubeflow operator for torchrun; remove it"
-                for n in sorted(set(spec.env) & RESERVED_ENV)]
+        out += [f"env.{n}: {reserved_by(n)}; remove it" for n in sorted(set(spec.env) & RESERVED_ENV)]
     seen = set(K8S_ENV) | set(env) | set(k.env) | RESERVED_ENV
     for i, item in enumerate(k.secret_env):
         if item.name in seen:

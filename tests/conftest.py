@@ -40,6 +40,19 @@ def live_slurm() -> None:
 
 
 @pytest.fixture
+def live_k8s() -> str:
+    """The kubeconfig of the test API server (.ci/k8s-up.sh; .ci/test.sh exports FTCLUSTER_TEST_KUBECONFIG):
+    skip without it, fail under STRICT=1. A variable of its own, never KUBECONFIG, so the tests cannot
+    create objects in whatever cluster a developer's shell points at."""
+    path = os.environ.get("FTCLUSTER_TEST_KUBECONFIG")
+    if not path or not Path(path).is_file():
+        if os.environ.get("STRICT") == "1":
+            pytest.fail("STRICT=1 but FTCLUSTER_TEST_KUBECONFIG is unset or missing (.ci/test.sh starts the API server)")
+        pytest.skip("FTCLUSTER_TEST_KUBECONFIG unset: start the test API server with .ci/k8s-up.sh")
+    return path
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return ROOT
 

@@ -87,9 +87,28 @@ def test_submit_dry_run_submits_nothing(tmp_path):
     assert not home.exists()
 
 
-def test_kubernetes_backend_not_yet_is_one_line():
-    res = ftc("submit", "examples/lora-pytorchjob.yaml")
-    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and "render" in res.stderr
+def test_kubernetes_submit_without_a_cluster_is_one_line(tmp_path):
+    """No kubeconfig and not in a pod: one line with the fix; the dry run still works (it contacts nothing)."""
+    env = {"KUBECONFIG": str(tmp_path / "none"), "KUBERNETES_SERVICE_HOST": "", "FTCLUSTER_HOME": str(tmp_path / "h")}
+    res = ftc("submit", "examples/lora-pytorchjob.yaml", env=env)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and "no kubeconfig" in res.stderr
+    dry = ftc("submit", "examples/lora-pytorchjob.yaml", "--dry-run", env=env, check=True)
+    assert "$ kubectl create --validate=strict -f legal-style-lora.yaml" in dry.stdout
+    assert "kind: PyTorchJob" in dry.stdout and not (tmp_path / "h").exists()
+    bad = ftc("submit", "examples/quickstart.yaml", "--dry-run", "--server", env=env)
+    assert bad.returncode == 2 and "kubernetes backend only" in bad.stderr
+
+
+def test_render_kustomize_matches_the_committed_example(tmp_path):
+    """`ftcluster render --kustomize -o DIR` writes what manifests/examples holds, byte for byte."""
+    for example, folder in (("lora-pytorchjob", "lora-pytorchjob"), ("full-trainjob", "full-trainjob")):
+        ftc("render", f"examples/{example}.yaml", "--kustomize", "-o", str(tmp_path / folder), check=True)
+        committed = ROOT / "manifests" / "examples" / folder
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == sorted(p.name for p in committed.iterdir())
+        for p in committed.iterdir():
+            assert (tmp_path / folder / p.name).read_text() == p.read_text(), p
+    slurm = ftc("render", "examples/lora-slurm.yaml", "--kustomize")
+    assert slurm.returncode == 2 and "--kustomize applies to" in slurm.stderr
 
 
 def test_schema_matches_committed_file():

@@ -191,7 +191,7 @@ def test_kubernetes_renders_one_job_per_variant():
     for n in names:
         job_files = {f: t for f, t in files.items() if f.startswith(n + ".")}
         assert any(f"name: {n}" in t for t in job_files.values())
-    r64 = next(t for f, t in files.items() if f.startswith("support-lora-r64.") and "ConfigMap" in t)
+    r64 = next(t for f, t in files.items() if f.startswith("support-lora-r64.") and "FTCLUSTER_PAYLOAD" in t)
     assert '"r": 64' in r64 and "s3://ft-runs/support-lora/r64" in r64 and '"variants": []' in r64
 
 

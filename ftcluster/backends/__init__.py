@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 
@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 BACKENDS = ("local", "slurm", "kubernetes")
 
 
-def get_backend(name: str) -> Backend:
-    """Instantiate the backend called ``name``."""
+def get_backend(name: str, **options: Any) -> Backend:
+    """Instantiate the backend called ``name``; ``options`` go to the kubernetes backend (context, namespace)."""
     if name == "local":
         from .local import LocalBackend
 
@@ -28,8 +28,7 @@ def get_backend(name: str) -> Backend:
 
         return PipelineBackend()
     if name == "kubernetes":
-        raise BackendError(
-            "the kubernetes backend (submit/status through the API) is not available yet; render the manifests with "
-            "`ftcluster render job.yaml --target pytorchjob -o out/` and `kubectl apply -f out/`"
-        )
+        from .kubernetes import KubernetesBackend
+
+        return KubernetesBackend(**{k: v for k, v in options.items() if v is not None})
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -75,7 +75,7 @@ def _render_plan(plan: Any, target: str, header: list[str]) -> dict[str, str]:
 
 def _render_each_variant(spec: Any, target: str, backend_env: dict[str, str] | None,
                          header: list[str]) -> dict[str, str]:
-    """Kubernetes has no job arrays: one job (with its own ConfigMap) per variant, named <name>-<variant>."""
+    """Kubernetes has no job arrays: one job (carrying its own payload) per variant, named <name>-<variant>."""
     from ..plan import compile_plan
     from ..variants import resolve_variants
 

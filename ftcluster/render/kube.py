@@ -2,10 +2,13 @@
 (``trainer.kubeflow.org/v1alpha1``) plus ftcluster's ClusterTrainingRuntime.
 
 Objects are built as plain data and dumped with ruamel.yaml (apiVersion, kind, metadata, name
-first, every other key sorted; no timestamps). One file per job, ``<name>.yaml``, holds the
-ConfigMap and then the job; the TrainJob target adds the shared runtime as its own file. Every
-file starts with the ``# header`` lines and each object with ``---``, so files concatenate into
-one applyable stream. Field-by-field mapping and the reasons behind each choice:
+first, every other key sorted; no timestamps). One file per job, ``<name>.yaml``, holds
+one self-contained object: the resolved spec and DeepSpeed config travel in the pod template as
+the ``FTCLUSTER_PAYLOAD`` environment variable (as in the Slurm script), not in a separate
+ConfigMap, so creating the job is atomic, a GitOps repository has no ordering between objects,
+and deleting the job removes everything it brought. The TrainJob target adds the shared runtime
+as its own file. Every file starts with the ``# header`` lines and each object with ``---``, so
+files concatenate into one applyable stream. Field-by-field mapping and the reasons behind each choice:
 docs/kubernetes.md. Checked in tests against the vendored CRD schemas (tests/schemas/).
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from ..errors import RenderError
 from ..kubenames import (
     GRACE_SECONDS,
@@ -25,13 +29,10 @@ from ..kubenames import (
     SECRET_ENV_DIR,
     SHM_PATH,
     SHM_VOLUME,
-    SPEC_DIR,
-    SPEC_VOLUME,
     secret_volume_name,
 )
 from ..plan import LaunchPlan
 
-PAYLOAD_KEY = "payload.json"
 DEFAULT_RUNTIME = "ftcluster-torch"
 PATCH_MANAGER = "ftcluster.dev/render"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -41,14 +42,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def render_pytorchjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
-    """``<name>.yaml``: the ConfigMap with the payload, then the PyTorchJob."""
+    """``<name>.yaml``: the PyTorchJob, payload included."""
     _require_image(plan.spec)
-    return {f"{plan.name}.yaml": dump_yaml([config_map(plan), pytorchjob(plan)], header)}
+    return {f"{plan.name}.yaml": dump_yaml([pytorchjob(plan)], header)}
 
 
 def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
-    """``ftcluster-torch.clustertrainingruntime.yaml`` and ``<name>.yaml`` (the ConfigMap, then
-    the TrainJob).
+    """``ftcluster-torch.clustertrainingruntime.yaml`` and ``<name>.yaml`` (the TrainJob, payload
+    included).
 
     The runtime is cluster-scoped and the same for every job, so it gets its own file (GitOps
     repositories keep it in one platform-owned place); it is rendered only when the spec uses
@@ -61,21 +62,11 @@ def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
     runtime = plan.spec.kubernetes.runtime
     if runtime == DEFAULT_RUNTIME:  # first: the Trainer webhook rejects a TrainJob whose runtime is missing
         files[f"{runtime}.clustertrainingruntime.yaml"] = dump_yaml([cluster_training_runtime(runtime)], header)
-    files[f"{plan.name}.yaml"] = dump_yaml([config_map(plan), trainjob(plan)], header + notes)
+    files[f"{plan.name}.yaml"] = dump_yaml([trainjob(plan)], header + notes)
     return files
 
 
 # --------------------------------------------------------------------------- objects
-
-
-def config_map(plan: LaunchPlan) -> dict[str, Any]:
-    """The ConfigMap ``<name>-spec`` holding the payload (resolved spec + DeepSpeed config)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(plan, f"{plan.name}-spec"),
-        "data": {PAYLOAD_KEY: plan.payload_json() + "\n"},
-    }
 
 
 def pytorchjob(plan: LaunchPlan) -> dict[str, Any]:
@@ -111,7 +102,8 @@ def trainjob(plan: LaunchPlan) -> dict[str, Any]:
     container = pod.pop("containers")[0]
     pod_patch = {key: pod[key] for key in ("imagePullSecrets", "nodeSelector", "serviceAccountName",
                                             "terminationGracePeriodSeconds", "tolerations", "volumes") if key in pod}
-    pod_patch["containers"] = [{"name": "node", "volumeMounts": container["volumeMounts"]}]
+    if container["volumeMounts"]:  # the runtime mounts /dev/shm itself; only extra volumes go here
+        pod_patch["containers"] = [{"name": "node", "volumeMounts": container["volumeMounts"]}]
     job_spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": k.runtime},
         "trainer": {
@@ -255,8 +247,23 @@ def _pod_metadata(plan: LaunchPlan) -> dict[str, Any]:
     return meta
 
 
+def _payload(plan: LaunchPlan) -> str:
+    """The payload JSON for ``FTCLUSTER_PAYLOAD``, within the size one environment variable may have.
+
+    (The whole object must also stay under etcd's 1.5 MiB request limit; one variable's 128 KiB
+    keeps it far below that.)
+    """
+    text = plan.payload_json()
+    if len(text.encode()) > PAYLOAD_LIMIT:
+        raise RenderError(f"{plan.spec._source_file or '<spec>'}: the resolved spec is {len(text.encode())} bytes, over "
+                          f"the {PAYLOAD_LIMIT}-byte limit for one environment variable ({PAYLOAD_VAR} in the pod "
+                          "template); shorten deepspeed.config_file or split the variants into several jobs")
+    return text
+
+
 def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
-    """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references; never a secret value."""
+    """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references, then the
+    payload (last: it is long); never a secret value."""
     spec = plan.spec
     k = spec.kubernetes
     plain = {**K8S_ENV, **plan.env, **k.env}
@@ -275,6 +282,7 @@ def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
                               "twice (or reserved); give each variable one source")
         seen.add(item.name)
         out.append({"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}})
+    out.append({"name": PAYLOAD_VAR, "value": _payload(plan)})
     return out
 
 
@@ -309,13 +317,9 @@ def _resources(spec: Any) -> dict[str, Any]:
 def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], list[dict]]:
     spec = plan.spec
     k = spec.kubernetes
-    volumes: list[dict[str, Any]] = [
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
-        {"name": SPEC_VOLUME, "configMap": {"name": f"{plan.name}-spec"}},
-    ]
+    volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]
     # In a TrainJob the runtime already mounts dshm at /dev/shm; the patch only sizes the volume.
     mounts: list[dict[str, Any]] = [] if trainjob else [{"name": SHM_VOLUME, "mountPath": SHM_PATH}]
-    mounts.append({"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": True})
     for v in k.volumes:
         if v.pvc:
             source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": v.pvc}}
@@ -347,7 +351,7 @@ def _command(plan: LaunchPlan, trainjob: bool) -> list[str]:
         for secret in plan.spec.kubernetes.env_from_secrets:
             wrapper += ["--env-dir", f"{SECRET_ENV_DIR}/{secret}"]
     torchrun = plan.torchrun_args(rdzv_endpoint=None, rdzv_id=None, python="python3",
-                                  spec_arg=["--spec", f"{SPEC_DIR}/{PAYLOAD_KEY}"],
+                                  spec_arg=["--spec-env", PAYLOAD_VAR],
                                   launcher="torch.distributed.run")  # podexec maps signals to 143
     return wrapper + ["--"] + torchrun
 
@@ -436,3 +440,23 @@ def dump_yaml(objects: list[dict[str, Any]], header: list[str]) -> str:
         out.write("---\n")
         y.dump(_for_yaml(obj), out)
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+def kustomization(resources: list[str], header: list[str], note: str = "") -> str:
+    """A ``kustomization.yaml`` listing ``resources`` in order (text: it is four fixed lines)."""
+    lines = [f"# {part}" for line in header + ([note] if note else []) for part in line.splitlines()]
+    lines += ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization", "resources:"]
+    return "\n".join(lines + [f"  - {r}" for r in resources]) + "\n"
+
+
+def with_kustomization(files: dict[str, str], header: list[str]) -> dict[str, str]:
+    """A folder a team commits as it is (``ftcluster render --kustomize``): the job files and a
+    kustomization listing them. The shared ClusterTrainingRuntime is left out: it is cluster-scoped
+    and platform-owned (manifests/base), and one owned by every job's application would be fought over."""
+    jobs = {name: text for name, text in files.items() if not name.endswith(".clustertrainingruntime.yaml")}
+    note = ("TrainJobs here need the ClusterTrainingRuntime from manifests/base (applied once per cluster)."
+            if len(jobs) < len(files) else "")
+    return {**jobs, "kustomization.yaml": kustomization(sorted(jobs), header, note)}

@@ -22,16 +22,14 @@ import re
 import shlex
 from typing import Any
 
+from ..envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from ..errors import RenderError
 from ..plan import PORT_BASE, PORT_SPAN
 from ..slurm_request import slurm_request
 from .template import sbatch_template
 
-PAYLOAD_VAR = "FTCLUSTER_PAYLOAD"
 PAYLOAD_EOF = "FTCLUSTER_PAYLOAD_EOF"
 LAUNCHER = "ftcluster.train.launch"  # torchrun that forwards SIGUSR2 and exits 143 after a checkpoint-and-stop
-# One environment string may hold at most MAX_ARG_STRLEN (128 KiB) on Linux; stay well below it.
-PAYLOAD_LIMIT = 100_000
 
 def _where(spec: Any) -> str:
     return spec._source_file or "<spec>"
