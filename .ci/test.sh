@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command (`make test` runs it): start the real services the tests use,
-# run ruff, pyright and pytest, stop the services. Slurm needs root and apt; without them
-# the Slurm tests are skipped with a reason (in CI, STRICT=1 makes that an error).
+# The test command (`make test` runs it): install and start the real services the tests use,
+# run ruff, pyright and pytest, stop the services. OpenSSH and Slurm need root and apt; without
+# them their tests are skipped with a reason (in CI, STRICT=1 makes that an error).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -14,6 +14,16 @@ cleanup() {
   if [ "$k8s_started" = 1 ]; then LAB=$K8S_LAB bash .ci/k8s-down.sh >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
+
+# OpenSSH: tests/sshd_fixture.py runs a real sshd (and the ssh client) for the submit-over-SSH tests.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v ssh-keygen >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server openssh-client >/dev/null
+  else
+    echo "note: OpenSSH missing and not root; the SSH tests will be skipped (apt-get install -y openssh-server)" >&2
+  fi
+fi
 
 if [ -z "${SLURM_CONF:-}" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

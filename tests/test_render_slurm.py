@@ -244,7 +244,11 @@ esac
 """,
     "scontrol": r"""#!/bin/bash
 echo "$*" >> "$FAKE_DIR/scontrol.log"
-if [ "$1 $2" = "show hostnames" ]; then printf 'node-a\nnode-b\n'; fi
+if [ "$1 $2" = "show hostnames" ]; then printf '%s\n' ${FAKE_NODES:-node-a node-b}; fi
+if [ "$1 $2 $3" = "show node -o" ]; then  # NodeAddr: the address Slurm reaches the node at
+  [ "${FAKE_NODEADDR-}" = fail ] && { echo "Node $4 not found" >&2; exit 1; }
+  echo "NodeName=$4 Arch=x86_64 CPUTot=2 NodeAddr=${FAKE_NODEADDR:-10.1.0.1} NodeHostName=$4 State=ALLOCATED"
+fi
 """,
     "module": """#!/bin/bash\necho "$*" >> "$FAKE_DIR/module.log"\n""",
 }
@@ -334,7 +338,7 @@ def test_script_runs_the_planned_launch_line(tmp_path):
     assert not canary.exists()
     plan = compile_plan(spec)
     port = derived_port(4242)
-    expected_torchrun = plan.torchrun_args(rdzv_endpoint=f"node-a:{port}", rdzv_id="4242", python="/opt/my env/bin/python3",
+    expected_torchrun = plan.torchrun_args(rdzv_endpoint=f"10.1.0.1:{port}", rdzv_id="4242", python="/opt/my env/bin/python3",
                                            spec_arg=["--spec-env", "FTCLUSTER_PAYLOAD"], launcher="ftcluster.train.launch")
     assert srun_argv(tmp_path) == [
         "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1", "--export=ALL",
@@ -346,8 +350,8 @@ def test_script_runs_the_planned_launch_line(tmp_path):
         assert rank_env[name] == value, name
     assert (tmp_path / "module.log").read_text().splitlines() == [f"load {m}" for m in spec.slurm.modules]
     assert (tmp_path / "setup.txt").read_text() == "setup ran\n"
-    assert "show hostnames node-[a-b]" in (tmp_path / "scontrol.log").read_text()
-    assert f"ftcluster: job 4242 restart 0 on node-[a-b]; rendezvous node-a:{port}" in res.stdout
+    assert "show hostnames node-[a-b]\nshow node -o node-a\n" in (tmp_path / "scontrol.log").read_text()
+    assert f"ftcluster: job 4242 restart 0 on node-[a-b]; rendezvous 10.1.0.1:{port}" in res.stdout
     assert "requeue" not in (tmp_path / "scontrol.log").read_text()
 
 
@@ -355,7 +359,7 @@ def test_script_runs_the_planned_launch_line(tmp_path):
 def test_port_formula_matches_plan(job_id, tmp_path):
     script = render_example("quickstart.yaml")["quickstart.sbatch"]
     assert run_script(script, tmp_path, {"SLURM_JOB_ID": job_id}).returncode == 0
-    assert f"--rdzv-endpoint=node-a:{derived_port(job_id)}" in srun_argv(tmp_path)
+    assert f"--rdzv-endpoint=10.1.0.1:{derived_port(job_id)}" in srun_argv(tmp_path)
     assert f"--rdzv-id={job_id}" in srun_argv(tmp_path)
 
 
@@ -365,6 +369,33 @@ def test_rendezvous_overrides(tmp_path):
     assert res.returncode == 0
     assert "--rdzv-endpoint=10.0.0.7:29999" in srun_argv(tmp_path)
     assert not (tmp_path / "scontrol.log").exists()  # no host lookup when the host is given
+
+
+@pytest.mark.parametrize("nodes, nodeaddr, want_host", [
+    ("node-a node-b", "10.1.0.1", "10.1.0.1"),  # NodeAddr set: node names need not resolve
+    ("localhost node-b", "localhost", "localhost"),  # no NodeAddr in slurm.conf: Slurm reports the name
+    ("localhost node-b", "fail", "localhost"),  # scontrol cannot say: the name
+])
+def test_rendezvous_host_is_the_first_nodes_address(nodes, nodeaddr, want_host, tmp_path):
+    script = render_example("quickstart.yaml")["quickstart.sbatch"]
+    res = run_script(script, tmp_path, {"FAKE_NODES": nodes, "FAKE_NODEADDR": nodeaddr})
+    assert res.returncode == 0, res.stderr
+    assert f"--rdzv-endpoint={want_host}:{derived_port(4242)}" in srun_argv(tmp_path)
+
+
+@pytest.mark.parametrize("env", [
+    {"FAKE_NODEADDR": "node-a"},  # names that do not resolve and no NodeAddr: c10d would retry for minutes
+    {"FTCLUSTER_RDZV_HOST": "no-such-host.invalid"},
+])
+def test_unresolvable_rendezvous_host_fails_before_launch(env, tmp_path):
+    script = render_example("quickstart.yaml")["quickstart.sbatch"]
+    start = time.monotonic()
+    res = run_script(script, tmp_path, {**env, "SLURMD_NODENAME": "node-a"})
+    assert res.returncode == 1 and time.monotonic() - start < 10
+    host = env.get("FTCLUSTER_RDZV_HOST", "node-a")
+    assert (f"ftcluster: rendezvous host '{host}' does not resolve on node-a; export FTCLUSTER_RDZV_HOST="
+            in res.stderr)
+    assert not (tmp_path / "srun.argv").exists()
 
 
 @pytest.mark.parametrize("step_rc, requeue, want_requeue", [
@@ -617,7 +648,7 @@ def release_requeued(job_id: str) -> None:
 
 
 SECRET = "s3cr3t-from-the-submitting-shell"
-SUBMIT_ENV = {"FTCLUSTER_RDZV_HOST": "127.0.0.1", "FAKE_SECRET_TOKEN": SECRET}  # lab node names do not resolve
+SUBMIT_ENV = {"FAKE_SECRET_TOKEN": SECRET}
 
 
 @pytest.mark.slurm

@@ -11,8 +11,8 @@
 * ``ftcluster cancel`` (scancel: SIGTERM) stops a run cleanly: it saves, ends CANCELLED and is
   not requeued.
 
-The lab's node names n1/n2 do not resolve, so the rendezvous host is 127.0.0.1
-(FTCLUSTER_RDZV_HOST, read by the script from the submitting shell).
+The lab's node names n1/n2 do not resolve; the script takes the rendezvous host from the first
+node's NodeAddr (127.0.0.1), with no FTCLUSTER_RDZV_HOST override.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _needs_slurm_and_runtime(live_slurm):
 
 
 def ftc(*args: str, home: Path, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FTCLUSTER_HOME": str(home), "FTCLUSTER_RDZV_HOST": "127.0.0.1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTCLUSTER_RDZV_")}
+    env["FTCLUSTER_HOME"] = str(home)
     proc = subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=timeout)
     if check:

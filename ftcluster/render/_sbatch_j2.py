@@ -114,7 +114,7 @@ def root(context, missing=missing):
         yield '-"${ftc_variants[$SLURM_ARRAY_TASK_ID]}" \\\n  || echo "ftcluster: could not rename the task; squeue shows it as '
         yield str((undefined(name='array_name') if l_0_array_name is missing else l_0_array_name))
         yield '" >&2\n'
-    yield '\n# ---- rendezvous: c10d on the first node, port derived from the job id -----------------------\n# Override from the submitting shell with FTCLUSTER_RDZV_HOST and FTCLUSTER_RDZV_PORT.\nif [ -n "${FTCLUSTER_RDZV_HOST:-}" ]; then\n  ftc_rdzv_host=$FTCLUSTER_RDZV_HOST\nelse\n  # sed, not head: it reads all of scontrol\'s output, so pipefail never sees a SIGPIPE\n  ftc_rdzv_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)\nfi\nftc_rdzv_port=${FTCLUSTER_RDZV_PORT:-$(('
+    yield '\n# ---- rendezvous: c10d on the first node, port derived from the job id -----------------------\n# Override from the submitting shell with FTCLUSTER_RDZV_HOST and FTCLUSTER_RDZV_PORT.\nif [ -n "${FTCLUSTER_RDZV_HOST:-}" ]; then\n  ftc_rdzv_host=$FTCLUSTER_RDZV_HOST\nelse\n  # sed, not head: it reads all of scontrol\'s output, so pipefail never sees a SIGPIPE\n  ftc_rdzv_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)\n  # The node\'s NodeAddr, the address Slurm itself reaches it at: node names often do not resolve\n  # (cloud, several slurmd per host). Slurm sets it to the name when slurm.conf gives none.\n  ftc_rdzv_host=$( (scontrol show node -o "$ftc_rdzv_node" || true) | sed -n \'s/.* NodeAddr=\\([^ ]*\\).*/\\1/p\')\n  ftc_rdzv_host=${ftc_rdzv_host:-$ftc_rdzv_node}\nfi\n# Fail now, not after minutes of c10d retries on every node.\nif command -v getent >/dev/null && ! getent ahosts "$ftc_rdzv_host" >/dev/null; then\n  echo "ftcluster: rendezvous host \'$ftc_rdzv_host\' does not resolve on ${SLURMD_NODENAME:-the first node}; export FTCLUSTER_RDZV_HOST=<first node\'s IP address> in the shell that runs sbatch" >&2\n  exit 1\nfi\nftc_rdzv_port=${FTCLUSTER_RDZV_PORT:-$(('
     yield str((undefined(name='port_base') if l_0_port_base is missing else l_0_port_base))
     yield ' + SLURM_JOB_ID % '
     yield str((undefined(name='port_span') if l_0_port_span is missing else l_0_port_span))
@@ -127,7 +127,7 @@ def root(context, missing=missing):
     yield ' &\nftc_step=$!\nftc_rc=0\nwait "$ftc_step" || ftc_rc=$?\nwhile kill -0 "$ftc_step" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait for the step\'s end\n  ftc_rc=0\n  wait "$ftc_step" || ftc_rc=$?\ndone\necho "ftcluster: training step exited with status ${ftc_rc}"\nftc_finish "$ftc_rc"\n'
 
 blocks = {}
-debug_info = '3=36&4=40&6=44&7=46&8=50&36=54&49=61&53=64&54=67&56=70&58=73&59=76&66=81&67=84&69=87&74=90&84=98&85=102&86=104&88=106&89=108&92=111&96=113&97=115&108=118&116=122&117=124&119=126'
+debug_info = '3=36&4=40&6=44&7=46&8=50&36=54&49=61&53=64&54=67&56=70&58=73&59=76&66=81&67=84&69=87&74=90&84=98&85=102&86=104&88=106&89=108&92=111&96=113&97=115&117=118&125=122&126=124&128=126'
 
 # Generated from templates/sbatch.sh.j2 by Jinja2: `python -m ftcluster.render.template > ftcluster/render/_sbatch_j2.py`.
 # Do not edit; edit the template and regenerate.

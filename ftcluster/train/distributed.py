@@ -12,10 +12,98 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ftcluster.train")
+
+
+def cpu_threads(env: Mapping[str, str], local_world: int, root: Path = Path("/"),
+                affinity: int | None = None) -> int | None:
+    """Intra-op threads for one of ``local_world`` processes on this node; None where the user chose
+    (``OMP_NUM_THREADS`` set by the user, the spec's ``env`` or ``resources.cpus_per_node``).
+
+    The CPUs the run really has are the fewest of: the CPUs this process may run on
+    (``sched_getaffinity``: cpusets, ``taskset``, Slurm's binding), the cgroup's CPU quota
+    (containers, Kubernetes limits, Slurm's cgroup plugin) and Slurm's allocation. The host's core
+    count, torch's default, oversubscribes them: many threads spinning on a couple of cores made a
+    CPU run several times slower.
+    """
+    if "OMP_NUM_THREADS" in env and not _torchrun_default_omp(env, root):
+        return None
+    cpus = [affinity if affinity is not None else _affinity()]
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        cpus.append(quota)
+    slurm = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or ""
+    if slurm.isdigit() and int(slurm) > 0:  # one task per node (the sbatch script): the node's share
+        cpus.append(int(slurm))
+    return max(1, min(cpus) // max(1, local_world))
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _torchrun_default_omp(env: Mapping[str, str], root: Path) -> bool:
+    """Whether ``OMP_NUM_THREADS=1`` is torchrun's default for several processes per node (it sets
+    it when its own environment has none) rather than the user's choice. The agent (this worker's
+    parent) was started with the user's environment; /proc shows that one, not torchrun's changes."""
+    if env.get("OMP_NUM_THREADS") != "1" or int(env.get("LOCAL_WORLD_SIZE", "1")) <= 1:
+        return False
+    try:
+        parent = (root / "proc" / str(os.getppid()) / "environ").read_bytes()
+    except OSError:
+        return False  # cannot tell: keep the value
+    return not any(item.startswith(b"OMP_NUM_THREADS=") for item in parent.split(b"\0"))
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> int | None:
+    """CPUs this process's cgroup may use (quota / period, rounded up), the tightest over its
+    ancestors; None without a quota. cgroup v2 (``cpu.max``) and v1 (``cpu.cfs_quota_us``)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    fs = root / "sys/fs/cgroup"
+    found: list[int] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            dirs, read = [fs], _v2_quota
+        elif "cpu" in controllers.split(","):
+            dirs, read = [fs / controllers, fs / "cpu", fs / "cpu,cpuacct"], _v1_quota
+        else:
+            continue
+        for base in dict.fromkeys(dirs):  # the mount point's name varies between distributions
+            parts = [p for p in path.split("/") if p]
+            for depth in range(len(parts), -1, -1):  # the cgroup, then its ancestors up to the mount
+                quota = read(base.joinpath(*parts[:depth]))
+                if quota is not None:
+                    found.append(quota)
+    return min(found) if found else None
+
+
+def _v2_quota(d: Path) -> int | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+
+
+def _v1_quota(d: Path) -> int | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else max(1, -(-quota // period))
 
 
 
@@ -77,8 +165,8 @@ def init_distributed(spec: Any) -> DistContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        threads = max(1, (os.cpu_count() or 1) // local_world)
-        if "OMP_NUM_THREADS" not in env:  # torchrun sets 1 when it starts several processes
+        threads = cpu_threads(env, local_world)
+        if threads is not None:
             torch.set_num_threads(threads)
     ctx = DistContext(rank, world, local_rank, local_world, node_rank, max(1, world // local_world), device)
     if "MASTER_ADDR" in env and not dist.is_initialized():
