@@ -152,7 +152,7 @@ def evaluate(runs: list[dict]) -> list[dict]:
         step_err = None if ms is None else step / ms - 1
         group = runtime_of(r)
         hit = abs(mem_err) <= MEM_TOL and (step_err is None or abs(step_err) <= TIME_TOL)
-        rows.append({"run": r.get("run") or f"{Path(r['file']).parent.name}:{r['line']}", "config": describe(r),
+        rows.append({"run": r.get("run") or f"#{r['line']}", "config": describe(r),
                      "runtime": group, "overrides": r.get("overrides") or {},
                      "measured_gib": round(r["peak_mem_gb"], 2), "predicted_gib": round(mem, 2),
                      "mem_error": round(mem_err, 4), "measured_step_s": ms, "predicted_step_s": round(step, 3),
