@@ -1,18 +1,35 @@
 """Planner accuracy: predicted against measured peak memory and step time.
 
-    python benchmarks/plan_accuracy.py RESULTS.json [RESULTS.json ...] [--json]
+    python benchmarks/plan_accuracy.py RESULTS [RESULTS ...] [--json] [--markdown]
 
-Each file is a ``results.json`` written by ``benchmarks/gpu_train.py`` (``{"runs": [...]}``) or a
-plain list of runs. A run needs ``method``, ``gpus``, ``seq_len``, ``micro_batch_size``,
-``gradient_checkpointing`` and the measurements ``peak_mem_gb`` (GiB, from
-``torch.cuda.max_memory_allocated``) and ``step_time_s`` (or ``tokens_per_s_per_gpu``).
-Optional keys, with gpu_train.py's own settings as defaults: ``preset`` (lora: llama-3-8b,
-full: llama-3.2-1b), ``zero_stage`` (3), ``nodes`` (1), ``gradient_accumulation_steps`` (1),
-``lora_r`` (16), ``lora_targets`` (all-linear), ``lora_dropout`` (0.0), ``gpu_type`` (h200),
-``attn_implementation`` (sdpa), ``precision`` (bf16), ``source`` (free text).
+RESULTS is either
 
-The issue's targets: memory within +-10 % and step time within +-20 % of measured.
-Exit status 1 when a run misses either target.
+* a ``plan_accuracy.jsonl`` written by ``benchmarks/speed.py`` (one run per line: the
+  configuration, ``max_memory_allocated_bytes``, ``step_s``, ``overrides`` and ``runtime``), or
+* a ``results.json`` written by ``benchmarks/gpu_train.py`` (``{"runs": [...]}``) or a plain list
+  of runs with ``peak_mem_gb`` (GiB) and ``step_time_s`` (or ``tokens_per_s_per_gpu``).
+
+Needed per run: ``method``, ``gpus``, ``seq_len``, ``micro_batch_size``,
+``gradient_checkpointing``. Optional, with gpu_train.py's settings as defaults: ``preset``
+(lora: llama-3-8b, full: llama-3.2-1b), ``zero_stage`` (3), ``nodes`` (1),
+``gradient_accumulation_steps`` (1), ``lora_r`` (16), ``lora_targets`` (all-linear),
+``lora_dropout`` (0.0), ``gpu_type`` or ``device`` (h200), ``attn_implementation`` (sdpa),
+``precision`` (bf16).
+
+Which runtime a run measured, and so how the planner is asked (docs/planner.md, "Speed-ups"):
+
+* ``current``: train/speedups.py on (``runtime`` starts with "train/speedups.py on") and no
+  overrides: the planner's default for a Llama model (fused loss, ZeRO-3 keep, NCCL Simple);
+* ``plain``: the plain path, which the runtime still takes without liger-kernel, for a
+  non-Llama model or with ``FTCLUSTER_FUSED_CE=0``/``FTCLUSTER_ZERO3_KEEP=0``: runs from
+  before speedups.py (and results.json files) and runs with exactly those switches off. Their
+  step time is compared only on one GPU: on two, NCCL chose its LL protocol (``auto``), which
+  the planner does not model (it models the Simple protocol the runtime now sets);
+* ``probe``: any other override (a hand-written DeepSpeed config, NCCL_PROTO, a probe
+  variable): shown for reference, never counted.
+
+The issue's targets: memory within +-10 % and step time within +-20 % of measured. Exit status
+1 when a counted run misses either target.
 """
 
 from __future__ import annotations
@@ -27,11 +44,23 @@ sys.path.insert(0, str(ROOT))
 
 from ftcluster.planner.gpus import load_gpus, normalise  # noqa: E402
 from ftcluster.planner.layout import Layout, Workload  # noqa: E402
-from ftcluster.planner.memory import per_gpu_memory  # noqa: E402
+from ftcluster.planner.memory import per_gpu_memory, zero3_keeps  # noqa: E402
 from ftcluster.planner.shape import PRESET_SHAPES, count_lora, shape_from_config  # noqa: E402
 from ftcluster.planner.speed import step_seconds  # noqa: E402
 
 MEM_TOL, TIME_TOL = 0.10, 0.20
+OFF_SWITCHES = {"env.FTCLUSTER_FUSED_CE", "env.FTCLUSTER_ZERO3_KEEP", "env.FTCLUSTER_NCCL_PROTO"}
+
+
+def runtime_of(run: dict) -> str:
+    """'current', 'plain' or 'probe' (see the module docstring)."""
+    over = run.get("overrides") or {}
+    rt = str(run.get("runtime", ""))
+    if over and not set(over) <= OFF_SWITCHES:
+        return "probe"
+    if over:
+        return "plain" if all(str(v).lower() in ("0", "off", "auto") for v in over.values()) else "probe"
+    return "current" if rt.startswith("train/speedups.py on") else "plain"
 
 
 def predict(run: dict) -> tuple[float, float]:
@@ -40,14 +69,16 @@ def predict(run: dict) -> tuple[float, float]:
     preset = run.get("preset") or ("llama-3-8b" if method == "lora" else "llama-3.2-1b")
     shape = shape_from_config({"model_type": "llama", **PRESET_SHAPES[preset]}, preset)
     targets = run.get("lora_targets", "all-linear")
+    on = runtime_of(run) == "current"
     w = Workload(shape, int(run["seq_len"]), precision=run.get("precision", "bf16"),
                  attn_implementation=run.get("attn_implementation", "sdpa"), lora_r=int(run.get("lora_r", 16)),
                  lora_targets=targets if isinstance(targets, str) else tuple(targets),
-                 lora_dropout=float(run.get("lora_dropout", 0.0)))
+                 lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on)
     nodes = int(run.get("nodes", 1))
     lay = Layout(method, nodes, int(run["gpus"]) // nodes, int(run["micro_batch_size"]),
                  int(run.get("gradient_accumulation_steps", 1)), bool(run["gradient_checkpointing"]),
-                 None if method == "lora" else int(run.get("zero_stage", 3)), gpu=normalise(run.get("gpu_type", "h200")))
+                 None if method == "lora" else int(run.get("zero_stage") or 3),
+                 gpu=normalise(run.get("gpu_type") or run.get("device") or "h200"))
     gpu = load_gpus()[lay.gpu]
     total = shape.total_params()
     if method == "lora":
@@ -55,68 +86,123 @@ def predict(run: dict) -> tuple[float, float]:
         mem = per_gpu_memory(w, lay, total + c.trainable, c.trainable, c.adapter)
         step = step_seconds(w, lay, gpu, total + c.trainable, c.trainable)
     else:
-        mem = per_gpu_memory(w, lay, total, total)
-        step = step_seconds(w, lay, gpu, total, total)
+        keep = zero3_keeps(w, lay, total, gpu.memory_bytes)
+        mem = per_gpu_memory(w, lay, total, total, keep=keep)
+        step = step_seconds(w, lay, gpu, total, total, keep=keep)
     return mem.total / 2**30, step
 
 
 def measured_step(run: dict) -> float | None:
-    if run.get("step_time_s"):
-        return float(run["step_time_s"])
+    """Measured seconds per step, or None where the planner's step time does not apply."""
+    if runtime_of(run) == "plain" and int(run["gpus"]) > 1:
+        return None  # NCCL protocol auto (LL): not the communication the planner models
+    for key in ("step_s", "step_time_s"):
+        if run.get(key):
+            return float(run[key])
     if run.get("tokens_per_s_per_gpu"):
         tokens = run["micro_batch_size"] * run.get("gradient_accumulation_steps", 1) * run["seq_len"]
         return tokens / float(run["tokens_per_s_per_gpu"])
     return None
 
 
+def _normalise_record(r: dict) -> dict:
+    """A plan_accuracy.jsonl record in the results.json vocabulary (GiB, lora_* keys)."""
+    out = dict(r)
+    if "max_memory_allocated_bytes" in r:
+        out["peak_mem_gb"] = r["max_memory_allocated_bytes"] / 2**30
+    if isinstance(r.get("lora"), dict):
+        out.setdefault("lora_r", r["lora"].get("r", 16))
+        out.setdefault("lora_targets", r["lora"].get("target_modules", "all-linear"))
+        out.setdefault("lora_dropout", r["lora"].get("dropout", 0.0))
+    return out
+
+
 def load_runs(paths: list[Path]) -> list[dict]:
+    """Every successful measured run in ``paths`` (jsonl or json), numbered in file order."""
     runs = []
     for p in paths:
-        data = json.loads(p.read_text())
-        for r in data["runs"] if isinstance(data, dict) else data:
+        text = p.read_text()
+        if p.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+            records = data["runs"] if isinstance(data, dict) else data
+        for i, r in enumerate(records):
+            r = _normalise_record(r)
             if r.get("exit_code", 0) == 0 and "peak_mem_gb" in r:
-                runs.append({**r, "file": str(p)})
+                runs.append({**r, "file": str(p), "line": i + 1})
     return runs
+
+
+def describe(r: dict) -> str:
+    """'8B full Z3 2g mb2 2k ckpt' - the configuration in a table cell."""
+    size = {"llama-3-8b": "8B", "llama-3.2-1b": "1B"}.get(r.get("preset") or "", r.get("preset") or "?")
+    how = "LoRA" if r["method"] == "lora" else f"full Z{r.get('zero_stage') or 3}"
+    seq = f"{r['seq_len'] // 1024}k" if r["seq_len"] % 1024 == 0 else str(r["seq_len"])
+    return (f"{size} {how} {r['gpus']}g mb{r['micro_batch_size']} {seq} "
+            f"{'ckpt' if r['gradient_checkpointing'] else 'no-ckpt'}")
+
+
+def evaluate(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        mem, step = predict(r)
+        ms = measured_step(r)
+        mem_err = mem / r["peak_mem_gb"] - 1
+        step_err = None if ms is None else step / ms - 1
+        group = runtime_of(r)
+        hit = abs(mem_err) <= MEM_TOL and (step_err is None or abs(step_err) <= TIME_TOL)
+        rows.append({"run": r.get("run") or f"#{r['line']}", "config": describe(r),
+                     "runtime": group, "overrides": r.get("overrides") or {},
+                     "measured_gib": round(r["peak_mem_gb"], 2), "predicted_gib": round(mem, 2),
+                     "mem_error": round(mem_err, 4), "measured_step_s": ms, "predicted_step_s": round(step, 3),
+                     "step_error": None if step_err is None else round(step_err, 4), "within_targets": hit})
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def print_table(rows: list[dict], markdown: bool) -> None:
+    head = ["run", "runtime", "configuration", "GiB meas", "pred", "err", "step s meas", "pred", "err", ""]
+    if markdown:
+        print("| " + " | ".join(head[:-1]) + " | verdict |")
+        print("|" + "---|" * len(head))
+    for x in rows:
+        ms = "-" if x["measured_step_s"] is None else f"{x['measured_step_s']:.3f}"
+        verdict = "probe" if x["runtime"] == "probe" else ("ok" if x["within_targets"] else "MISS")
+        cells = [x["run"], x["runtime"], x["config"], f"{x['measured_gib']:.1f}", f"{x['predicted_gib']:.1f}",
+                 _pct(x["mem_error"]), ms, f"{x['predicted_step_s']:.3f}", _pct(x["step_error"]), verdict]
+        if markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(f"{cells[0]:<10} {cells[1]:<7} {cells[2]:<28} {cells[3]:>8} {cells[4]:>6} {cells[5]:>7}  "
+                  f"{cells[6]:>11} {cells[7]:>6} {cells[8]:>7}  {cells[9]}")
+    counted = [x for x in rows if x["runtime"] != "probe"]
+    if counted:
+        mem_ok = sum(abs(x["mem_error"]) <= MEM_TOL for x in counted)
+        timed = [x for x in counted if x["step_error"] is not None]
+        step_ok = sum(abs(x["step_error"]) <= TIME_TOL for x in timed)
+        configs = {(x["config"], x["runtime"]) for x in counted}
+        print(f"\n{len(counted)} runs counted ({len(configs)} distinct configuration/runtime pairs), "
+              f"{len(rows) - len(counted)} probes: memory within +-10 % in {mem_ok}/{len(counted)}, "
+              f"step time within +-20 % in {step_ok}/{len(timed)}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    ap.add_argument("--markdown", action="store_true", help="the table as Markdown (docs/BENCHMARKS.md)")
     args = ap.parse_args()
-    ok = True
-    rows = []
-    for r in load_runs(args.results):
-        mem, step = predict(r)
-        ms = measured_step(r)
-        mem_err = mem / r["peak_mem_gb"] - 1
-        step_err = None if ms is None else step / ms - 1
-        hit = abs(mem_err) <= MEM_TOL and (step_err is None or abs(step_err) <= TIME_TOL)
-        ok &= hit
-        rows.append({"run": r.get("run", "?"), "method": r["method"], "preset": r.get("preset"), "gpus": r["gpus"],
-                     "zero_stage": r.get("zero_stage"), "seq_len": r["seq_len"], "micro_batch_size": r["micro_batch_size"],
-                     "gradient_checkpointing": r["gradient_checkpointing"], "measured_gib": r["peak_mem_gb"],
-                     "predicted_gib": round(mem, 2), "mem_error": round(mem_err, 4), "measured_step_s": ms,
-                     "predicted_step_s": round(step, 3), "step_error": None if step_err is None else round(step_err, 4),
-                     "within_targets": hit})
+    rows = evaluate(load_runs(args.results))
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return 0 if ok else 1
-    print(f"{'run':<28} {'gpus':>4} {'mb':>3} {'ckpt':>4} {'seq':>5}  {'GiB meas':>8} {'pred':>6} {'err':>6}  "
-          f"{'step meas':>9} {'pred':>6} {'err':>6}")
-    for x in rows:
-        se = "-" if x["step_error"] is None else f"{100 * x['step_error']:+.1f}%"
-        ms = "-" if x["measured_step_s"] is None else f"{x['measured_step_s']:.3f}"
-        print(f"{x['run']:<28} {x['gpus']:>4} {x['micro_batch_size']:>3} {'on' if x['gradient_checkpointing'] else 'off':>4} "
-              f"{x['seq_len']:>5}  {x['measured_gib']:>8.1f} {x['predicted_gib']:>6.1f} {100 * x['mem_error']:>+5.1f}%  "
-              f"{ms:>9} {x['predicted_step_s']:>6.3f} {se:>6}{'' if x['within_targets'] else '  MISS'}")
-    mem_errs = [abs(x["mem_error"]) for x in rows]
-    step_errs = [abs(x["step_error"]) for x in rows if x["step_error"] is not None]
-    if rows:
-        print(f"{len(rows)} runs; memory max |error| {100 * max(mem_errs):.1f}%"
-              + (f", step time max |error| {100 * max(step_errs):.1f}%" if step_errs else ""))
-    return 0 if ok else 1
+    else:
+        print_table(rows, args.markdown)
+    return 0 if all(x["within_targets"] for x in rows if x["runtime"] != "probe") else 1
 
 
 if __name__ == "__main__":

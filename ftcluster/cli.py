@@ -278,8 +278,12 @@ def _plan_check(spec) -> None:
 @click.option("--gpu", default=None, metavar="TYPE", help="Plan for this GPU type (h200, h100, a100-80g, ...) instead of resources.gpu_type.")
 @click.option("--price", type=float, default=None, metavar="USD", help="Price per GPU-hour (overrides the price table).")
 @click.option("--offline", is_flag=True, help="Do not read a remote config.json or list remote data.")
+@click.option("--fused-ce", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Assume the runtime's fused linear cross-entropy (liger-kernel); auto: on for Llama models "
+                   "unless env FTCLUSTER_FUSED_CE=0 (docs/planner.md).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline: bool, sets: tuple[str, ...]) -> None:
+def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline: bool, fused_ce: str,
+         sets: tuple[str, ...]) -> None:
     """Predict per-GPU memory, step time and cost, compare layouts and recommend one."""
     from .pipeline import Pipeline
     from .planner import build_plan
@@ -287,7 +291,8 @@ def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline:
     from .planner.report import plan_dict, print_plan
 
     spec = _load(job, sets)
-    plans = [build_plan(s, gpu=gpu, price=price, network=not offline, shape=shape)
+    fused = {"auto": None, "on": True, "off": False}[fused_ce]
+    plans = [build_plan(s, gpu=gpu, price=price, network=not offline, shape=shape, fused_ce=fused)
              for s, shape in stage_specs(spec, network=not offline)]
     if as_json:
         out = [plan_dict(p) for p in plans]

@@ -162,27 +162,34 @@ def ftc(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Com
                           timeout=120, env={**os.environ, **(env or {})})
 
 
-def test_guard_refuses_what_does_not_fit_with_one_located_line(tmp_path):
+def _big(tmp_path: Path) -> Path:
+    """BIG with its data present (validate checks that a local data path exists, from the cwd)."""
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
     f = tmp_path / "big.yaml"
     f.write_text(BIG)
+    return f
+
+
+def test_guard_refuses_what_does_not_fit_with_one_located_line(tmp_path):
+    f = _big(tmp_path)
     problems = check_spec(load_spec(f))
     assert len(problems) == 1
     line = str(problems[0])
     assert line.startswith(f"{f}:7:3: training.micro_batch_size: needs ")
     assert "h100 has 74.7 GiB usable" in line and "cheapest layout that fits: LoRA on 1 x h100" in line
-    res = ftc("validate", str(f))
+    res = ftc("validate", str(f), cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--no-plan-check" in res.stderr
-    assert ftc("validate", str(f), "--no-plan-check").returncode == 0
-    sub = ftc("submit", str(f), "--dry-run")
+    assert ftc("validate", str(f), "--no-plan-check", cwd=tmp_path).returncode == 0
+    sub = ftc("submit", str(f), "--dry-run", cwd=tmp_path)
     assert sub.returncode == 2 and "needs" in sub.stderr
 
 
 def test_guard_points_at_set_overrides_and_passes_when_it_fits(tmp_path):
-    f = tmp_path / "big.yaml"
-    f.write_text(BIG)
-    res = ftc("validate", str(f), "--set", "training.micro_batch_size=1", "--set", "training.gradient_checkpointing=true")
+    f = _big(tmp_path)
+    res = ftc("validate", str(f), "--set", "training.micro_batch_size=1", "--set", "training.gradient_checkpointing=true",
+              cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    res = ftc("validate", str(f), "--set", "training.micro_batch_size=64")
+    res = ftc("validate", str(f), "--set", "training.micro_batch_size=64", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("error: --set: training.micro_batch_size:"), res.stderr
 
 
@@ -257,3 +264,79 @@ def test_price_file_and_price_flag(tmp_path, monkeypatch):
     f.write_text("h200: {cost: 1}\n")
     res = ftc("plan", "examples/quickstart.yaml", env={"FTCLUSTER_PRICES": str(f)})
     assert res.returncode == 1 and "unknown key 'cost'" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- accuracy (issue #11)
+
+
+RUNS_JSONL = ROOT / "benchmarks/results/h200x2-2026-11-30-final/plan_accuracy.jsonl"
+# Counted runs whose step time misses +-20 %, and why (docs/BENCHMARKS.md, "Planner accuracy").
+KNOWN_STEP_MISSES = {"1B LoRA 1g mb4 2k no-ckpt"}  # plain path, small model: adapters' kernels not modelled
+
+
+def _accuracy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "benchmarks/plan_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_planner_reproduces_the_measured_runs():
+    acc = _accuracy()
+    rows = acc.evaluate(acc.load_runs([RUNS_JSONL]))
+    counted = [r for r in rows if r["runtime"] != "probe"]
+    assert len(rows) == 17 and len(counted) == 13
+    assert {r["runtime"] for r in counted} == {"current", "plain"}
+    for r in counted:
+        assert abs(r["mem_error"]) <= acc.MEM_TOL, r
+        if r["step_error"] is not None and r["config"] not in KNOWN_STEP_MISSES:
+            assert abs(r["step_error"]) <= acc.TIME_TOL, r
+    misses = {r["config"] for r in counted if r["step_error"] is not None and abs(r["step_error"]) > acc.TIME_TOL}
+    assert misses == KNOWN_STEP_MISSES  # a fixed miss is taken off the list
+
+
+def test_speedups_modelled_as_the_runtime_decides_them():
+    from ftcluster.planner.advise import FUSED_CE_MODEL_TYPES, speedups_of
+    from ftcluster.planner.memory import KEEP_FRACTION, zero3_keeps
+    from ftcluster.train import speedups
+
+    assert FUSED_CE_MODEL_TYPES == speedups.FUSED_CE_MODEL_TYPES and KEEP_FRACTION == speedups.KEEP_FRACTION
+    s = llama("llama-3-8b")
+    n = s.total_params()
+    w = Workload(s, 2048, zero3_keep=True)
+    cfg = {"zero_optimization": {"stage": 3}}
+    for gpus, mem in ((2, GPUS["h200"].memory_bytes), (2, GPUS["h100"].memory_bytes), (8, GPUS["h100"].memory_bytes)):
+        lay = Layout("full", 1, gpus, 2, 1, True, 3)
+        assert zero3_keeps(w, lay, n, mem) == bool(speedups.zero3_keep_settings(cfg, n, gpus, mem)), (gpus, mem)
+    spec = load_spec_text(BIG, "x.yaml")
+    assert speedups_of(spec, s) == (True, True)
+    off = load_spec_text(BIG + "env: {FTCLUSTER_FUSED_CE: '0', FTCLUSTER_ZERO3_KEEP: 'off'}\n", "x.yaml")
+    assert speedups_of(off, s) == (False, False)
+    assert speedups_of(spec, s, fused_ce=False)[0] is False
+    qwen = shape_from_config({"model_type": "qwen2", **PRESET_SHAPES["llama-3-8b"]})
+    assert speedups_of(spec, qwen)[0] is False
+
+
+def test_fused_loss_and_keep_change_memory_as_measured():
+    # 8B ZeRO-3 on 2 H200s, micro-batch 2: plain 69.7 GiB, fused + keep 77.9 GiB (plan_accuracy.jsonl)
+    s = llama("llama-3-8b")
+    n = s.total_params()
+    lay = Layout("full", 1, 2, 2, 1, True, 3)
+    plain = per_gpu_memory(Workload(s, 2048), lay, n, n).total
+    fused = per_gpu_memory(Workload(s, 2048, fused_ce=True), lay, n, n)
+    kept = per_gpu_memory(Workload(s, 2048, fused_ce=True), lay, n, n, keep=True).total
+    assert fused.total < plain and fused.phase == "optimizer_step"  # the loss no longer sets the peak
+    assert kept - fused.total > 8 * 2**30  # the whole 16-bit model stays gathered in backward
+    g = GPUS["h200"]
+    assert step_seconds(Workload(s, 2048, fused_ce=True), lay, g, n, n, keep=True) < step_seconds(Workload(s, 2048), lay, g, n, n)
+
+
+def test_plan_cli_fused_ce_switch(tmp_path):
+    f = _big(tmp_path)
+    on = json.loads(ftc("plan", str(f), "--json", "--offline", cwd=tmp_path).stdout)
+    off = json.loads(ftc("plan", str(f), "--json", "--offline", "--fused-ce", "off", cwd=tmp_path).stdout)
+    mem = [p["requested"]["per_gpu_memory_bytes"]["logits"] for p in (on, off)]
+    assert mem[0] < mem[1] / 10
+    assert any("FTCLUSTER_FUSED_CE" in n for n in on["notes"]) and not any("FTCLUSTER_FUSED_CE" in n for n in off["notes"])

@@ -10,7 +10,7 @@ from ..errors import FtclusterError
 from .data import DataEstimate, estimate_tokens, sequences
 from .gpus import Gpu, load_gpus, normalise
 from .layout import Layout, Workload
-from .memory import Memory, host_bytes_per_node, per_gpu_memory, usable_bytes
+from .memory import Memory, host_bytes_per_node, per_gpu_memory, usable_bytes, zero3_keeps
 from .shape import ModelShape, count_lora, spec_shape
 from .speed import step_seconds
 
@@ -70,13 +70,35 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def workload_of(spec: Any, shape: ModelShape) -> Workload:
+FUSED_CE_MODEL_TYPES = ("llama",)  # train/speedups.py's: Liger's forward for these takes shift_labels
+
+
+def _switched_off(spec: Any, name: str) -> bool:
+    return str((getattr(spec, "env", None) or {}).get(name, "auto")).strip().lower() in ("0", "off", "false", "no")
+
+
+def speedups_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> tuple[bool, bool]:
+    """(fused_ce, zero3_keep) as the runtime will choose them (train/speedups.py): the fused loss
+    for a Llama model on a GPU unless the spec's env sets FTCLUSTER_FUSED_CE=0 (the planner
+    assumes liger-kernel is installed where the job runs; ``fused_ce`` overrides); ZeRO-3 keep
+    unless FTCLUSTER_ZERO3_KEEP=0 or a DeepSpeed config_file (whose keys win) is given."""
+    gpu = spec.resources.gpus_per_node > 0
+    if fused_ce is None:
+        fused_ce = gpu and shape.model_type in FUSED_CE_MODEL_TYPES and not _switched_off(spec, "FTCLUSTER_FUSED_CE")
+    ds = getattr(spec, "deepspeed", None)
+    keep = gpu and not _switched_off(spec, "FTCLUSTER_ZERO3_KEEP") and not (ds is not None and ds.config_file)
+    return fused_ce, keep
+
+
+def workload_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> Workload:
     tr = spec.training
+    fused, keep = speedups_of(spec, shape, fused_ce)
     lora = getattr(spec, "lora", None)
     ds = getattr(spec, "deepspeed", None)
     w = Workload(shape=shape, seq_len=spec.data.seq_len, precision=tr.precision,
                  attn_implementation=spec.model.attn_implementation,
-                 global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * spec.world_size)
+                 global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * spec.world_size,
+                 fused_ce=fused, zero3_keep=keep)
     if lora is not None:
         t = lora.target_modules
         w = _replace(w, lora_r=lora.r, lora_targets=t if isinstance(t, str) else tuple(t), lora_dropout=lora.dropout)
@@ -137,8 +159,9 @@ class Evaluator:
     def evaluate(self, lay: Layout) -> Option:
         w = self.lora_w if lay.method == "lora" else self.w
         total, trainable, adapter, copies = self.counts[lay.method]
-        mem = per_gpu_memory(w, lay, total, trainable, adapter, copies)
-        step = step_seconds(w, lay, self.gpu, total, trainable)
+        keep = zero3_keeps(w, lay, total, self.gpu.memory_bytes)
+        mem = per_gpu_memory(w, lay, total, trainable, adapter, copies, keep=keep)
+        step = step_seconds(w, lay, self.gpu, total, trainable, keep=keep)
         return Option(lay, mem, self.gpu.memory_bytes, usable_bytes(self.gpu.memory_bytes, lay.world), total,
                       trainable, step, lay.micro_batch_size * lay.gradient_accumulation_steps * lay.world * w.seq_len,
                       self.steps(lay), self.gpu.price_per_hour, host_bytes_per_node(total, lay, w.act_bytes))
@@ -213,9 +236,11 @@ def _fmt_gib(n: int) -> str:
 
 
 def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None, network: bool = True,
-               count_data: bool = True, alternatives: bool = True, shape: ModelShape | None = None) -> Plan:
+               count_data: bool = True, alternatives: bool = True, shape: ModelShape | None = None,
+               fused_ce: bool | None = None) -> Plan:
     """Plan a job spec. ``network`` allows reading a remote config.json and listing remote data;
-    ``shape`` gives the model's shape when the spec cannot (a pipeline stage's model_from)."""
+    ``shape`` gives the model's shape when the spec cannot (a pipeline stage's model_from);
+    ``fused_ce`` overrides whether the runtime's fused loss is assumed (:func:`speedups_of`)."""
     shape = shape or spec_shape(spec, network=network)
     if shape is None:
         where = spec.model.path or spec.model.hub_id
@@ -229,7 +254,7 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
     data = (estimate_tokens(spec.data, spec.tokenizer.train_vocab_size, network=network) if count_data
             else DataEstimate(None, None, "not counted"))
     seqs = sequences(data, spec.data.seq_len, spec.data.packing)
-    w = workload_of(spec, shape)
+    w = workload_of(spec, shape, fused_ce)
     lora = getattr(spec, "lora", None)
     lora_cfg = (lora.r, w.lora_targets, lora.dropout) if lora is not None else (16, "all-linear", 0.05)
     ev = Evaluator(w, g, spec, seqs, lora_cfg)
@@ -238,6 +263,9 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
     notes = list(shape.notes)
     if assumed:
         notes.append(f"no resources.gpu_type: planned for {g.name}; pass --gpu to choose")
+    if w.fused_ce and fused_ce is None:
+        notes.append("assumes the runtime's fused linear cross-entropy (liger-kernel installed where the job runs); "
+                     "without it set env FTCLUSTER_FUSED_CE: '0' or pass --fused-ce off")
     if spec.resources.gpus_per_node == 0:
         notes.append("a CPU-only job: memory is compared with a GPU's only to show what GPUs it would need")
     if not alternatives:

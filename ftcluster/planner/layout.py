@@ -25,6 +25,11 @@ class Workload:
     # DeepSpeed settings (used by method='full' layouts)
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True
+    # The runtime's speed-ups (train/speedups.py): Liger's fused linear cross-entropy and kernels,
+    # and ZeRO-3 keeping gathered weights from forward to backward when they fit. False models
+    # the plain path (no liger-kernel, a non-Llama model, or FTCLUSTER_FUSED_CE=0 / _ZERO3_KEEP=0).
+    fused_ce: bool = False
+    zero3_keep: bool = False
 
     @property
     def act_bytes(self) -> int:

@@ -23,6 +23,9 @@ SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size: the
 CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS workspace: on the GPU but not in max_memory_allocated
 NCCL_BYTES = 512 << 20  # NCCL's own buffers with more than one process
 FRAGMENTATION = 0.95  # the caching allocator cannot hand out every last byte: keep 5 % free
+# train/speedups.py keeps ZeRO-3's gathered weights from forward to backward when the whole
+# 16-bit model plus this rank's shards (2 N + 16 N / world bytes) fit in this share of the GPU.
+KEEP_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,13 @@ def model_states(params: int, stage: int, dp: int, *, k: int = 12, half: int = 2
     return w, g, o
 
 
+def zero3_keeps(w: Workload, lay: Layout, params: int, gpu_memory: int) -> bool:
+    """Whether the runtime keeps ZeRO-3's gathered weights for this layout (speedups.zero3_keep_settings)."""
+    if not w.zero3_keep or lay.method != "full" or lay.zero_stage != 3 or lay.offload_params:
+        return False
+    return 2 * params + 16 * params / max(lay.world, 1) <= KEEP_FRACTION * gpu_memory
+
+
 def _step_scratch(params: int, stage: int, dp: int, half: int) -> int:
     """Extra bytes while the optimizer steps: fp32 gradient copies and AdamW's foreach scratch.
 
@@ -119,7 +129,8 @@ def layer_bytes_per_token(w: Workload, method: str, targets: tuple[str, ...] = (
     t = set(targets)
     c = _lora_copy(w)
     # RMSNorm saves its fp32 upcast input; with a trainable weight also the 16-bit normalised input.
-    n = 2 * ((4 + a) * h if full else 4 * h)
+    # Liger's RMSNorm (fused_ce: its kernels come together) saves the 16-bit input and a rstd per row.
+    n = 2 * a * h if w.fused_ce else 2 * ((4 + a) * h if full else 4 * h)
     # q/k/v: a trainable projection saves the shared normed input once; LoRA saves a copy per module.
     n += a * h if full else c * h * len(t & {"q_proj", "k_proj", "v_proj"})
     # Attention. SDPA with a mask (ftcluster's batches always carry one: packed or padded rows
@@ -133,8 +144,9 @@ def layer_bytes_per_token(w: Workload, method: str, targets: tuple[str, ...] = (
         n += a * 4 * q + 4 * heads + a * seq
     n += a * q if full else (c * q if "o_proj" in t else 0)  # o_proj input
     # SwiGLU: gate output (SiLU's input), SiLU output and up output (the product's inputs),
-    # and the down projection's input when its weight trains.
-    n += 3 * a * i
+    # and the down projection's input when its weight trains. Liger's SwiGLU recomputes SiLU
+    # in backward: gate and up outputs only.
+    n += (2 if w.fused_ce else 3) * a * i
     if full:
         n += a * h + a * i
     else:
@@ -143,11 +155,21 @@ def layer_bytes_per_token(w: Workload, method: str, targets: tuple[str, ...] = (
     return n
 
 
-def loss_bytes(w: Workload, micro_batch: int) -> int:
-    """The loss's peak: ftcluster's token_ce_sum upcasts the shifted logits to fp32; cross_entropy
-    keeps log_softmax's fp32 output, and its backward holds that, the incoming gradient and the
-    outgoing one at once: 12 bytes per logit (engine.py, token_ce_sum)."""
-    return 12 * micro_batch * (w.seq_len - 1) * w.shape.vocab_size
+def loss_bytes(w: Workload, micro_batch: int, head_trains: bool = False) -> int:
+    """The loss's peak. Plain path: ftcluster's token_ce_sum upcasts the shifted logits to fp32;
+    cross_entropy keeps log_softmax's fp32 output, and its backward holds that, the incoming
+    gradient and the outgoing one at once: 12 bytes per logit (engine.py, token_ce_sum).
+
+    Fused (Liger 0.8.5 ``fused_linear_cross_entropy``): the gradients are computed in forward,
+    chunk by chunk, and held until backward: the hidden states' gradient (16-bit, tokens x h)
+    and, when the lm_head trains, its weight gradient (16-bit, V x h); one chunk of 16-bit
+    logits, its rows a power of two near tokens / ceil(V / h), exists at a time."""
+    s, a, tokens = w.shape, w.act_bytes, micro_batch * w.seq_len
+    if not w.fused_ce:
+        return 12 * micro_batch * (w.seq_len - 1) * s.vocab_size
+    inc = -(-s.vocab_size // s.hidden_size)
+    chunk = min(tokens, 1 << max(0, (-(-tokens // inc) - 1).bit_length()))
+    return a * tokens * s.hidden_size + a * chunk * s.vocab_size + (a * s.vocab_size * s.hidden_size if head_trains else 0)
 
 
 def activation_bytes(w: Workload, lay: Layout, targets: tuple[str, ...]) -> tuple[int, int, int]:
@@ -158,14 +180,19 @@ def activation_bytes(w: Workload, lay: Layout, targets: tuple[str, ...]) -> tupl
     if lay.method == "lora":
         base = layer_bytes_per_token(w, "lora", ()) * tokens
         lora_part = (per_layer - base) * (1 if lay.gradient_checkpointing else s.num_hidden_layers)
-    # Final norm (+ the lm_head's input when it trains or carries an adapter).
-    head = (4 + 2 * a) * s.hidden_size if lay.method == "full" else 4 * s.hidden_size
+    # Final norm (+ the lm_head's input when it trains or carries an adapter); the fused loss
+    # saves no input (it holds the input's gradient instead, counted in loss_bytes).
+    if w.fused_ce:
+        head = a * s.hidden_size
+    else:
+        head = (4 + 2 * a) * s.hidden_size if lay.method == "full" else 4 * s.hidden_size
     if lay.method == "lora" and "lm_head" in targets:
         head += _lora_copy(w) * s.hidden_size
     extra = head * tokens
     if w.attn_implementation != "flash_attention_2":  # the boolean (or eager: float) mask, built once
         extra += (a if w.attn_implementation == "eager" else 1) * lay.micro_batch_size * w.seq_len ** 2
-    loss = loss_bytes(w, lay.micro_batch_size)
+    head_trains = lay.method == "full" or "lm_head" in targets
+    loss = loss_bytes(w, lay.micro_batch_size, head_trains)
     if lay.gradient_checkpointing:
         stored = s.num_hidden_layers * a * s.hidden_size * tokens  # each layer's input
         # Backward recomputes one layer at a time; with its gradients in flight that never
@@ -179,8 +206,9 @@ def activation_bytes(w: Workload, lay: Layout, targets: tuple[str, ...]) -> tupl
 
 
 def per_gpu_memory(w: Workload, lay: Layout, params_total: int, trainable: int,
-                   adapter: int = 0, saved_copies: int = 0) -> Memory:
-    """Predicted peak allocated bytes per GPU for ``lay``."""
+                   adapter: int = 0, saved_copies: int = 0, keep: bool = False) -> Memory:
+    """Predicted peak allocated bytes per GPU for ``lay``; ``keep``: ZeRO-3 keeps the gathered
+    weights from forward to backward (:func:`zero3_keeps`)."""
     a = w.act_bytes
     targets = _targets(w) if lay.method == "lora" else ()
     acts, loss, lora_acts = activation_bytes(w, lay, targets)
@@ -203,6 +231,8 @@ def per_gpu_memory(w: Workload, lay: Layout, params_total: int, trainable: int,
         # The reduce bucket (allocated once), the largest gathered module (lm_head or embedding
         # is larger than a layer in every Llama) and the prefetch bucket.
         gathered = max(s.embedding_params, s.layer_params()) + w.reduce_bucket_size // 10
+        if keep:  # every weight stays gathered from its forward use until the backward peak
+            gathered = params_total
         buffers = bucket + a * gathered
         step_buffers = bucket
     elif stage in (1, 2):
@@ -211,10 +241,16 @@ def per_gpu_memory(w: Workload, lay: Layout, params_total: int, trainable: int,
     else:
         buffers = bucket if dp > 1 else 0  # DeepSpeed's allreduce flattening
         step_buffers = 0
-    back = Memory(wgt, grd, opt, acts, loss, buffers, 0, "backward")
+    moments = [Memory(wgt, grd, opt, acts, loss, buffers, 0, "backward")]
+    if stage in (1, 2):
+        # Stages 1/2 allocate their gradient partition and reduce buckets as backward produces
+        # gradients and free them after the step (stage_1_and_2.py, _release_ipg_buffers): at
+        # the loss's peak, the start of backward, neither exists; the loss is gone when they do.
+        moments = [Memory(wgt, 0, opt, acts, loss, 0, 0, "backward"),
+                   Memory(wgt, grd, opt, acts, 0, buffers, 0, "backward")]
     scratch = 0 if lay.offload_optimizer else _step_scratch(params_total, stage, dp, a)
-    step = Memory(wgt, grd, opt + scratch, 0, 0, step_buffers, 0, "optimizer_step")
-    return back if back.total >= step.total else step
+    moments.append(Memory(wgt, grd, opt + scratch, 0, 0, step_buffers, 0, "optimizer_step"))
+    return max(moments, key=lambda m: m.total)
 
 
 def _targets(w: Workload) -> tuple[str, ...]:

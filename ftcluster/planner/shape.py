@@ -64,6 +64,7 @@ class ModelShape:
     qkv_bias: bool = False  # bias on q/k/v only (Qwen2)
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    model_type: str = "llama"  # config.json's; the runtime's fused loss (train/speedups.py) is Llama-only
     source: str = ""
     notes: tuple[str, ...] = field(default=())
 
@@ -194,7 +195,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config.json") -> Model
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         vocab_size=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0, tie_word_embeddings=bool(tie),
         attention_bias=bool(cfg.get("attention_bias", False)), qkv_bias=model_type == "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+        mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=model_type == "qwen3", model_type=model_type,
         source=source, notes=tuple(notes))
 
 
