@@ -21,11 +21,12 @@ WORKDIR /opt/ftcluster
 COPY pyproject.toml README.md ./
 COPY ftcluster ./ftcluster
 COPY templates ./templates
-# ftcluster[train] from this repository; the base image's torch satisfies torch>=2.9 and is kept.
+# ftcluster[train,gpu] from this repository; the base image's torch satisfies torch>=2.9 and is kept
+# ([gpu]: Liger-Kernel's fused loss, which the planner assumes on GPUs).
 # DL3013 (pin versions): this installs the repository itself; its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN python3 -m pip install ".[train]" \
-    && python3 -c "import ftcluster.podexec, ftcluster.train.launch, torch, deepspeed, peft, transformers, s3fs"
+RUN python3 -m pip install ".[train,gpu]" \
+    && python3 -c "import ftcluster.podexec, ftcluster.train.launch, torch, deepspeed, peft, transformers, s3fs, liger_kernel"
 
 # Non-root: the pods need no privileges (the rendered pod specs request none).
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin ftcluster

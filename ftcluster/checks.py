@@ -59,6 +59,7 @@ def probe_code(nproc: int, method: str) -> str:
         "    except OSError: o['port_free'] = False",
         "    finally: k.close()",
         f"o['missing'] = [m for m in {mods!r} if u.find_spec(m) is None]",
+        "o['liger'] = u.find_spec('liger_kernel') is not None",
         "try:",
         "    import ftcluster; o['ftcluster'] = ftcluster.__version__",
         "except ImportError: o['ftcluster'] = None",
@@ -82,6 +83,15 @@ def shm_check(shm: int, nproc: int, where: str) -> Check:
     fix = ("give the node/container a bigger /dev/shm (Docker: --shm-size=16g; Kubernetes: kubernetes.shm_size); "
            "NCCL and DataLoader workers fail with 'Bus error' otherwise")
     return Check("/dev/shm", "fail" if nproc > 1 else "warn", f"only {shm // (1 << 20)} MiB on {where}", fix)
+
+
+def fused_loss_check(probe: dict[str, Any], where: str) -> Check:
+    """GPU jobs: is Liger-Kernel there? The planner assumes its fused loss on GPUs (docs/planner.md)."""
+    if probe.get("liger", True):
+        return Check("fused loss", "ok", f"liger-kernel on {where}: 128k-vocabulary logits never materialise")
+    return Check("fused loss", "warn", f"no liger-kernel on {where}: the runtime computes the plain loss, which "
+                 "needs more memory than the plan assumed",
+                 "pip install 'ftcluster[train,gpu]' there, or set env FTCLUSTER_FUSED_CE: '0' so the plan matches")
 
 
 def python_check(probe: dict[str, Any], python: str, where: str, field: str) -> Check:

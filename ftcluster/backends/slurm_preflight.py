@@ -14,7 +14,7 @@ import re
 import shlex
 from typing import Any
 
-from ..checks import Check, failed, parse_probe, probe_code, python_check, shm_check
+from ..checks import Check, failed, fused_loss_check, parse_probe, probe_code, python_check, shm_check
 from ..errors import FtclusterError
 from ..slurm_request import PLACEMENT, slurm_request
 
@@ -230,6 +230,8 @@ class SlurmPreflight:
             checks.append(Check("rendezvous port", "warn", f"{probe['port']} (derived from the next job id) is in "
                                 f"use on {host}", "torchrun will fail to bind if it is still taken at start; resubmit"))
         checks.append(python_check(probe, s.python, host, "slurm.python"))
+        if spec.resources.gpus_per_node and spec.env.get("FTCLUSTER_FUSED_CE") != "0":
+            checks.append(fused_loss_check(probe, host))  # the planner assumed the fused loss on GPUs
         return checks
 
     def checks(self, remote: bool) -> list[Check]:
