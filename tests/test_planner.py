@@ -340,3 +340,31 @@ def test_plan_cli_fused_ce_switch(tmp_path):
     mem = [p["requested"]["per_gpu_memory_bytes"]["logits"] for p in (on, off)]
     assert mem[0] < mem[1] / 10
     assert any("FTCLUSTER_FUSED_CE" in n for n in on["notes"]) and not any("FTCLUSTER_FUSED_CE" in n for n in off["notes"])
+
+
+def test_unreadable_remote_config_is_one_line_or_falls_back_to_the_name(tmp_path):
+    """`plan` reads a remote config.json; a store that refuses (here: no credentials) is one line with
+    the fix, never a traceback; a model known by its name is planned with that shape instead."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    root = Path(__file__).resolve().parent.parent
+    job = tmp_path / "job.yaml"
+    job.write_text(textwrap.dedent(f"""\
+        name: x
+        method: lora
+        model: {{path: "s3://no-such-bucket/some-model"}}
+        data: {{train: {root}/examples/data/instruct.jsonl}}
+        output: {{uri: file://{tmp_path}/out}}
+        resources: {{gpus_per_node: 1, gpu_type: h200}}
+        """))
+    run = lambda: subprocess.run([sys.executable, "-m", "ftcluster.cli", "plan", str(job)],  # noqa: E731
+                                 capture_output=True, text=True, env=env, timeout=120)
+    res = run()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "cannot read s3://no-such-bucket/some-model/config.json" in res.stderr
+    assert "credentials" in res.stderr and "--offline" in res.stderr
+    job.write_text(job.read_text().replace("some-model", "llama-3.1-8b"))
+    res = run()
+    assert res.returncode == 0, res.stderr
+    assert "shape taken from the name 'llama-3.1-8b'" in " ".join(res.stdout.split())

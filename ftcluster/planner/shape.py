@@ -240,10 +240,16 @@ def read_config(uri: str, storage_options: dict[str, Any] | None = None, *, netw
             return json.loads(fh.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any store failure (credentials, endpoint, ...) is one line
         if not network:
             return None
-        raise FtclusterError(f"model.path: cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        from ..storage.retry import classify
+
+        permanent = classify(exc, path)
+        what = permanent.problem if permanent else (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fix = permanent.fix if permanent else "check the endpoint and the network"
+        raise FtclusterError(f"model.path: cannot read {path} ({what}); {fix}, or plan offline with "
+                             "--offline") from None
 
 
 def spec_shape(spec: Any, *, network: bool = False) -> ModelShape | None:
@@ -258,7 +264,12 @@ def spec_shape(spec: Any, *, network: bool = False) -> ModelShape | None:
     name = m.path or m.hub_id or ""
     cfg = None
     if m.path:
-        cfg = read_config(m.path, m.storage_options, network=network)
+        try:
+            cfg = read_config(m.path, m.storage_options, network=network)
+        except FtclusterError:
+            if known_shape(name) is None:
+                raise
+            cfg = None  # a public model recognised by its name: plan with that shape (the plan notes it)
     elif m.hub_id and network:
         cfg = _hub_cached_config(m.hub_id)
     if cfg is not None:
