@@ -567,6 +567,8 @@ class _JobBase(_Model):
     _overrides: tuple[str, ...] = PrivateAttr(())
     _variant: str | None = PrivateAttr(None)  # set on a resolved variant spec (ftcluster.variants)
     _resolved: tuple[Any, ...] | None = PrivateAttr(None)  # resolved variant specs, cached by ftcluster.variants
+    # {dotted field: folder} of the relative paths a file wrote, rewritten against the cwd (ftcluster.paths)
+    _path_folders: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
