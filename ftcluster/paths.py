@@ -90,7 +90,9 @@ def rebase(value: str, folder: str, cwd: str | None = None) -> str:
     folder = os.path.abspath(folder)
     if folder == cwd:
         return value
-    out = os.path.relpath(os.path.join(folder, rest), cwd)
+    full = os.path.normpath(os.path.join(folder, rest))
+    # Sharing only / with the cwd, ../../x would climb to the root: the absolute path reads better.
+    out = full if os.path.commonpath([full, cwd]) == os.sep else os.path.relpath(full, cwd)
     if rest.endswith("/") and not out.endswith("/"):
         out += "/"
     if prefix and not out.startswith("."):
