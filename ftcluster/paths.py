@@ -95,7 +95,7 @@ def rebase(value: str, folder: str, cwd: str | None = None) -> str:
     out = full if os.path.commonpath([full, cwd]) == os.sep else os.path.relpath(full, cwd)
     if rest.endswith("/") and not out.endswith("/"):
         out += "/"
-    if prefix and not out.startswith("."):
+    if prefix and not out.startswith((".", os.sep)):
         out = "./" + out  # file://data/x would read as host "data"
     return prefix + out
 
