@@ -168,11 +168,11 @@ def _output_problem(path: str, shown: str) -> str | None:
 def resolved_note(spec: Any, field: str, local: str) -> str:
     """Where a relative path was resolved, with the result: " (resolved against the spec file's folder:
     /abs/path)"; "" for an absolute path."""
+    full = os.path.abspath(local)
+    if field in getattr(spec, "_path_folders", {}):  # rewritten: relative to the cwd now, or absolute
+        return f" (resolved against the spec file's folder: {full})"
     if os.path.isabs(local) or local.startswith("~"):
         return ""
-    full = os.path.abspath(local)
-    if field in getattr(spec, "_path_folders", {}):
-        return f" (resolved against the spec file's folder: {full})"
     return f" (a path given with --set is resolved against the current directory: {full})"
 
 

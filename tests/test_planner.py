@@ -165,6 +165,7 @@ def ftc(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Com
 def test_guard_refuses_what_does_not_fit_with_one_located_line(tmp_path):
     f = tmp_path / "big.yaml"
     f.write_text(BIG)
+    (tmp_path / "x.jsonl").write_text("{}\n")  # validate checks data.train, beside the spec
     problems = check_spec(load_spec(f))
     assert len(problems) == 1
     line = str(problems[0])
@@ -180,6 +181,7 @@ def test_guard_refuses_what_does_not_fit_with_one_located_line(tmp_path):
 def test_guard_points_at_set_overrides_and_passes_when_it_fits(tmp_path):
     f = tmp_path / "big.yaml"
     f.write_text(BIG)
+    (tmp_path / "x.jsonl").write_text("{}\n")  # validate checks data.train, beside the spec
     res = ftc("validate", str(f), "--set", "training.micro_batch_size=1", "--set", "training.gradient_checkpointing=true")
     assert res.returncode == 0, res.stderr
     res = ftc("validate", str(f), "--set", "training.micro_batch_size=64")
