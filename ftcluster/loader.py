@@ -16,12 +16,12 @@ def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: A
     ``relocate(path, message)`` may return a :class:`Problem` placed elsewhere (a pipeline
     puts problems in fields its stage overrides at the override), or None for the default.
     Relative local paths are rewritten against the current directory first
-    (:func:`ftcluster.paths.rebase_doc`); ``folder_of(path)`` says which folder a field's value
+    (:func:`ftcluster.relpaths.rebase_doc`); ``folder_of(path)`` says which folder a field's value
     is relative to (None: the cwd), default the spec file's folder except for ``--set`` values.
     """
     from pydantic import ValidationError
 
-    from .paths import rebase_doc
+    from .relpaths import rebase_doc
     from .spec import job_adapter
 
     secrets = _secret_problems(doc, relocate)

@@ -127,7 +127,7 @@ def load_pipeline_doc(doc: LoadedDoc, overrides: list[str] | None = None) -> Pip
 def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: list[str],
                 base_dir: Path) -> tuple[Stage | None, list[Problem]]:
     from .loader import validate_doc
-    from .paths import spec_folder
+    from .relpaths import spec_folder
     from .variants import OVERLAP, locate, overlap, set_dotted
 
     where = ("stages", i)

@@ -186,8 +186,8 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
 
 def _rebase_sets(spec: Any, data: dict[str, Any], applied: dict[str, Any]) -> dict[str, str]:
     """A variant's ``set`` is in the spec file: its relative paths are relative to the file's folder, like the
-    spec's own (ftcluster.paths; those are rewritten in ``data`` already). Before the command line's values."""
-    from .paths import rebase_data, spec_folder
+    spec's own (ftcluster.relpaths; those are rewritten in ``data`` already). Before the command line's values."""
+    from .relpaths import rebase_data, spec_folder
 
     folder = spec_folder(spec._source_file or "<spec>")
     keys = [parse_key(k) or (k,) for k in applied]

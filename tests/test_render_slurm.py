@@ -455,7 +455,7 @@ def test_templates_load_from_the_wheel_layout(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
-    monkeypatch.chdir(tmp_path)  # the spec's relative paths are rewritten against the cwd (ftcluster.paths)
+    monkeypatch.chdir(tmp_path)  # the spec's relative paths are rewritten against the cwd (ftcluster.relpaths)
     assert out.stdout == render(load_spec(ROOT / "examples" / "quickstart.yaml"), "slurm")["quickstart.sbatch"]
     gen = subprocess.run([sys.executable, "-m", "ftcluster.render.template"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=env)
