@@ -142,3 +142,19 @@ def test_paths_elsewhere_are_not_rewritten(tmp_path, monkeypatch):
     assert load_spec_text(job.read_text()).data.train == "data/train.jsonl"  # no file: relative to the cwd
     absolute = load_spec(job, [f"data.train={tmp_path}/x.jsonl", "output.uri=s3://b/run"])
     assert (absolute.data.train, absolute.output.uri) == (f"{tmp_path}/x.jsonl", "s3://b/run")
+
+
+def test_deepspeed_config_file_stays_relative_to_the_spec_file(tmp_path, monkeypatch):
+    """Read at render time against the spec file (ftcluster.plan): not rewritten with the other paths."""
+    from ftcluster.loader import load_spec
+    from ftcluster.plan import resolved_deepspeed_config
+
+    job = write(tmp_path, eval="data/e.jsonl")
+    job.write_text(job.read_text().replace("method: lora", "method: full").replace("  seq_len: 64", "  format: text\n  seq_len: 64")
+                   + "deepspeed: {config_file: ds.json, nvme_path: nvme, offload_optimizer: nvme}\n")
+    (job.parent / "ds.json").write_text('{"gradient_clipping": 0.5}')
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(job)
+    assert (spec.deepspeed.config_file, spec.deepspeed.nvme_path) == ("ds.json", "specs/nvme")
+    cfg = resolved_deepspeed_config(spec)
+    assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] == "specs/nvme"
