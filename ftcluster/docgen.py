@@ -75,7 +75,13 @@ def render_markdown() -> str:
     out = ["# Job spec reference", "",
            "Generated from the pydantic models by `python -m ftcluster.docgen`; do not edit by hand.",
            "The same descriptions feed `ftcluster schema` (JSON Schema for editors). Unknown keys are errors.",
-           "", "`method: lora` takes a `lora:` section; `method: full` takes a `deepspeed:` section. The rest is shared."]
+           "", "`method: lora` takes a `lora:` section; `method: full` takes a `deepspeed:` section. The rest is shared.",
+           "", "Relative local paths (`data.*`, `model.path`, `tokenizer.path`, `output.uri` as a path or `file://`,",
+           "`deepspeed.nvme_path`, `local.runs_dir`, `local.python`) are relative to the spec file's folder, like",
+           "`deepspeed.config_file`, wherever you run ftcluster from; values given with `--set` are relative to the",
+           "current directory. ftcluster rewrites them against the directory you submit from, where the job's",
+           "processes start. Where the job runs on another machine (`backend: kubernetes`, Slurm through",
+           "`slurm.login`) the paths name files there and are kept as written."]
     out.append("\n## method: lora")
     _section(LoraJob, "", out, set())
     out.append("\n## method: full (only the sections that differ)")

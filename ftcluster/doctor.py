@@ -113,7 +113,15 @@ def check_inputs(spec: Any) -> list[Check]:
     """Every input the runtime reads (data, model.path, tokenizer.path): remote ones read with this shell's
     credentials (exists, one file readable; the storage layer's classifier gives the fix), local ones as
     `validate` checks them."""
-    from .paths import INPUTS, checks_here, input_problem, local_path, probe_input, remote_inputs
+    from .paths import (
+        INPUTS,
+        checks_here,
+        input_problem,
+        local_path,
+        probe_input,
+        remote_inputs,
+        resolved_note,
+    )
 
     out = []
     for field, uri, opts in remote_inputs(spec):
@@ -132,7 +140,7 @@ def check_inputs(spec: Any) -> list[Check]:
                              "check it on the cluster (or the image)"))
             continue
         why = input_problem(local)
-        out.append(Check(field, "fail", why, "fix the path (relative: against the directory you submit from)")
+        out.append(Check(field, "fail", why + resolved_note(spec, field, local), "fix the path (relative: to the spec file's folder)")
                    if why else Check(field, "ok", f"{local}: exists"))
     return out
 

@@ -10,17 +10,22 @@ from .problems import dotted_path, problem_at, problems_from_validation, sort_un
 from .yamlio import LoadedDoc, apply_overrides, load_file, parse_text
 
 
-def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: Any = None):
+def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: Any = None, folder_of: Any = None):
     """Validate a loaded document; returns a LoraJob or FullJob, or raises SpecError.
 
     ``relocate(path, message)`` may return a :class:`Problem` placed elsewhere (a pipeline
     puts problems in fields its stage overrides at the override), or None for the default.
+    Relative local paths are rewritten against the current directory first
+    (:func:`ftcluster.relpaths.rebase_doc`); ``folder_of(path)`` says which folder a field's value
+    is relative to (None: the cwd), default the spec file's folder except for ``--set`` values.
     """
     from pydantic import ValidationError
 
+    from .relpaths import rebase_doc
     from .spec import job_adapter
 
     secrets = _secret_problems(doc, relocate)
+    folders = rebase_doc(doc, folder_of)
     try:
         spec = job_adapter().validate_python(doc.data)
     except ValidationError as exc:
@@ -35,6 +40,7 @@ def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: A
         raise SpecError(sort_unique([p for _, p in secrets], doc.source))
     spec._source_file = doc.source
     spec._overrides = tuple(overrides or ())
+    spec._path_folders = folders
     if spec.variants:
         from .variants import resolve_variants
 

@@ -1,11 +1,11 @@
 """Preflight of a spec's local paths (``ftcluster validate``) and remote data URIs (``ftcluster doctor``).
 
-A relative local path is resolved the way the runtime resolves it: against the directory the job
-is submitted from (the local backend starts its processes there; sbatch runs the job in the
-submission directory). Only paths on this machine are checked by ``validate``: a Slurm spec
-submitted through ``slurm.login`` names paths on the cluster, a Kubernetes one paths in the
-container. Remote URIs (s3://, gs://, ...) are the doctor's: it reads them with this shell's
-credentials.
+A relative local path in a spec file is relative to that file's folder; the loader has rewritten
+it against the current directory already (:mod:`ftcluster.relpaths`), so it is checked as the
+runtime, started in the submission directory, will open it. Only paths on this machine are checked
+by ``validate``: a Slurm spec submitted through ``slurm.login`` names paths on the cluster, a
+Kubernetes one paths in the container. Remote URIs (s3://, gs://, ...) are the doctor's: it reads
+them with this shell's credentials.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
-
-# (field path, what) of every input the runtime reads.
-INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation data"),
-          (("data", "general_eval"), "general evaluation data"), (("model", "path"), "model folder"),
-          (("tokenizer", "path"), "tokenizer folder"))
+from .relpaths import INPUTS, field_value, local_path, runs_here
 
 
 def _value(spec: Any, path: tuple[str, ...]) -> Any:
@@ -31,62 +27,71 @@ def _value(spec: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def local_path(uri: str) -> str | None:
-    """The filesystem path of a local URI (plain path or file://), or None for a remote one."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None if "://" in uri else uri
-
-
 def checks_here(spec: Any) -> bool:
     """Do the spec's local paths name this machine's files?"""
-    if spec.backend == "kubernetes":
-        return False
-    return not (spec.backend == "slurm" and spec.slurm.login)
+    return runs_here(spec.backend, spec.slurm.login)
 
 
-def input_problem(path: str) -> str | None:
+def input_problem(path: str, shown: str | None = None) -> str | None:
+    """Why the local input ``path`` cannot be read (named ``shown``, default ``path``), or None."""
     full = os.path.abspath(path)
+    shown = shown or path
     if glob.has_magic(path):
-        return None if glob.glob(full) else f"{path}: no file matches this pattern"
+        return None if glob.glob(full) else f"{shown}: no file matches this pattern"
     if not os.path.exists(full):
-        return f"{path}: no such file or folder"
+        return f"{shown}: no such file or folder"
     if not os.access(full, os.R_OK):
-        return f"{path}: not readable by this user"
+        return f"{shown}: not readable by this user"
     return None
 
 
-def _output_problem(path: str) -> str | None:
+def _output_problem(path: str, shown: str) -> str | None:
     full = Path(os.path.abspath(path))
     if full.exists():
         if not full.is_dir():
-            return f"{path}: exists and is not a folder"
-        return None if os.access(full, os.W_OK | os.X_OK) else f"{path}: the folder is not writable by this user"
+            return f"{shown}: exists and is not a folder"
+        return None if os.access(full, os.W_OK | os.X_OK) else f"{shown}: the folder is not writable by this user"
     parent = full.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{path}: cannot be created ({parent} is not a writable folder)"
+        return f"{shown}: cannot be created ({parent} is not a writable folder)"
     return None
 
 
+def resolved_note(spec: Any, field: str, local: str) -> str:
+    """Where a relative path was resolved, with the result: " (resolved against the spec file's folder:
+    /abs/path)"; "" for an absolute path."""
+    full = os.path.abspath(local)
+    if field in getattr(spec, "_path_folders", {}):  # rewritten: relative to the cwd now, or absolute
+        return f" (resolved against the spec file's folder: {full})"
+    if os.path.isabs(local) or local.startswith("~"):
+        return ""
+    return f" (a path given with --set is resolved against the current directory: {full})"
+
+
 def local_problems(spec: Any, doc: Any) -> list[Problem]:
-    """Missing local inputs and an output folder that cannot be created, at their file:line:col."""
+    """Missing local inputs and an output folder that cannot be created, at their file:line:col.
+
+    ``doc`` is the spec file as written (with the ``--set`` overrides): problems quote its values."""
     if not checks_here(spec):
         return []
-    cwd = os.getcwd()
-    rel = f"a relative path is resolved against the directory you submit from, {cwd}"
     found: list[tuple[tuple[str, ...], str]] = []
-    for path, what in INPUTS:
+    for path, what in (*INPUTS, (("output", "uri"), "")):
         uri = _value(spec, path)
         local = local_path(uri) if isinstance(uri, str) else None
-        why = input_problem(local) if local else None
+        if not local:
+            continue
+        written = field_value(doc.data, path)
+        shown = (local_path(written) if isinstance(written, str) else None) or local
+        if path == ("output", "uri"):
+            why = _output_problem(local, shown)
+            fix = "pick a folder you may write to"
+        else:
+            why = input_problem(local, shown)
+            fix = f"check the path of the {what}"
         if why:
-            found.append((path, f"{why}; check the path of the {what}" + ("" if os.path.isabs(local or "") else f" ({rel})")))
-    out = local_path(spec.output.uri)
-    why = _output_problem(out) if out else None
-    if why:
-        found.append((("output", "uri"), f"{why}; pick a folder you may write to"))
+            found.append((path, f"{why}; {fix}{resolved_note(spec, '.'.join(path), local)}"))
     from .problems import problem_at
 
     return [problem_at(doc, path, msg) for path, msg in found]

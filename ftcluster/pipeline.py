@@ -127,6 +127,7 @@ def load_pipeline_doc(doc: LoadedDoc, overrides: list[str] | None = None) -> Pip
 def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: list[str],
                 base_dir: Path) -> tuple[Stage | None, list[Problem]]:
     from .loader import validate_doc
+    from .relpaths import spec_folder
     from .variants import OVERLAP, locate, overlap, set_dotted
 
     where = ("stages", i)
@@ -172,8 +173,17 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
             return problem_at(doc, where + ("model_from",), f"model: {msg}")
         return None
 
+    def folder_of(path: tuple[Any, ...]) -> str | None:
+        """Stage spec values are relative to the stage file, its ``set`` to the pipeline file, and
+        model_from's model (the upstream's output, rewritten already) and --set to the cwd."""
+        if sdoc.is_overridden(path) or (st.model_from and path[:1] == ("model",)):
+            return None
+        if any(path[: len(k)] == k for k in (parse_key(k) or (k,) for k in applied)):
+            return spec_folder(doc.source)
+        return spec_folder(file)
+
     try:
-        spec = validate_doc(sdoc, overrides, relocate)
+        spec = validate_doc(sdoc, overrides, relocate, folder_of)
     except SpecError as err:
         return None, problems + err.problems
     if problems:

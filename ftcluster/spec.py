@@ -129,7 +129,7 @@ class RandomInit(_Model):
 class ModelSpec(_Model):
     """Where the base model comes from. Exactly one of path, hub_id, random_init."""
 
-    path: str | None = Field(None, description="Local directory or fsspec URI (s3://, gs://, file://) of a Hugging Face model folder; downloaded once per node.")
+    path: str | None = Field(None, description="Local directory or fsspec URI (s3://, gs://, file://) of a Hugging Face model folder; downloaded once per node. A relative path is relative to the spec file's folder.")
     hub_id: str | None = Field(None, description="Hugging Face Hub model id. The only way a job reaches a model hub at run time.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when hub_id is used.")
     random_init: RandomInit | None = Field(None, description="Build a model with random weights from this architecture config (tests, benchmarks).")
@@ -154,7 +154,7 @@ class ModelSpec(_Model):
 class TokenizerSpec(_Model):
     """Which tokenizer to use. Empty means: the model's own, or one trained locally for random_init models."""
 
-    path: str | None = Field(None, description="Local directory or fsspec URI of a tokenizer.")
+    path: str | None = Field(None, description="Local directory or fsspec URI of a tokenizer. A relative path is relative to the spec file's folder.")
     hub_id: str | None = Field(None, description="Hugging Face Hub tokenizer id.")
     train_vocab_size: int | None = Field(None, gt=0, description="Train a byte-level BPE tokenizer of this size on the training data (no download).")
 
@@ -178,9 +178,9 @@ class DataFields(_Model):
 class DataSpec(_Model):
     """Training and evaluation data."""
 
-    train: str = Field(..., description="Training data: a jsonl/parquet file, folder or glob, on any fsspec filesystem (path, file://, s3://, gs://).")
-    eval: str | None = Field(None, description="Evaluation data in the same format; its loss is logged.")
-    general_eval: str | None = Field(None, description="A general-domain text set whose loss is measured before and after training, to show forgetting.")
+    train: str = Field(..., description="Training data: a jsonl/parquet file, folder or glob, on any fsspec filesystem (path, file://, s3://, gs://). A relative path is relative to the spec file's folder.")
+    eval: str | None = Field(None, description="Evaluation data in the same format; its loss is logged. A relative path is relative to the spec file's folder.")
+    general_eval: str | None = Field(None, description="A general-domain text set whose loss is measured before and after training, to show forgetting. A relative path is relative to the spec file's folder.")
     format: Literal["text", "instruction", "chat"] = Field("instruction", description="text: plain LM; instruction and chat: loss only on the answers.")
     file_format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="File format; auto picks by extension.")
     fields: DataFields = Field(default_factory=DataFields, description="Field names in the records.")
@@ -239,7 +239,7 @@ class DeepSpeedSpec(_Model):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage: 2 shards optimizer states and gradients, 3 also parameters.")
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Offload optimizer states.")
     offload_params: Literal["none", "cpu", "nvme"] = Field("none", description="Offload parameters (ZeRO-3 only).")
-    nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload.")
+    nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload. A relative path is relative to the spec file's folder.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient-reduction bucket.")
     config_file: str | None = Field(None, description="A DeepSpeed JSON config merged over the generated one (read at render time, relative to the spec file).")
@@ -299,7 +299,7 @@ class ResourcesSpec(_Model):
 class OutputSpec(_Model):
     """Where checkpoints, adapters and metrics go."""
 
-    uri: str = Field(..., description="Output location: file:///path, s3://bucket/prefix, gs://..., or a local path.")
+    uri: str = Field(..., description="Output location: file:///path, s3://bucket/prefix, gs://..., or a local path. A relative path (file://../out, out) is relative to the spec file's folder.")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     checkpoint_every_minutes: float | None = Field(30, gt=0, description="Save a resumable checkpoint every M minutes.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older committed ones are deleted.")
@@ -516,8 +516,8 @@ class KubernetesSpec(_Model):
 class LocalSpec(_Model):
     """Settings for the local backend (this machine)."""
 
-    runs_dir: str | None = Field(None, description="Folder for run folders; default $FTCLUSTER_HOME/runs or ~/.ftcluster/runs.")
-    python: str | None = Field(None, description="Interpreter for the training processes; default the one running ftcluster.")
+    runs_dir: str | None = Field(None, description="Folder for run folders; default $FTCLUSTER_HOME/runs or ~/.ftcluster/runs. A relative path is relative to the spec file's folder.")
+    python: str | None = Field(None, description="Interpreter for the training processes; default the one running ftcluster. A command name is looked up on PATH; a relative path (.venv/bin/python) is relative to the spec file's folder.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment (no secrets).")
 
     @field_validator("env")
@@ -567,6 +567,8 @@ class _JobBase(_Model):
     _overrides: tuple[str, ...] = PrivateAttr(())
     _variant: str | None = PrivateAttr(None)  # set on a resolved variant spec (ftcluster.variants)
     _resolved: tuple[Any, ...] | None = PrivateAttr(None)  # resolved variant specs, cached by ftcluster.variants
+    # {dotted field: folder} of the relative paths a file wrote, rewritten against the cwd (ftcluster.relpaths)
+    _path_folders: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod

@@ -161,6 +161,7 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
             problems.append(problem_at(doc, where + ("set", key), msg))
         else:
             applied[key] = value
+    folders = _rebase_sets(spec, data, applied)
     problems += _reapply_command_line(doc, data, i, applied, label)
     data["name"] = full
     if isinstance(data.get("output"), dict):
@@ -174,12 +175,27 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
     if problems:
         return problems, None
     vspec._source_file, vspec._overrides, vspec._variant = spec._source_file, spec._overrides, variant.name
+    vspec._path_folders = {**spec._path_folders, **folders}
     changed = _env_change(spec, vspec)
     if changed:
         return [problem_at(doc, where, f"{label}: changes the environment every array task shares ({changed}); use the same "
                                        "kind of model and tokenizer source (path or hub_id) in every variant, or make it a "
                                        "separate job")], None
     return [], vspec
+
+
+def _rebase_sets(spec: Any, data: dict[str, Any], applied: dict[str, Any]) -> dict[str, str]:
+    """A variant's ``set`` is in the spec file: its relative paths are relative to the file's folder, like the
+    spec's own (ftcluster.relpaths; those are rewritten in ``data`` already). Before the command line's values."""
+    from .relpaths import rebase_data, spec_folder
+
+    folder = spec_folder(spec._source_file or "<spec>")
+    keys = [parse_key(k) or (k,) for k in applied]
+
+    def folder_of(path: tuple[str, ...]) -> str | None:
+        return folder if any(path[: len(k)] == k for k in keys) else None
+
+    return rebase_data(data, folder_of)
 
 
 def _reapply_command_line(doc: LoadedDoc, data: dict[str, Any], i: int, applied: dict[str, Any],

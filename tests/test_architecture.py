@@ -50,6 +50,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.yamlio": "base",
     "ftcluster.secrets": "base",  # secrets by value: the loader (spec) and the render header use it
     "ftcluster.secret_patterns": "base",
+    "ftcluster.relpaths": "spec",  # a spec file's relative paths, rewritten by the loader for the runtime
     "ftcluster.paths": "plan",  # validate's local paths (spec's Problem) and doctor's remote inputs (storage)
     "ftcluster.problems": "spec",
     "ftcluster.spec": "spec",

@@ -472,7 +472,7 @@ def test_compiled_template_renders_as_the_source_template():
             assert script == live.render(**template_variables(plan, ["a header"])), example
 
 
-def test_templates_load_from_the_wheel_layout(tmp_path):
+def test_templates_load_from_the_wheel_layout(tmp_path, monkeypatch):
     """Installed from a wheel, the compiled template sits in the package and the source in
     ftcluster/templates (pyproject force-include), from which it regenerates identically."""
     site = tmp_path / "site"
@@ -486,6 +486,7 @@ def test_templates_load_from_the_wheel_layout(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
+    monkeypatch.chdir(tmp_path)  # the spec's relative paths are rewritten against the cwd (ftcluster.relpaths)
     assert out.stdout == render(load_spec(ROOT / "examples" / "quickstart.yaml"), "slurm")["quickstart.sbatch"]
     gen = subprocess.run([sys.executable, "-m", "ftcluster.render.template"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=env)

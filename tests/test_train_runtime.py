@@ -71,7 +71,7 @@ output: {uri: file:///replaced, checkpoint_every_steps: 5, keep_last: 2}
 
 def full_spec_file(tmp: Path) -> Path:
     p = tmp / "full.yaml"
-    p.write_text(FULL_SPEC)
+    p.write_text(FULL_SPEC.replace("examples/data/", f"{ROOT}/examples/data/"))  # relative would be to tmp
     return p
 
 
