@@ -53,10 +53,11 @@ def schedule(request: Any, **options: Any) -> RunStatus:
 
 def server_dry_run(request: Any, **options: Any) -> str:
     """Kubernetes: have the API server validate the request's job (``dryRun=All``); nothing is stored."""
+    from .backends.kubernetes import KubernetesBackend
     from .errors import BackendError
 
     b = get_backend(request.backend, **options)
-    if not hasattr(b, "server_dry_run"):
+    if not isinstance(b, KubernetesBackend):
         raise BackendError(f"a server-side dry run applies to the kubernetes backend only, not {request.backend}")
     return b.server_dry_run(request)
 
@@ -78,17 +79,9 @@ def status(run_ref: str) -> RunStatus:
 
 
 def wait(run_ref: str, poll: float = 1.0) -> RunStatus:
-    """Block until the run ends and return its final status (Kubernetes follows the job with a watch)."""
-    import time
-
-    b = _backend_of(run_ref)
-    if hasattr(b, "wait"):  # the kubernetes backend also ends the wait when the job is deleted
-        return b.wait(run_ref)
-    st = b.status(run_ref)
-    while not st.terminal:
-        time.sleep(poll)
-        st = b.status(run_ref)
-    return st
+    """Block until the run ends and return its final status: the backend polls its status every
+    ``poll`` seconds (Kubernetes follows the job with a watch, and also ends when the job is deleted)."""
+    return _backend_of(run_ref).wait(run_ref, poll=poll)
 
 
 def list_cluster(backend: str, **options: Any) -> list[RunStatus]:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -214,9 +215,10 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
     if fresh:
         if isinstance(spec, Pipeline):
             raise click.UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
-        sets = (*sets, f"output.uri={_fresh_uri(spec.output.uri)}")  # a --set: the rendered header reproduces it
+        uri = _fresh_uri(spec.output.uri)
+        sets = (*sets, f"output.uri={uri}")  # a --set: the rendered header reproduces it
         spec = _load(job, sets)
-        click.echo(f"--fresh: output.uri is {spec.output.uri}", err=True)
+        click.echo(f"--fresh: output.uri is {uri}", err=True)
     if not no_plan_check:
         _plan_check(spec)
     if isinstance(spec, Pipeline) and backend:
@@ -397,7 +399,8 @@ def logs(run: str, follow: bool, rank: int | None) -> None:
     """Print a run's log."""
     from . import api
 
-    options = {"rank": rank} if rank is not None else {}
+    # Keyword options for the run's backend (only kubernetes takes rank); Any: they are not `follow`.
+    options: dict[str, Any] = {"rank": rank} if rank is not None else {}
     if follow:
         _follow(run, **options)
         return

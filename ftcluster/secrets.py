@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, cast
 
 # Not in detect-secrets 1.5.0 (checked: no Hugging Face plugin, and BasicAuthDetector only
 # finds user:password@ in URLs, not HTTP Authorization headers).
@@ -187,7 +187,8 @@ def generate() -> str:
         cls = plugins[name]
         if not issubclass(cls, RegexBasedDetector) or name == "IPPublicDetector":  # an IP is no secret
             continue
-        for rx in cls.denylist:
+        # The base declares denylist an abstractproperty; every plugin class sets it to compiled patterns.
+        for rx in cast("Iterable[re.Pattern[str]]", cls.denylist):
             flags = int(rx.flags & ~re.UNICODE)
             lines.append(f"    ({name!r}, {cls.secret_type!r}, {rx.pattern!r}, {flags}),")
     lines.append(")")

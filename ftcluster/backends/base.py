@@ -244,6 +244,17 @@ class Backend(abc.ABC):
         """Submit ``spec``: ``schedule(submit_dryrun(spec))``."""
         return self.schedule(self.submit_dryrun(spec))
 
+    def wait(self, run_ref: str, timeout: float | None = None, poll: float = 1.0) -> RunStatus:
+        """Block until the run ends and return its final status (or the last one seen at ``timeout``
+        seconds). Here: :meth:`status` every ``poll`` seconds; a backend that can be told of changes
+        (Kubernetes: a watch) overrides it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        st = self.status(run_ref)
+        while not st.terminal and (deadline is None or time.monotonic() < deadline):
+            time.sleep(poll)
+            st = self.status(run_ref)
+        return st
+
     def list(self) -> list[RunStatus]:
         """The status of every run of this backend under this backend's root."""
         out = []

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import BackendError
 
@@ -103,7 +103,9 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Connec
     if paths:
         files = os.pathsep.join(str(p) for p in paths)
         try:
-            contexts, current = config.list_kube_config_contexts(config_file=files)
+            # The client is untyped: these are the kubeconfig's context entries, {"name", "context": {...}}.
+            contexts, current = cast("tuple[list[dict[str, Any]], dict[str, Any]]",
+                                     config.list_kube_config_contexts(config_file=files))
             names = [c["name"] for c in contexts or []]
             if context and context not in names:
                 raise BackendError(f"kubeconfig {files} has no context {context!r}; choose one of "

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import BackendError
 from .base import (
@@ -30,6 +30,13 @@ from .base import (
     write_atomic,
 )
 from .kube_api import KINDS, MANAGED_BY, TIMEOUT, Connection, Kind, api_error, connect, job_state
+
+if TYPE_CHECKING:
+    from urllib3 import BaseHTTPResponse
+
+# The client declares a custom object (and a watch event) as ``object``/``str`` (response_type="object"):
+# it is the decoded JSON, a dict. These aliases name that for the casts below.
+Obj = dict[str, Any]
 
 RECORD = "kubernetes.json"  # beside status.json: cluster, context, namespace, kind, name, UID
 # Pod labels the operators set: the pod of node rank N.
@@ -101,9 +108,9 @@ class KubernetesBackend(Backend):
     def _create(self, req: SubmitRequest, dry_run: bool) -> dict[str, Any]:
         kind, ns, conn = KINDS[req.meta["kind"]], req.meta["namespace"], self._conn()
         try:
-            return conn.custom().create_namespaced_custom_object(
+            return cast(Obj, conn.custom().create_namespaced_custom_object(
                 kind.group, kind.version, ns, kind.plural, self._body(req), field_validation="Strict",
-                field_manager="ftcluster", dry_run="All" if dry_run else None, _request_timeout=TIMEOUT)
+                field_manager="ftcluster", dry_run="All" if dry_run else None, _request_timeout=TIMEOUT))
         except Exception as exc:
             raise api_error(exc, conn, "create", kind, namespace=ns, name=req.meta["name"]) from None
 
@@ -147,8 +154,8 @@ class KubernetesBackend(Backend):
 
         kind, conn = KINDS[record["kind"]], self._conn(record.get("context"))
         try:
-            obj = conn.custom().get_namespaced_custom_object(kind.group, kind.version, record["namespace"],
-                                                             kind.plural, record["name"], _request_timeout=TIMEOUT)
+            obj = cast(Obj, conn.custom().get_namespaced_custom_object(
+                kind.group, kind.version, record["namespace"], kind.plural, record["name"], _request_timeout=TIMEOUT))
         except ApiException as exc:
             if exc.status == 404 and "namespaces" not in (exc.body or ""):
                 return None
@@ -176,9 +183,10 @@ class KubernetesBackend(Backend):
             return st
         return self._refresh(run_dir, st, self._get(record))
 
-    def wait(self, run_ref: str, timeout: float | None = None) -> RunStatus:
-        """Block until the job ends, following it with a watch (not polling): each event the API
-        server sends updates the run folder. Returns the final status (or the last one at ``timeout``)."""
+    def wait(self, run_ref: str, timeout: float | None = None, poll: float = 1.0) -> RunStatus:
+        """Block until the job ends, following it with a watch (not polling, so ``poll`` is unused): each
+        event the API server sends updates the run folder; a deleted job ends the wait (UNKNOWN).
+        Returns the final status (or the last one at ``timeout``)."""
         from kubernetes import watch
 
         run_dir, st, record = self._run(run_ref)
@@ -191,10 +199,11 @@ class KubernetesBackend(Backend):
                 return st
             w = watch.Watch()
             try:
-                for event in w.stream(conn.custom().list_namespaced_custom_object, kind.group, kind.version,
-                                      record["namespace"], kind.plural, field_selector=f"metadata.name={record['name']}",
-                                      timeout_seconds=int(min(left or 300, 300)) or 1):
-                    obj = event["object"]
+                events = w.stream(conn.custom().list_namespaced_custom_object, kind.group, kind.version,
+                                  record["namespace"], kind.plural, field_selector=f"metadata.name={record['name']}",
+                                  timeout_seconds=int(min(left or 300, 300)) or 1)
+                for event in cast("Iterator[Obj]", events):  # {"type", "object": the job as JSON, "raw_object"}
+                    obj = cast(Obj, event["object"])
                     st = self._refresh(run_dir, st, None if event["type"] == "DELETED" else obj)
                     if st.terminal or st.state == "UNKNOWN":
                         break
@@ -229,17 +238,20 @@ class KubernetesBackend(Backend):
                                                       _request_timeout=TIMEOUT)
         except Exception as exc:
             raise api_error(exc, conn, "list", resource="pods", namespace=record["namespace"]) from None
-        items = sorted(pods.items or [], key=lambda p: (p.metadata.creation_timestamp or 0, p.metadata.name))
+        # (created, name, pod); a pod the API server returns always has metadata (the model makes it optional)
+        items = sorted(((p.metadata.creation_timestamp or 0, p.metadata.name, p) for p in pods.items or [] if p.metadata),
+                       key=lambda t: t[:2])
         if not items:
             return None
-        newest = items[-1]
-        return {"name": newest.metadata.name, "phase": newest.status.phase if newest.status else None}
+        _, name, newest = items[-1]
+        return {"name": name, "phase": newest.status.phase if newest.status else None}
 
     def _pod_log(self, conn: Connection, kind: Kind, record: dict[str, Any], pod: str, follow: bool) -> Iterator[str]:
         try:
-            resp = conn.core_v1().read_namespaced_pod_log(pod, record["namespace"], container=kind.container,
-                                                          follow=follow, _preload_content=False,
-                                                          _request_timeout=None if follow else TIMEOUT)
+            # _preload_content=False: the raw urllib3 response, to stream (the client declares str, the preloaded text)
+            resp = cast("BaseHTTPResponse", conn.core_v1().read_namespaced_pod_log(
+                pod, record["namespace"], container=kind.container, follow=follow, _preload_content=False,
+                _request_timeout=None if follow else TIMEOUT))
         except Exception as exc:
             raise api_error(exc, conn, "get", resource="pods/log", namespace=record["namespace"], name=pod) from None
         pending = b""
@@ -258,15 +270,16 @@ class KubernetesBackend(Backend):
         """Delete the job with foreground propagation: its pods (and a TrainJob's JobSet) go first, so
         nothing it brought outlives it. Pods get SIGTERM and the grace period to checkpoint. The run
         folder records CANCELLED; the status returned is the one the job had when asked."""
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         run_dir, st, record = self._run(run_ref)
         if st.terminal:
             return st
         kind, conn = KINDS[record["kind"]], self._conn(record.get("context"))
-        body = {"propagationPolicy": "Foreground"}
-        if record.get("uid"):  # never delete a newer job that reuses the name
-            body["preconditions"] = {"uid": record["uid"]}
+        # preconditions: never delete a newer job that reuses the name
+        body = client.V1DeleteOptions(propagation_policy="Foreground",
+                                      preconditions=client.V1Preconditions(uid=record["uid"]) if record.get("uid") else None)
         try:
             conn.custom().delete_namespaced_custom_object(kind.group, kind.version, record["namespace"], kind.plural,
                                                           record["name"], body=body, _request_timeout=TIMEOUT)
@@ -307,9 +320,9 @@ class KubernetesBackend(Backend):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return conn.custom().list_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural,
-                                                               label_selector=MANAGED_BY,
-                                                               _request_timeout=TIMEOUT).get("items", [])
+            found = cast(Obj, conn.custom().list_namespaced_custom_object(
+                kind.group, kind.version, namespace, kind.plural, label_selector=MANAGED_BY, _request_timeout=TIMEOUT))
+            return found.get("items", [])
         except ApiException as exc:
             if exc.status == 404:  # this cluster does not serve the kind: no such jobs
                 return []

@@ -146,7 +146,7 @@ class LocalBackend(Backend):
         def run_and_supervisor() -> list[int]:
             return run_pids(run_dir) if _pid_alive(sup) else []
 
-        if _pid_alive(sup):
+        if sup is not None and _pid_alive(sup):
             os.kill(sup, signal.SIGTERM)  # it forwards TERM (checkpoint, exit), SIGKILLs after the grace
             # The supervisor ends last, after the rest; +15 s for it to stop leftovers and record.
             wait_gone(run_and_supervisor, grace + 15.0, poll=0.2)
