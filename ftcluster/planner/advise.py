@@ -87,7 +87,7 @@ def speedups_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> t
         fused_ce = gpu and shape.model_type in FUSED_CE_MODEL_TYPES and not _switched_off(spec, "FTCLUSTER_FUSED_CE")
     ds = getattr(spec, "deepspeed", None)
     keep = gpu and not _switched_off(spec, "FTCLUSTER_ZERO3_KEEP") and not (ds is not None and ds.config_file)
-    return fused_ce, keep
+    return bool(fused_ce), bool(keep)
 
 
 def workload_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> Workload:
