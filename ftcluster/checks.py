@@ -9,6 +9,8 @@ machine, or a compute node through ``srun``), and :func:`parse_probe` reads its 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +41,26 @@ def failed(name: str, err: BaseException | str, fix: str = "") -> Check:
     """A failed check from an error (its first line; the part after '; ' is the fix)."""
     what, how = split_fix(str(err).splitlines()[0] if str(err) else type(err).__name__)
     return Check(name, "fail", what, fix or how)
+
+
+def within(fn: Callable[[], Any], timeout: float) -> tuple[Any, BaseException | None]:
+    """Run ``fn()`` for at most ``timeout`` seconds in a daemon thread (a store that never answers
+    must not hang the doctor): (its value, None) or (None, its error); TimeoutError if it is still
+    running then (the thread is left behind; it holds nothing the caller needs)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported as the check's result
+            result["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout:.0f}s")
+    return result.get("value"), result.get("error")
 
 
 def probe_code(nproc: int, method: str) -> str:

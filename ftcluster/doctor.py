@@ -10,10 +10,9 @@ process itself. Imports stay light: no torch, no s3fs until the output check nee
 from __future__ import annotations
 
 import secrets
-import threading
 from typing import Any
 
-from .checks import Check, failed
+from .checks import Check, failed, within
 from .errors import FtclusterError
 
 # --------------------------------------------------------------------------- checks
@@ -53,37 +52,31 @@ def check_output(spec: Any, timeout: float = 60.0) -> Check:
     """Write, read back and delete a small probe object at output.uri with this shell's credentials."""
     uri = spec.output.uri.rstrip("/")
     name = f".ftcluster-doctor-{secrets.token_hex(4)}"
-    result: dict[str, Any] = {}
 
-    def probe() -> None:
-        try:
-            from .storage.uri import fs_and_path, is_local_fs
+    def probe() -> bool:
+        from .storage.uri import fs_and_path, is_local_fs
 
-            fs, path = fs_and_path(uri, spec.output.storage_options)
-            created = []
-            if is_local_fs(fs):  # object stores need no folders (and makedirs would create a bucket)
-                parent = path
-                while not fs.exists(parent):
-                    created.append(parent)
-                    parent = parent.rsplit("/", 1)[0]
-                fs.makedirs(path, exist_ok=True)
-            target = f"{path}/{name}"
-            fs.pipe_file(target, b"ftcluster doctor probe\n")
-            ok = fs.cat_file(target) == b"ftcluster doctor probe\n"
-            fs.rm_file(target)
-            for folder in created:  # leave the filesystem as it was
-                fs.rmdir(folder)
-            result["ok"] = ok
-        except BaseException as exc:  # reported as the check's result
-            result["error"] = exc
+        fs, path = fs_and_path(uri, spec.output.storage_options)
+        created = []
+        if is_local_fs(fs):  # object stores need no folders (and makedirs would create a bucket)
+            parent = path
+            while not fs.exists(parent):
+                created.append(parent)
+                parent = parent.rsplit("/", 1)[0]
+            fs.makedirs(path, exist_ok=True)
+        target = f"{path}/{name}"
+        fs.pipe_file(target, b"ftcluster doctor probe\n")
+        ok = fs.cat_file(target) == b"ftcluster doctor probe\n"
+        fs.rm_file(target)
+        for folder in created:  # leave the filesystem as it was
+            fs.rmdir(folder)
+        return ok
 
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    try:
+        ok, err = within(probe, timeout)
+    except TimeoutError:
         return Check("output", "fail", f"{uri}: no answer within {timeout:.0f}s",
                      "check the endpoint (output.storage_options.client_kwargs.endpoint_url) and the network")
-    err = result.get("error")
     if err is not None and (isinstance(err, ImportError) or isinstance(err.__cause__, ImportError)):
         return Check("output", "fail", f"{uri}: {err.__cause__ or err}",
                      "pip install 'ftcluster[train]' (it brings s3fs/gcsfs)")
@@ -95,7 +88,7 @@ def check_output(spec: Any, timeout: float = 60.0) -> Check:
         problem = f"{permanent.problem}: " if permanent else ""
         return Check("output", "fail", f"{uri}: cannot write a probe object ({problem}{type(err).__name__}: "
                      f"{msg[:200]})", permanent.fix if permanent else _storage_fix(uri))
-    if not result.get("ok"):
+    if not ok:
         return Check("output", "fail", f"{uri}: the probe object read back different bytes", "check the storage")
     return Check("output", "ok", f"{uri}: wrote, read and deleted {name}")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import glob
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
+from .checks import within
 from .errors import Problem
 from .relpaths import INPUTS, field_value, local_path, runs_here
 
@@ -110,37 +110,30 @@ def remote_inputs(spec: Any) -> list[tuple[str, str, dict[str, Any]]]:
 
 def probe_input(uri: str, storage_options: dict[str, Any], timeout: float = 60.0) -> tuple[str, str, str]:
     """(status, result, fix) of reading ``uri`` with this shell's credentials: exists, and one file is readable."""
-    result: dict[str, Any] = {}
+    def probe() -> str:
+        from .storage.uri import fs_and_path
 
-    def probe() -> None:
-        try:
-            from .storage.uri import fs_and_path
+        fs, path = fs_and_path(uri, storage_options)
+        files = fs.glob(path) if glob.has_magic(path) else [path]
+        if not files:
+            raise FileNotFoundError(f"{uri}: no file matches this pattern")
+        first = files[0]
+        # info, not exists(): its error says why (a missing bucket, no credentials), exists() only False.
+        if fs.info(first).get("type") == "directory":
+            inside = [p for p in fs.find(first)][:1]
+            if not inside:
+                raise FileNotFoundError(f"{uri}: the folder is empty")
+            first = inside[0]
+        with fs.open(first, "rb") as f:
+            f.read(1)
+        return first
 
-            fs, path = fs_and_path(uri, storage_options)
-            files = fs.glob(path) if glob.has_magic(path) else [path]
-            if not files:
-                raise FileNotFoundError(f"{uri}: no file matches this pattern")
-            first = files[0]
-            # info, not exists(): its error says why (a missing bucket, no credentials), exists() only False.
-            if fs.info(first).get("type") == "directory":
-                inside = [p for p in fs.find(first)][:1]
-                if not inside:
-                    raise FileNotFoundError(f"{uri}: the folder is empty")
-                first = inside[0]
-            with fs.open(first, "rb") as f:
-                f.read(1)
-            result["ok"] = first
-        except BaseException as exc:  # reported as the check's result
-            result["error"] = exc
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    try:
+        first, err = within(probe, timeout)
+    except TimeoutError:
         return "fail", f"{uri}: no answer within {timeout:.0f}s", "check the endpoint (storage_options.client_kwargs.endpoint_url) and the network"
-    err = result.get("error")
     if err is None:
-        return "ok", f"{uri}: exists, read {result['ok'].rsplit('/', 1)[-1]}", ""
+        return "ok", f"{uri}: exists, read {first.rsplit('/', 1)[-1]}", ""
     from .storage.retry import classify
 
     perm = classify(err, uri)

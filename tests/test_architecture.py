@@ -46,6 +46,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster": "base",  # for __version__ only; see the module docstring
     "ftcluster.errors": "base",
     "ftcluster.exitcodes": "base",
+    "ftcluster.procs": "base",  # process liveness: the local backend and the training workers share it
     "ftcluster.checks": "plan",  # the doctor's rows (Check) and pure probes (port rule from plan): backends and doctor share them
     "ftcluster.yamlio": "base",
     "ftcluster.secrets": "base",  # secrets by value: the loader (spec) and the render header use it

@@ -221,3 +221,21 @@ def test_remote_data_is_read_with_the_classifiers_fix(s3, tmp_path):  # noqa: F8
                              "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"})
     assert checks["data.train"]["status"] == "fail" and "no valid credentials" in checks["data.train"]["result"]
     assert "AWS_ACCESS_KEY_ID" in checks["data.train"]["fix"]
+
+
+def test_within_bounds_a_probe_that_never_answers():
+    """The doctor's storage probes run through checks.within: a hung store is a failed row, not a hang."""
+    import threading
+    import time
+
+    from ftcluster.checks import within
+
+    assert within(lambda: 42, 5) == (42, None)
+    value, err = within(lambda: 1 / 0, 5)
+    assert value is None and isinstance(err, ZeroDivisionError)
+    release = threading.Event()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="no answer within 0s"):
+        within(lambda: release.wait(30), 0.2)
+    assert time.monotonic() - start < 5
+    release.set()

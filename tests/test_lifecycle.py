@@ -22,8 +22,9 @@ pytest.importorskip("torch")
 from lifecycle_worker import make_python  # noqa: E402
 
 from ftcluster.backends.local import LocalBackend  # noqa: E402
-from ftcluster.backends.proctree import alive, run_pids  # noqa: E402
+from ftcluster.backends.proctree import run_pids  # noqa: E402
 from ftcluster.loader import load_spec  # noqa: E402
+from ftcluster.procs import alive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from specs import TINY_LORA
 
 from ftcluster.errors import SpecError
 from ftcluster.loader import load_spec, load_spec_text
@@ -19,17 +20,7 @@ from ftcluster.variants import resolve_variants
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ROOT / "examples" / "lora-variants-slurm.yaml"
 
-BASE = """\
-name: demo
-method: lora
-model:
-  random_init: {preset: tiny}
-data:
-  train: examples/data/instruct.jsonl
-  seq_len: 128
-output:
-  uri: file:///tmp/ftc-out
-"""
+BASE = TINY_LORA  # tests/specs.py
 
 
 def set_problems(path: Path, overrides: list[str]) -> list[str]:

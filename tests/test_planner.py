@@ -32,12 +32,6 @@ def llama(preset: str) -> ModelShape:
 # ----------------------------------------------------------------------------- shapes and counts
 
 
-def test_preset_table_is_the_specs():
-    from ftcluster.spec import PRESETS
-
-    assert PRESET_SHAPES == PRESETS
-
-
 def test_counts_match_what_the_runtime_logged_for_llama_3_8b():
     # benchmarks/results/h200-2026-11-29/lora-8b.log: "41,943,040 trainable of 8,072,204,288 parameters"
     s = llama("llama-3-8b")

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from specs import TINY_LORA
 
 from ftcluster.errors import SpecError
 from ftcluster.loader import load_spec
@@ -19,17 +20,7 @@ from ftcluster.render import command_for
 from ftcluster.secrets import generate, secret_kind
 
 ROOT = Path(__file__).resolve().parent.parent
-GOOD = """\
-name: demo
-method: lora
-model:
-  random_init: {preset: tiny}
-data:
-  train: examples/data/instruct.jsonl
-  seq_len: 128
-output:
-  uri: file:///tmp/ftc-out
-"""
+GOOD = TINY_LORA  # tests/specs.py
 # Made-up values of the right shapes (the Azure one is Azurite's published development key).
 AZURE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 SSE_KEY = "K7gNU3sdo+OL0wNhqoVWhr3g6s1xYv72ol/pe/Unols="

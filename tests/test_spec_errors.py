@@ -5,21 +5,12 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from specs import TINY_LORA
 
 from ftcluster.errors import SpecError
 from ftcluster.loader import load_spec, load_spec_text
 
-GOOD = """\
-name: demo
-method: lora
-model:
-  random_init: {preset: tiny}
-data:
-  train: examples/data/instruct.jsonl
-  seq_len: 128
-output:
-  uri: file:///tmp/ftc-out
-"""
+GOOD = TINY_LORA  # tests/specs.py
 
 
 def problems(text: str, tmp_path, name: str = "job.yaml", overrides=None) -> list[str]:

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from specs import TINY_LORA
 
 from ftcluster.errors import SpecError, TrainError
 from ftcluster.loader import load_spec, load_spec_text, spec_from_dict
@@ -20,17 +21,7 @@ from ftcluster.variants import resolve_variants
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BASE = """\
-name: demo
-method: lora
-model:
-  random_init: {preset: tiny}
-data:
-  train: examples/data/instruct.jsonl
-  seq_len: 128
-output:
-  uri: file:///tmp/ftc-out
-"""
+BASE = TINY_LORA  # tests/specs.py
 
 
 def problems(text: str, tmp_path: Path) -> list[str]:

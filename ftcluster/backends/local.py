@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, FtclusterError
 from ..plan import compile_plan, derived_port
+from ..procs import alive
 from .base import (
     Backend,
     RunStatus,
@@ -48,12 +49,6 @@ def free_port(preferred: int) -> int:
             except OSError:
                 continue
     raise BackendError(f"no free rendezvous port near {preferred} on 127.0.0.1")
-
-
-def _pid_alive(pid: int | None) -> bool:
-    from .proctree import alive
-
-    return alive(pid)
 
 
 class LocalBackend(Backend):
@@ -116,7 +111,7 @@ class LocalBackend(Backend):
         pids = run_pids(run_dir)
         if st.terminal and pids:
             return _stopping(st, f"ends as {st.state} once pid(s) {_pids(pids)} have exited")
-        if not st.terminal and not _pid_alive(_read_int(run_dir / "supervisor.pid")):
+        if not st.terminal and not alive(_read_int(run_dir / "supervisor.pid")):
             st = load_status(run_dir)  # it may have just finished
             if not st.terminal and pids:
                 st.message = f"the supervisor is gone but pid(s) {_pids(pids)} of the run still run; `ftcluster " \
@@ -144,14 +139,14 @@ class LocalBackend(Backend):
         sup = _read_int(run_dir / "supervisor.pid")
 
         def run_and_supervisor() -> list[int]:
-            return run_pids(run_dir) if _pid_alive(sup) else []
+            return run_pids(run_dir) if alive(sup) else []
 
-        if sup is not None and _pid_alive(sup):
+        if sup is not None and alive(sup):
             os.kill(sup, signal.SIGTERM)  # it forwards TERM (checkpoint, exit), SIGKILLs after the grace
             # The supervisor ends last, after the rest; +15 s for it to stop leftovers and record.
             wait_gone(run_and_supervisor, grace + 15.0, poll=0.2)
         # No supervisor (killed, or it did not finish in time): stop what is left from here.
-        left = stop_all(lambda: run_pids(run_dir), 0.0 if _pid_alive(sup) else grace)
+        left = stop_all(lambda: run_pids(run_dir), 0.0 if alive(sup) else grace)
         if left:
             raise BackendError(f"{run_dir.name}: could not stop pid(s) {_pids(left)} of the run (stuck in the "
                                "kernel? see `ps -o pid,stat,cmd -p ...`); the run is not cancelled until they exit")

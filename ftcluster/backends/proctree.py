@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..procs import alive
+
 RUN_ENV = "FTCLUSTER_RUN_DIR"
 
 
@@ -49,23 +51,6 @@ def run_pids(run_dir: Path | str, exclude: tuple[int, ...] = ()) -> list[int]:
         if needle in env.split(b"\0") and alive(int(entry.name)):
             out.append(int(entry.name))
     return sorted(out)
-
-
-def alive(pid: int | None) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def signal_all(pids: list[int], sig: int) -> None:

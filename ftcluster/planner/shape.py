@@ -15,18 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import FtclusterError
+from ..spec import PRESETS
 
-# A copy of ftcluster.spec.PRESETS' shapes (the planner must not depend on how the spec builds
-# its defaults); tests/test_planner.py asserts the two tables agree.
-PRESET_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-}
+# The random-init presets' shapes: the spec's own table (ftcluster.spec.PRESETS, torch-free).
+PRESET_SHAPES: dict[str, dict[str, Any]] = PRESETS
 
 # Public shapes recognised by name when a remote config.json cannot be read (validate/submit
 # never touch the network). Values are the models' own config.json fields.

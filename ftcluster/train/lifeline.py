@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+from ..procs import alive
+
 LIFELINE_ENV = "FTCLUSTER_LIFELINE_PID"
 _PR_SET_PDEATHSIG = 1
 
@@ -41,7 +43,7 @@ def tie_to_parent() -> bool:
     # has already re-parented us, which getppid() shows.
     if os.getppid() == parent:
         return True
-    if _alive(parent):  # not our parent: the variable was inherited, not meant for us
+    if alive(parent):  # not our parent: the variable was inherited, not meant for us
         libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
         return False
     print(f"ftcluster: the process that started this one (pid {parent}) is gone; exiting", file=sys.stderr,
@@ -52,17 +54,3 @@ def tie_to_parent() -> bool:
 def name_self_as_parent() -> None:
     """Make the children started from now on tie themselves to this process."""
     os.environ[LIFELINE_ENV] = str(os.getpid())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a dead parent nobody has reaped yet is a zombie: not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
