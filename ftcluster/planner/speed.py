@@ -2,17 +2,17 @@
 the optimizer step, and whatever communication compute does not hide.
 
 FLOPs per token (Kaplan et al. 2020; Narayanan et al. 2021): a forward pass costs 2N for the N
-parameters in matrix multiplies plus causal attention ``2 * layers * seq * q_dim``. Full
-fine-tuning's backward costs twice the forward (gradients for activations and for weights);
-a frozen base (LoRA) skips the weight gradients, so its backward costs about one forward.
-Gradient checkpointing adds one more forward.
+parameters in matrix multiplies plus attention's score and value products. Full fine-tuning's
+backward costs twice the forward (gradients for activations and for weights); a frozen base
+(LoRA) skips the weight gradients, so its backward costs about one forward. Gradient
+checkpointing adds one more forward.
 
-``MFU`` is calibrated on ftcluster's own runs on H200s: the plain path's on the runs before
-train/speedups.py (LoRA 8B with and without checkpointing, ZeRO-3 1B on 1 GPU), the fused
-path's on the runs after it (LoRA 8B micro-batch 8; ZeRO-2 and ZeRO-3 8B on 2 GPUs);
+The share of the peak reached falls with the hidden size (``matmul_efficiency``), so one set of
+constants covers the 1B (hidden 2048) and 8B (hidden 4096) shapes; ZeRO-3 on several GPUs adds
+a latency per gathered module. The constants are fit on ftcluster's own runs on H200s
+(docs/planner.md, "Time and cost", says which run fits which constant);
 benchmarks/plan_accuracy.py prints predicted against measured (docs/BENCHMARKS.md, "Planner
-accuracy").
-Other GPU types are assumed to reach the same fraction of their own peak.
+accuracy"). Other GPU types are assumed to reach the same fraction of their own peak.
 """
 
 from __future__ import annotations
@@ -20,18 +20,25 @@ from __future__ import annotations
 from .gpus import INTER_NODE_GBPS, PCIE_GBPS, Gpu
 from .layout import Layout, Workload
 
-# Fraction of dense bf16 peak reached, by (method, fused_ce). The plain path's from the runs
-# before train/speedups.py; the fused path's (Liger's fused loss, RMSNorm, SwiGLU and RoPE
-# kernels cut the elementwise traffic the matmuls wait on) from the runs after it.
-MFU = {("lora", False): 0.345, ("full", False): 0.38, ("lora", True): 0.44, ("full", True): 0.48}
+# Share of dense bf16 peak the layers would reach at an unbounded hidden size, by (method,
+# fused_ce); matmul_efficiency scales it down. Bounded at 0.75 (~740 TFLOP/s, about the best
+# large bf16 GEMM on an H200; the profile in docs/BENCHMARKS.md saw ~690). The fused path
+# (Liger's fused loss, RMSNorm, SwiGLU and RoPE kernels) cuts the elementwise traffic the
+# matmuls wait on; LoRA adds its adapters' small GEMMs and fp32 casts.
+MFU = {("lora", False): 0.49, ("full", False): 0.69, ("lora", True): 0.63, ("full", True): 0.74}
+# Hidden size at which the share is MFU / 2 (see matmul_efficiency): 0.70 x MFU at hidden 4096
+# (Llama 8B), 0.54 x MFU at 2048 (Llama 1B).
+GEMM_HALF_DIM = 1750
 CE_BYTES_PER_LOGIT = {False: 40,  # fp32 upcast, log_softmax, its backward and the 16-bit casts, read + written
                       True: 10}  # Liger: 16-bit chunk written, read by the kernel, gradient written in place, read twice
 # Share of the link bandwidth that ZeRO-3's per-module all-gathers and reduce-scatters (20-100
-# MB each, issued from hooks between kernels) reach: ~30 GB/s of the H200's 370. Fit to the two
-# steps that expose it (8B, 2 GPUs, micro-batch 2: 0.806 s with the speed-ups, 0.842 s on the
-# plain path with NCCL Simple; at micro-batch 4 compute hides it): the first comes out 13 % low,
-# the second 20 % high. The least certain constant here; re-measure it on 8-GPU nodes.
-ZERO3_LINK_EFFICIENCY = 0.08
+# MB each, issued from hooks between kernels) reach: ~48 GB/s of the H200's 370, partly hidden
+# behind compute (OVERLAP). The least certain constants here; re-measure them on 8-GPU nodes.
+ZERO3_LINK_EFFICIENCY = 0.13
+# Seconds per ZeRO-3 all-gather that compute does not hide (NCCL launch, the hook's wait):
+# why 1B on 2 GPUs, whose gathers are small, pays about as much as 8B (0.13 s per step).
+ZERO3_GATHER_LATENCY_S = 0.35e-3
+MODULES_PER_LAYER = 9  # modules holding parameters: q, k, v, o, gate, up, down, two RMSNorms
 HBM_EFFICIENCY = 0.8
 OVERLAP = 0.8  # share of compute time that hides ZeRO's collectives (overlap_comm)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam per process
@@ -43,12 +50,35 @@ ADAM_BYTES_PER_PARAM = 40  # fp32 master/m/v/grad read and written, the sqrt scr
 LAYER_OVERHEAD_S = {("lora", False): 0.8e-3, ("lora", True): 4.7e-3, ("full", False): 0.4e-3, ("full", True): 2.3e-3}
 
 
-def flops_per_token(w: Workload, method: str, checkpointing: bool) -> float:
-    """Training FLOPs per token of the micro-batch."""
+def _passes(method: str, checkpointing: bool) -> float:
+    return (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
+
+
+def attention_flops_per_token(w: Workload, method: str, checkpointing: bool) -> float:
+    """Attention's score and value products per token, as the kernel computes them: causal
+    (``2 * layers * seq * q_dim`` per forward) only for flash_attention_2. ftcluster's batches
+    always carry a mask (doc: Memory, attention kernels), so SDPA runs its memory-efficient
+    kernel with a float bias and eager a full softmax: both compute the whole seq x seq square."""
     s = w.shape
-    fwd = 2.0 * s.matmul_params() + 2.0 * s.num_hidden_layers * w.seq_len * s.q_dim
-    passes = (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
-    return fwd * passes
+    square = 1.0 if w.attn_implementation == "flash_attention_2" else 2.0
+    return square * 2.0 * s.num_hidden_layers * w.seq_len * s.q_dim * _passes(method, checkpointing)
+
+
+def flops_per_token(w: Workload, method: str, checkpointing: bool) -> float:
+    """Training FLOPs per token of the micro-batch: the weights' matrix multiplies and attention."""
+    return 2.0 * w.shape.matmul_params() * _passes(method, checkpointing) + attention_flops_per_token(w, method, checkpointing)
+
+
+def matmul_efficiency(w: Workload, method: str) -> float:
+    """Share of the dense peak the layers reach: ``MFU / (1 + GEMM_HALF_DIM / hidden)``.
+
+    Per token and layer the matmuls cost ~h^2 FLOPs, while the work that is not a matmul (norms,
+    activations, RoPE, residual adds, LoRA's casts: memory-bound) and the GEMMs' own edge
+    effects (tile and wave quantisation of N and K) grow ~h: their share of the time goes as
+    1/h. The micro-batch's tokens (the GEMMs' M) are not in it: ftcluster's runs span 4k-16k
+    tokens per micro-batch with no measurable effect; small micro-batches pay through
+    LAYER_OVERHEAD_S instead."""
+    return MFU[(method, w.fused_ce)] / (1.0 + GEMM_HALF_DIM / w.shape.hidden_size)
 
 
 def _bus_gbps(gpu: Gpu, lay: Layout) -> float:
@@ -81,15 +111,27 @@ def comm_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int
     return 0.0, 2 * ring * a * params / bw
 
 
+def zero3_gather_seconds(w: Workload, lay: Layout, keep: bool = False) -> float:
+    """Latency of ZeRO-3's all-gathers per micro-batch, which compute does not hide: one per
+    module that holds parameters (the 7 Linears and 2 norms of a layer, the embedding, the final
+    norm), issued from a hook that the module's kernels then wait on; twice without ``keep``
+    (forward and backward). None on one GPU: the hooks alone cost nothing measurable there (1B,
+    plain path: ZeRO-3 0.323 s against ZeRO-2 0.325 s)."""
+    if lay.method != "full" or (lay.zero_stage or 0) != 3 or lay.world == 1:
+        return 0.0
+    modules = MODULES_PER_LAYER * w.shape.num_hidden_layers + 2
+    return (1 if keep else 2) * modules * ZERO3_GATHER_LATENCY_S
+
+
 def step_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int, keep: bool = False) -> float:
     """Seconds per optimizer step on every GPU of the layout (``keep``: memory.zero3_keeps)."""
     tokens = lay.micro_batch_size * w.seq_len
     peak = gpu.bf16_tflops * 1e12 * (0.5 if w.precision == "fp32" else 1.0)  # TF32 tensor cores
-    compute = tokens * flops_per_token(w, lay.method, lay.gradient_checkpointing) / (peak * MFU[(lay.method, w.fused_ce)])
+    compute = tokens * flops_per_token(w, lay.method, lay.gradient_checkpointing) / (peak * matmul_efficiency(w, lay.method))
     compute += tokens * w.shape.vocab_size * CE_BYTES_PER_LOGIT[w.fused_ce] / (gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)
     compute += w.shape.num_hidden_layers * LAYER_OVERHEAD_S[(lay.method, lay.gradient_checkpointing)]
     per_micro, per_step = comm_seconds(w, lay, gpu, params, trainable, keep)
-    micro = compute + max(0.0, per_micro - OVERLAP * compute)
+    micro = compute + max(0.0, per_micro - OVERLAP * compute) + zero3_gather_seconds(w, lay, keep)
     if lay.method == "full" and lay.offload_params:
         micro += 2 * w.act_bytes * params / lay.world / (PCIE_GBPS * 1e9)  # fetch for forward and backward
     local = trainable if lay.method == "lora" else -(-params // (lay.world if (lay.zero_stage or 0) >= 1 else 1))
