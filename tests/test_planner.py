@@ -263,9 +263,10 @@ def test_price_file_and_price_flag(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- accuracy (issue #11)
 
 
-RUNS_JSONL = ROOT / "benchmarks/results/h200x2-2026-11-30-final/plan_accuracy.jsonl"
+RUNS_JSONL = [ROOT / "benchmarks/results/h200x2-2026-11-30-final/plan_accuracy.jsonl",
+              ROOT / "benchmarks/results/h200x2-2026-11-30-accuracy/plan_accuracy.jsonl"]
 # Counted runs whose step time misses +-20 %, and why (docs/BENCHMARKS.md, "Planner accuracy").
-KNOWN_STEP_MISSES = {"1B LoRA 1g mb4 2k no-ckpt"}  # plain path, small model: adapters' kernels not modelled
+KNOWN_STEP_MISSES = {"#19"}  # 1B ZeRO-3 1 GPU: first job on a cold machine (plain path's warm run #6: -5.7 %)
 
 
 def _accuracy():
@@ -279,16 +280,19 @@ def _accuracy():
 
 def test_planner_reproduces_the_measured_runs():
     acc = _accuracy()
-    rows = acc.evaluate(acc.load_runs([RUNS_JSONL]))
+    rows = acc.evaluate(acc.load_runs(RUNS_JSONL))
     counted = [r for r in rows if r["runtime"] != "probe"]
-    assert len(rows) == 17 and len(counted) == 13
+    assert len(rows) == 23 and len(counted) == 19
     assert {r["runtime"] for r in counted} == {"current", "plain"}
+    assert sum(r["runtime"] == "current" for r in counted) == 11
     for r in counted:
         assert abs(r["mem_error"]) <= acc.MEM_TOL, r
-        if r["step_error"] is not None and r["config"] not in KNOWN_STEP_MISSES:
-            assert abs(r["step_error"]) <= acc.TIME_TOL, r
-    misses = {r["config"] for r in counted if r["step_error"] is not None and abs(r["step_error"]) > acc.TIME_TOL}
+        if r["step_error"] is not None and r["run"] not in KNOWN_STEP_MISSES:
+            assert abs(r["step_error"]) <= 0.11, r  # the refit's worst hit: #18, -10.1 %
+    misses = {r["run"] for r in counted if r["step_error"] is not None and abs(r["step_error"]) > acc.TIME_TOL}
     assert misses == KNOWN_STEP_MISSES  # a fixed miss is taken off the list
+    # the issue's target: >= 10 current-runtime configurations within +-20 %
+    assert sum(r["runtime"] == "current" and abs(r["step_error"]) <= acc.TIME_TOL for r in counted) >= 10
 
 
 def test_speedups_modelled_as_the_runtime_decides_them():
