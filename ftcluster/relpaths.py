@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .storage.uri import is_local
+
 # (field path, what) of every input the runtime reads.
 INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation data"),
           (("data", "general_eval"), "general evaluation data"), (("model", "path"), "model folder"),
@@ -36,9 +38,7 @@ LOCAL_FIELDS: tuple[tuple[str, ...], ...] = (
 
 def local_path(uri: str) -> str | None:
     """The filesystem path of a local URI (plain path or file://), or None for a remote one."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None if "://" in uri else uri
+    return uri.removeprefix("file://") if is_local(uri) else None
 
 
 def runs_here(backend: Any, login: Any) -> bool:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..storage.uri import is_local, local_path
+
 SAMPLE_BYTES = 4 << 20  # read at most this much of a local jsonl file; extrapolate the rest
 JSON_OVERHEAD = 0.9  # share of a jsonl file's bytes that is text (keys, quotes, escapes)
 PARQUET_EXPANSION = 2.0  # compressed parquet text expands about this much
@@ -43,7 +45,7 @@ def _record_chars(rec: dict[str, Any], fmt: str, fields: Any) -> int:
 
 
 def _local_files(uri: str) -> list[str]:
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = str(local_path(uri))
     if os.path.isdir(path):
         return sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
     return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
@@ -53,8 +55,7 @@ def estimate_tokens(data: Any, train_vocab_size: int | None = None, *, network: 
     """Tokens and examples in ``data.train`` (a spec's DataSpec)."""
     uri = data.train
     cpt = chars_per_token(train_vocab_size)
-    remote = "://" in uri and not uri.startswith("file://")
-    if remote:
+    if not is_local(uri):
         if not network:
             return DataEstimate(None, None, "remote data: not read offline")
         return _remote_estimate(data, cpt)

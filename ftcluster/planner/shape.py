@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import FtclusterError
 from ..spec import PRESETS
+from ..storage.uri import is_local, local_path
 
 # The random-init presets' shapes: the spec's own table (ftcluster.spec.PRESETS, torch-free).
 PRESET_SHAPES: dict[str, dict[str, Any]] = PRESETS
@@ -212,23 +213,18 @@ def known_shape(name: str) -> ModelShape | None:
     return replace(s, notes=s.notes + (f"shape taken from the name {leaf!r}, not from its config.json",))
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
 def read_config(uri: str, storage_options: dict[str, Any] | None = None, *, network: bool) -> dict[str, Any] | None:
     """``<uri>/config.json`` as a dict; None when it is remote and ``network`` is False, or absent."""
-    if _is_remote(uri) and not network:
+    if not is_local(uri) and not network:
         return None
     path = uri.rstrip("/") + "/config.json"
     try:
-        if _is_remote(uri):
+        if not is_local(uri):
             import fsspec
 
             with fsspec.open(path, "rb", **(storage_options or {})) as fh:
                 return json.loads(fh.read())  # pyright: ignore[reportAttributeAccessIssue]  (fsspec.open's stub says list)
-        local = path[len("file://"):] if path.startswith("file://") else path
-        with open(local, "rb") as fh:
+        with open(local_path(path), "rb") as fh:
             return json.loads(fh.read())
     except FileNotFoundError:
         return None
