@@ -108,10 +108,13 @@ class LocalBackend(Backend):
         (SUCCEEDED, FAILED, CANCELLED) while one of its processes is alive; it is STOPPING then."""
         run_dir = self.run_folder(run_ref)
         st = load_status(run_dir)
-        pids = run_pids(run_dir)
-        if st.terminal and pids:
-            return _stopping(st, f"ends as {st.state} once pid(s) {_pids(pids)} have exited")
-        if not st.terminal and not alive(_read_int(run_dir / "supervisor.pid")):
+        if st.terminal:
+            pids = run_pids(run_dir)
+            return _stopping(st, f"ends as {st.state} once pid(s) {_pids(pids)} have exited") if pids else st
+        # A live supervisor owns the run (it records the end after every process is gone): no
+        # /proc scan then, so `status` and `list` stay cheap while runs are going.
+        if not alive(_read_int(run_dir / "supervisor.pid")):
+            pids = run_pids(run_dir)
             st = load_status(run_dir)  # it may have just finished
             if not st.terminal and pids:
                 st.message = f"the supervisor is gone but pid(s) {_pids(pids)} of the run still run; `ftcluster " \
