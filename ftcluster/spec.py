@@ -205,7 +205,10 @@ class TrainingSpec(_Model):
     micro_batch_size: int = Field(1, gt=0, description="Sequences per GPU (or process) per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     seed: int = Field(42, ge=0, description="Seed for initialisation, shuffling and dropout.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | float = Field(
+        False, description="Recompute activations in backward to save memory: `true` every decoder layer, "
+        "`false` none, or a fraction such as 0.5 for that share of the layers, evenly spaced (selective "
+        "checkpointing: less recompute where memory allows; `ftcluster plan` shows the least that fits).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision (CPU runs fall back to fp32).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
@@ -213,6 +216,18 @@ class TrainingSpec(_Model):
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     log_every_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every_steps: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps (and at the end).")
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _fraction(cls, v: bool | float) -> bool | float:
+        if not isinstance(v, bool) and not 0 <= v <= 1:
+            raise ValueError(f"{v:g} is not a share of the layers: use true, false or a number from 0 to 1")
+        return v
+
+    @property
+    def checkpoint_fraction(self) -> float:
+        """Share of decoder layers recomputed in backward: 1.0 for ``true``, 0.0 for ``false``."""
+        return float(self.gradient_checkpointing)
 
 
 class LoraSpec(_Model):

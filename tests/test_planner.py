@@ -120,6 +120,45 @@ def test_checkpointing_and_smaller_batches_use_less_memory_and_zero_shards():
     assert by_stage == sorted(by_stage, reverse=True)
 
 
+def test_selective_checkpointing_sits_between_on_and_off():
+    s = llama("llama-3-8b")
+    w = Workload(s, 2048, fused_ce=True)
+    n = s.total_params()
+    g = GPUS["h200"]
+    lay = Layout("full", 1, 2, 2, 1, True, 3)
+    mem = [per_gpu_memory(w, lay.with_(gradient_checkpointing=f), n, n).total for f in (1.0, 0.75, 0.5, 0.25, 0.0)]
+    assert mem == sorted(mem) and len(set(mem)) == 5  # less recompute, more memory, every step
+    step = [step_seconds(w, lay.with_(gradient_checkpointing=f), g, n, n) for f in (1.0, 0.5, 0.0)]
+    assert step[0] > step[1] > step[2]
+    # Half the layers keep their activations: half the difference between off and on (+ the working set).
+    half = per_gpu_memory(w, lay.with_(gradient_checkpointing=0.5), n, n).total
+    assert half == pytest.approx((mem[0] + mem[4]) / 2, rel=0.05)
+
+
+def test_planner_offers_the_least_recompute_that_fits():
+    # LoRA 8B, 8 x 4096 tokens on one H200: all activations (~220 GB) do not fit; every layer
+    # recomputed (~32 GB) wastes memory and a third of the step: a share of the layers fits.
+    from ftcluster.planner.advise import Evaluator, requested_layout, workload_of
+    from ftcluster.planner.shape import spec_shape
+
+    spec = _spec(**{"seq_len: 2048": "seq_len: 4096"})
+    shape = spec_shape(spec, network=False)
+    ev = Evaluator(workload_of(spec, shape), GPUS["h200"], spec, None, (16, "all-linear", 0.05))
+    on = ev.evaluate(requested_layout(spec, "h200").with_(gradient_checkpointing=True))
+    off = ev.evaluate(on.layout.with_(gradient_checkpointing=False))
+    least = ev.least_recompute(on)
+    f = least.layout.gradient_checkpointing
+    assert on.fits and not off.fits and least.fits and 0 < f < 1 and (f * 8).is_integer()
+    assert on.step_time_s > least.step_time_s > off.step_time_s
+    assert not ev.evaluate(least.layout.with_(gradient_checkpointing=f - 1 / 8)).fits  # the least
+    assert f"checkpointing {f:g} of layers" in least.layout.describe()
+    # The plan's alternatives carry such layouts, and its JSON the share as the spec takes it.
+    p = build_plan(spec, network=False)
+    shares = [d["gradient_checkpointing"] for d in plan_dict(p)["alternatives"]]
+    assert any(isinstance(x, float) and 0 < x < 1 for x in shares), shares
+    assert load_spec_text(BIG + "", "x.yaml").training.checkpoint_fraction == 0.0
+
+
 def test_step_time_scales_with_tokens_and_recompute():
     s = llama("llama-3-8b")
     w = Workload(s, 2048)

@@ -166,6 +166,18 @@ class Evaluator:
                       trainable, step, lay.micro_batch_size * lay.gradient_accumulation_steps * lay.world * w.seq_len,
                       self.steps(lay), self.gpu.price_per_hour, host_bytes_per_node(total, lay, w.act_bytes))
 
+    def least_recompute(self, o: Option) -> Option:
+        """``o`` (checkpointing every layer, fitting) with the smallest share of layers, in
+        eighths, that still fits: selective checkpointing recomputes only what memory needs.
+        (No checkpointing at all is a candidate of its own.)"""
+        if o.layout.gradient_checkpointing < 1 or not o.fits:
+            return o
+        for eighths in range(1, 8):
+            selective = self.evaluate(o.layout.with_(gradient_checkpointing=eighths / 8))
+            if selective.fits:
+                return selective
+        return o
+
     def candidates(self, method: str, req: Layout) -> list[Layout]:
         """Layouts of ``method`` that keep the global batch (micro-batch x accumulation x GPUs)."""
         worlds = list(WORLDS)
@@ -272,7 +284,7 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
         return Plan(spec.name, shape, g, assumed, data, req, [], None, "", notes)
     variant_formats = [v.data.format for v in (getattr(spec, "_resolved", None) or ())]
     method, why = intent(spec, data, variant_formats)
-    every = {m: [ev.evaluate(lay) for lay in ev.candidates(m, req_layout)] for m in ("lora", "full")}
+    every = {m: [ev.least_recompute(ev.evaluate(lay)) for lay in ev.candidates(m, req_layout)] for m in ("lora", "full")}
     alts = _curate(req, every, ev)
     chosen_method = "full" if method == "hybrid" else method
     rec = pick(every[chosen_method], req_layout)
@@ -327,7 +339,7 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
             if fitting_worlds == 3:
                 break
     lay = req.layout
-    variations = [lay.with_(gradient_checkpointing=not lay.gradient_checkpointing)]
+    variations = [lay.with_(gradient_checkpointing=0.0 if lay.gradient_checkpointing else 1.0)]
     for mb in (lay.micro_batch_size // 2, lay.micro_batch_size * 2):
         if mb >= 1:
             accum = max(1, round(lay.micro_batch_size * lay.gradient_accumulation_steps / mb))

@@ -46,7 +46,7 @@ class Layout:
     gpus_per_node: int
     micro_batch_size: int
     gradient_accumulation_steps: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: float  # share of decoder layers recomputed: 0 (off) .. 1 (every layer)
     zero_stage: int | None = None  # full only
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -67,4 +67,14 @@ class Layout:
                 n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on) + ")"
         where = f"{self.nodes}x{self.gpus_per_node} {self.gpu}" if self.nodes > 1 else f"{self.gpus_per_node} x {self.gpu}"
         return (f"{how} on {where}, micro-batch {self.micro_batch_size} x accumulation "
-                f"{self.gradient_accumulation_steps}, checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+                f"{self.gradient_accumulation_steps}, checkpointing {checkpointing_label(self.gradient_checkpointing)}")
+
+
+def spec_value(fraction: float) -> bool | float:
+    """``training.gradient_checkpointing`` as a spec writes it: true, false or the share."""
+    return bool(fraction) if fraction in (0, 1) else float(fraction)
+
+
+def checkpointing_label(fraction: float) -> str:
+    """'on', 'off', or the share of layers recomputed ('0.375 of layers'), as the spec writes it."""
+    return "on" if fraction >= 1 else "off" if fraction <= 0 else f"{fraction:g} of layers"

@@ -176,10 +176,12 @@ def activation_bytes(w: Workload, lay: Layout, targets: tuple[str, ...]) -> tupl
     """(saved activations at the backward peak, loss working set, the LoRA part of the activations)."""
     s, a, tokens = w.shape, w.act_bytes, lay.micro_batch_size * w.seq_len
     per_layer = layer_bytes_per_token(w, lay.method, targets) * tokens
+    n_layers = s.num_hidden_layers
+    ckpt = checkpointed_count(n_layers, lay.gradient_checkpointing)
     lora_part = 0
     if lay.method == "lora":
         base = layer_bytes_per_token(w, "lora", ()) * tokens
-        lora_part = (per_layer - base) * (1 if lay.gradient_checkpointing else s.num_hidden_layers)
+        lora_part = (per_layer - base) * (n_layers - ckpt + (1 if ckpt else 0))
     # Final norm (+ the lm_head's input when it trains or carries an adapter); the fused loss
     # saves no input (it holds the input's gradient instead, counted in loss_bytes).
     if w.fused_ce:
@@ -193,13 +195,21 @@ def activation_bytes(w: Workload, lay: Layout, targets: tuple[str, ...]) -> tupl
         extra += (a if w.attn_implementation == "eager" else 1) * lay.micro_batch_size * w.seq_len ** 2
     head_trains = lay.method == "full" or "lm_head" in targets
     loss = loss_bytes(w, lay.micro_batch_size, head_trains)
-    if lay.gradient_checkpointing:
-        stored = s.num_hidden_layers * a * s.hidden_size * tokens  # each layer's input
+    if ckpt:
+        # A checkpointed layer keeps only its input; the others (selective checkpointing) keep
+        # everything, as without checkpointing.
+        stored = ckpt * a * s.hidden_size * tokens + (n_layers - ckpt) * per_layer
         # Backward recomputes one layer at a time; with its gradients in flight that never
         # exceeds the loss's working set for Llama shapes, but a long sequence can.
         working = max(loss, per_layer + 3 * a * s.hidden_size * tokens)
         return stored + extra + (working - loss), loss, lora_part
-    return s.num_hidden_layers * per_layer + extra, loss, lora_part
+    return n_layers * per_layer + extra, loss, lora_part
+
+
+def checkpointed_count(n_layers: int, fraction: float) -> int:
+    """Layers the runtime recomputes for ``training.gradient_checkpointing`` = ``fraction``
+    (train/model.py: round(fraction x layers), evenly spaced)."""
+    return round(float(fraction) * n_layers)
 
 
 # ----------------------------------------------------------------------------- total

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .advise import Option, Plan
+from .layout import checkpointing_label, spec_value
 
 SCHEMA_VERSION = 1
 
@@ -16,7 +17,7 @@ def option_dict(o: Option) -> dict[str, Any]:
         "offload_params": lay.offload_params, "nodes": lay.nodes, "gpus_per_node": lay.gpus_per_node,
         "gpu_type": lay.gpu, "micro_batch_size": lay.micro_batch_size,
         "gradient_accumulation_steps": lay.gradient_accumulation_steps,
-        "gradient_checkpointing": lay.gradient_checkpointing, "params_total": o.params_total,
+        "gradient_checkpointing": spec_value(lay.gradient_checkpointing), "params_total": o.params_total,
         "params_trainable": o.params_trainable, "per_gpu_memory_bytes": o.memory.to_dict(),
         "gpu_memory_bytes": o.gpu_memory, "usable_memory_bytes": o.usable, "fits": o.fits,
         "host_memory_bytes_per_node": o.host_bytes_per_node, "step_time_s": round(o.step_time_s, 4),
@@ -102,7 +103,7 @@ def print_plan(p: Plan, console: Any = None) -> None:
         how = "LoRA" if lay.method == "lora" else f"ZeRO-{lay.zero_stage}" + ("+off" if lay.offload_optimizer else "")
         mark = "spec" if i == 0 else ("best" if p.recommendation is not None and lay == p.recommendation.layout else "")
         t.add_row(mark, how, f"{lay.nodes}x{lay.gpus_per_node}", f"{lay.micro_batch_size}x{lay.gradient_accumulation_steps}",
-                  "on" if lay.gradient_checkpointing else "off", f"{gib(o.memory.total)}/{gib(o.usable)}",
+                  checkpointing_label(lay.gradient_checkpointing), f"{gib(o.memory.total)}/{gib(o.usable)}",
                   "[green]yes[/green]" if o.fits else "[red]no[/red]", f"{o.step_time_s:.2f}s",
                   duration(o.run_time_s), money(o.cost_usd))
     con.print(t)

@@ -50,11 +50,19 @@ ADAM_BYTES_PER_PARAM = 40  # fp32 master/m/v/grad read and written, the sqrt scr
 LAYER_OVERHEAD_S = {("lora", False): 0.8e-3, ("lora", True): 4.7e-3, ("full", False): 0.4e-3, ("full", True): 2.3e-3}
 
 
-def _passes(method: str, checkpointing: bool) -> float:
-    return (3.0 if method == "full" else 2.0) + (1.0 if checkpointing else 0.0)
+def layer_overhead_s(method: str, checkpointing: float) -> float:
+    """LAYER_OVERHEAD_S for the share of layers checkpointed (each layer pays its own)."""
+    f = float(checkpointing)
+    return (1 - f) * LAYER_OVERHEAD_S[(method, False)] + f * LAYER_OVERHEAD_S[(method, True)]
 
 
-def attention_flops_per_token(w: Workload, method: str, checkpointing: bool) -> float:
+def _passes(method: str, checkpointing: float) -> float:
+    """Forward-sized passes per step: forward, backward (x2 when weights train), and the
+    recompute of the checkpointed share of the layers."""
+    return (3.0 if method == "full" else 2.0) + float(checkpointing)
+
+
+def attention_flops_per_token(w: Workload, method: str, checkpointing: float) -> float:
     """Attention's score and value products per token, as the kernel computes them: causal
     (``2 * layers * seq * q_dim`` per forward) only for flash_attention_2. ftcluster's batches
     always carry a mask (doc: Memory, attention kernels), so SDPA runs its memory-efficient
@@ -64,7 +72,7 @@ def attention_flops_per_token(w: Workload, method: str, checkpointing: bool) -> 
     return square * 2.0 * s.num_hidden_layers * w.seq_len * s.q_dim * _passes(method, checkpointing)
 
 
-def flops_per_token(w: Workload, method: str, checkpointing: bool) -> float:
+def flops_per_token(w: Workload, method: str, checkpointing: float) -> float:
     """Training FLOPs per token of the micro-batch: the weights' matrix multiplies and attention."""
     return 2.0 * w.shape.matmul_params() * _passes(method, checkpointing) + attention_flops_per_token(w, method, checkpointing)
 
@@ -129,7 +137,7 @@ def step_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int
     peak = gpu.bf16_tflops * 1e12 * (0.5 if w.precision == "fp32" else 1.0)  # TF32 tensor cores
     compute = tokens * flops_per_token(w, lay.method, lay.gradient_checkpointing) / (peak * matmul_efficiency(w, lay.method))
     compute += tokens * w.shape.vocab_size * CE_BYTES_PER_LOGIT[w.fused_ce] / (gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)
-    compute += w.shape.num_hidden_layers * LAYER_OVERHEAD_S[(lay.method, lay.gradient_checkpointing)]
+    compute += w.shape.num_hidden_layers * layer_overhead_s(lay.method, lay.gradient_checkpointing)
     per_micro, per_step = comm_seconds(w, lay, gpu, params, trainable, keep)
     micro = compute + max(0.0, per_micro - OVERLAP * compute) + zero3_gather_seconds(w, lay, keep)
     if lay.method == "full" and lay.offload_params:

@@ -117,10 +117,38 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
 
     # Before LoRA or DeepSpeed wrap it: the engines read this flag to take the fused loss path.
     model.ftcluster_fused_ce = apply_fused_kernels(model, device)
-    if spec.training.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input-grad hooks under LoRA and works with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
+
+
+def checkpointed_layers(n_layers: int, fraction: float) -> list[int]:
+    """Indices of the ``round(fraction * n_layers)`` layers to recompute, evenly spaced
+    (0.5 of 8 -> 1, 3, 5, 7): every layer saves the same activations, so which ones only
+    matters for spreading the recompute through the step."""
+    k = round(fraction * n_layers)
+    return [i for i in range(n_layers) if (i + 1) * k // n_layers > i * k // n_layers]
+
+
+def enable_checkpointing(model: Any, fraction: float) -> int:
+    """Recompute ``fraction`` of the decoder layers in backward (selective activation
+    checkpointing); returns how many. The others keep their activations: no recompute there."""
+    if fraction <= 0:
+        return 0
+    # Non-reentrant checkpointing needs no input-grad hooks under LoRA and works with DDP.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if fraction >= 1 or not layers:
+        if fraction < 1:
+            log.warning("training.gradient_checkpointing: %g, but this model has no per-layer checkpointing "
+                        "(transformers' GradientCheckpointingLayer): recomputing every layer", fraction)
+        return len(layers)
+    keep = set(checkpointed_layers(len(layers), fraction))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
+    log.info("gradient checkpointing: %d of %d decoder layers recomputed", len(keep), len(layers))
+    return len(keep)
 
 
 def apply_lora(model: Any, lora: Any, seed: int):
