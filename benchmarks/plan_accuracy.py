@@ -76,7 +76,7 @@ def predict(run: dict) -> tuple[float, float]:
                  lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on)
     nodes = int(run.get("nodes", 1))
     lay = Layout(method, nodes, int(run["gpus"]) // nodes, int(run["micro_batch_size"]),
-                 int(run.get("gradient_accumulation_steps", 1)), bool(run["gradient_checkpointing"]),
+                 int(run.get("gradient_accumulation_steps", 1)), float(run["gradient_checkpointing"]),
                  None if method == "lora" else int(run.get("zero_stage") or 3),
                  gpu=normalise(run.get("gpu_type") or run.get("device") or "h200"))
     gpu = load_gpus()[lay.gpu]

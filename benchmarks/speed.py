@@ -69,6 +69,17 @@ CASES: dict[str, dict] = {
     "z2-mb4": dict(method="full", stage=2, gpus=2, mb=4),
     "lora-mb8": dict(method="lora", gpus=1, mb=8),
     "lora-mb4-nockpt": dict(method="lora", gpus=1, mb=4, grad_ckpt=False),
+    # Without or with selective checkpointing (a share of the layers). The plain stack runs
+    # without checkpointing where the case has none (``_wrap --no-ckpt``), and with every
+    # layer checkpointed where the case has a share (it has no selective checkpointing).
+    "z3-mb2-gc0": dict(method="full", stage=3, gpus=2, mb=2, grad_ckpt=False),
+    "z3-mb4-gc05": dict(method="full", stage=3, gpus=2, mb=4, grad_ckpt=0.5),
+    "z2-mb2-gc0": dict(method="full", stage=2, gpus=2, mb=2, grad_ckpt=False),
+    "z2-mb4-gc05": dict(method="full", stage=2, gpus=2, mb=4, grad_ckpt=0.5),
+    "z2-mb4-gc0": dict(method="full", stage=2, gpus=2, mb=4, grad_ckpt=False),
+    "z3-mb4-gc0": dict(method="full", stage=3, gpus=2, mb=4, grad_ckpt=False),
+    "lora-mb2-gc0": dict(method="lora", gpus=1, mb=2, grad_ckpt=False),
+    "lora-mb8-gc05": dict(method="lora", gpus=1, mb=8, grad_ckpt=0.5),
     "lora-mb8-ckpt5": dict(method="lora", gpus=1, mb=8, ckpt_every=5, only=("ft",)),
     "z3-1b-ckpt5": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=5, only=("ft",)),
     # CPU smoke tests of this script (tiny model, ftcluster only)
@@ -78,10 +89,12 @@ CASES: dict[str, dict] = {
 
 
 def adhoc(name: str) -> dict:
-    """``p-METHOD-zSTAGE-gGPUS-mbMB-sSEQ-SHAPE-gcCKPT``, e.g. p-full-z3-g2-mb4-s4096-1b-gc1: ftcluster only."""
+    """``p-METHOD-zSTAGE-gGPUS-mbMB-sSEQ-SHAPE-gcCKPT``, e.g. p-full-z3-g2-mb4-s4096-1b-gc1: ftcluster only.
+    CKPT is 1 (every layer), 0 (none) or a share of the layers such as 0.375."""
     _, method, z, g, mb, seq, shape, gc = name.split("-")
+    share = float(gc[2:])
     return dict(method=method, stage=int(z[1:]), gpus=int(g[1:]), mb=int(mb[2:]), seq=int(seq[1:]), shape=shape,
-                grad_ckpt=gc == "gc1", only=("ft",))
+                grad_ckpt=share if 0 < share < 1 else share == 1, only=("ft",))
 
 
 def case(name: str) -> dict:
@@ -108,6 +121,11 @@ def wrap_main(argv: list[str]) -> int:
     import atexit
     import runpy
 
+    if argv[0] == "--no-ckpt":  # the baseline always enables checkpointing: make that a no-op
+        import transformers
+
+        transformers.PreTrainedModel.gradient_checkpointing_enable = lambda *a, **k: None
+        argv = argv[1:]
     if argv[0] == "--liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -147,13 +165,14 @@ def run_plain(c: dict, liger: bool, args, results: Path) -> dict:
     me = str(Path(__file__).resolve())
     lig = ["--liger"] if liger else []
     if c["method"] == "lora":
-        cmd = [sys.executable, me, "_lora", *lig, str(args.baselines), str(c["mb"]), "1" if c["grad_ckpt"] else "0",
+        cmd = [sys.executable, me, "_lora", *lig, str(args.baselines), str(c["mb"]), "0" if c["grad_ckpt"] is False else "1",
                str(c["seq"]), str(args.plain_steps)]
     else:
         layers = SHAPES[c["shape"]][0]
         probe = ["-m", "benchmarks.ds_probe"] if args.probe else []
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={c['gpus']}",
-               *probe, me, "_wrap", *lig, str(args.baselines / "ds_baseline.py"), "--stage", str(c["stage"]),
+               *probe, me, "_wrap", *(["--no-ckpt"] if c["grad_ckpt"] is False else []), *lig,
+               str(args.baselines / "ds_baseline.py"), "--stage", str(c["stage"]),
                "--bs", str(c["mb"]), "--seq", str(c["seq"]), "--layers", str(layers), "--steps", str(args.plain_steps)]
     env = {**os.environ, "OUT": str(results), "PROBE_TAG": tag, "PROBE_OUT": str(results),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
