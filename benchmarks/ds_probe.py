@@ -4,7 +4,8 @@ Also the benchmark shim for ftcluster runs: ``PROBE_SKIP_FINISH=1`` ends a run a
 last step without the final checkpoint and exports (an 8B ZeRO-3 checkpoint is ~112 GB;
 checkpoint cost is measured by the cases that checkpoint every N steps), and
 ``PROBE_NO_POSITION_IDS=1`` drops the packed position_ids (an experiment: plain causal
-attention, no block-diagonal mask), ``PROBE_LIGER=1`` tries Liger-Kernel (RoPE, SwiGLU,
+attention, no block-diagonal mask), ``PROBE_BATCHES=1`` records every micro-batch's width and
+real/learned token counts (speed.py's fill fraction), ``PROBE_LIGER=1`` tries Liger-Kernel (RoPE, SwiGLU,
 RMSNorm, and a fused linear + cross-entropy that never materialises the logits) before it
 is built into the runtime. ``PROBE_PHASES=0`` turns the timing off.
 
@@ -51,6 +52,28 @@ def _patch_ftcluster() -> None:
         E.token_ce_sum = token_ce_sum
     if os.environ.get("PROBE_LIGER") == "1":
         _liger_ce()
+    if os.environ.get("PROBE_BATCHES") == "1":
+        _record_batches()
+
+
+def _record_batches() -> None:
+    """One line per training micro-batch of this rank to PROBE_OUT/TAG_batches.rRANK.jsonl: rows,
+    width (the columns computed), real tokens (attention_mask) and learned ones (labels)."""
+    from ftcluster.train.data import IGNORE_INDEX, ShardedBatches
+
+    out = os.environ.get("PROBE_OUT") or os.environ.get("OUT") or "/tmp"
+    path = os.path.join(out, f"{os.environ.get('PROBE_TAG', 'probe')}_batches.r{_rank()}.jsonl")
+    fh = open(path, "w", buffering=1)  # noqa: SIM115 - open for the life of the process, a line per batch
+    orig = ShardedBatches.next_batch
+
+    def next_batch(self):
+        b = orig(self)
+        rows, width = b["input_ids"].shape
+        fh.write(json.dumps({"rows": int(rows), "width": int(width), "real": int(b["attention_mask"].sum()),
+                             "labels": int((b["labels"] != IGNORE_INDEX).sum())}) + "\n")
+        return b
+
+    ShardedBatches.next_batch = next_batch
 
 
 def _liger_ce() -> None:

@@ -22,6 +22,15 @@ tokens for ftcluster and all tokens for the baselines (random ids, no padding); 
 synthetic corpus packs to about 98 % full blocks, so the two agree to that. Results land in
 ``OUT_DIR/speed.json`` and one log per run. MFU uses the baselines' formula: 6N (full) or 4N
 (LoRA: forward plus activation gradients) plus 12 x layers x seq x hidden per token.
+
+Variable-length cases (``vl-*``, and ``smoke-varlen`` on CPU; issue #10) train ftcluster only,
+on instruction data from ``benchmarks/instruct_data.py`` (written into the work dir at run
+time; profile per case), twice: ``packing: true`` and ``packing: false``, same micro-batch and
+seq_len. Their own table gives real tokens/s per GPU (tokens with attention_mask 1: prompt and
+answer, bos and eos; ``tokens_seen`` counts exactly these; the learned share is shown apart),
+the fraction of the computed batch that is real (each micro-batch is as wide as its longest
+row rounded up to 64, recorded per batch by ``ds_probe.py``), step time, peak memory, and
+packing's gain (packed over padded real tokens/s).
 """
 
 from __future__ import annotations
@@ -85,6 +94,11 @@ CASES: dict[str, dict] = {
     # CPU smoke tests of this script (tiny model, ftcluster only)
     "smoke-lora": dict(method="lora", gpus=1, mb=2, shape="tiny", seq=128, ckpt_every=5, only=("ft",)),
     "smoke-full": dict(method="full", stage=2, gpus=1, mb=2, shape="tiny", seq=128, only=("ft",)),
+    # variable-length instruction data, packing vs padding (instruct_data.py profiles; ftcluster only)
+    "vl-lora-mb8": dict(method="lora", gpus=1, mb=8, data="sharegpt", only=("ft",)),
+    "vl-lora-mb8-alpaca": dict(method="lora", gpus=1, mb=8, data="alpaca", only=("ft",)),
+    "vl-z3-mb4": dict(method="full", stage=3, gpus=2, mb=4, data="sharegpt", only=("ft",)),
+    "smoke-varlen": dict(method="lora", gpus=1, mb=2, shape="tiny", seq=128, data="smoke", only=("ft",)),
 }
 
 
@@ -98,7 +112,7 @@ def adhoc(name: str) -> dict:
 
 
 def case(name: str) -> dict:
-    c = {"stage": 0, "shape": "8b", "seq": 2048, "grad_ckpt": True, "ckpt_every": None, "only": None,
+    c = {"stage": 0, "shape": "8b", "seq": 2048, "grad_ckpt": True, "ckpt_every": None, "only": None, "data": None,
          **(adhoc(name) if name.startswith("p-") else CASES[name])}
     c["name"] = name
     return c
@@ -206,7 +220,8 @@ def spec_dict(c: dict, data: Path, out: Path, steps: int, overrides: dict) -> di
         "method": c["method"],
         "model": {"random_init": {"preset": PRESET[c["shape"]]}, "attn_implementation": "sdpa"},
         "tokenizer": {"train_vocab_size": 8000 if c["shape"] != "tiny" else 400},
-        "data": {"train": str(data), "format": "text", "seq_len": c["seq"], "packing": True},
+        "data": {"train": str(data), "format": "instruction" if c["data"] else "text", "seq_len": c["seq"],
+                 "packing": True},
         "training": {"learning_rate": 1.0e-5, "warmup_steps": 2, "max_steps": steps, "micro_batch_size": c["mb"],
                      "gradient_checkpointing": c["grad_ckpt"], "precision": "bf16", "log_every_steps": 1},
         "resources": {"gpus_per_node": c["gpus"]},
@@ -250,8 +265,19 @@ def metrics_summary(recs: list[dict], warmup: int, gpus: int) -> dict:
         during = [times[s] for k in ckpts for s in (k + 2, k + 3) if s in times and s not in stall_steps]
         out["ckpt_blocked_s"] = round(max(blocked), 2) if blocked else None
         out["upload_step_slowdown"] = round(max(during) / med - 1, 3) if during else None
-    # Tokens actually computed (blocks x seq) vs counted (real tokens): the packing fill.
     return out
+
+
+def batch_fill(files: list[Path], warmup: int) -> dict:
+    """From ds_probe's per-batch records (one file per rank, one line per micro-batch), the
+    batches after ``warmup``: real tokens over computed (rows x width), learned over real."""
+    rows = [json.loads(x) for f in files for x in f.read_text().splitlines()[warmup:]]
+    computed = sum(r["rows"] * r["width"] for r in rows)
+    real = sum(r["real"] for r in rows)
+    if not computed:
+        return {}
+    return {"real_fraction": round(real / computed, 4), "learned_fraction": round(sum(r["labels"] for r in rows) /
+            max(real, 1), 4), "mean_width": round(sum(r["width"] for r in rows) / len(rows), 1)}
 
 
 def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict, tag: str) -> dict:
@@ -276,7 +302,7 @@ def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict
     # The shim skips the final checkpoint and exports (checkpoint cases measure saves); --probe
     # also times the phases of full fine-tuning steps and profiles two of them.
     probe = ["-m", "benchmarks.ds_probe"]
-    env.update(PROBE_SKIP_FINISH="1", PROBE_TAG=tag, PROBE_OUT=str(results),
+    env.update(PROBE_SKIP_FINISH="1", PROBE_TAG=tag, PROBE_OUT=str(results), PROBE_BATCHES="1",
                PROBE_PHASES="1" if args.probe and c["method"] == "full" else "0")
     cmd = [sys.executable, "-m", "ftcluster.train.launch", "--standalone", f"--nproc-per-node={c['gpus']}",
            *probe, "-m", "ftcluster.train", "--spec", str(payload)]
@@ -286,12 +312,14 @@ def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=str(work),
                             timeout=args.timeout).returncode
     res = {"case": c["name"], "stack": "ftcluster" + (f" {tag.split('.', 2)[-1]}" if tag.count(".") > 1 else ""),
-           "exit_code": rc, "wall_s": round(time.monotonic() - t0, 1), "overrides": overrides}
+           "exit_code": rc, "wall_s": round(time.monotonic() - t0, 1), "overrides": overrides,
+           "packing": spec.data.packing, "data": c["data"] or "text"}
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         res["error"] = log.read_text()[-2500:]
         return res
     res.update(metrics_summary([json.loads(x) for x in metrics.read_text().splitlines()], args.warmup, c["gpus"]))
+    res.update(batch_fill(sorted(results.glob(f"{tag}_batches.r*.jsonl")), args.warmup))
     return res
 
 
@@ -304,7 +332,8 @@ def plan_record(c: dict, res: dict, overrides: dict, env_note: dict) -> dict:
            "preset": PRESET[c["shape"]], "params": n_params(c["shape"]),
            "model": dict(layers=layers, hidden=h, intermediate=inter, heads=heads, kv_heads=kv, vocab=vocab, tied=tied),
            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"} if c["method"] == "lora" else None,
-           "precision": "bf16", "attn_implementation": "sdpa", "packing": True, "overrides": overrides,
+           "precision": "bf16", "attn_implementation": "sdpa", "packing": res.get("packing", True),
+           "data": c["data"] or "text", "overrides": overrides,
            "exit_code": res["exit_code"], **env_note}
     if "error" in res:
         rec["error_tail"] = res["error"][-400:]
@@ -353,6 +382,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join("| " + x + " |" for x in lines)
 
 
+def varlen_table(rows: list[dict]) -> str:
+    """The variable-length cases: real tokens/s per GPU, how full the computed batch was, and
+    packing's gain (packed over padded real tokens/s of the same case and variant)."""
+    vl = [r for r in rows if r.get("data") not in (None, "text")]
+    if not vl:
+        return ""
+    head = ("case", "data", "stack", "packing", "real tok/s/GPU", "real/computed", "learned/real", "mean width",
+            "step s", "alloc GB", "resv GB", "packing gain")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    def base(r: dict) -> tuple:
+        return r["case"], re.sub(r"[ .]?(packed|padded)$", "", r["stack"])
+
+    ok = {(*base(r), r["packing"]): r for r in vl if "error" not in r}
+    for r in vl:
+        pre = [r["case"], r["data"], r["stack"], "true" if r.get("packing") else "false"]
+        if "error" in r:
+            lines.append(" | ".join(pre + [f"FAILED (exit {r['exit_code']})"] + [""] * 7))
+            continue
+        other = ok.get((*base(r), False))
+        gain = f"{r['tok_s_per_gpu'] / other['tok_s_per_gpu']:.2f}x" if r["packing"] and other else ""
+        lines.append(" | ".join(pre + [f"{r['tok_s_per_gpu']:,}", f"{r.get('real_fraction', float('nan')):.3f}",
+                                       f"{r.get('learned_fraction', float('nan')):.3f}", f"{r.get('mean_width', 0):.0f}",
+                                       f"{r['step_s']:.3f}", f"{r['peak_alloc_gb']:.1f}", f"{r['peak_reserved_gb']:.1f}",
+                                       gain]))
+    note = ("\nreal = tokens with attention_mask 1 (prompt, answer, bos, eos; as tokens_seen counts them); "
+            "learned = those with a label; computed = rows x batch width (longest row rounded up to 64).")
+    return "\n".join("| " + x + " |" for x in lines) + note
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_wrap":
         return wrap_main(sys.argv[2:])
@@ -374,6 +432,7 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--records", type=int, default=1200, help="synthetic corpus records")
     ap.add_argument("--words", type=int, default=500, help="words per record (~1.1 tokens each)")
+    ap.add_argument("--instruct-records", type=int, default=3000, help="records of a vl-* case's instruction data")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--warm-up", action="store_true", help="run an untimed small job on every GPU first")
     args = ap.parse_args()
@@ -385,11 +444,17 @@ def main() -> int:
     work = (args.work_dir or results / "work").resolve()
     results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    from gpu_train import write_corpus  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+    import instruct_data  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+    from gpu_train import write_corpus  # noqa: E402
 
-    data = work / "corpus.jsonl"
-    if not data.exists():
-        write_corpus(data, records=args.records, words_per_record=args.words)
+    def data_for(c: dict) -> Path:
+        if c["data"]:
+            path = work / f"instruct-{c['data']}-{args.instruct_records}.jsonl"
+            return path if path.exists() else instruct_data.write(path, c["data"], args.instruct_records)
+        path = work / "corpus.jsonl"
+        if not path.exists():
+            write_corpus(path, records=args.records, words_per_record=args.words)
+        return path
     variants = [("", {})]
     for v in filter(None, args.ft_variants.split(",")):
         name, _, kvs = v.partition(":")
@@ -407,8 +472,12 @@ def main() -> int:
         todo = [s for s in ("plain", "liger", "ft") if s in stacks and (c["only"] is None or s in c["only"])]
         for s in todo:
             if s == "ft":
-                for vname, ov in variants:
-                    rows.append(run_ft(c, args, work, data, results, ov, f"{name}.ft" + (f".{vname}" if vname else "")))
+                runs = [(v, ov) for v, ov in variants] if not c["data"] else [
+                    (".".join(filter(None, (v, kind))), {**ov, "data.packing": kind == "packed"})
+                    for v, ov in variants for kind in ("packed", "padded")]
+                for vname, ov in runs:
+                    rows.append(run_ft(c, args, work, data_for(c), results, ov,
+                                       f"{name}.ft" + (f".{vname}" if vname else "")))
                     with (results / "plan_accuracy.jsonl").open("a") as fh:
                         fh.write(json.dumps(plan_record(c, rows[-1], ov, env_note)) + "\n")
                     print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error", "step_times")}), flush=True)
@@ -418,9 +487,11 @@ def main() -> int:
             if "error" in rows[-1]:
                 print(rows[-1]["error"], file=sys.stderr, flush=True)
             (results / "speed.json").write_text(json.dumps(rows, indent=1))
-    print(table(rows), flush=True)
+    fixed = [r for r in rows if r.get("data") in (None, "text")]
+    text = "\n\n".join(filter(None, (table(fixed) if fixed else "", varlen_table(rows))))
+    print(text, flush=True)
     (results / "speed.json").write_text(json.dumps(rows, indent=1))
-    (results / "table.md").write_text(table(rows) + "\n")
+    (results / "table.md").write_text(text + "\n")
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -270,6 +271,26 @@ def test_batches_are_long_tensors_with_the_four_keys(packed):
     batch = D.ShardedBatches(packed, 4, 0, 1, seed=0).next_batch()
     assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
     assert all(v.dtype == torch.long and tuple(v.shape) == (4, 32) for v in batch.values())
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_micro_batch_is_as_wide_as_its_longest_row_rounded_to_64(packing):
+    """Without packing, rows of at most 130 tokens in 512-token blocks: the batch is 192 wide
+    (130 rounded up to 64), not 512, and only padding columns were cut."""
+    rng = random.Random(4)
+    examples = [([1000 + k] * n, [1000 + k] * n) for k, n in enumerate(rng.randint(2, 130) for _ in range(40))]
+    examples[7] = ([5] * 130, [5] * 130)
+    pk = D.PackedDataset(examples, 512, packing, pad_id=3)
+    rows = [pk[i] for i in range(len(pk))]
+    batch = D.collate(rows)
+    real = max(int(r["attention_mask"].sum()) for r in rows)
+    width = 512 if real > 448 else -(-real // 64) * 64
+    assert batch["input_ids"].shape == (len(rows), width) and (width == 192 or packing)
+    for key, col in batch.items():
+        assert (col.numpy() == np.stack([r[key][:width] for r in rows])).all()
+    assert int(batch["attention_mask"].sum()) == pk.num_tokens  # nothing real was cut
+    one = D.collate(rows[:1])["labels"]  # a single row too: its own length, rounded up
+    assert one.shape[1] == min(512, max(64, -(-int(rows[0]["attention_mask"].sum()) // 64) * 64))
 
 
 def test_permutation_is_deterministic_per_seed_and_epoch(packed):

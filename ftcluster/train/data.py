@@ -2,9 +2,10 @@
 
 Pipeline: :func:`load_records` (jsonl/parquet; a file, a folder or a glob) ->
 :func:`build_examples` (token ids + labels, -100 where no loss is taken) -> :class:`PackedDataset`
-(fixed ``seq_len`` blocks; ``position_ids`` restart at every example) -> :class:`ShardedBatches`
+(``seq_len`` blocks; ``position_ids`` restart at every example) -> :class:`ShardedBatches`
 (a deterministic permutation per epoch from ``(seed, epoch)``, each rank its disjoint share,
-resumable from ``state_dict()``). torch is imported only when a batch is built.
+resumable from ``state_dict()``; each micro-batch is cut to its longest row rounded up to 64
+columns). torch is imported only when a batch is built.
 """
 
 from __future__ import annotations
@@ -333,11 +334,24 @@ class PackedDataset:
         return {"input_ids": ids, "labels": lab, "position_ids": pos, "attention_mask": mask}
 
 
+PAD_MULTIPLE = 64  # batch widths round up to this, so a run sees few distinct shapes
+
+
+def batch_width(rows: Sequence[dict[str, np.ndarray]]) -> int:
+    """Columns a micro-batch needs: its longest row's real tokens rounded up to PAD_MULTIPLE, at
+    most the block length. Rows hold their real tokens first (PackedDataset), so the columns
+    cut off are padding only; without this, ``packing: false`` computed every row at seq_len."""
+    full = len(rows[0]["attention_mask"])
+    real = max(int(np.flatnonzero(r["attention_mask"])[-1]) + 1 if r["attention_mask"].any() else 0 for r in rows)
+    return min(full, max(PAD_MULTIPLE, -(-real // PAD_MULTIPLE) * PAD_MULTIPLE))
+
+
 def collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Stack rows into torch LongTensor batches."""
+    """Stack rows into torch LongTensor batches, as wide as :func:`batch_width`."""
     import torch
 
-    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+    w = batch_width(rows)
+    return {k: torch.from_numpy(np.stack([r[k][:w] for r in rows])) for k in rows[0]}
 
 
 # ----------------------------------------------------------------------------- batches
