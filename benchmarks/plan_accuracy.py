@@ -140,7 +140,11 @@ def describe(r: dict) -> str:
     how = "LoRA" if r["method"] == "lora" else f"full Z{r.get('zero_stage') or 3}"
     seq = f"{r['seq_len'] // 1024}k" if r["seq_len"] % 1024 == 0 else str(r["seq_len"])
     return (f"{size} {how} {r['gpus']}g mb{r['micro_batch_size']} {seq} "
-            f"{'ckpt' if r['gradient_checkpointing'] else 'no-ckpt'}")
+            f"{_ckpt(r['gradient_checkpointing'])}")
+
+
+def _ckpt(share: bool | float) -> str:
+    return "ckpt" if share is True or share == 1 else "no-ckpt" if not share else f"ckpt {share:g}"
 
 
 def evaluate(runs: list[dict]) -> list[dict]:

@@ -465,7 +465,10 @@ def main() -> int:
     import torch
 
     env_note = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                # plan_accuracy.py asks the planner for this runtime (its overrides mark probes)
+                "runtime": "train/speedups.py on (Liger fused CE for llama, ZeRO-3 keep when it fits, "
+                           "NCCL_PROTO=Simple on >1 GPU)"}
     rows: list[dict] = []
     for name in [n for n in args.cases.split(",") if n]:
         c = case(name)
