@@ -201,7 +201,12 @@ class CheckpointManager:
     def publish(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
         """Rank 0: upload an exported folder as ``{uri}/{name}/`` (committed like a checkpoint)."""
         if self.ctx.rank == 0:  # a failed final publish is raised by wait() (the store's final jobs)
-            self.store.publish(name, folder, meta)
+            if not self.writer.deferred:
+                self.store.publish(name, folder, meta)
+                return
+            # Submitted after the commit of the checkpoint being written, as in a synchronous save:
+            # the store commits in submission order, so a step's adapter never commits before it.
+            self._pending.append(self.writer.then_run(lambda: self.store.publish(name, folder, meta)))
 
     def finished(self, artifact: Artifact) -> bool:
         """Whether ``artifact`` is committed under the output URI (rank 0 looks, every rank learns)."""
