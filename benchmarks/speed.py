@@ -246,9 +246,14 @@ def spec_dict(c: dict, data: Path, out: Path, steps: int, overrides: dict) -> di
 
 def metrics_summary(recs: list[dict], warmup: int, gpus: int) -> dict:
     train = [r for r in recs if r["kind"] == "train"]
-    ckpts = sorted(r["step"] for r in recs if r["kind"] == "checkpoint" and not r.get("final"))
-    times = {b["step"]: b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train, train[1:], strict=False)}
-    stall_steps = {s + 1 for s in ckpts}  # the step after a save carries the save's blocking time
+    saves = {r["step"]: r for r in recs if r["kind"] == "checkpoint" and not r.get("final")}
+    ckpts = sorted(saves)
+    if all("step_s" in r for r in train[1:]):  # the runtime's own per-step wall time (saves left out)
+        times = {r["step"]: r["step_s"] for r in train[1:]}
+        stall_steps: set[int] = set()
+    else:  # older runtimes: from elapsed_s, where the step after a save carries the save's blocking time
+        times = {b["step"]: b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train, train[1:], strict=False)}
+        stall_steps = {s + 1 for s in ckpts}
     steady = [t for s, t in times.items() if s > warmup and s not in stall_steps]
     med = sorted(steady)[len(steady) // 2] if steady else float("nan")
     w = min(warmup, len(train) - 2)
@@ -261,8 +266,12 @@ def metrics_summary(recs: list[dict], warmup: int, gpus: int) -> dict:
            "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
            "step_times": [round(times[s], 3) for s in sorted(times)]}
     if ckpts:
-        blocked = [times[s + 1] - med for s in ckpts if s + 1 in times]
-        during = [times[s] for k in ckpts for s in (k + 2, k + 3) if s in times and s not in stall_steps]
+        if all("ckpt_blocked_s" in r for r in saves.values()):  # measured by the runtime
+            blocked = [saves[s]["ckpt_blocked_s"] for s in ckpts]
+        else:
+            blocked = [times[s + 1] - med for s in ckpts if s + 1 in times]
+        # The steps right after a save run while its files are written and uploaded in the background.
+        during = [times[s] for k in ckpts for s in (k + 1, k + 2, k + 3) if s in times and s not in stall_steps]
         out["ckpt_blocked_s"] = round(max(blocked), 2) if blocked else None
         out["upload_step_slowdown"] = round(max(during) / med - 1, 3) if during else None
     return out

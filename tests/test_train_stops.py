@@ -198,3 +198,68 @@ def test_local_backend_status_after_a_stop_in_the_finish(tmp_path, cache_dir, mo
         assert store(out) == (ALL, ALL, set())
     else:
         assert store(out) == (ALL, ALL, {"adapter"})
+
+
+def same_state(a, b, where: str) -> None:
+    """Two loaded checkpoint objects hold equal tensors (bit for bit) and equal other values."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_state(x, y, f"{where}[{i}]")
+    elif type(a).__module__ == "numpy":
+        assert (a == b).all(), where
+    elif a.__class__.__eq__ is not object.__eq__:
+        assert a == b or repr(a) == repr(b), where
+
+
+@pytest.mark.parametrize("kind", ["lora", pytest.param("zero2", marks=pytest.mark.slow),
+                                  pytest.param("zero3", marks=pytest.mark.slow)])
+def test_async_checkpoints_save_and_resume_as_sync_ones(tmp_path, cache_dir, monkeypatch, kind):
+    """A synchronous run (FTCLUSTER_ASYNC_CKPT=0) against an asynchronous one killed right after its
+    first commit and resumed: the same loss curve, and the last checkpoint's files hold the same
+    tensors bit for bit (engine state, optimizer, RNG and data position of every rank)."""
+    import torch
+    from safetensors.torch import load_file
+    from test_train_runtime import assert_same_curve, curve, records
+
+    def payload(out: Path, name: str) -> Path:
+        if kind == "lora":
+            return write_payload(tmp_path, name, lora_overrides(out))
+        extra = [f"training.max_steps={STEPS}", f"output.checkpoint_every_steps={EVERY}", "output.keep_last=3",
+                 "data.general_eval=null"]
+        return write_payload(tmp_path, name, full_overrides(out, int(kind[-1]), *extra), base=full_spec_file(tmp_path))
+
+    nproc = 1 if kind == "lora" else 2
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    monkeypatch.setenv("FTCLUSTER_ASYNC_CKPT", "0")
+    assert_clean(*run(payload(ref, "ref"), nproc, cache_dir, tmp_path, monkeypatch, None), 0)
+    monkeypatch.setenv("FTCLUSTER_ASYNC_CKPT", "1")
+    run_payload = payload(out, "run")
+    rc, log = run(run_payload, nproc, cache_dir, tmp_path, monkeypatch, "checkpoint-committed:SIGKILL")
+    assert rc == 1 and store(out)[0] == [EVERY], log[-4000:]
+    rc, log = run(run_payload, nproc, cache_dir, tmp_path, monkeypatch, None)
+    assert_clean(rc, log, 0)
+    assert f"resumed from checkpoint step {EVERY} " in log
+    assert_same_curve(curve(out), curve(ref))
+    saved = records(out, "checkpoint")
+    assert saved and all(r["ckpt_blocked_s"] >= 0 for r in saved)
+    assert all(r["step_s"] > 0 for r in records(out, "train"))
+
+    last = Path("checkpoints") / f"step-{STEPS:08d}"
+    files = sorted(p.relative_to(ref / last) for p in (ref / last).rglob("*") if p.suffix in (".pt", ".safetensors"))
+    assert files and files == sorted(p.relative_to(out / last) for p in (out / last).rglob("*")
+                                     if p.suffix in (".pt", ".safetensors"))
+    for rel in files:
+        if rel.suffix == ".safetensors":
+            a, b = load_file(str(ref / last / rel)), load_file(str(out / last / rel))
+        else:
+            a, b = (torch.load(p / last / rel, map_location="cpu", weights_only=False) for p in (ref, out))
+        same_state(a, b, str(rel))

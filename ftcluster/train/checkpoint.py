@@ -24,6 +24,13 @@ Protocol (documented in docs/training.md):
   list and outcome (a barrier with status) and rank 0 commits the manifest listing every
   node's files (``commit_parts_async``), only when every node succeeded. The final save (end
   or preemption) waits for all of that.
+* Asynchronous writes (on unless ``FTCLUSTER_ASYNC_CKPT=0``; :mod:`.asyncsave`): the snapshot
+  only *captures* the state to host memory on the training thread; each rank's writer thread
+  writes the files, then leaves a marker file in the folder. The node's local rank 0 waits, on
+  its writer thread, for every local rank's marker before it starts the commit or the part
+  upload above, so the protocol is unchanged, only later. A failed write leaves that checkpoint
+  uncommitted with a warning (the final save: an error from :meth:`CheckpointManager.wait`). A
+  save first waits for the previous checkpoint's writes (one in flight; the buffers are reused).
 * Resume: rank 0 asks the store for the newest *committed* checkpoint (a corrupt or
   half-uploaded one is skipped) and broadcasts its step; on every node local rank 0
   downloads that step and all ranks load from the node-local copy.
@@ -50,6 +57,7 @@ from .. import __version__
 from ..errors import TrainError
 from ..storage.commit import CheckpointStore
 from ..storage.layout import Artifact, artifact_name, step_dir
+from .asyncsave import CheckpointWriter, async_enabled
 from .engine import Engine
 
 log = logging.getLogger("ftcluster.train")
@@ -144,6 +152,8 @@ class CheckpointManager:
         self._awaiting: list[_Awaiting] = []
         self._errors: list[str] = []
         self._last_save = time.monotonic()
+        self.writer = CheckpointWriter(async_enabled(), ctx.device)
+        self.last_blocked_s = 0.0  # seconds the last save() kept training waiting
 
     # -- the loop's surface ----------------------------------------------------------
     def time_due(self) -> int:
@@ -174,17 +184,29 @@ class CheckpointManager:
         return True
 
     def save(self, state: TrainState, *, final: bool) -> None:
-        """Snapshot every rank's state to node-local disk and start uploading it; returns at once."""
+        """Snapshot every rank's state to node-local disk and start uploading it; returns at once
+        (asynchronous writes: once the state is captured to host memory)."""
+        t0 = time.monotonic()
+        self.writer.idle()  # one checkpoint's writes in flight: the capture reuses their buffers
         folder = self._snapshot(state)
         meta = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": self.ctx.world_size,
                 "method": self.id.method, "last_loss": state.last_loss}
-        self._commit(state.step, folder, meta, final)
+        if self.writer.deferred:
+            self._commit_after_writes(state.step, folder, meta, final)
+        else:
+            self._commit(state.step, folder, meta, final)
         self._last_save = time.monotonic()
+        self.last_blocked_s = self._last_save - t0
 
     def publish(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
         """Rank 0: upload an exported folder as ``{uri}/{name}/`` (committed like a checkpoint)."""
         if self.ctx.rank == 0:  # a failed final publish is raised by wait() (the store's final jobs)
-            self.store.publish(name, folder, meta)
+            if not self.writer.deferred:
+                self.store.publish(name, folder, meta)
+                return
+            # Submitted after the commit of the checkpoint being written, as in a synchronous save:
+            # the store commits in submission order, so a step's adapter never commits before it.
+            self._pending.append(self.writer.then_run(lambda: self.store.publish(name, folder, meta)))
 
     def finished(self, artifact: Artifact) -> bool:
         """Whether ``artifact`` is committed under the output URI (rank 0 looks, every rank learns)."""
@@ -199,6 +221,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every started commit finished; raise if a final one failed (collective)."""
         errors: list[str] = []
+        self.writer.idle()  # this rank's writes (a failure reaches rank 0 through its marker)
         while self._awaiting:  # multi-node: every node's uploads, then the manifests in order
             item = self._awaiting[0]
             if item.future is not None:
@@ -219,7 +242,7 @@ class CheckpointManager:
         errors += self._errors
         self._errors = []
         if errors:
-            raise TrainError(f"output.uri: a final upload failed: {errors[0]}")
+            raise TrainError(f"output.uri: a final checkpoint write or upload failed: {errors[0]}")
 
     def load(self) -> TrainState | None:
         """Restore the newest committed checkpoint into the engine and the RNGs; None on a fresh start."""
@@ -251,17 +274,53 @@ class CheckpointManager:
             shutil.rmtree(folder, ignore_errors=True)
             (folder / "engine").mkdir(parents=True)
         ctx.barrier()
-        self.engine.save(folder / "engine", ctx.rank)
+        self.engine.save(folder / "engine", ctx.rank, self.writer)
         torch.save({"data": state.data, "step": state.step, "rng": rng_state(ctx.device)},
-                   folder / f"rank-{ctx.rank:05d}.pt")
+                   folder / f"rank-{ctx.rank:05d}.pt")  # small: written here, before the marker
         if ctx.rank == 0:
             shared = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": ctx.world_size,
                       "engine": self.id.engine, "model_fingerprint": self.id.model_fingerprint,
                       "total_steps": self.id.total_steps, "general_eval_before": state.general_eval_before,
                       "elapsed_s": state.elapsed_s, "last_loss": state.last_loss, "ftcluster_version": __version__}
             (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
-        ctx.barrier()  # every file of every rank is on the node's disk
+        if not self.writer.deferred:
+            ctx.barrier()  # every file of every rank is on the node's disk (deferred: the markers say so)
         return folder
+
+    def _commit_after_writes(self, step: int, folder: Path, meta: dict[str, Any], final: bool) -> None:
+        """Asynchronous writes: the commit (or this node's part upload) starts on the writer thread
+        once every local rank's writes finished; ``out`` is its future, as :meth:`_commit`'s."""
+        ctx = self.ctx
+        leader = ctx.local_rank == 0
+        out: Future | None = Future() if leader and (ctx.nnodes > 1 or ctx.rank == 0) else None
+
+        def then(error: BaseException | None) -> None:
+            _put_marker(folder, ctx.local_rank, error)
+            if out is None:
+                return
+            try:
+                failed = _wait_markers(folder, ctx.local_world_size)
+                if failed:
+                    raise TrainError(f"writing checkpoint step {step} failed ({failed})")
+                start = self.store.commit_async if ctx.nnodes == 1 else None
+                inner = (start(step, folder, meta, final=final) if start is not None
+                         else self.store.upload_part_async(step, folder, final=final))
+            except BaseException as exc:  # noqa: BLE001 - the checkpoint is not committed; reported below
+                shutil.rmtree(folder, ignore_errors=True)
+                if not final and ctx.nnodes == 1:  # reported here, and the run goes on (several nodes:
+                    log.warning("checkpoint step %d was not committed: %s", step, _one_line(exc))
+                    out.set_result(None)  # _commit_ready reports every node's outcome)
+                else:
+                    out.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: _chain(f, out))
+
+        self.writer.finish(then)
+        if ctx.nnodes == 1:
+            if out is not None:
+                self._pending.append(out)
+            return
+        self._awaiting.append(_Awaiting(step, meta, final, out))
 
     def _commit(self, step: int, folder: Path, meta: dict[str, Any], final: bool) -> None:
         ctx = self.ctx
@@ -341,3 +400,50 @@ class CheckpointManager:
         self.ctx.barrier()
         if self.ctx.local_rank == 0:
             shutil.rmtree(self.work_dir / "restore", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- asynchronous writes
+
+
+def _marker(local_rank: int) -> str:
+    """A rank's "my writes of this folder are done" file (empty) or its error; removed before upload."""
+    return f".written-{local_rank:05d}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, TrainError) else f"{type(exc).__name__}: {text}"
+
+
+def _put_marker(folder: Path, local_rank: int, error: BaseException | None) -> None:
+    """Written whole, then renamed: the leader never reads a half-written one."""
+    tmp = folder / (_marker(local_rank) + ".tmp")
+    try:
+        tmp.write_text("" if error is None else _one_line(error))
+        tmp.rename(folder / _marker(local_rank))
+    except OSError as exc:  # e.g. the disk filled up: the leader gives up after its timeout
+        log.warning("%s: could not write the checkpoint's write marker: %s", folder, _one_line(exc))
+
+
+def _wait_markers(folder: Path, local_world: int, poll_s: float = 0.01) -> str | None:
+    """Node leader, writer thread: wait for every local rank's marker, remove them; the first error."""
+    paths = [folder / _marker(r) for r in range(local_world)]
+    end = time.monotonic() + float(os.environ.get("FTCLUSTER_DIST_TIMEOUT_S", "3600"))
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > end:
+            missing = [r for r, p in enumerate(paths) if not p.exists()]
+            return f"local rank {missing[0]} did not finish its writes within FTCLUSTER_DIST_TIMEOUT_S"
+        time.sleep(poll_s)
+    errors = [(r, p.read_text()) for r, p in enumerate(paths)]
+    for p in paths:
+        p.unlink()
+    return next((f"local rank {r}: {e}" for r, e in errors if e), None)
+
+
+def _chain(src: Future, dst: Future) -> None:
+    if src.cancelled():  # a queued periodic upload superseded by the final one
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())
+    else:
+        dst.set_result(src.result())

@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+from .asyncsave import CheckpointWriter
+
 log = logging.getLogger("ftcluster.train")
 
 
@@ -49,8 +51,9 @@ class Engine(Protocol):
         """(sum of token CE, number of label tokens) of one batch, without gradients."""
         ...
 
-    def save(self, folder: Path, rank: int) -> None:
-        """Write this rank's share of the state into ``folder`` (collective)."""
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """Write this rank's share of the state into ``folder`` (collective): captured through
+        ``writer`` and written by it (in the background when it defers; None: synchronously)."""
         ...
 
     def load(self, folder: Path) -> None:
@@ -213,19 +216,23 @@ class PlainEngine:
         return ce, n
 
     # ------------------------------------------------------------------ state
-    def save(self, folder: Path, rank: int) -> None:
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
         """Rank 0 writes trainable weights, optimizer, scheduler (DDP replicas are identical)."""
         import torch
         from safetensors.torch import save_file
 
         if rank != 0:
             return
-        named = {n: p.detach().contiguous().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-        save_file(named, str(folder / "trainable.safetensors"))
+        writer = writer or CheckpointWriter(deferred=False)
+        named = writer.capture({n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad})
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
-        torch.save(state, folder / "optimizer.pt")
+        state = writer.capture(state)
+        weights, opt = folder / "trainable.safetensors", folder / "optimizer.pt"
+        writer.write(weights.name, lambda: save_file({n: t.contiguous().cpu() for n, t in named.items()},
+                                                     str(weights)))
+        writer.write(opt.name, lambda: torch.save(state, opt))
 
     def load(self, folder: Path) -> None:
         import torch
@@ -354,9 +361,26 @@ class DeepSpeedEngine:
         self.engine.train()
         return ce, n
 
-    def save(self, folder: Path, rank: int) -> None:
-        """Every rank writes its own ZeRO shards under folder/ds (collective)."""
-        self.engine.save_checkpoint(str(folder), tag="ds", client_state={}, save_latest=False)
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """Every rank writes its own ZeRO shards under folder/ds (collective).
+
+        A deferring ``writer`` stands in for DeepSpeed's torch.save for this one call (every file
+        of ``save_checkpoint`` goes through ``checkpoint_engine.save``); another checkpoint engine
+        chosen in the DeepSpeed config (its own asynchronous ones) is left to itself.
+        """
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        inner = self.engine.checkpoint_engine
+        if writer is None or not writer.deferred or type(inner) is not TorchCheckpointEngine:
+            self.engine.save_checkpoint(str(folder), tag="ds", client_state={}, save_latest=False)
+            return
+        from .asyncsave import deferred_ds_checkpoint_engine
+
+        self.engine.checkpoint_engine = deferred_ds_checkpoint_engine(inner, writer)
+        try:
+            self.engine.save_checkpoint(str(folder), tag="ds", client_state={}, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = inner
 
     def load(self, folder: Path) -> None:
         from ..errors import TrainError

@@ -37,25 +37,33 @@ class MetricsWindow:
 
     def __init__(self, ctx: Any, reporter: Any):
         self.ctx, self.reporter = ctx, reporter
-        self.pending: list[tuple[int, Any, Any, float, int, int, float]] = []
+        self.pending: list[tuple[int, Any, Any, float, int, int, float, float]] = []
         self.t, self.tokens = time.monotonic(), 0
         self.last_loss: float | None = None
 
-    def add(self, step: int, loss: Any, grad_norm: Any, lr: float, tokens: int, seen: int, elapsed: float) -> None:
+    def add(self, step: int, loss: Any, grad_norm: Any, lr: float, tokens: int, seen: int, elapsed: float,
+            started: float) -> None:
+        """``started``: time.monotonic() when the step began (its batches fetched next)."""
         self.tokens += tokens
-        self.pending.append((step, loss, grad_norm, lr, tokens, seen, elapsed))
+        self.pending.append((step, loss, grad_norm, lr, tokens, seen, elapsed, started))
 
     def flush(self) -> None:
         from .metrics import peak_memory_gb
 
         if not self.pending:
             return
+        losses = [float(p[1]) for p in self.pending]  # waits for the device: the last step is done now
         now = time.monotonic()
         rate = self.tokens / max(now - self.t, 1e-9)
         mem = peak_memory_gb(self.ctx.device)
-        for step, loss, gn, lr, tokens, seen, elapsed in self.pending:
-            rec = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(gn), "tokens": tokens,
-                   "tokens_per_s": rate, "peak_mem_gb": mem, "elapsed_s": elapsed, "tokens_seen": seen}
+        # A step's wall time runs to the next step's start, the last one's to now; so it leaves out
+        # the evaluations and checkpoint saves that follow a flush (checkpoint records carry those).
+        ends = [p[7] for p in self.pending[1:]] + [now]
+        for (step, _, gn, lr, tokens, seen, elapsed, started), loss, end in zip(self.pending, losses, ends,
+                                                                               strict=True):
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(gn), "tokens": tokens,
+                   "tokens_per_s": rate, "peak_mem_gb": mem, "elapsed_s": elapsed, "tokens_seen": seen,
+                   "step_s": round(end - started, 4)}
             if self.ctx.device.type == "cuda":
                 import torch
 
@@ -79,6 +87,7 @@ def run_steps(t: Any) -> bool:
         state.last_loss = window.last_loss if window.last_loss is not None else state.last_loss
 
     while state.step < t.total_steps:
+        started = time.monotonic()
         micro = [t.data.loader.next_batch() for _ in range(spec.training.gradient_accumulation_steps)]
         n_labels = sum(count_label_tokens(b) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -90,7 +99,7 @@ def run_steps(t: Any) -> bool:
         loss = ctx.all_sum_device(ce_sum) / max(g_labels, 1.0)
         state.step += 1
         state.tokens_seen += int(g_tokens)
-        window.add(state.step, loss, grad_norm, lr, int(g_tokens), state.tokens_seen, t.elapsed())
+        window.add(state.step, loss, grad_norm, lr, int(g_tokens), state.tokens_seen, t.elapsed(), started)
         stop, time_due, uploading = t.stop.agree(t.ckpt.time_due(), t.ckpt.busy(), group=ctx.ctl_group)
         last = state.step == t.total_steps
         if state.step % spec.training.log_every_steps == 0 or stop or last:

@@ -117,10 +117,13 @@ class Trainer:
         self.after_checkpoint(final)
 
     def after_checkpoint(self, final: bool) -> None:
-        step = self.state.step
-        self.reporter.event({"kind": "checkpoint", "step": step, "final": final},
-                            f"checkpoint step {step} saved locally; uploading in the background")
+        """After ``ckpt.save``: the LoRA step adapter, then the checkpoint record with the seconds
+        training waited for both (``ckpt_blocked_s``)."""
+        step, t0 = self.state.step, time.monotonic()
         self.outputs.after_checkpoint(self.state, self.last_eval)
+        blocked = self.ckpt.last_blocked_s + time.monotonic() - t0
+        self.reporter.event({"kind": "checkpoint", "step": step, "final": final, "ckpt_blocked_s": round(blocked, 4)},
+                            f"checkpoint step {step} saved locally ({blocked:.2f} s); uploading in the background")
 
     def eval_record(self, kind: str, loss: float | None, **extra: Any) -> None:
         if loss is None:

@@ -1,0 +1,118 @@
+"""Asynchronous checkpoint writes (ftcluster/train/asyncsave.py): the capture is a snapshot, the
+manifest never precedes the engine files, and a failed background write leaves that checkpoint
+uncommitted while the run goes on (the final one fails cleanly). In-process, one CPU rank, a real
+PlainEngine on a tiny LoRA and a real CheckpointStore on a folder; the writer's test hook stands in
+for a slow or failing disk. The end-to-end resume (LoRA, ZeRO-2/3) is in tests/test_train_stops.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from test_train_units import CPU, batch, lora_spec, tiny_lora  # noqa: E402
+
+from ftcluster.errors import TrainError  # noqa: E402
+from ftcluster.train import engine as E  # noqa: E402
+from ftcluster.train.asyncsave import CheckpointWriter, async_enabled  # noqa: E402
+from ftcluster.train.checkpoint import CheckpointManager, RunIdentity, TrainState  # noqa: E402
+from ftcluster.train.distributed import DistContext  # noqa: E402
+
+pytestmark = pytest.mark.train
+
+DATA = batch([[3, 4, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]])
+
+
+def engine():
+    spec = lora_spec()
+    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
+    eng.train_step([DATA], 1 / 14)
+    return spec, eng
+
+
+def manager(tmp_path: Path, hook=None) -> tuple[CheckpointManager, E.PlainEngine]:
+    spec, eng = engine()
+    spec.output.uri = (tmp_path / "out").as_uri()
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, nnodes=1, device=CPU)
+    mgr = CheckpointManager(spec, ctx, eng, tmp_path / "local", RunIdentity("plain", "fp", "lora", 10))
+    mgr.writer = CheckpointWriter(True, CPU, hook=hook)
+    return mgr, eng
+
+
+def test_switch_defaults_on():
+    assert async_enabled({}) and async_enabled({"FTCLUSTER_ASYNC_CKPT": "1"})
+    assert not async_enabled({"FTCLUSTER_ASYNC_CKPT": "0"})
+
+
+def test_capture_is_a_snapshot_of_the_state_at_save(tmp_path):
+    """Parameters and optimizer state change right after the capture; the files hold the old values."""
+    from safetensors.torch import load_file
+
+    _, eng = engine()
+    gate = threading.Event()
+    writer = CheckpointWriter(True, CPU, hook=lambda name: gate.wait(30))
+    eng.save(tmp_path, 0, writer)
+    want = {n: p.detach().clone() for n, p in eng.module.named_parameters() if p.requires_grad}
+    want_avg = [s["exp_avg"].clone() for s in eng.optimizer.state.values()]
+    done = writer.finish(lambda error: error)
+    eng.train_step([DATA], 1 / 14)  # mutates every trainable parameter and the Adam moments in place
+    with torch.no_grad():
+        for p in eng.params:
+            p.add_(1.0)
+    gate.set()
+    assert done.result(timeout=30) is None
+    got = load_file(str(tmp_path / "trainable.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    opt = torch.load(tmp_path / "optimizer.pt", weights_only=False)
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(want_avg, opt["optimizer"]["state"].values(),
+                                                                strict=True))
+
+
+def test_manifest_only_after_the_engine_files(tmp_path):
+    """The writes are held back: save returns, nothing commits; released, the manifest lists them."""
+    gate = threading.Event()
+    mgr, _ = manager(tmp_path, hook=lambda name: gate.wait(30))
+    mgr.save(TrainState(step=2, data={}), final=False)
+    assert not gate.is_set() and mgr.store.committed() == []
+    assert not (tmp_path / "out" / "checkpoints" / "step-00000002" / "manifest.json").exists()
+    gate.set()
+    mgr.wait()
+    assert mgr.store.committed() == [2]
+    man = json.loads((tmp_path / "out" / "checkpoints" / "step-00000002" / "manifest.json").read_text())
+    local = tmp_path / "out" / "checkpoints" / "step-00000002"
+    assert {"engine/trainable.safetensors", "engine/optimizer.pt", "rank-00000.pt", "state.json"} == set(man["files"])
+    assert all((local / rel).stat().st_size == info["size"] for rel, info in man["files"].items())
+
+
+def test_failed_write_skips_that_checkpoint_and_the_final_one_fails(tmp_path, caplog):
+    fail = {2, 6}
+    current = {"step": 0}
+
+    def hook(name: str) -> None:
+        if current["step"] in fail:
+            raise OSError(f"No space left on device: {name}")
+
+    mgr, eng = manager(tmp_path, hook)
+    for step in (2, 4):
+        current["step"] = step
+        with caplog.at_level(logging.WARNING, "ftcluster.train"):
+            mgr.save(TrainState(step=step, data={}), final=False)
+            mgr.writer.idle()
+        eng.train_step([DATA], 1 / 14)  # the run goes on
+    assert "checkpoint step 2 was not committed: writing checkpoint step 2 failed (local rank 0: OSError: " \
+           "No space left on device: trainable.safetensors)" in caplog.text
+    current["step"] = 6
+    mgr.save(TrainState(step=6, data={}), final=True)
+    with pytest.raises(TrainError) as err:
+        mgr.wait()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("output.uri: a final checkpoint write or upload failed: writing "
+                                              "checkpoint step 6 failed (local rank 0: OSError:"), msg
+    assert mgr.store.committed() == [4]
