@@ -116,3 +116,34 @@ def test_failed_write_skips_that_checkpoint_and_the_final_one_fails(tmp_path, ca
     assert "\n" not in msg and msg.startswith("output.uri: a final checkpoint write or upload failed: writing "
                                               "checkpoint step 6 failed (local rank 0: OSError:"), msg
     assert mgr.store.committed() == [4]
+
+
+def test_step_adapter_is_written_from_the_capture_in_the_background(tmp_path):
+    """After a deferred save, export queues peft's save of the captured weights: the files equal a
+    synchronous export of the weights at save time, though training changed them in between."""
+    from safetensors.torch import load_file
+
+    _, eng = engine()
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    sync_dir.mkdir()
+    async_dir.mkdir()
+    eng.export(sync_dir, 0)  # the reference: the live weights now, written at once
+    gate = threading.Event()
+    writer = CheckpointWriter(True, CPU, hook=lambda name: gate.wait(30))
+    (tmp_path / "engine").mkdir()
+    eng.save(tmp_path / "engine", 0, writer)
+    eng.export(async_dir, 0, writer=writer)
+    assert not (async_dir / "adapter_model.safetensors").exists()  # queued, not written
+    done = writer.finish(lambda error: error)
+    eng.train_step([DATA], 1 / 14)
+    gate.set()
+    assert done.result(timeout=30) is None
+    want, got = load_file(str(sync_dir / "adapter_model.safetensors")), load_file(str(async_dir / "adapter_model.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((async_dir / "adapter_config.json").read_text()) == json.loads(
+        (sync_dir / "adapter_config.json").read_text())
+    # Without a save before it (resume, end of run) export writes the live weights at once.
+    again = tmp_path / "again"
+    again.mkdir()
+    eng.export(again, 0, writer=writer)
+    assert (again / "adapter_model.safetensors").exists()

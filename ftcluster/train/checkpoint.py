@@ -208,6 +208,21 @@ class CheckpointManager:
             # the store commits in submission order, so a step's adapter never commits before it.
             self._pending.append(self.writer.then_run(lambda: self.store.publish(name, folder, meta)))
 
+    def publish_after_writes(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: run the writes queued for an exported folder on the writer thread, then publish
+        it (after the checkpoint submitted before it, as :meth:`publish`); a failed write leaves it
+        unpublished with a warning (``ensure_step_adapter`` exports it again on resume)."""
+        if self.ctx.rank != 0:
+            return
+
+        def then(error: BaseException | None) -> Any:
+            if error is not None:
+                log.warning("%s was not published: %s", name, _one_line(error))
+                return None
+            return self.store.publish(name, folder, meta)
+
+        self._pending.append(self.writer.finish(then))
+
     def finished(self, artifact: Artifact) -> bool:
         """Whether ``artifact`` is committed under the output URI (rank 0 looks, every rank learns)."""
         return self.is_published(artifact_name(artifact))

@@ -60,8 +60,10 @@ class Engine(Protocol):
         """Restore what :meth:`save` wrote (collective)."""
         ...
 
-    def export(self, folder: Path, rank: int) -> None:
-        """The end-of-run artifact: an adapter (LoRA) or a consolidated model (collective)."""
+    def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """The end-of-run artifact: an adapter (LoRA) or a consolidated model (collective). A LoRA
+        engine given a deferred ``writer`` right after :meth:`save` writes the adapter from that
+        save's capture, in the background."""
         ...
 
     def export_merged(self, folder: Path, rank: int) -> None:
@@ -229,6 +231,9 @@ class PlainEngine:
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
         state = writer.capture(state)
+        # The host copy of the adapter weights at this step: the step's adapter export (next) writes
+        # from it too, instead of reading the live weights on the training thread.
+        self._captured = named if writer.deferred else None
         weights, opt = folder / "trainable.safetensors", folder / "optimizer.pt"
         writer.write(weights.name, lambda: save_file({n: t.contiguous().cpu() for n, t in named.items()},
                                                      str(weights)))
@@ -255,13 +260,22 @@ class PlainEngine:
             self.scaler.load_state_dict(state["scaler"])
 
     # ------------------------------------------------------------------ export
-    def export(self, folder: Path, rank: int) -> None:
-        """The adapter (adapter_model.safetensors + adapter_config.json), rank 0."""
-        if rank == 0:
-            # Whole embedding matrices go into the adapter only if the tokenizer grew them;
-            # a LoRA on lm_head leaves the base weights untouched (peft would save them anyway).
-            resized = getattr(self.module.get_base_model(), "ftcluster_resized_embeddings", False)
-            self.module.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=resized)
+    def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """The adapter (adapter_model.safetensors + adapter_config.json), rank 0. With a deferred
+        ``writer`` right after :meth:`save`, peft writes the weights that save captured, on the
+        writer thread (training goes on); otherwise now, from the live weights."""
+        if rank != 0:
+            return
+        # Whole embedding matrices go into the adapter only if the tokenizer grew them;
+        # a LoRA on lm_head leaves the base weights untouched (peft would save them anyway).
+        resized = getattr(self.module.get_base_model(), "ftcluster_resized_embeddings", False)
+        captured, self._captured = getattr(self, "_captured", None), None
+        if writer is not None and writer.deferred and captured is not None and not resized:
+            # peft picks the adapter's entries (lora_*, modules_to_save) from the state_dict given
+            writer.write("adapter", lambda: self.module.save_pretrained(
+                str(folder), safe_serialization=True, save_embedding_layers=False, state_dict=captured))
+            return
+        self.module.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=resized)
 
     def export_merged(self, folder: Path, rank: int) -> None:
         """Base weights with the adapter merged in (a plain HF model). Call last: it merges in place."""
@@ -390,7 +404,7 @@ class DeepSpeedEngine:
         if path is None:
             raise TrainError(f"{folder}: DeepSpeed could not load the checkpoint (see the log above)")
 
-    def export(self, folder: Path, rank: int) -> None:
+    def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
         """A consolidated Hugging Face checkpoint (16-bit on GPU, safetensors shards); collective."""
         if self.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # gathers shards onto rank 0

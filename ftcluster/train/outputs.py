@@ -46,7 +46,12 @@ class Outputs:
     def after_checkpoint(self, state: TrainState, eval_loss: float | None) -> None:
         """LoRA: publish the adapter of the checkpoint just saved (collective)."""
         if self.spec.method == "lora":
-            self._export(step_adapter_name(state.step), self.engine.export, self.meta(state, eval_loss))
+            writer = self.ckpt.writer
+
+            def export(folder: Path, rank: int) -> None:
+                self.engine.export(folder, rank, writer=writer)
+
+            self._export(step_adapter_name(state.step), export, self.meta(state, eval_loss), background=True)
 
     def ensure_step_adapter(self, state: TrainState) -> None:
         """LoRA, on resume: publish ``adapters/step-N`` of the checkpoint resumed from if it is missing
@@ -83,7 +88,9 @@ class Outputs:
             self._export(artifact_name(name), export, meta)
         return True
 
-    def _export(self, name: str, export: Any, meta: dict[str, Any]) -> None:
+    def _export(self, name: str, export: Any, meta: dict[str, Any], background: bool = False) -> None:
+        """``background`` (a step's adapter, asynchronous checkpoints): the tokenizer and the
+        weights the export queued are written on the checkpoint writer's thread, then published."""
         folder = self.work_dir / "export" / name.replace("/", "_")
         if self.ctx.local_rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
@@ -92,5 +99,9 @@ class Outputs:
         export(folder, self.ctx.rank)
         if self.ctx.is_main:
             (folder / "ftcluster_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            if background and self.ckpt.writer.deferred:
+                self.ckpt.writer.write("tokenizer", lambda: self.tokenizer.save_pretrained(str(folder)))
+                self.ckpt.publish_after_writes(name, folder, meta)
+                return
             self.tokenizer.save_pretrained(str(folder))
             self.ckpt.publish(name, folder, meta)
