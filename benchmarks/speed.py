@@ -91,6 +91,8 @@ CASES: dict[str, dict] = {
     "lora-mb8-gc05": dict(method="lora", gpus=1, mb=8, grad_ckpt=0.5),
     "lora-mb8-ckpt5": dict(method="lora", gpus=1, mb=8, ckpt_every=5, only=("ft",)),
     "z3-1b-ckpt5": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=5, only=("ft",)),
+    # checkpoints further apart than their writes take: the device-to-host copy alone blocks
+    "z3-1b-ckpt50": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=50, only=("ft",)),
     # CPU smoke tests of this script (tiny model, ftcluster only)
     "smoke-lora": dict(method="lora", gpus=1, mb=2, shape="tiny", seq=128, ckpt_every=5, only=("ft",)),
     "smoke-full": dict(method="full", stage=2, gpus=1, mb=2, shape="tiny", seq=128, only=("ft",)),
@@ -273,6 +275,10 @@ def metrics_summary(recs: list[dict], warmup: int, gpus: int) -> dict:
         # The steps right after a save run while its files are written and uploaded in the background.
         during = [times[s] for k in ckpts for s in (k + 1, k + 2, k + 3) if s in times and s not in stall_steps]
         out["ckpt_blocked_s"] = round(max(blocked), 2) if blocked else None
+        if all("ckpt_wait_s" in r for r in saves.values()):  # the copy alone: blocked minus the wait
+            copy = [saves[s]["ckpt_blocked_s"] - saves[s]["ckpt_wait_s"] for s in ckpts]
+            out["ckpt_copy_s"] = [round(x, 2) for x in copy]
+            out["ckpt_wait_s"] = [round(saves[s]["ckpt_wait_s"], 2) for s in ckpts]
         out["upload_step_slowdown"] = round(max(during) / med - 1, 3) if during else None
     return out
 

@@ -147,3 +147,16 @@ def test_step_adapter_is_written_from_the_capture_in_the_background(tmp_path):
     again.mkdir()
     eng.export(again, 0, writer=writer)
     assert (again / "adapter_model.safetensors").exists()
+
+
+def test_a_save_reports_the_time_it_waited_for_the_previous_writes(tmp_path):
+    """Checkpoints faster than the disk: the second save waits for the first one's writes, and says so."""
+    import time
+
+    mgr, _ = manager(tmp_path, hook=lambda name: time.sleep(0.4))
+    mgr.save(TrainState(step=2, data={}), final=False)
+    assert mgr.last_wait_s < 0.2 and mgr.last_blocked_s < 0.3  # returned before its writes ran
+    mgr.save(TrainState(step=4, data={}), final=False)
+    assert mgr.last_wait_s >= 0.5 and mgr.last_blocked_s >= mgr.last_wait_s  # two 0.4 s writes of step 2
+    mgr.wait()
+    assert mgr.store.committed() == [4] or mgr.store.committed() == [2, 4]

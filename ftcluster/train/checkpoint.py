@@ -154,6 +154,7 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self.writer = CheckpointWriter(async_enabled(), ctx.device)
         self.last_blocked_s = 0.0  # seconds the last save() kept training waiting
+        self.last_wait_s = 0.0  # the part of it spent waiting for the previous checkpoint's writes
 
     # -- the loop's surface ----------------------------------------------------------
     def time_due(self) -> int:
@@ -188,6 +189,7 @@ class CheckpointManager:
         (asynchronous writes: once the state is captured to host memory)."""
         t0 = time.monotonic()
         self.writer.idle()  # one checkpoint's writes in flight: the capture reuses their buffers
+        self.last_wait_s = time.monotonic() - t0
         folder = self._snapshot(state)
         meta = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": self.ctx.world_size,
                 "method": self.id.method, "last_loss": state.last_loss}

@@ -121,9 +121,12 @@ class Trainer:
         training waited for both (``ckpt_blocked_s``)."""
         step, t0 = self.state.step, time.monotonic()
         self.outputs.after_checkpoint(self.state, self.last_eval)
-        blocked = self.ckpt.last_blocked_s + time.monotonic() - t0
-        self.reporter.event({"kind": "checkpoint", "step": step, "final": final, "ckpt_blocked_s": round(blocked, 4)},
-                            f"checkpoint step {step} saved locally ({blocked:.2f} s); uploading in the background")
+        blocked, wait = self.ckpt.last_blocked_s + time.monotonic() - t0, self.ckpt.last_wait_s
+        # Checkpoints closer together than their writes take wait for the previous one's writes.
+        waited = f", {wait:.2f} s of it waiting for the previous checkpoint's writes" if wait >= 0.01 else ""
+        self.reporter.event({"kind": "checkpoint", "step": step, "final": final, "ckpt_blocked_s": round(blocked, 4),
+                             "ckpt_wait_s": round(wait, 4)},
+                            f"checkpoint step {step} saved locally ({blocked:.2f} s{waited}); uploading in the background")
 
     def eval_record(self, kind: str, loss: float | None, **extra: Any) -> None:
         if loss is None:
