@@ -75,7 +75,9 @@ CASES: dict[str, dict] = {
     "z3-mb4": dict(method="full", stage=3, gpus=2, mb=4),
     "z3-mb8": dict(method="full", stage=3, gpus=2, mb=8),
     "z2-mb2": dict(method="full", stage=2, gpus=2, mb=2),
+    "z2-mb1": dict(method="full", stage=2, gpus=2, mb=1),
     "z2-mb4": dict(method="full", stage=2, gpus=2, mb=4),
+    "z2-mb8": dict(method="full", stage=2, gpus=2, mb=8),
     "lora-mb8": dict(method="lora", gpus=1, mb=8),
     "lora-mb4-nockpt": dict(method="lora", gpus=1, mb=4, grad_ckpt=False),
     # Without or with selective checkpointing (a share of the layers). The plain stack runs
