@@ -334,6 +334,23 @@ def test_planner_reproduces_the_measured_runs():
     assert sum(r["runtime"] == "current" and abs(r["step_error"]) <= acc.TIME_TOL for r in counted) >= 10
 
 
+SESSION3 = sorted((ROOT / "benchmarks/results").glob("h200x2-2026-11-30-selective/*/plan_accuracy.jsonl")) + sorted(
+    (ROOT / "benchmarks/results").glob("h200x2-2026-11-30-ckpt-*/*/plan_accuracy.jsonl"))
+# Without checkpointing (and at micro-batch 1) the step is set by communication that compute no
+# longer hides, which the planner models only in part (docs/BENCHMARKS.md, "Planner accuracy").
+SESSION3_STEP_MISSES = {"8B full Z2 2g mb2 2k no-ckpt", "8B LoRA 1g mb1 2k no-ckpt", "8B full Z3 2g mb1 2k ckpt"}
+
+
+def test_planner_predicts_selective_checkpointing_runs():
+    acc = _accuracy()
+    rows = [r for r in acc.evaluate(acc.load_runs(SESSION3)) if r["runtime"] == "current"]
+    assert len(rows) == 13 and any("ckpt 0.125" in r["config"] for r in rows) and any("ckpt 0.5" in r["config"] for r in rows)
+    for r in rows:
+        assert abs(r["mem_error"]) <= acc.MEM_TOL, r  # every one within +-10 %, selective shares too
+    misses = {r["config"] for r in rows if abs(r["step_error"]) > acc.TIME_TOL}
+    assert misses == SESSION3_STEP_MISSES
+
+
 def test_speedups_modelled_as_the_runtime_decides_them():
     from ftcluster.planner.advise import FUSED_CE_MODEL_TYPES, speedups_of
     from ftcluster.planner.memory import KEEP_FRACTION, zero3_keeps

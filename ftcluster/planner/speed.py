@@ -32,9 +32,11 @@ GEMM_HALF_DIM = 1750
 CE_BYTES_PER_LOGIT = {False: 40,  # fp32 upcast, log_softmax, its backward and the 16-bit casts, read + written
                       True: 10}  # Liger: 16-bit chunk written, read by the kernel, gradient written in place, read twice
 # Share of the link bandwidth that ZeRO-3's per-module all-gathers and reduce-scatters (20-100
-# MB each, issued from hooks between kernels) reach: ~48 GB/s of the H200's 370, partly hidden
-# behind compute (OVERLAP). The least certain constants here; re-measure them on 8-GPU nodes.
-ZERO3_LINK_EFFICIENCY = 0.13
+# MB each, issued from hooks between kernels) reach: ~30 GB/s of the H200's 370, partly hidden
+# behind compute (OVERLAP). Refit from 0.13 on the runs without checkpointing, where less compute
+# hides it (8B ZeRO-3 mb2 runs at 0.81 s with or without the recompute). The least certain
+# constants here; re-measure them on 8-GPU nodes.
+ZERO3_LINK_EFFICIENCY = 0.08
 # Seconds per ZeRO-3 all-gather that compute does not hide (NCCL launch, the hook's wait):
 # why 1B on 2 GPUs, whose gathers are small, pays about as much as 8B (0.13 s per step).
 ZERO3_GATHER_LATENCY_S = 0.35e-3
