@@ -135,7 +135,11 @@ def enable_checkpointing(model: Any, fraction: float) -> int:
     if fraction <= 0:
         return 0
     # Non-reentrant checkpointing needs no input-grad hooks under LoRA and works with DDP.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
