@@ -75,6 +75,7 @@ def spec_value(fraction: float) -> bool | float:
     return bool(fraction) if fraction in (0, 1) else float(fraction)
 
 
-def checkpointing_label(fraction: float) -> str:
-    """'on', 'off', or the share of layers recomputed ('0.375 of layers'), as the spec writes it."""
-    return "on" if fraction >= 1 else "off" if fraction <= 0 else f"{fraction:g} of layers"
+def checkpointing_label(fraction: float, short: bool = False) -> str:
+    """'on', 'off', or the share of layers recomputed ('0.375 of layers'; short: '0.375'), as the
+    spec writes it."""
+    return "on" if fraction >= 1 else "off" if fraction <= 0 else f"{fraction:g}" + ("" if short else " of layers")

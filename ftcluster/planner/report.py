@@ -103,7 +103,7 @@ def print_plan(p: Plan, console: Any = None) -> None:
         how = "LoRA" if lay.method == "lora" else f"ZeRO-{lay.zero_stage}" + ("+off" if lay.offload_optimizer else "")
         mark = "spec" if i == 0 else ("best" if p.recommendation is not None and lay == p.recommendation.layout else "")
         t.add_row(mark, how, f"{lay.nodes}x{lay.gpus_per_node}", f"{lay.micro_batch_size}x{lay.gradient_accumulation_steps}",
-                  checkpointing_label(lay.gradient_checkpointing), f"{gib(o.memory.total)}/{gib(o.usable)}",
+                  checkpointing_label(lay.gradient_checkpointing, short=True), f"{gib(o.memory.total)}/{gib(o.usable)}",
                   "[green]yes[/green]" if o.fits else "[red]no[/red]", f"{o.step_time_s:.2f}s",
                   duration(o.run_time_s), money(o.cost_usd))
     con.print(t)
