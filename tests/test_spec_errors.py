@@ -160,3 +160,13 @@ def test_list_item_location(tmp_path):
     text = GOOD.replace("output:", "kubernetes:\n  tolerations:\n    - {key: a, operator: Sometimes}\noutput:")
     (msg,) = problems(text, tmp_path)
     assert "kubernetes.tolerations[0].operator" in msg and ":10:" in msg
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1.5", "training.gradient_checkpointing: 1.5 is not a share of the layers: use true, false or a number from 0 to 1"),
+    ("-0.25", "training.gradient_checkpointing: -0.25 is not a share of the layers: use true, false or a number from 0 to 1"),
+])
+def test_checkpointing_share_outside_0_to_1_is_one_located_line(tmp_path, value, expected):
+    (msg,) = problems(GOOD + f"training:\n  gradient_checkpointing: {value}\n", tmp_path)
+    line = len(textwrap.dedent(GOOD).splitlines()) + 2
+    assert msg.split(f"{tmp_path}/")[1] == f"job.yaml:{line}:3: {expected}", msg
