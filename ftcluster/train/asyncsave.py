@@ -77,16 +77,6 @@ class CheckpointWriter:
         self._last = self._pool.submit(self._run, writes, then)
         return self._last
 
-    def then_run(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` after everything queued so far (deferred: on the writer thread), e.g. the
-        upload of a step's adapter after that step's checkpoint commit was submitted."""
-        if self._pool is None:
-            fut: Future = Future()
-            fut.set_result(fn())
-            return fut
-        self._last = self._pool.submit(fn)
-        return self._last
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

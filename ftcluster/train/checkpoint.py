@@ -57,6 +57,7 @@ from .. import __version__
 from ..errors import TrainError
 from ..storage.commit import CheckpointStore
 from ..storage.layout import Artifact, artifact_name, step_dir
+from ..storage.uri import one_line
 from .asyncsave import CheckpointWriter, async_enabled
 from .engine import Engine
 
@@ -201,20 +202,17 @@ class CheckpointManager:
         self.last_blocked_s = self._last_save - t0
 
     def publish(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
-        """Rank 0: upload an exported folder as ``{uri}/{name}/`` (committed like a checkpoint)."""
-        if self.ctx.rank == 0:  # a failed final publish is raised by wait() (the store's final jobs)
-            if not self.writer.deferred:
-                self.store.publish(name, folder, meta)
-                return
-            # Submitted after the commit of the checkpoint being written, as in a synchronous save:
-            # the store commits in submission order, so a step's adapter never commits before it.
-            self._pending.append(self.writer.then_run(lambda: self.store.publish(name, folder, meta)))
+        """Rank 0: upload an exported folder as ``{uri}/{name}/`` (committed like a checkpoint).
 
-    def publish_after_writes(self, name: str, folder: Path, meta: dict[str, Any]) -> None:
-        """Rank 0: run the writes queued for an exported folder on the writer thread, then publish
-        it (after the checkpoint submitted before it, as :meth:`publish`); a failed write leaves it
-        unpublished with a warning (``ensure_step_adapter`` exports it again on resume)."""
+        Asynchronous writes: on the writer thread, after the writes queued for the folder and
+        after the commit of the checkpoint being written, as in a synchronous save (the store
+        commits in submission order, so a step's adapter never commits before it); a failed
+        write leaves it unpublished with a warning (``ensure_step_adapter`` exports it again on
+        resume). A failed final publish is raised by wait() (the store's final jobs)."""
         if self.ctx.rank != 0:
+            return
+        if not self.writer.deferred:
+            self.store.publish(name, folder, meta)
             return
 
         def then(error: BaseException | None) -> Any:
@@ -428,8 +426,8 @@ def _marker(local_rank: int) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, TrainError) else f"{type(exc).__name__}: {text}"
+    """Our own errors as they read; anything else as ``Type: message`` (storage.uri.one_line)."""
+    return " ".join(str(exc).split()) if isinstance(exc, TrainError) else one_line(exc)
 
 
 def _put_marker(folder: Path, local_rank: int, error: BaseException | None) -> None:

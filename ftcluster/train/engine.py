@@ -163,6 +163,7 @@ class PlainEngine:
         self.autocast_dtype = dtype if (device.type == "cuda" and dtype != torch.float32) else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.fused_ce = bool(getattr(model, "ftcluster_fused_ce", False))
+        self._captured: dict[str, Any] | None = None  # the last deferred save's host copy of the weights
 
     # ------------------------------------------------------------------ step
     @property
@@ -269,7 +270,7 @@ class PlainEngine:
         # Whole embedding matrices go into the adapter only if the tokenizer grew them;
         # a LoRA on lm_head leaves the base weights untouched (peft would save them anyway).
         resized = getattr(self.module.get_base_model(), "ftcluster_resized_embeddings", False)
-        captured, self._captured = getattr(self, "_captured", None), None
+        captured, self._captured = self._captured, None
         if writer is not None and writer.deferred and captured is not None and not resized:
             # peft picks the adapter's entries (lora_*, modules_to_save) from the state_dict given
             writer.write("adapter", lambda: self.module.save_pretrained(

@@ -101,7 +101,6 @@ class Outputs:
             (folder / "ftcluster_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
             if background and self.ckpt.writer.deferred:
                 self.ckpt.writer.write("tokenizer", lambda: self.tokenizer.save_pretrained(str(folder)))
-                self.ckpt.publish_after_writes(name, folder, meta)
-                return
-            self.tokenizer.save_pretrained(str(folder))
+            else:
+                self.tokenizer.save_pretrained(str(folder))
             self.ckpt.publish(name, folder, meta)
