@@ -178,6 +178,10 @@ class Evaluator:
                 return selective
         return o
 
+    def options(self, method: str, req: Layout) -> list[Option]:
+        """Every candidate of ``method`` evaluated, checkpointing refined to the least share that fits."""
+        return [self.least_recompute(self.evaluate(lay)) for lay in self.candidates(method, req)]
+
     def candidates(self, method: str, req: Layout) -> list[Layout]:
         """Layouts of ``method`` that keep the global batch (micro-batch x accumulation x GPUs)."""
         worlds = list(WORLDS)
@@ -284,7 +288,7 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
         return Plan(spec.name, shape, g, assumed, data, req, [], None, "", notes)
     variant_formats = [v.data.format for v in (getattr(spec, "_resolved", None) or ())]
     method, why = intent(spec, data, variant_formats)
-    every = {m: [ev.least_recompute(ev.evaluate(lay)) for lay in ev.candidates(m, req_layout)] for m in ("lora", "full")}
+    every = {m: ev.options(m, req_layout) for m in ("lora", "full")}
     alts = _curate(req, every, ev)
     chosen_method = "full" if method == "hybrid" else method
     rec = pick(every[chosen_method], req_layout)

@@ -58,7 +58,7 @@ def _check_one(spec: Any, root: Any, shape: Any = None) -> list[Problem]:
     req = ev.evaluate(requested_layout(spec, gpu.name))
     if req.fits:
         return []
-    best = pick([ev.evaluate(lay) for lay in ev.candidates(spec.method, req.layout)], req.layout)
+    best = pick(ev.options(spec.method, req.layout), req.layout)
     return [_problem(spec, root, req, best, gpu.name)]
 
 
