@@ -5,9 +5,9 @@ last step without the final checkpoint and exports (an 8B ZeRO-3 checkpoint is ~
 checkpoint cost is measured by the cases that checkpoint every N steps), and
 ``PROBE_NO_POSITION_IDS=1`` drops the packed position_ids (an experiment: plain causal
 attention, no block-diagonal mask), ``PROBE_BATCHES=1`` records every micro-batch's width and
-real/learned token counts (speed.py's fill fraction), ``PROBE_LIGER=1`` tries Liger-Kernel (RoPE, SwiGLU,
-RMSNorm, and a fused linear + cross-entropy that never materialises the logits) before it
-is built into the runtime. ``PROBE_PHASES=0`` turns the timing off.
+real/learned token counts (speed.py's fill fraction). (Liger-Kernel, once tried here with
+``PROBE_LIGER=1``, is the runtime's own now: ``FTCLUSTER_FUSED_CE``, train/speedups.py.)
+``PROBE_PHASES=0`` turns the timing off.
 
     torchrun ... -m benchmarks.ds_probe SCRIPT.py [args]           # e.g. the plain ds_baseline.py
     python -m ftcluster.train.launch ... -m benchmarks.ds_probe -m ftcluster.train --spec payload.json
@@ -46,12 +46,10 @@ def _patch_ftcluster() -> None:
 
         orig = E.token_ce_sum
 
-        def token_ce_sum(model, batch, device):
-            return orig(model, {k: v for k, v in batch.items() if k != "position_ids"}, device)
+        def token_ce_sum(model, batch, device, **kw):
+            return orig(model, {k: v for k, v in batch.items() if k != "position_ids"}, device, **kw)
 
         E.token_ce_sum = token_ce_sum
-    if os.environ.get("PROBE_LIGER") == "1":
-        _liger_ce()
     if os.environ.get("PROBE_BATCHES") == "1":
         _record_batches()
 
@@ -74,42 +72,6 @@ def _record_batches() -> None:
         return b
 
     ShardedBatches.next_batch = next_batch
-
-
-def _liger_ce() -> None:
-    """token_ce_sum through Liger's fused linear cross-entropy: the model gets shifted labels
-    (packing boundaries masked as ftcluster does) and num_items_in_batch=1, so its loss is
-    the sum of token CE, and the 128k-wide logits never exist in training."""
-    import torch.nn.functional as F
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    import ftcluster.train.engine as E
-
-    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
-                                fused_linear_cross_entropy=True)
-    orig = E.token_ce_sum
-
-    def token_ce_sum(model, batch, device):
-        if not model.training:
-            return orig(model, batch, device)
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        pos = batch.get("position_ids")
-        pos = pos.to(device, non_blocking=True) if pos is not None else None
-        mask = batch.get("attention_mask")
-        if mask is not None and (bool(mask.all()) or (pos is not None and E._right_padded(mask))):
-            mask = None
-        elif mask is not None:
-            mask = mask.to(device, non_blocking=True)
-        shift = labels[:, 1:].clone()
-        if pos is not None:
-            shift[pos[:, 1:] == 0] = -100
-        shift = F.pad(shift, (0, 1), value=-100)
-        out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False,
-                    shift_labels=shift, num_items_in_batch=1)
-        return out.loss, (shift != -100).sum()
-
-    E.token_ce_sum = token_ce_sum
 
 
 def _install() -> None:

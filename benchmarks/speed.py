@@ -134,8 +134,16 @@ def _mem_line() -> None:
                                         "reserved": torch.cuda.max_memory_reserved()}), flush=True)
 
 
+def _apply_liger() -> None:
+    """The plain stack with Liger-Kernel, as the baseline README applies it (class-level, before the model exists)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
+
+
 def wrap_main(argv: list[str]) -> int:
-    """``speed.py _wrap [--liger] SCRIPT args``: run a baseline unchanged and report reserved memory too."""
+    """``speed.py _wrap [--no-ckpt] [--liger] SCRIPT args``: run a baseline unchanged and report reserved memory too."""
     import atexit
     import runpy
 
@@ -145,10 +153,7 @@ def wrap_main(argv: list[str]) -> int:
         transformers.PreTrainedModel.gradient_checkpointing_enable = lambda *a, **k: None
         argv = argv[1:]
     if argv[0] == "--liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+        _apply_liger()
         argv = argv[1:]
     atexit.register(_mem_line)
     sys.argv = argv
@@ -158,12 +163,8 @@ def wrap_main(argv: list[str]) -> int:
 
 def lora_main(argv: list[str]) -> int:
     """``speed.py _lora [--liger] BASELINES MB CKPT SEQ STEPS``: one lora_baseline.run configuration."""
-    liger = argv[0] == "--liger"
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+    if argv[0] == "--liger":
+        _apply_liger()
         argv = argv[1:]
     base, mb, ckpt, seq, steps = argv[0], int(argv[1]), argv[2] == "1", int(argv[3]), int(argv[4])
     sys.path.insert(0, base)
