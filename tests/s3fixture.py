@@ -233,3 +233,11 @@ def s3(moto_server, monkeypatch):
     finally:
         proxy.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def drop_aws_credentials(monkeypatch, tmp_path) -> None:
+    """No credentials anywhere botocore looks: the environment, and credential/config files that do not exist."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from s3fixture import moto_server, s3  # noqa: F401 - pytest fixtures
+from s3fixture import drop_aws_credentials, moto_server, s3  # noqa: F401 - pytest fixtures
 
 from ftcluster.errors import StorageError
 from ftcluster.storage.commit import CheckpointStore
@@ -464,10 +464,7 @@ def test_s3_restore_with_the_store_down_raises_after_retrying(s3, tmp_path):  # 
 
 @pytest.mark.s3
 def test_s3_without_credentials_in_the_environment_fails_with_a_hint(s3, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    drop_aws_credentials(monkeypatch, tmp_path)
     st = s3_store(s3, retry_max_s=0.5)
     with pytest.raises(StorageError, match="credentials"):
         st.restore_latest(tmp_path / "r")

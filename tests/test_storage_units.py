@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from s3fixture import moto_server, s3  # noqa: F401 - pytest fixtures
+from s3fixture import drop_aws_credentials, moto_server, s3  # noqa: F401 - pytest fixtures
 
 from ftcluster.errors import StorageError
 from ftcluster.storage import retry
@@ -124,10 +124,7 @@ def test_a_periodic_commit_with_a_permanent_error_fails_instead_of_retrying_fore
 
 @pytest.mark.s3
 def test_s3_without_credentials_fails_within_seconds_with_one_line(s3, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    drop_aws_credentials(monkeypatch, tmp_path)
     st = CheckpointStore(s3.uri("runs/a"), s3.storage_options)  # the default 600 s deadline
     t0 = time.monotonic()
     with pytest.raises(StorageError) as err:
