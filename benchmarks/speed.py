@@ -95,6 +95,8 @@ CASES: dict[str, dict] = {
     "z3-1b-ckpt5": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=5, only=("ft",)),
     # checkpoints further apart than their writes take: the device-to-host copy alone blocks
     "z3-1b-ckpt50": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=50, only=("ft",)),
+    # one GPU: the first checkpoint with its host buffers pinned ahead (asyncsave.reserve) or not
+    "z2-1b-g1-ckpt80": dict(method="full", stage=2, gpus=1, mb=8, shape="1b", ckpt_every=80, only=("ft",)),
     # CPU smoke tests of this script (tiny model, ftcluster only)
     "smoke-lora": dict(method="lora", gpus=1, mb=2, shape="tiny", seq=128, ckpt_every=5, only=("ft",)),
     "smoke-full": dict(method="full", stage=2, gpus=1, mb=2, shape="tiny", seq=128, only=("ft",)),

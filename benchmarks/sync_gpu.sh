@@ -5,6 +5,6 @@ set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 dst=${GPU_DIR:-/work/main/.gpu}
 rm -rf "$dst/repo"; mkdir -p "$dst/repo" "$dst/baselines"
-tar -C "$src" --exclude=.git --exclude=tests --exclude=benchmarks/results --exclude=__pycache__ -cf - . | tar -C "$dst/repo" -xf -
+tar -C "$src" --exclude=.git --exclude=.gpu --exclude=.whl --exclude=.venv --exclude=.ruff_cache --exclude=.pytest_cache --exclude=tests --exclude=benchmarks/results --exclude=__pycache__ -cf - . | tar -C "$dst/repo" -xf -
 cp /work/shared/baselines/*.py "$dst/baselines/"
 du -sh "$dst"

@@ -160,3 +160,57 @@ def test_a_save_reports_the_time_it_waited_for_the_previous_writes(tmp_path):
     assert mgr.last_wait_s >= 0.5 and mgr.last_blocked_s >= mgr.last_wait_s  # two 0.4 s writes of step 2
     mgr.wait()
     assert mgr.store.committed() == [4] or mgr.store.committed() == [2, 4]
+
+
+# --------------------------------------------------------------------------- pinned ahead
+
+
+class _Cuda:
+    type = "cuda"
+
+
+def test_reserve_pins_only_for_a_large_gpu_state_capped_by_the_hosts_share(monkeypatch):
+    import ftcluster.train.asyncsave as A
+
+    asked = []
+    monkeypatch.setattr(A.CheckpointWriter, "_pin_arena", lambda self, n: asked.append(n))
+    monkeypatch.setattr(A, "_host_bytes", lambda: 256 << 30)
+    assert CheckpointWriter(True, CPU).reserve(8 << 30) == 0  # CPU: nothing to pin
+    assert CheckpointWriter(False, _Cuda()).reserve(8 << 30) == 0  # synchronous saves copy nothing ahead
+    assert CheckpointWriter(True, _Cuda()).reserve(A.RESERVE_MIN - 1) == 0
+    w = CheckpointWriter(True, _Cuda())
+    assert w.reserve(64 << 30, local_procs=2) == 64 << 30
+    w._arena_future.result()
+    capped = CheckpointWriter(True, _Cuda())
+    assert capped.reserve(200 << 30, local_procs=4) == 32 << 30  # half of 256 GiB across 4 processes
+    capped._arena_future.result()
+    assert asked == [64 << 30, 32 << 30]
+
+
+def test_first_capture_carves_aligned_disjoint_buffers_from_the_arena():
+    import ftcluster.train.asyncsave as A
+
+    w = CheckpointWriter(True, CPU)
+    w._arena = torch.zeros(4096, dtype=torch.uint8)
+    shapes = [((3, 5), torch.float32), ((), torch.int64), ((7,), torch.bfloat16), ((2, 2), torch.float64)]
+    bufs = [w._from_arena(torch.empty(s, dtype=d)) for s, d in shapes]
+    for b, (s, d) in zip(bufs, shapes, strict=True):
+        assert b.shape == torch.Size(s) and b.dtype == d
+        assert (b.data_ptr() - w._arena.data_ptr()) % A.ALIGN == 0
+    for i, b in enumerate(bufs):
+        b.fill_(i + 1)
+    assert [float(b.reshape(-1)[0]) for b in bufs] == [1, 2, 3, 4]  # no buffer overlaps another
+    assert w._from_arena(torch.empty(4096, dtype=torch.uint8)) is None  # used up: pinned one at a time
+
+
+def test_deepspeed_checkpoint_bytes_estimate():
+    from types import SimpleNamespace
+
+    params = [torch.empty(1000), torch.empty(500)]
+    eng = SimpleNamespace(module=SimpleNamespace(parameters=lambda: iter(params)), world_size=2, offloaded=False)
+    est = E.DeepSpeedEngine.checkpoint_bytes
+    assert est(SimpleNamespace(**vars(eng), zero_stage=2), 0) == 12 * 1500 // 2 + 2 * 1500  # rank 0 saves the module
+    assert est(SimpleNamespace(**vars(eng), zero_stage=2), 1) == 12 * 1500 // 2
+    assert est(SimpleNamespace(**vars(eng), zero_stage=3), 0) == 12 * 1500 // 2
+    assert est(SimpleNamespace(**vars(eng), zero_stage=0), 1) == 12 * 1500
+    assert est(SimpleNamespace(**{**vars(eng), "offloaded": True}, zero_stage=2), 0) == 0

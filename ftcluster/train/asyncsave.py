@@ -9,6 +9,12 @@ continuation the checkpoint manager supplies (which starts the upload: the commi
 files first and manifest last, is unchanged). One checkpoint's writes are in flight at a time:
 :meth:`CheckpointWriter.idle` waits for the previous one before a new capture reuses the buffers.
 
+Pinning host memory is slow the first time (~1 GB/s on the lent H200 machines: the pages are
+faulted in, then locked), and an 8B ZeRO checkpoint copies ~50 GB per process, so
+:meth:`CheckpointWriter.reserve` pins an arena of the expected size on the writer thread
+while training starts (faulted in with the GIL released, then registered with CUDA); the first
+capture takes its buffers from it instead of pinning them while training waits.
+
 ``FTCLUSTER_ASYNC_CKPT=0`` makes the writer synchronous: ``capture`` returns its argument and
 ``write`` runs at once, exactly the saves of before (docs/training.md, "Checkpoints").
 """
@@ -16,8 +22,10 @@ files first and manifest last, is unchanged). One checkpoint's writes are in fli
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -25,6 +33,9 @@ from typing import Any
 log = logging.getLogger("ftcluster.train")
 
 ENV = "FTCLUSTER_ASYNC_CKPT"
+RESERVE_MIN = 1 << 30  # smaller states pin fast enough at the first checkpoint
+HOST_SHARE = 0.5  # of the host's memory that this node's processes may pin ahead, together
+ALIGN = 512
 
 
 def async_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -50,6 +61,23 @@ class CheckpointWriter:
         self._pinned_logged = False
         self._last: Future | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ftcluster-ckpt-write") if deferred else None
+        self._arena: Any = None  # pinned host bytes reserved ahead of the first capture
+        self._arena_at = 0
+        self._arena_future: Future | None = None
+
+    def reserve(self, nbytes: int, local_procs: int = 1) -> int:
+        """Pin about ``nbytes`` of host memory on the writer thread now, for the first checkpoint's
+        copies (CUDA, deferred writes, at least RESERVE_MIN); at most HOST_SHARE of the host's
+        memory split across ``local_procs``. Returns the bytes being pinned (0: none)."""
+        if not self.deferred or self._pool is None or getattr(self.device, "type", None) != "cuda":
+            return 0
+        if os.environ.get("FTCLUSTER_PIN_AHEAD", "1").strip() == "0":  # benchmarks: the first capture pins
+            return 0
+        nbytes = int(min(nbytes, HOST_SHARE * _host_bytes() / max(local_procs, 1)))
+        if nbytes < RESERVE_MIN:
+            return 0
+        self._arena_future = self._pool.submit(self._pin_arena, nbytes)
+        return nbytes
 
     # -- the training thread ---------------------------------------------------------
     def capture(self, obj: Any) -> Any:
@@ -94,6 +122,37 @@ class CheckpointWriter:
                 break
         return then(error)
 
+    def _pin_arena(self, nbytes: int) -> None:
+        import torch
+
+        t0 = time.monotonic()
+        arena = torch.empty(nbytes, dtype=torch.uint8)
+        step = 256 << 20
+        for at in range(0, nbytes, step):  # fault the pages in; ctypes releases the GIL per call
+            ctypes.memset(arena.data_ptr() + at, 0, min(step, nbytes - at))
+        rc = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+        if int(getattr(rc, "value", rc)) != 0 or not arena.is_pinned():
+            log.warning("asynchronous checkpoints: could not pin %.1f GB ahead (cudaHostRegister: %s); the first "
+                        "checkpoint pins its buffers", nbytes / 1e9, rc)
+            return
+        self._arena = arena
+        log.info("asynchronous checkpoints: %.1f GB of host memory pinned ahead of the first checkpoint in %.1f s",
+                 nbytes / 1e9, time.monotonic() - t0)
+
+    def _from_arena(self, t: Any) -> Any:
+        """A pinned buffer shaped like ``t`` carved from the reserved arena, or None when it is used up."""
+        if self._arena_future is not None:
+            self._arena_future.result()  # the reservation finishes first (it is under way already)
+            self._arena_future = None
+        if self._arena is None:
+            return None
+        n = t.numel() * t.element_size()
+        if self._arena_at + n > self._arena.numel():
+            return None
+        buf = self._arena[self._arena_at:self._arena_at + n].view(t.dtype).view(t.shape)
+        self._arena_at += -(-max(n, 1) // ALIGN) * ALIGN
+        return buf
+
     # -- capture -------------------------------------------------------------------------
     def _copy(self, obj: Any) -> Any:
         import torch
@@ -125,7 +184,9 @@ class CheckpointWriter:
             if buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = self._buffers[self._used] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         else:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf = self._from_arena(t)
+            if buf is None:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self._buffers.append(buf)
         self._used += 1
         buf.copy_(t, non_blocking=True)
@@ -143,8 +204,17 @@ class CheckpointWriter:
         if not self._pinned_logged:
             self._pinned_logged = True
             gb = sum(b.numel() * b.element_size() for b in self._buffers) / 1e9
-            log.info("asynchronous checkpoints: %.2f GB of pinned host memory per process for the state copy "
-                     "(%s=0 saves synchronously)", gb, ENV)
+            ahead = f", {self._arena_at / 1e9:.2f} GB of it from the {self._arena.numel() / 1e9:.2f} GB pinned ahead" \
+                if self._arena is not None else ""
+            log.info("asynchronous checkpoints: %.2f GB of pinned host memory per process for the state copy%s "
+                     "(%s=0 saves synchronously)", gb, ahead, ENV)
+
+
+def _host_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def deferred_ds_checkpoint_engine(inner: Any, writer: CheckpointWriter) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Any
 from ..errors import TrainError
 from .distributed import DistContext
 from .engine import Engine
+
+log = logging.getLogger("ftcluster.train")
 
 
 @dataclass
@@ -71,6 +74,8 @@ def build_engine(spec: Any, ds_config: dict[str, Any] | None, tokenizer: Any, dt
     if spec.method == "lora":
         base = M.load_base_model(spec, tokenizer, dtype, ctx.device, cache_dir)
         model = M.apply_lora(base, spec.lora, spec.training.seed)
+        if spec.training.compile:
+            M.compile_layers(model)
         return E.PlainEngine(model, spec, ctx.device, dtype, total_steps, ctx.world_size), None
     if ds_config is None:
         raise TrainError("payload: a full fine-tune needs the 'deepspeed' config; render the job with ftcluster")
@@ -87,4 +92,9 @@ def build_engine(spec: Any, ds_config: dict[str, Any] | None, tokenizer: Any, dt
         keep = HfDeepSpeedConfig(cfg)  # kept alive: transformers builds the model partitioned
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     model = M.load_base_model(spec, tokenizer, dtype, ctx.device, cache_dir, zero3=zero3)
+    if spec.training.compile:
+        if zero3:  # a config_file that sets stage 3 (the spec's own zero_stage 3 is refused on load)
+            log.warning("training.compile: not with ZeRO-3 (deepspeed.config_file sets stage 3); running uncompiled")
+        else:
+            M.compile_layers(model)
     return E.DeepSpeedEngine(model, spec, cfg, ctx.device, total_steps, ctx.world_size), keep

@@ -154,6 +154,7 @@ class CheckpointManager:
         self._errors: list[str] = []
         self._last_save = time.monotonic()
         self.writer = CheckpointWriter(async_enabled(), ctx.device)
+        self.writer.reserve(engine.checkpoint_bytes(ctx.rank), ctx.local_world_size)  # pinned while training starts
         self.last_blocked_s = 0.0  # seconds the last save() kept training waiting
         self.last_wait_s = 0.0  # the part of it spent waiting for the previous checkpoint's writes
 

@@ -60,6 +60,10 @@ class Engine(Protocol):
         """Restore what :meth:`save` wrote (collective)."""
         ...
 
+    def checkpoint_bytes(self, rank: int) -> int:
+        """About how many bytes of GPU state :meth:`save` copies on ``rank`` (to pin ahead; 0: small)."""
+        ...
+
     def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
         """The end-of-run artifact: an adapter (LoRA) or a consolidated model (collective). A LoRA
         engine given a deferred ``writer`` right after :meth:`save` writes the adapter from that
@@ -92,7 +96,7 @@ def _right_padded(mask: Any) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def token_ce_sum(model: Any, batch: dict[str, Any], device: Any, fused: bool = False):
+def token_ce_sum(model: Any, batch: dict[str, Any], device: Any, fused: bool = False, varlen: bool = False):
     """Sum of next-token cross entropy over label tokens, and the number of those tokens.
 
     Labels are aligned with inputs (Hugging Face convention) and shifted here. With
@@ -101,27 +105,34 @@ def token_ce_sum(model: Any, batch: dict[str, Any], device: Any, fused: bool = F
     transformers derives a block-diagonal causal mask from position_ids (packed examples
     do not attend to each other); padding positions carry label -100. ``fused`` (training
     with :func:`.speedups.apply_fused_kernels` applied) lets the model compute the sum from
-    its hidden states without materialising the logits.
+    its hidden states without materialising the logits. ``varlen`` (the model runs
+    :mod:`.varlen`'s attention) passes the examples' boundaries instead of leaving transformers
+    to build the mask.
     """
     import torch.nn.functional as F
 
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    pos = batch.get("position_ids")
-    pos = pos.to(device, non_blocking=True) if pos is not None else None
+    host_pos = batch.get("position_ids")
+    pos = host_pos.to(device, non_blocking=True) if host_pos is not None else None
     mask = batch.get("attention_mask")
     if mask is not None and (bool(mask.all()) or (pos is not None and _right_padded(mask))):
         mask = None
     elif mask is not None:
         mask = mask.to(device, non_blocking=True)
+    extra: dict[str, Any] = {}
+    if varlen and mask is None and host_pos is not None:
+        from .varlen import varlen_kwargs
+
+        extra = varlen_kwargs(host_pos, device)
     shift_labels = labels[:, 1:].clone()
     if pos is not None:
         shift_labels[pos[:, 1:] == 0] = -100
     if fused and model.training:
         from .speedups import fused_token_ce_sum
 
-        return fused_token_ce_sum(model, input_ids, shift_labels, pos, mask), (shift_labels != -100).sum()
-    logits = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        return fused_token_ce_sum(model, input_ids, shift_labels, pos, mask, **extra), (shift_labels != -100).sum()
+    logits = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False, **extra).logits
     ce = F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                          ignore_index=-100, reduction="sum")
     return ce, (shift_labels != -100).sum()
@@ -163,6 +174,7 @@ class PlainEngine:
         self.autocast_dtype = dtype if (device.type == "cuda" and dtype != torch.float32) else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.fused_ce = bool(getattr(model, "ftcluster_fused_ce", False))
+        self.varlen = bool(getattr(model, "ftcluster_varlen", False))
         self._captured: dict[str, Any] | None = None  # the last deferred save's host copy of the weights
 
     # ------------------------------------------------------------------ step
@@ -188,7 +200,7 @@ class PlainEngine:
             sync = contextlib.nullcontext() if (self.model is self.module or i == n - 1) else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    ce, _ = token_ce_sum(self.model, mb, self.device, fused=self.fused_ce)
+                    ce, _ = token_ce_sum(self.model, mb, self.device, fused=self.fused_ce, varlen=self.varlen)
                 loss = ce * scale
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += ce.detach()
@@ -214,11 +226,14 @@ class PlainEngine:
 
         self.module.eval()
         with torch.no_grad(), self._autocast():
-            ce, n = token_ce_sum(self.module, batch, self.device)
+            ce, n = token_ce_sum(self.module, batch, self.device, varlen=self.varlen)
         self.module.train()
         return ce, n
 
     # ------------------------------------------------------------------ state
+    def checkpoint_bytes(self, rank: int) -> int:
+        return 0  # the trainable subset and its Adam state: pinned fast enough at the first capture
+
     def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
         """Rank 0 writes trainable weights, optimizer, scheduler (DDP replicas are identical)."""
         import torch
@@ -317,6 +332,7 @@ class DeepSpeedEngine:
         self.device = device
         self.world_size = world_size
         self.zero_stage = zero_stage(cfg)
+        self.offloaded = dss.offload_optimizer != "none"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in cfg:
@@ -339,6 +355,7 @@ class DeepSpeedEngine:
         from .speedups import tune_ds_config
 
         self.fused_ce = bool(getattr(model, "ftcluster_fused_ce", False))
+        self.varlen = bool(getattr(model, "ftcluster_varlen", False))
         cfg = tune_ds_config(cfg, model, device, world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
@@ -355,7 +372,7 @@ class DeepSpeedEngine:
 
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            ce, _ = token_ce_sum(self.engine, mb, self.device, fused=self.fused_ce)
+            ce, _ = token_ce_sum(self.engine, mb, self.device, fused=self.fused_ce, varlen=self.varlen)
             self.engine.backward(ce * scale)
             self.engine.step()  # applies the optimizer only at the accumulation boundary
             total += ce.detach()
@@ -372,9 +389,19 @@ class DeepSpeedEngine:
 
         self.engine.eval()
         with torch.no_grad():
-            ce, n = token_ce_sum(self.engine, batch, self.device)
+            ce, n = token_ce_sum(self.engine, batch, self.device, varlen=self.varlen)
         self.engine.train()
         return ce, n
+
+    def checkpoint_bytes(self, rank: int) -> int:
+        """ZeRO's fp32 master weights and two Adam moments (12 bytes a parameter), partitioned from
+        stage 1 on, and on rank 0 below stage 3 the 16-bit module (2 bytes a parameter); nothing
+        when the optimizer state lives on the host (offload)."""
+        if self.offloaded:
+            return 0
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+        opt = 12 * n // (self.world_size if self.zero_stage >= 1 else 1)
+        return opt + (2 * n if self.zero_stage < 3 and rank == 0 else 0)
 
     def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
         """Every rank writes its own ZeRO shards under folder/ds (collective).

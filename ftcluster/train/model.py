@@ -114,9 +114,13 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     from .speedups import apply_fused_kernels
+    from .varlen import apply_varlen_attention
 
-    # Before LoRA or DeepSpeed wrap it: the engines read this flag to take the fused loss path.
-    model.ftcluster_fused_ce = apply_fused_kernels(model, device)
+    # Before LoRA or DeepSpeed wrap it: the engines read these flags to take the fused loss path
+    # and to pass packed examples' boundaries to the attention.
+    # Compiled layers get their norms, SwiGLU and RoPE fused by inductor: Liger keeps the loss only.
+    model.ftcluster_fused_ce = apply_fused_kernels(model, device, kernels=not spec.training.compile)
+    apply_varlen_attention(model, device)
     enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
 
@@ -153,6 +157,30 @@ def enable_checkpointing(model: Any, fraction: float) -> int:
         layer.gradient_checkpointing = i in keep
     log.info("gradient checkpointing: %d of %d decoder layers recomputed", len(keep), len(layers))
     return len(keep)
+
+
+def compile_layers(model: Any) -> int:
+    """``torch.compile`` each decoder layer (regional compilation: the layers share one graph, so
+    an 8B model compiles one layer's forward and backward, not 32); returns how many.
+
+    Called after the LoRA wrap (its modules are inside the layers) and before DeepSpeed's. The
+    checkpointing wrapper stays outside the compiled call, so a recomputed layer reruns the
+    compiled graph. ``FTCLUSTER_COMPILE_BACKEND`` picks another backend (tests: aot_eager)."""
+    import os
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        log.warning("training.compile: this model has no decoder layers that transformers marks "
+                    "(GradientCheckpointingLayer); running it uncompiled")
+        return 0
+    backend = os.environ.get("FTCLUSTER_COMPILE_BACKEND", "inductor")
+    for layer in layers:
+        layer.compile(backend=backend)
+    log.info("training.compile: %d decoder layers compiled (torch.compile, backend %s); the first steps compile",
+             len(layers), backend)
+    return len(layers)
 
 
 def apply_lora(model: Any, lora: Any, seed: int):

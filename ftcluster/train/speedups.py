@@ -42,8 +42,9 @@ def nccl_defaults(use_cuda: bool, world_size: int) -> None:
         os.environ["NCCL_PROTO"] = choice
 
 
-def apply_fused_kernels(model: Any, device: Any) -> bool:
-    """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied."""
+def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
+    """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied.
+    ``kernels=False`` (compiled layers, which inductor fuses) applies the fused loss only."""
     if device.type != "cuda" or _off("FTCLUSTER_FUSED_CE"):
         return False
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -55,9 +56,9 @@ def apply_fused_kernels(model: Any, device: Any) -> bool:
         if os.environ.get("FTCLUSTER_FUSED_CE") == "1":
             log.warning("FTCLUSTER_FUSED_CE=1 but liger-kernel is not importable: using the plain loss")
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+    _apply_liger_kernel_to_instance(model=model, rope=kernels, swiglu=kernels, rms_norm=kernels, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    log.info("Liger-Kernel: fused linear cross-entropy, RoPE, SwiGLU and RMSNorm kernels")
+    log.info("Liger-Kernel: fused linear cross-entropy%s", ", RoPE, SwiGLU and RMSNorm kernels" if kernels else "")
     return True
 
 
@@ -92,7 +93,7 @@ def tune_ds_config(cfg: dict[str, Any], model: Any, device: Any, world_size: int
     return cfg
 
 
-def fused_token_ce_sum(model: Any, input_ids: Any, shift_labels: Any, pos: Any, mask: Any):
+def fused_token_ce_sum(model: Any, input_ids: Any, shift_labels: Any, pos: Any, mask: Any, **extra: Any):
     """Sum of token CE through the model's fused loss: shifted labels (boundaries already -100,
     padded with -100 at the end to the input length) and num_items_in_batch=1, so the model's
     "mean over num_items_in_batch" is the sum."""
@@ -100,5 +101,5 @@ def fused_token_ce_sum(model: Any, input_ids: Any, shift_labels: Any, pos: Any, 
 
     padded = F.pad(shift_labels, (0, 1), value=-100)
     out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, use_cache=False,
-                shift_labels=padded, num_items_in_batch=1)
+                shift_labels=padded, num_items_in_batch=1, **extra)
     return out.loss
