@@ -50,9 +50,10 @@ PEAK_TFLOPS = 790.0
 SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab, tied embeddings
     "8b": (32, 4096, 14336, 32, 8, 128256, False),
     "1b": (16, 2048, 8192, 32, 8, 128256, True),
+    "8b8": (8, 4096, 14336, 32, 8, 128256, False),  # the 8B shape cut to 8 layers: full fine-tuning on one GPU
     "tiny": (2, 64, 128, 4, 2, 512, False),
 }
-PRESET = {"8b": "llama-3-8b", "1b": "llama-3.2-1b", "tiny": "tiny"}
+PRESET = {"8b": "llama-3-8b", "1b": "llama-3.2-1b", "tiny": "tiny", "8b8": "llama-3-8b"}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -96,7 +97,9 @@ CASES: dict[str, dict] = {
     # checkpoints further apart than their writes take: the device-to-host copy alone blocks
     "z3-1b-ckpt50": dict(method="full", stage=3, gpus=2, mb=8, shape="1b", ckpt_every=50, only=("ft",)),
     # one GPU: the first checkpoint with its host buffers pinned ahead (asyncsave.reserve) or not
-    "z2-1b-g1-ckpt80": dict(method="full", stage=2, gpus=1, mb=8, shape="1b", ckpt_every=80, only=("ft",)),
+    # one GPU, full fine-tuning of the 8B shape with 8 layers (plain: ds_baseline --layers 8): compute only, no links
+    "z2-8b8-g1-mb4-gc0": dict(method="full", stage=2, gpus=1, mb=4, shape="8b8", grad_ckpt=False),
+    "z2-1b-g1-ckpt60": dict(method="full", stage=2, gpus=1, mb=8, shape="1b", ckpt_every=60, only=("ft",)),
     # CPU smoke tests of this script (tiny model, ftcluster only)
     "smoke-lora": dict(method="lora", gpus=1, mb=2, shape="tiny", seq=128, ckpt_every=5, only=("ft",)),
     "smoke-full": dict(method="full", stage=2, gpus=1, mb=2, shape="tiny", seq=128, only=("ft",)),
@@ -225,7 +228,9 @@ def spec_dict(c: dict, data: Path, out: Path, steps: int, overrides: dict) -> di
     spec = {
         "name": c["name"].replace(".", "-"),
         "method": c["method"],
-        "model": {"random_init": {"preset": PRESET[c["shape"]]}, "attn_implementation": "sdpa"},
+        "model": {"random_init": {"preset": PRESET[c["shape"]],
+                                  **({"num_hidden_layers": SHAPES[c["shape"]][0]} if c["shape"] == "8b8" else {})},
+                  "attn_implementation": "sdpa"},
         "tokenizer": {"train_vocab_size": 8000 if c["shape"] != "tiny" else 400},
         "data": {"train": str(data), "format": "instruction" if c["data"] else "text", "seq_len": c["seq"],
                  "packing": True},

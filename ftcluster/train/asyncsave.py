@@ -34,6 +34,7 @@ log = logging.getLogger("ftcluster.train")
 
 ENV = "FTCLUSTER_ASYNC_CKPT"
 RESERVE_MIN = 1 << 30  # smaller states pin fast enough at the first checkpoint
+RESERVE_MARGIN = 1.1  # over the engine's estimate (tied embeddings saved twice, buffers, padding)
 HOST_SHARE = 0.5  # of the host's memory that this node's processes may pin ahead, together
 ALIGN = 512
 
@@ -73,7 +74,9 @@ class CheckpointWriter:
             return 0
         if os.environ.get("FTCLUSTER_PIN_AHEAD", "1").strip() == "0":  # benchmarks: the first capture pins
             return 0
-        nbytes = int(min(nbytes, HOST_SHARE * _host_bytes() / max(local_procs, 1)))
+        if nbytes < RESERVE_MIN:
+            return 0
+        nbytes = int(min(RESERVE_MARGIN * nbytes, HOST_SHARE * _host_bytes() / max(local_procs, 1)))
         if nbytes < RESERVE_MIN:
             return 0
         self._arena_future = self._pool.submit(self._pin_arena, nbytes)
