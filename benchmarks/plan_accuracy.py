@@ -49,12 +49,26 @@ from ftcluster.planner.shape import PRESET_SHAPES, count_lora, shape_from_config
 from ftcluster.planner.speed import step_seconds  # noqa: E402
 
 MEM_TOL, TIME_TOL = 0.10, 0.20
-OFF_SWITCHES = {"env.FTCLUSTER_FUSED_CE", "env.FTCLUSTER_ZERO3_KEEP", "env.FTCLUSTER_NCCL_PROTO"}
+OFF_SWITCHES = {"env.FTCLUSTER_FUSED_CE", "env.FTCLUSTER_ZERO3_KEEP", "env.FTCLUSTER_NCCL_PROTO", "env.FTCLUSTER_VARLEN"}
+# The runtime runs the varlen attention (train/varlen.py) for SDPA models on a GPU since this
+# date's runs (commit 2a06129); later runs say so in their ``runtime`` note.
+VARLEN_SINCE = "2026-12-01"
+
+
+def varlen_of(run: dict) -> bool:
+    """Whether a measured run computed attention with the varlen kernel (the planner then models
+    flash_attention_2, as advise.varlen_of does for a spec)."""
+    if str((run.get("overrides") or {}).get("env.FTCLUSTER_VARLEN", "auto")).lower() in ("0", "off"):
+        return False
+    if run.get("attn_implementation", "sdpa") != "sdpa" or str(run.get("device", "")).lower() == "cpu":
+        return False
+    return "varlen" in str(run.get("runtime", "")) or str(run.get("date", "")) >= VARLEN_SINCE
 
 
 def runtime_of(run: dict) -> str:
     """'current', 'plain' or 'probe' (see the module docstring)."""
-    over = run.get("overrides") or {}
+    # The varlen switch is modelled on its own (varlen_of); it leaves the other speed-ups on.
+    over = {k: v for k, v in (run.get("overrides") or {}).items() if k != "env.FTCLUSTER_VARLEN"}
     rt = str(run.get("runtime", ""))
     if over and not set(over) <= OFF_SWITCHES:
         return "probe"
@@ -67,11 +81,16 @@ def predict(run: dict) -> tuple[float, float]:
     """(peak GiB, step seconds) the planner predicts for one measured run."""
     method = run["method"]
     preset = run.get("preset") or ("llama-3-8b" if method == "lora" else "llama-3.2-1b")
-    shape = shape_from_config({"model_type": "llama", **PRESET_SHAPES[preset]}, preset)
+    cfg = {"model_type": "llama", **PRESET_SHAPES[preset]}
+    layers = (run.get("model") or {}).get("layers")
+    if layers:  # a preset cut to fewer layers (speed.py's 8b8)
+        cfg["num_hidden_layers"] = int(layers)
+    shape = shape_from_config(cfg, preset)
     targets = run.get("lora_targets", "all-linear")
     on = runtime_of(run) == "current"
+    attn = "flash_attention_2" if varlen_of(run) else run.get("attn_implementation", "sdpa")
     w = Workload(shape, int(run["seq_len"]), precision=run.get("precision", "bf16"),
-                 attn_implementation=run.get("attn_implementation", "sdpa"), lora_r=int(run.get("lora_r", 16)),
+                 attn_implementation=attn, lora_r=int(run.get("lora_r", 16)),
                  lora_targets=targets if isinstance(targets, str) else tuple(targets),
                  lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on)
     nodes = int(run.get("nodes", 1))

@@ -493,7 +493,7 @@ def main() -> int:
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 # plan_accuracy.py asks the planner for this runtime (its overrides mark probes)
                 "runtime": "train/speedups.py on (Liger fused CE for llama, ZeRO-3 keep when it fits, "
-                           "NCCL_PROTO=Simple on >1 GPU)"}
+                           "NCCL_PROTO=Simple on >1 GPU; train/varlen.py's varlen attention for SDPA)"}
     rows: list[dict] = []
     for name in [n for n in args.cases.split(",") if n]:
         c = case(name)
