@@ -214,3 +214,19 @@ def test_deepspeed_checkpoint_bytes_estimate():
     assert est(SimpleNamespace(**vars(eng), zero_stage=3), 0) == 12 * 1500 // 2
     assert est(SimpleNamespace(**vars(eng), zero_stage=0), 1) == 12 * 1500
     assert est(SimpleNamespace(**{**vars(eng), "offloaded": True}, zero_stage=2), 0) == 0
+
+
+def test_a_failed_reservation_warns_and_the_first_capture_pins_as_before(monkeypatch, caplog):
+    """Host memory short or no CUDA runtime while pinning ahead: one warning, no arena, and the
+    capture that waits for the reservation does not fail."""
+    import ftcluster.train.asyncsave as A
+
+    monkeypatch.setattr(A, "_host_bytes", lambda: 64 << 30)
+    w = CheckpointWriter(True, _Cuda())
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of host memory")))
+    with caplog.at_level(logging.WARNING, logger="ftcluster.train"):
+        assert w.reserve(4 << 30) > 0
+        w._arena_future.result()
+    monkeypatch.undo()
+    assert w._from_arena(torch.empty(4)) is None and w._arena is None
+    assert "could not pin" in caplog.text and "out of host memory" in caplog.text

@@ -112,6 +112,7 @@ class CheckpointWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
+
     # -- the writer thread -------------------------------------------------------------
     def _run(self, writes: list[tuple[str, Callable[[], None]]], then: Callable[[BaseException | None], Any]) -> Any:
         error: BaseException | None = None
@@ -126,17 +127,23 @@ class CheckpointWriter:
         return then(error)
 
     def _pin_arena(self, nbytes: int) -> None:
+        """Writer thread: the arena, or a warning and none (the first capture then pins as before)."""
         import torch
 
         t0 = time.monotonic()
-        arena = torch.empty(nbytes, dtype=torch.uint8)
-        step = 256 << 20
-        for at in range(0, nbytes, step):  # fault the pages in; ctypes releases the GIL per call
-            ctypes.memset(arena.data_ptr() + at, 0, min(step, nbytes - at))
-        rc = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
-        if int(getattr(rc, "value", rc)) != 0 or not arena.is_pinned():
-            log.warning("asynchronous checkpoints: could not pin %.1f GB ahead (cudaHostRegister: %s); the first "
-                        "checkpoint pins its buffers", nbytes / 1e9, rc)
+        try:
+            arena = torch.empty(nbytes, dtype=torch.uint8)
+            step = 256 << 20
+            for at in range(0, nbytes, step):  # fault the pages in; ctypes releases the GIL per call
+                ctypes.memset(arena.data_ptr() + at, 0, min(step, nbytes - at))
+            rc = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+            ok = int(getattr(rc, "value", rc)) == 0 and arena.is_pinned()
+            why = f"cudaHostRegister: {rc}"
+        except Exception as exc:  # noqa: BLE001 - host memory short, no CUDA runtime: not a reason to stop training
+            ok, why = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not ok:
+            log.warning("asynchronous checkpoints: could not pin %.1f GB ahead (%s); the first checkpoint pins "
+                        "its buffers", nbytes / 1e9, why)
             return
         self._arena = arena
         log.info("asynchronous checkpoints: %.1f GB of host memory pinned ahead of the first checkpoint in %.1f s",
