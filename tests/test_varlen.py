@@ -123,10 +123,8 @@ def test_apply_switches_on_only_for_cuda_sdpa_and_respects_the_off_switch(monkey
 
 def test_saved_models_do_not_name_the_runtime_attention(tmp_path):
     """An exported model (full fine-tune, merged LoRA) must load where ftcluster is not installed."""
-    import json
 
     model = M.load_base_model(lora_spec(), Tok(), torch.float32, CPU, Path("/nonexistent"))
     V.enable(model)
     model.save_pretrained(tmp_path)
     assert V.NAME not in (tmp_path / "config.json").read_text()
-    assert "ftcluster_varlen" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
