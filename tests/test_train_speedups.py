@@ -104,3 +104,19 @@ def test_fused_loss_path_passes_the_same_labels_as_the_plain_path():
     with torch.no_grad():
         ce_eval, _ = E.token_ce_sum(model, packed, CPU, fused=True)
     assert float(ce_eval) == pytest.approx(float(ce_plain), rel=1e-6)
+
+
+def test_liger_optional_backend_noise_is_dropped_and_other_failures_kept():
+    """The message liger-kernel 0.8.5 logs (backends/registry.py) for its optional CuTe-DSL backend."""
+    import logging
+
+    f = S._OptionalBackendNoise()
+    msg = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+
+    def rec(path: str) -> logging.LogRecord:
+        return logging.LogRecord(S.LIGER_REGISTRY_LOGGER, logging.WARNING, "registry.py", 323, msg,
+                                 (path, "rope", "ImportError", "cutedsl backend requires ..."), None)
+
+    assert f.filter(rec("liger_kernel.ops.backends._cutedsl.rope")) is False
+    assert f.filter(rec("liger_kernel.ops.backends._triton.rope")) is True
+    assert f.filter(logging.LogRecord("x", logging.WARNING, "f", 1, "something else", None, None)) is True

@@ -42,6 +42,20 @@ def nccl_defaults(use_cuda: bool, world_size: int) -> None:
         os.environ["NCCL_PROTO"] = choice
 
 
+class _OptionalBackendNoise(logging.Filter):
+    """liger-kernel (0.8.5) warns, once per op and rank, that its optional CuTe-DSL backend cannot
+    be imported ("... could not be imported: ImportError: cutedsl backend requires ..."), then
+    uses its Triton kernels as always: an ImportError in every GPU job's log that asks for nothing.
+    Only those records are dropped; any other backend failure still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Backend impl") and any("_cutedsl" in str(a) for a in args[:1]))
+
+
+LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
+
+
 def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied.
     ``kernels=False`` (compiled layers, which inductor fuses) applies the fused loss only."""
@@ -50,6 +64,9 @@ def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FUSED_CE_MODEL_TYPES:
         return False
+    noisy = logging.getLogger(LIGER_REGISTRY_LOGGER)
+    if not any(isinstance(f, _OptionalBackendNoise) for f in noisy.filters):
+        noisy.addFilter(_OptionalBackendNoise())
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
