@@ -66,3 +66,15 @@ output: {uri: file:///nowhere}
         load_spec_text(text, "z3.yaml")
     assert "training.compile" in str(err.value) and "zero_stage 2" in str(err.value)
     load_spec_text(text.replace("zero_stage: 3", "zero_stage: 2"), "z2.yaml")
+
+
+def test_compiled_layers_keep_state_dict_keys(monkeypatch):
+    """Checkpoints, adapters and merged exports are written from state dicts: compiling the layers
+    in place (``Module.compile``, not a wrapper) must not rename a key."""
+    monkeypatch.setenv("FTCLUSTER_COMPILE_BACKEND", "aot_eager")
+    eager, compiled = _model(0.5), _model(0.5)
+    M.compile_layers(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    from peft import get_peft_model_state_dict
+
+    assert list(get_peft_model_state_dict(compiled)) == list(get_peft_model_state_dict(eager))

@@ -108,7 +108,8 @@ def test_forward_without_boundaries_falls_back_to_sdpa(monkeypatch):
 
 def test_apply_switches_on_only_for_cuda_sdpa_and_respects_the_off_switch(monkeypatch):
     spec = lora_spec()
-    model = M.load_base_model(spec, Tok(), torch.float32, CPU, Path("/nonexistent"))
+    fp32 = M.load_base_model(spec, Tok(), torch.float32, CPU, Path("/nonexistent"))
+    model = M.load_base_model(spec, Tok(), torch.bfloat16, CPU, Path("/nonexistent"))
     assert V.apply_varlen_attention(model, CPU) is False and model.config._attn_implementation == "sdpa"
     cuda = torch.device("cuda", 0)  # only its type is read before the switch
     monkeypatch.setattr(V, "enable", lambda m: setattr(m, "ftcluster_varlen", True))
@@ -117,6 +118,7 @@ def test_apply_switches_on_only_for_cuda_sdpa_and_respects_the_off_switch(monkey
     assert V.apply_varlen_attention(model, cuda) is False
     monkeypatch.delenv(V.ENV)
     assert V.apply_varlen_attention(model, cuda) is True and model.ftcluster_varlen is True
+    assert V.apply_varlen_attention(fp32, cuda) is False  # FlashAttention-2 computes in fp16/bf16 only
     model.config._attn_implementation = "eager"
     assert V.apply_varlen_attention(model, cuda) is False
 
@@ -128,3 +130,15 @@ def test_saved_models_do_not_name_the_runtime_attention(tmp_path):
     V.enable(model)
     model.save_pretrained(tmp_path)
     assert V.NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_flash_limits_send_other_dtypes_and_head_dims_to_sdpa():
+    from types import SimpleNamespace as NS
+
+    def q(dtype, d, cuda=True):
+        return NS(is_cuda=cuda, dtype=dtype, shape=(1, 4, 16, d))
+
+    assert V._flash_ok(q(torch.bfloat16, 128)) and V._flash_ok(q(torch.float16, 256))
+    assert not V._flash_ok(q(torch.float32, 128))  # training.precision: fp32 on a GPU
+    assert not V._flash_ok(q(torch.bfloat16, 512))
+    assert not V._flash_ok(q(torch.bfloat16, 128, cuda=False))

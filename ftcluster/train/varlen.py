@@ -110,12 +110,20 @@ def _per_example(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
     return torch.cat(out)
 
 
+def _flash_ok(query: Any) -> bool:
+    """FlashAttention-2's limits: CUDA, fp16/bf16, head_dim <= 256."""
+    import torch
+
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+
+
 def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any):
     """transformers' attention interface: ``query`` (batch, heads, seq, dim); returns the output
     as (batch, seq, heads, dim), as the SDPA forward does, and no weights."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[2] == 1 or (dropout and module.training):
+    if (cu is None or query.shape[2] == 1 or (dropout and module.training)
+            or (query.is_cuda and not _flash_ok(query))):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -156,6 +164,14 @@ def apply_varlen_attention(model: Any, device: Any) -> bool:
     if device.type != "cuda" or os.environ.get(ENV, "auto").strip().lower() in ("0", "off", "false", "no"):
         return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    import torch
+
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if model.dtype not in (torch.float16, torch.bfloat16) or head_dim > 256:
+        log.info("variable-length attention: needs fp16/bf16 and head_dim <= 256 (FlashAttention-2); this model "
+                 "computes in %s with head_dim %d, so packed batches use SDPA with a block mask",
+                 str(model.dtype).replace("torch.", ""), head_dim)
         return False
     if not available():
         log.info("variable-length attention: this torch has no FlashAttention varlen op; packed batches use "
