@@ -133,6 +133,13 @@ def checkpointed_layers(n_layers: int, fraction: float) -> list[int]:
     return [i for i in range(n_layers) if (i + 1) * k // n_layers > i * k // n_layers]
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers, as transformers marks them (``GradientCheckpointingLayer``), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def enable_checkpointing(model: Any, fraction: float) -> int:
     """Recompute ``fraction`` of the decoder layers in backward (selective activation
     checkpointing); returns how many. The others keep their activations: no recompute there."""
@@ -144,9 +151,7 @@ def enable_checkpointing(model: Any, fraction: float) -> int:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if fraction >= 1 or not layers:
         if fraction < 1:
             log.warning("training.gradient_checkpointing: %g, but this model has no per-layer checkpointing "
@@ -168,9 +173,7 @@ def compile_layers(model: Any) -> int:
     compiled graph. ``FTCLUSTER_COMPILE_BACKEND`` picks another backend (tests: aot_eager)."""
     import os
 
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         log.warning("training.compile: this model has no decoder layers that transformers marks "
                     "(GradientCheckpointingLayer); running it uncompiled")

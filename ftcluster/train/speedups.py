@@ -31,7 +31,8 @@ FUSED_CE_MODEL_TYPES = ("llama",)  # Liger's forward for these accepts shift_lab
 KEEP_FRACTION = 0.6  # of GPU memory that the gathered model plus this rank's ZeRO shards may take
 
 
-def _off(name: str) -> bool:
+def switched_off(name: str) -> bool:
+    """The environment switch ``name`` says 0/off/false/no (unset: auto)."""
     return os.environ.get(name, "auto").strip().lower() in ("0", "off", "false", "no")
 
 
@@ -59,7 +60,7 @@ LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
 def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied.
     ``kernels=False`` (compiled layers, which inductor fuses) applies the fused loss only."""
-    if device.type != "cuda" or _off("FTCLUSTER_FUSED_CE"):
+    if device.type != "cuda" or switched_off("FTCLUSTER_FUSED_CE"):
         return False
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FUSED_CE_MODEL_TYPES:
@@ -97,7 +98,7 @@ def zero3_keep_settings(cfg: dict[str, Any], n_params: int, world_size: int, gpu
 
 def tune_ds_config(cfg: dict[str, Any], model: Any, device: Any, world_size: int) -> dict[str, Any]:
     """``cfg`` with the stage-3 keep settings merged in when they apply (GPU only)."""
-    if device.type != "cuda" or _off("FTCLUSTER_ZERO3_KEEP"):
+    if device.type != "cuda" or switched_off("FTCLUSTER_ZERO3_KEEP"):
         return cfg
     import torch
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from typing import Any
 
 log = logging.getLogger("ftcluster.train")
@@ -110,11 +109,16 @@ def _per_example(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
     return torch.cat(out)
 
 
-def _flash_ok(query: Any) -> bool:
-    """FlashAttention-2's limits: CUDA, fp16/bf16, head_dim <= 256."""
+def flash_limits(dtype: Any, head_dim: int) -> bool:
+    """FlashAttention-2's limits: fp16/bf16 and head_dim <= 256."""
     import torch
 
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+    return dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+
+
+def _flash_ok(query: Any) -> bool:
+    """A CUDA query the kernel takes."""
+    return query.is_cuda and flash_limits(query.dtype, query.shape[-1])
 
 
 def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
@@ -161,14 +165,14 @@ def enable(model: Any) -> None:
 def apply_varlen_attention(model: Any, device: Any) -> bool:
     """On CUDA, for a model computing attention with SDPA: the variable-length kernel; True if applied."""
     model.ftcluster_varlen = False
-    if device.type != "cuda" or os.environ.get(ENV, "auto").strip().lower() in ("0", "off", "false", "no"):
+    from .speedups import switched_off
+
+    if device.type != "cuda" or switched_off(ENV):
         return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    import torch
-
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    if model.dtype not in (torch.float16, torch.bfloat16) or head_dim > 256:
+    if not flash_limits(model.dtype, head_dim):
         log.info("variable-length attention: needs fp16/bf16 and head_dim <= 256 (FlashAttention-2); this model "
                  "computes in %s with head_dim %d, so packed batches use SDPA with a block mask",
                  str(model.dtype).replace("torch.", ""), head_dim)
