@@ -78,3 +78,22 @@ def test_compiled_layers_keep_state_dict_keys(monkeypatch):
     from peft import get_peft_model_state_dict
 
     assert list(get_peft_model_state_dict(compiled)) == list(get_peft_model_state_dict(eager))
+
+
+def test_compile_takes_a_boolean_with_a_located_error(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("""name: lora
+method: lora
+model: {random_init: {preset: tiny}}
+data: {train: x.jsonl, seq_len: 32}
+training:
+  compile: sometimes
+resources: {gpus_per_node: 0}
+output: {uri: file:///nowhere}
+""")
+    from ftcluster.loader import load_spec
+
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    msg = str(err.value)
+    assert msg.count("\n") == 0 and "job.yaml:6:" in msg and "training.compile" in msg, msg
