@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DS_SPEC ?= deepspeed==0.19.8
 
-.PHONY: setup quickstart test lint schema manifests golden bench clean
+.PHONY: setup quickstart test test-fast lint schema manifests golden bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,3 +44,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The offline tier: tests/unit without live services or slow cases (under a minute); `make test` runs everything.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit -m "not slow and not slurm and not k8s and not s3 and not ssh"

@@ -95,8 +95,8 @@ def main() -> int:
     args = ap.parse_args()
     from gpu_train import write_corpus
 
-    from ftcluster.loader import load_spec_text
-    from ftcluster.plan import compile_plan
+    from ftcluster.plan.launch import compile_plan
+    from ftcluster.spec.loader import load_spec_text
 
     res_dir = args.results_dir.resolve()
     work = (args.work_dir or res_dir / "work").resolve()

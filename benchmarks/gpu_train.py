@@ -79,8 +79,8 @@ output: {{uri: {out.as_uri()}, checkpoint_every_minutes: 10000, keep_last: 1}}
 
 
 def run_job(name: str, method: str, gpus: int, steps: int, work: Path, data: Path, args, results: Path) -> dict:
-    from ftcluster.loader import load_spec_text
-    from ftcluster.plan import compile_plan
+    from ftcluster.plan.launch import compile_plan
+    from ftcluster.spec.loader import load_spec_text
 
     out = work / name
     spec = load_spec_text(spec_text(name, method, data, out, steps, gpus, args), f"<{name}>")

@@ -92,7 +92,7 @@ def rdzv_host() -> str:
 
 
 def start_agents(plan, args, work: Path, tag: str, agents: int, per_agent: int, log) -> list[subprocess.Popen]:
-    from ftcluster.plan import derived_port
+    from ftcluster.plan.launch import derived_port
 
     job = JOB_ID + (0 if agents > 1 else 1)  # the reference is another job: another port
     argv = plan.torchrun_args(rdzv_endpoint=f"{args.host}:{derived_port(job)}", rdzv_id=str(job),
@@ -226,8 +226,8 @@ def main() -> int:
     end = time.monotonic() + args.deadline
     from gpu_train import write_corpus
 
-    from ftcluster.loader import load_spec_text
-    from ftcluster.plan import compile_plan
+    from ftcluster.plan.launch import compile_plan
+    from ftcluster.spec.loader import load_spec_text
 
     res_dir = args.results_dir.resolve()
     work = (args.work_dir or res_dir / "work").resolve()

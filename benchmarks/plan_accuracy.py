@@ -42,11 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftcluster.planner.gpus import load_gpus, normalise  # noqa: E402
-from ftcluster.planner.layout import Layout, Workload  # noqa: E402
-from ftcluster.planner.memory import per_gpu_memory, zero3_keeps  # noqa: E402
-from ftcluster.planner.shape import PRESET_SHAPES, count_lora, shape_from_config  # noqa: E402
-from ftcluster.planner.speed import step_seconds  # noqa: E402
+from ftcluster.plan.planner.gpus import load_gpus, normalise  # noqa: E402
+from ftcluster.plan.planner.layout import Layout, Workload  # noqa: E402
+from ftcluster.plan.planner.memory import per_gpu_memory, zero3_keeps  # noqa: E402
+from ftcluster.plan.planner.shape import PRESET_SHAPES, count_lora, shape_from_config  # noqa: E402
+from ftcluster.plan.planner.speed import step_seconds  # noqa: E402
 
 MEM_TOL, TIME_TOL = 0.10, 0.20
 OFF_SWITCHES = {"env.FTCLUSTER_FUSED_CE", "env.FTCLUSTER_ZERO3_KEEP", "env.FTCLUSTER_NCCL_PROTO", "env.FTCLUSTER_VARLEN"}

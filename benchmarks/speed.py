@@ -306,8 +306,8 @@ def batch_fill(files: list[Path], warmup: int) -> dict:
 
 
 def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict, tag: str) -> dict:
-    from ftcluster.loader import load_spec_text
-    from ftcluster.plan import compile_plan
+    from ftcluster.plan.launch import compile_plan
+    from ftcluster.spec.loader import load_spec_text
 
     out = work / tag
     if out.exists():

@@ -16,11 +16,11 @@ __all__ = ["__version__", "load_spec", "render", "submit", "compile_plan", "Ftcl
 
 def __getattr__(name: str):
     if name == "load_spec":
-        from .loader import load_spec
+        from .spec.loader import load_spec
 
         return load_spec
     if name == "compile_plan":
-        from .plan import compile_plan
+        from .plan.launch import compile_plan
 
         return compile_plan
     if name in ("render",):

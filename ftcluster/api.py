@@ -10,7 +10,7 @@ from typing import Any
 from .backends import get_backend
 from .backends.base import EXIT_CODES, Backend, RunStatus, SubmitRequest, find_run, load_status
 from .backends.base import list_runs as _run_folders
-from .loader import load_spec
+from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "server_dry_run",
            "status", "wait", "list_cluster", "logs", "cancel", "list_runs", "doctor", "run_output"]
@@ -18,7 +18,7 @@ __all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", 
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None):
     if isinstance(spec_or_path, (str, Path)):
-        from .pipeline import load
+        from .spec.pipeline import load
 
         return load(spec_or_path, overrides)  # a job spec or a pipeline file
     return spec_or_path
@@ -27,14 +27,14 @@ def _spec(spec_or_path: Any, overrides: list[str] | None = None):
 def backend_for(spec: Any, backend: str | None = None, **options: Any) -> Backend:
     """The backend that runs ``spec``: ``backend`` if given, else the spec's (a pipeline: the pipeline backend).
     ``options`` go to the kubernetes backend (``context``)."""
-    from .pipeline import Pipeline
+    from .spec.pipeline import Pipeline
 
     return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend, **options)
 
 
 def submit_dryrun(spec: Any, backend: str | None = None, **options: Any) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
-    from .pipeline import Pipeline, precedence
+    from .spec.pipeline import Pipeline, precedence
 
     spec = _spec(spec)
     req = backend_for(spec, backend, **options).submit_dryrun(spec)
@@ -53,7 +53,7 @@ def schedule(request: Any, **options: Any) -> RunStatus:
 
 def server_dry_run(request: Any, **options: Any) -> str:
     """Kubernetes: have the API server validate the request's job (``dryRun=All``); nothing is stored."""
-    from .backends.kubernetes import KubernetesBackend
+    from .backends.kubernetes.backend import KubernetesBackend
     from .errors import BackendError
 
     b = get_backend(request.backend, **options)
@@ -151,9 +151,9 @@ def list_runs() -> list[RunStatus]:
 
 def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
            context: str | None = None) -> list[Any]:
-    """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.checks.Check` rows): spec, launch
+    """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.preflight.checks.Check` rows): spec, launch
     files, the planner, the backend's ``preflight``, inputs, output storage; ``remote`` also probes a
     compute node; ``context`` is the kubeconfig context for a kubernetes job."""
-    from .doctor import diagnose
+    from .preflight.doctor import diagnose
 
     return diagnose(path, overrides, remote=remote, context=context)

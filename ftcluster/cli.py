@@ -56,7 +56,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _load(path: str, sets: tuple[str, ...]):
     """A job spec, or a pipeline (a file with `pipeline:`); `--set` applies to every stage of a pipeline."""
-    from .pipeline import load
+    from .spec.pipeline import load
 
     with _collector_paused():
         return load(path, list(sets))
@@ -87,8 +87,8 @@ def _collector_paused():
 def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
     """Check a job spec or pipeline; prints a summary, or every problem with file:line:column."""
     spec = _load(job, sets)
-    from .pipeline import Pipeline, describe
-    from .plan import compile_plan
+    from .plan.launch import compile_plan
+    from .spec.pipeline import Pipeline, describe
 
     if not no_plan_check:
         _plan_check(spec)
@@ -110,10 +110,10 @@ def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
 
 
 def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
-    """Local inputs exist and the output folder can be created (ftcluster.paths), located in the spec."""
+    """Local inputs exist and the output folder can be created (ftcluster.preflight.paths), located in the spec."""
     from .errors import SpecError
-    from .paths import local_problems
-    from .yamlio import apply_overrides, load_file
+    from .preflight.paths import local_problems
+    from .spec.yamlio import apply_overrides, load_file
 
     doc = load_file(job)
     if sets:
@@ -134,8 +134,9 @@ def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
-    from .pipeline import Pipeline, render_pipeline
     from .render import render as do_render
+    from .render.pipeline import render_pipeline
+    from .spec.pipeline import Pipeline
 
     spec = _load(job, sets)
     with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
@@ -154,9 +155,9 @@ def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, s
 
 
 def _kustomized(spec, target: str | None, files: dict[str, str]) -> dict[str, str]:
-    from .pipeline import Pipeline
     from .render import command_for, default_target, header_lines
     from .render.kube import with_kustomization
+    from .spec.pipeline import Pipeline
 
     if isinstance(spec, Pipeline) or (target or default_target(spec)) == "slurm":
         raise click.UsageError("--kustomize applies to one job spec rendered for --target pytorchjob or trainjob")
@@ -208,7 +209,7 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
            namespace: str | None, sets: tuple[str, ...], no_plan_check: bool, fresh: bool) -> None:
     """Submit a job (local, slurm, kubernetes) or a pipeline (slurm) to its backend."""
     from . import api
-    from .pipeline import Pipeline
+    from .spec.pipeline import Pipeline
 
     sets = sets + ((f"kubernetes.namespace={namespace}",) if namespace else ())
     spec = _load(job, sets)
@@ -265,9 +266,9 @@ def _note_finished(job: str, spec) -> None:
 
 
 def _plan_check(spec) -> None:
-    """Refuse a job (or any stage of a pipeline) that will not fit in its GPUs' memory (ftcluster.planner)."""
+    """Refuse a job (or any stage of a pipeline) that will not fit in its GPUs' memory (ftcluster.plan.planner)."""
     from .errors import SpecError
-    from .planner import check_spec
+    from .plan.planner import check_spec
 
     problems = check_spec(spec)
     if problems:
@@ -287,10 +288,10 @@ def _plan_check(spec) -> None:
 def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline: bool, fused_ce: str,
          sets: tuple[str, ...]) -> None:
     """Predict per-GPU memory, step time and cost, compare layouts and recommend one."""
-    from .pipeline import Pipeline
-    from .planner import build_plan
-    from .planner.advise import stage_specs
-    from .planner.report import plan_dict, print_plan
+    from .plan.planner import build_plan
+    from .plan.planner.advise import stage_specs
+    from .plan.planner.report import plan_dict, print_plan
+    from .spec.pipeline import Pipeline
 
     spec = _load(job, sets)
     fused = {"auto": None, "on": True, "off": False}[fused_ce]
@@ -514,8 +515,8 @@ def _sample_source(run_or_uri: str) -> tuple[str, dict]:
 @click.option("--pipeline", is_flag=True, help="The schema of a pipeline file instead of a job spec.")
 def schema(output: str | None, pipeline: bool) -> None:
     """Print the JSON Schema of the job spec (for editors)."""
-    from .loader import json_schema
-    from .pipeline import pipeline_json_schema
+    from .spec.loader import json_schema
+    from .spec.pipeline import pipeline_json_schema
 
     text = json.dumps(pipeline_json_schema() if pipeline else json_schema(), indent=2, sort_keys=True) + "\n"
     if output:

@@ -7,7 +7,7 @@
   team applies it once, before any TrainJob that refers to it).
 - ``team/``: what one team's namespace needs to submit with ftcluster: the Namespace, a
   ServiceAccount, and a least-privilege Role (exactly the verbs and resources the kubernetes
-  backend calls, from ``ftcluster.backends.kube_api.PERMISSIONS``) with its RoleBinding. An
+  backend calls, from ``ftcluster.backends.kubernetes.client.PERMISSIONS``) with its RoleBinding. An
   overlay renames the namespace with kustomize's ``namespace:``.
 - ``examples/<example>/``: the Kubernetes examples as ``ftcluster render job.yaml --kustomize -o DIR``
   writes them (byte for byte), the folder a team commits to its GitOps repository. The runtime
@@ -27,15 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftcluster import __version__  # noqa: E402
-from ftcluster.backends.kube_api import PERMISSIONS  # noqa: E402
-from ftcluster.loader import load_spec  # noqa: E402
+from ftcluster.backends.kubernetes.client import PERMISSIONS  # noqa: E402
+from ftcluster.spec.loader import load_spec  # noqa: E402
 from ftcluster.render import command_for, header_lines, render  # noqa: E402
-from ftcluster.render.kube import (  # noqa: E402
-    DEFAULT_RUNTIME,
-    cluster_training_runtime,
-    dump_yaml,
-    with_kustomization,
-)
+from ftcluster.render.kube import DEFAULT_RUNTIME, cluster_training_runtime, dump_yaml, with_kustomization
 
 MANIFESTS = ROOT / "manifests"
 EXAMPLES = ("lora-pytorchjob", "full-trainjob")  # the examples whose backend is kubernetes

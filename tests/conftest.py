@@ -1,61 +1,6 @@
-"""Shared pytest options and fixtures."""
+"""The suite's plugins: shared fixtures (tests/support/fixtures.py), the moto S3 server
+(tests/support/s3fixture.py) and the real sshd (tests/support/sshd_fixture.py). Tests are laid out as
+the package is: tests/unit/<package>/ (offline, `make test-fast`) and tests/e2e/ (real services and
+training processes)."""
 
-from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
-
-
-def pytest_addoption(parser):
-    parser.addoption("--update-golden", action="store_true", default=False,
-                     help="Rewrite tests/golden/ from the current renderers instead of comparing.")
-
-
-@pytest.fixture
-def update_golden(request) -> bool:
-    return request.config.getoption("--update-golden")
-
-
-@pytest.fixture
-def ftc_home(tmp_path, monkeypatch) -> Path:
-    """An isolated FTCLUSTER_HOME so run folders do not leak between tests."""
-    home = tmp_path / "ftc-home"
-    monkeypatch.setenv("FTCLUSTER_HOME", str(home))
-    return home
-
-
-@pytest.fixture
-def live_slurm() -> None:
-    """Tests that need the live Slurm (.ci/test.sh starts it): skip without it, fail under STRICT=1."""
-    if not os.environ.get("SLURM_CONF"):
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but SLURM_CONF is unset (.ci/test.sh starts Slurm)")
-        pytest.skip("SLURM_CONF unset: start the test cluster with .ci/slurm-up.sh")
-
-
-@pytest.fixture
-def live_k8s() -> str:
-    """The kubeconfig of the test API server (.ci/k8s-up.sh; .ci/test.sh exports FTCLUSTER_TEST_KUBECONFIG):
-    skip without it, fail under STRICT=1. A variable of its own, never KUBECONFIG, so the tests cannot
-    create objects in whatever cluster a developer's shell points at."""
-    path = os.environ.get("FTCLUSTER_TEST_KUBECONFIG")
-    if not path or not Path(path).is_file():
-        if os.environ.get("STRICT") == "1":
-            pytest.fail("STRICT=1 but FTCLUSTER_TEST_KUBECONFIG is unset or missing (.ci/test.sh starts the API server)")
-        pytest.skip("FTCLUSTER_TEST_KUBECONFIG unset: start the test API server with .ci/k8s-up.sh")
-    return path
-
-
-@pytest.fixture
-def repo_root() -> Path:
-    return ROOT
-
-
-def pytest_configure(config):
-    os.environ.setdefault("FTCLUSTER_CANCEL_GRACE_S", "30")
+pytest_plugins = ["tests.support.fixtures", "tests.support.s3fixture", "tests.support.sshd_fixture"]

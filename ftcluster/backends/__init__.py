@@ -16,11 +16,11 @@ BACKENDS = ("local", "slurm", "kubernetes")
 def get_backend(name: str, **options: Any) -> Backend:
     """Instantiate the backend called ``name``; ``options`` go to the kubernetes backend (context, namespace)."""
     if name == "local":
-        from .local import LocalBackend
+        from .local.backend import LocalBackend
 
         return LocalBackend()
     if name == "slurm":
-        from .slurm import SlurmBackend
+        from .slurm.backend import SlurmBackend
 
         return SlurmBackend()
     if name == "pipeline":  # not a spec's backend: the runs of `ftcluster submit pipeline.yaml`
@@ -28,7 +28,7 @@ def get_backend(name: str, **options: Any) -> Backend:
 
         return PipelineBackend()
     if name == "kubernetes":
-        from .kubernetes import KubernetesBackend
+        from .kubernetes.backend import KubernetesBackend
 
         return KubernetesBackend(**{k: v for k, v in options.items() if v is not None})
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

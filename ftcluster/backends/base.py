@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BackendError, RunNotFoundError
 
 if TYPE_CHECKING:
-    from ..checks import Check
+    from ..preflight.checks import Check
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3, "PREEMPTED": 4}
@@ -234,7 +234,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def preflight(self, spec: Any, remote: bool = False) -> list[Check]:
-        """Check that ``spec`` can run on this backend, one :class:`~ftcluster.checks.Check`
+        """Check that ``spec`` can run on this backend, one :class:`~ftcluster.preflight.checks.Check`
         row per fact (cluster reachable, resources exist, ...); never raise for a failed check,
         return a ``fail`` row with its fix. ``remote`` allows checks that start work on the
         cluster (a one-node probe job). The doctor adds the spec and storage rows itself."""

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, FtclusterError
 from .base import TERMINAL, Backend, RunStatus, load_status, new_run_id, save_status, write_atomic
-from .slurm_array import aggregate, span
-from .slurm_state import first_line
+from .slurm.array import aggregate, span
+from .slurm.state import first_line
 
 if TYPE_CHECKING:
-    from ..checks import Check
+    from ..preflight.checks import Check
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PipelineRequest:
 
 
 def _sbatch_args(after_ids: list[str]) -> list[str]:
-    from ..pipeline import dependency_args
+    from ..render.pipeline import dependency_args
 
     return ["--hold", *dependency_args(after_ids)]
 
@@ -75,7 +75,7 @@ class PipelineBackend(Backend):
     @property
     def slurm(self):
         if self._slurm is None:
-            from .slurm import SlurmBackend
+            from .slurm.backend import SlurmBackend
 
             self._slurm = SlurmBackend(root=self.root)
         return self._slurm
@@ -83,8 +83,8 @@ class PipelineBackend(Backend):
     # -- submit -----------------------------------------------------------------
     def submit_dryrun(self, pipe: Any, run_id: str | None = None) -> PipelineRequest:
         """Every stage's sbatch command and script, with no side effects."""
-        from ..pipeline import pipeline_command
         from ..render import header_lines, render
+        from ..render.pipeline import pipeline_command
 
         if pipe.backend != "slurm":
             raise BackendError(
@@ -204,7 +204,7 @@ class PipelineBackend(Backend):
     # -- checks -----------------------------------------------------------------
     def preflight(self, pipe: Any, remote: bool = False) -> list[Check]:
         """The Slurm checks of every stage, each row named ``<stage>: <check>``."""
-        from ..checks import Check
+        from ..preflight.checks import Check
 
         rows = []
         for stage in pipe.stages:

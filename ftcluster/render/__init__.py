@@ -1,4 +1,4 @@
-"""Renderers: a :class:`~ftcluster.plan.LaunchPlan` in, launch files out.
+"""Renderers: a :class:`~ftcluster.plan.launch.LaunchPlan` in, launch files out.
 
 Each target is a pure function ``render_<target>(plan, header) -> {filename: text}``;
 the same spec always gives the same bytes. ``header`` holds the lines every generated
@@ -24,8 +24,8 @@ def reproduce_command(spec: Any, target: str) -> str:
 
 def command_for(source: str, overrides: Any, target: str) -> str:
     """``ftcluster render SOURCE --target TARGET [--set ...]``, with secret-looking ``--set`` values replaced
-    by ``<secret:KEY>`` (see :func:`ftcluster.secrets.redact_override`)."""
-    from ..secrets import redact_override
+    by ``<secret:KEY>`` (see :func:`ftcluster.spec.secrets.redact_override`)."""
+    from ..spec.secrets import redact_override
 
     argv = ["ftcluster", "render", source, "--target", target]
     for item in overrides:
@@ -50,7 +50,7 @@ def render(spec: Any, target: str | None = None, *, backend_env: dict[str, str] 
     A spec with variants renders as one Slurm job array, or one Kubernetes job per variant.
     ``header`` replaces the default header lines (a pipeline names its own file).
     """
-    from ..plan import compile_plan
+    from ..plan.launch import compile_plan
 
     target = target or default_target(spec)
     if target not in TARGETS:
@@ -76,8 +76,8 @@ def _render_plan(plan: Any, target: str, header: list[str]) -> dict[str, str]:
 def _render_each_variant(spec: Any, target: str, backend_env: dict[str, str] | None,
                          header: list[str]) -> dict[str, str]:
     """Kubernetes has no job arrays: one job (carrying its own payload) per variant, named <name>-<variant>."""
-    from ..plan import compile_plan
-    from ..variants import resolve_variants
+    from ..plan.launch import compile_plan
+    from ..spec.variants import resolve_variants
 
     files: dict[str, str] = {}
     for variant in resolve_variants(spec):

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from ..errors import RenderError
-from ..kubenames import (
+from ..plan.launch import LaunchPlan
+from ..spec.envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
+from ..spec.kubenames import (
     GRACE_SECONDS,
     HASH_LABEL,
     K8S_ENV,
@@ -31,7 +32,6 @@ from ..kubenames import (
     SHM_VOLUME,
     secret_volume_name,
 )
-from ..plan import LaunchPlan
 
 DEFAULT_RUNTIME = "ftcluster-torch"
 PATCH_MANAGER = "ftcluster.dev/render"

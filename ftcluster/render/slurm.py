@@ -22,10 +22,10 @@ import re
 import shlex
 from typing import Any
 
-from ..envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from ..errors import RenderError
-from ..plan import PORT_BASE, PORT_SPAN
-from ..slurm_request import slurm_request
+from ..plan.launch import PORT_BASE, PORT_SPAN
+from ..plan.slurm_request import slurm_request
+from ..spec.envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from .template import sbatch_template
 
 PAYLOAD_EOF = "FTCLUSTER_PAYLOAD_EOF"

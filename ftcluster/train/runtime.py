@@ -31,7 +31,7 @@ class Trainer:
     """State of one training process; :func:`run` is the entry."""
 
     def __init__(self, payload: dict[str, Any], stop: StopFlag):
-        from ..loader import spec_from_dict
+        from ..spec.loader import spec_from_dict
 
         self.stop = stop
         self.payload = payload
@@ -257,9 +257,9 @@ def run(payload: dict[str, Any], stop: StopFlag | None = None) -> int:
     without one, handlers are installed here and removed on return.
 
     A payload with variants (a job array) trains the variant this process is assigned
-    (``FTCLUSTER_VARIANT`` or ``SLURM_ARRAY_TASK_ID``; :func:`ftcluster.payload.select_payload`).
+    (``FTCLUSTER_VARIANT`` or ``SLURM_ARRAY_TASK_ID``; :func:`ftcluster.plan.payload.select_payload`).
     """
-    from ..payload import select_payload
+    from ..plan.payload import select_payload
     from .launch import mark_preempted
 
     owned = stop is None

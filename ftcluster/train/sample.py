@@ -63,7 +63,7 @@ def load(folder: Path, whole: bool, device: Any) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, spec)`` from a downloaded artifact folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..loader import spec_from_dict
+    from ..spec.loader import spec_from_dict
     from .model import compute_dtype, load_base_model
     from .tokenizer import CHAT_TEMPLATE
 

@@ -1,0 +1,98 @@
+"""The payload the training entry point reads, and how a task of a job array picks its own.
+
+A payload is ``{"ftcluster_version", "spec", "deepspeed"}``; the payload of a job array is
+``{"base": ..., "variants": [{"variant", "set", "unset", "deepspeed"}]}`` where ``set`` and
+``unset`` are JSON Pointer changes to the base spec (:mod:`ftcluster.plan.launch` builds both). Pure
+JSON, no spec models: the training runtime reads it before anything else is imported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import TrainError
+
+
+def _pointer(keys: tuple[Any, ...]) -> str:
+    """A JSON Pointer (RFC 6901): ("lora", "r") -> "/lora/r"; "~" and "/" in keys are escaped."""
+    return "".join("/" + str(k).replace("~", "~0").replace("/", "~1") for k in keys)
+
+
+def _keys(pointer: str) -> list[str]:
+    return [k.replace("~1", "/").replace("~0", "~") for k in pointer.split("/")[1:]]
+
+
+def json_changes(base: Any, other: Any, path: tuple[Any, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """What turns JSON value ``base`` into ``other``: ({JSON Pointer: new value}, [JSON Pointer removed]).
+
+    Mappings are compared key by key; any other value that differs is replaced whole.
+    """
+    if not (isinstance(base, dict) and isinstance(other, dict)):
+        return ({} if base == other else {_pointer(path): other}), []
+    changed: dict[str, Any] = {}
+    removed = [_pointer(path + (k,)) for k in base if k not in other]
+    for key, value in other.items():
+        if key not in base:
+            changed[_pointer(path + (key,))] = value
+            continue
+        c, r = json_changes(base[key], value, path + (key,))
+        changed.update(c)
+        removed += r
+    return changed, removed
+
+
+def apply_changes(base: Any, changed: dict[str, Any], removed: list[str]) -> Any:
+    """Inverse of :func:`json_changes`: a copy of ``base`` with the changes applied."""
+    out = copy.deepcopy(base)
+    for pointer, value in changed.items():
+        keys = _keys(pointer)
+        if not keys:
+            out = copy.deepcopy(value)
+            continue
+        target = out
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = copy.deepcopy(value)
+    for pointer in removed:
+        keys = _keys(pointer)
+        target = out
+        for key in keys[:-1]:
+            target = target[key]
+        target.pop(keys[-1], None)
+    return out
+
+
+def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The payload this process trains: ``payload`` itself, or for a job with variants the entry
+    of this process's variant.
+
+    ``FTCLUSTER_VARIANT`` (a variant name or index; for launchers other than Slurm) wins over
+    ``SLURM_ARRAY_TASK_ID`` (set by Slurm in every task of a job array). Pure: reads only
+    ``environ``. Raises :class:`~ftcluster.errors.TrainError` when no variant is chosen.
+    """
+    variants = payload.get("variants")
+    if variants is None:
+        return payload
+    names = [str(v.get("variant")) for v in variants]
+    index = _variant_index(names, environ)
+    entry, base = variants[index], payload["base"]
+    return {"ftcluster_version": payload.get("ftcluster_version"), "variant": entry["variant"],
+            "spec": apply_changes(base["spec"], entry.get("set", {}), entry.get("unset", [])),
+            "deepspeed": entry["deepspeed"] if "deepspeed" in entry else base["deepspeed"]}
+
+
+def _variant_index(names: list[str], environ: Mapping[str, str]) -> int:
+    source = "FTCLUSTER_VARIANT" if environ.get("FTCLUSTER_VARIANT") else "SLURM_ARRAY_TASK_ID"
+    want = (environ.get(source) or "").strip()
+    if not want:
+        raise TrainError(
+            f"this payload holds {len(names)} variants ({', '.join(names)}); choose one with "
+            "FTCLUSTER_VARIANT=<name or index>, or run it as a task of the Slurm job array")
+    if want in names:
+        return names.index(want)
+    if want.isdigit() and int(want) < len(names):
+        return int(want)
+    raise TrainError(f"{source}={want} names no variant of this job; use one of {', '.join(names)} "
+                     f"or an index 0-{len(names) - 1}")

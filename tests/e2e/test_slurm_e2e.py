@@ -1,0 +1,202 @@
+"""End to end on the live Slurm (.ci/slurm-up.sh) with the real training runtime on CPU:
+``ftcluster submit`` -> sbatch -> srun -> torchrun -> ftcluster.train, then the outputs.
+
+* the quickstart LoRA job completes and publishes its adapter, and as a job array of two variants
+  each task trains its own variant and publishes its own adapter;
+* a 2-node DeepSpeed ZeRO-3 job (one process per node, gloo) completes and publishes the
+  consolidated model;
+* preemption: ``scancel --signal=USR2 --batch`` (what ``--signal=B:USR2@T`` does before the time
+  limit) makes every rank save and commit, the job requeues, and once released it resumes from
+  the committed checkpoint and finishes with the planned step count;
+* ``ftcluster cancel`` (scancel: SIGTERM) stops a run cleanly: it saves, ends CANCELLED and is
+  not requeued.
+
+The lab's node names n1/n2 do not resolve; the script takes the rendezvous host from the first
+node's NodeAddr (127.0.0.1), with no FTCLUSTER_RDZV_HOST override.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.train, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _needs_slurm_and_runtime(live_slurm):
+    pytest.importorskip("deepspeed", reason="needs the [train] extra")
+
+
+def ftc(*args: str, home: Path, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTCLUSTER_RDZV_")}
+    env["FTCLUSTER_HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def lab_sets(tmp_path: Path, output_uri: bool = True) -> list[str]:
+    """--set options that fit a spec to the lab: this interpreter, partition debug, no GPUs, logs (and
+    outputs) in tmp_path."""
+    sets = {"backend": "slurm", "slurm.python": sys.executable, "slurm.partition": "debug",
+            "resources.gpus_per_node": "0", "slurm.output": f"{tmp_path}/slurm-%x-%j.out"}
+    if output_uri:
+        sets["output.uri"] = f"file://{tmp_path}/out"
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def job_of(submit: subprocess.CompletedProcess) -> tuple[str, str]:
+    m = re.search(r"submitted (\S+) \(slurm, job (\d+)\)", submit.stdout)
+    assert m, submit.stdout
+    return m.group(1), m.group(2)
+
+
+def scontrol(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_until(what: str, check, timeout: float = 120, every: float = 0.5):
+    deadline = time.time() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def log_text(tmp_path: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
+
+
+def committed(out: Path, name: str) -> dict:
+    """The manifest of a committed artifact (written last: its presence is the commit)."""
+    manifest = out / name / "manifest.json"
+    assert manifest.is_file(), f"{name} was not committed under {out}: {sorted(p.name for p in out.iterdir())}"
+    return json.loads(manifest.read_text())
+
+
+ZERO3 = """\
+name: zero3-cpu
+method: full
+backend: slurm
+model: {{random_init: {{preset: tiny}}}}
+tokenizer: {{train_vocab_size: 512}}
+data: {{train: {root}/examples/data/text.jsonl, format: text, seq_len: 128}}
+training: {{max_steps: {steps}, micro_batch_size: 4, precision: fp32, learning_rate: 1.0e-3, log_every_steps: 5}}
+deepspeed: {{zero_stage: 3}}
+resources: {{nodes: 2, gpus_per_node: 0, procs_per_node: 1}}
+output: {{uri: file://{tmp}/out, checkpoint_every_steps: 20}}
+"""
+
+
+def zero3_job(tmp_path: Path, steps: int) -> Path:
+    path = tmp_path / "zero3.yaml"
+    path.write_text(textwrap.dedent(ZERO3.format(root=ROOT, tmp=tmp_path, steps=steps)))
+    return path
+
+
+def test_quickstart_lora_completes_on_slurm_and_writes_its_adapter(tmp_path):
+    home = tmp_path / "home"
+    res = ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=60",
+              "--wait", home=home)
+    assert "SUCCEEDED" in res.stderr
+    adapter = committed(tmp_path / "out", "adapter")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(adapter["files"])
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r["kind"] == "train") == 60
+    assert any(r["kind"] == "eval" and r["step"] == 60 for r in steps)  # evaluated at the end
+    assert "1 process(es) on 1 node(s)" in res.stdout and "done: step 60," in res.stdout
+
+
+def test_lora_variants_array_trains_one_adapter_per_variant(tmp_path):
+    home = tmp_path / "home"
+    variants = "[{name: r2, set: {lora.r: 2}}, {name: r4, set: {lora.r: 4, training.learning_rate: 1.0e-3}}]"
+    res = ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=10",
+              "--set", "training.eval_every_steps=10", "--set", f"variants={variants}", "--wait", home=home)
+    assert "SUCCEEDED" in res.stderr
+    for variant, r in (("r2", 2), ("r4", 4)):
+        adapter = committed(tmp_path / "out" / variant, "adapter")
+        config = json.loads((tmp_path / "out" / variant / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == r and adapter["meta"]["training"]["name"] == f"quickstart-{variant}"
+        assert f"lora run 'quickstart-{variant}'" in res.stdout
+
+
+def test_two_node_deepspeed_zero3_on_cpu_completes(tmp_path):
+    home = tmp_path / "home"
+    res = ftc("submit", str(zero3_job(tmp_path, 20)), *lab_sets(tmp_path, output_uri=False), "--wait", home=home)
+    assert "SUCCEEDED" in res.stderr
+    assert "2 process(es) on 2 node(s)" in res.stdout
+    final = committed(tmp_path / "out", "final")
+    assert "model.safetensors" in final["files"] and "config.json" in final["files"]
+    assert "done: step 20" in res.stdout
+    # a ZeRO-3 checkpoint holds every rank's shard: one commit with files from both nodes
+    assert "from every node" in res.stdout
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    home = tmp_path / "home"
+    steps = 60
+    run, job = job_of(ftc("submit", str(zero3_job(tmp_path, steps)), *lab_sets(tmp_path, output_uri=False), home=home))
+    wait_until("training to pass step 10", lambda: re.search(r"step (1\d|[2-9]\d)/60", log_text(tmp_path)))
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True)
+    # the step saves and commits, exits 143, and the script requeues the job (held until its BeginTime)
+    info = wait_until("the requeue", lambda: (lambda i: i if i.get("Restarts") == "1"
+                                              and i.get("JobState") == "PENDING" else None)(scontrol(job)))
+    log = log_text(tmp_path)
+    stop = re.search(r"stop requested \(\w+\): saving step (\d+)", log)
+    assert stop, log[-3000:]
+    saved = int(stop.group(1))
+    assert 10 <= saved < steps
+    assert f"checkpoint step {saved} committed; exiting with 143" in log
+    assert "requeueing job" in log
+    assert (tmp_path / "out" / "checkpoints" / f"step-{saved:08d}" / "manifest.json").is_file()
+    assert info["Reason"] in ("BeginTime", "None", "Priority", "Resources"), info
+    # Slurm holds a requeued job ~2 min (BeginTime) so that no node still holds the revoked credential of
+    # its last run. slurmd compares credential times in whole seconds: a release within the same second
+    # as the requeue fails the launch with "Job credential revoked". Let one second pass, then release.
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
+        "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
+        timeout=150)
+    log = log_text(tmp_path)
+    assert st["state"] == "SUCCEEDED", log[-3000:]
+    assert f"resumed from checkpoint step {saved}" in log
+    after = log.split(f"resumed from checkpoint step {saved}", 1)[1]
+    logged = [int(s) for s in re.findall(r"step (\d+)/60 \|", after)]
+    assert logged and logged[0] > saved and logged[-1] == steps  # went on from the checkpoint, not from 0
+    assert f"done: step {steps}," in after
+    committed(tmp_path / "out", "final")
+
+
+def test_cancel_stops_a_run_cleanly(tmp_path):
+    home = tmp_path / "home"
+    run, job = job_of(ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path),
+                          "--set", "training.max_steps=100000", home=home))
+    wait_until("training to start", lambda: re.search(r"step \d+/100000", log_text(tmp_path)))
+    assert "cancel requested" in ftc("cancel", run, home=home).stdout
+    st = wait_until("the job to end", lambda: (lambda s: s if s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED")
+                                               else None)(json.loads(ftc("status", run, "--json", home=home).stdout)))
+    assert st["state"] == "CANCELLED"
+    log = log_text(tmp_path)
+    stop = re.search(r"stop requested \(\w+\): saving step (\d+)", log)
+    assert stop, log[-3000:]
+    assert f"checkpoint step {stop.group(1)} committed" in log
+    assert "requeueing job" not in log
+    time.sleep(3)  # a requeue would show by now
+    info = scontrol(job)
+    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", info
