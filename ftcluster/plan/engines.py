@@ -1,0 +1,79 @@
+"""Training engines, by name: torch-free recipes in the spirit of torchtitan's ``TrainSpec``.
+
+A recipe says what an engine is to every layer that does not run it: which ``method`` it serves
+and which spec section configures it, what it adds to the launch plan and payload (DeepSpeed: the
+resolved config), which artifacts a run publishes (the last one committed means "done"), which
+checkpoint kind it writes, and where its builder lives in the training runtime
+(``ftcluster.train.engines.<name>``, imported only by the runtime, where torch is). The planner,
+the renderers, the doctor and the runtime ask :func:`engine_for` instead of spelling the engine
+out; adding an engine is a builder module under ``ftcluster/train/engines/`` plus one
+:func:`register` call here (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineRecipe:
+    """One training engine as the torch-free layers see it."""
+
+    name: str  # the engine's name: ftcluster.train.engines.<name> builds it
+    method: str  # the spec's method it trains ("lora", "full")
+    section: str | None  # the spec section that configures it ("lora", "deepspeed"), if any
+    checkpoint_kind: str  # recorded in each checkpoint's state.json: a checkpoint resumes only into the same kind
+    artifacts: Callable[[Any], tuple[str, ...]]  # what a run publishes at its end, in commit order
+    plan_extra: Callable[[Any], dict[str, Any]]  # what the engine adds to the payload (config it resolves)
+    description: str = ""
+
+    @property
+    def builder(self) -> str:
+        """The runtime module whose ``build`` constructs the engine (imported by ftcluster.train only)."""
+        return f"ftcluster.train.engines.{self.name}"
+
+    def last_artifact(self, spec: Any) -> str:
+        """The artifact committed last at the end of a run: its commit means the run is done."""
+        return self.artifacts(spec)[-1]
+
+
+ENGINES: dict[str, EngineRecipe] = {}
+
+
+def register(recipe: EngineRecipe) -> EngineRecipe:
+    """Add an engine; its name must be new."""
+    if recipe.name in ENGINES:
+        raise ValueError(f"engine {recipe.name!r} is registered twice")
+    ENGINES[recipe.name] = recipe
+    return recipe
+
+
+def engine_for(spec: Any) -> EngineRecipe:
+    """The engine that trains ``spec``: the one registered for its method (one per method today; a
+    spec field will choose when a method has several)."""
+    for recipe in ENGINES.values():
+        if recipe.method == spec.method:
+            return recipe
+    raise ValueError(f"no training engine for method {spec.method!r}")
+
+
+def _lora_artifacts(spec: Any) -> tuple[str, ...]:
+    return ("adapter", "merged") if spec.lora.merge_at_end else ("adapter",)
+
+
+def _deepspeed_extra(spec: Any) -> dict[str, Any]:
+    from .launch import resolved_deepspeed_config
+
+    return {"deepspeed": resolved_deepspeed_config(spec)}
+
+
+register(EngineRecipe(
+    name="lora", method="lora", section="lora", checkpoint_kind="plain",
+    artifacts=_lora_artifacts, plan_extra=lambda spec: {"deepspeed": None},
+    description="LoRA adapters (peft) on a frozen base: torch AdamW, DDP across processes"))
+register(EngineRecipe(
+    name="deepspeed", method="full", section="deepspeed", checkpoint_kind="deepspeed",
+    artifacts=lambda spec: ("final",), plan_extra=_deepspeed_extra,
+    description="full fine-tuning with DeepSpeed ZeRO 0-3"))
