@@ -37,7 +37,7 @@ schema: setup
 	$(VENV)/bin/ftcluster schema --pipeline -o docs/ftcluster-pipeline.schema.json
 
 golden: setup
-	$(PY) -m pytest -q tests/test_golden.py --update-golden
+	$(PY) -m pytest -q tests/unit/render/test_golden.py --update-golden
 
 bench: setup
 	$(PY) benchmarks/render_speed.py

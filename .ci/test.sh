@@ -15,7 +15,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# OpenSSH: tests/sshd_fixture.py runs a real sshd (and the ssh client) for the submit-over-SSH tests.
+# OpenSSH: tests/support/sshd_fixture.py runs a real sshd (and the ssh client) for the submit-over-SSH tests.
 if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v ssh-keygen >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq

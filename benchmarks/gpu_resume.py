@@ -11,7 +11,7 @@ Three runs of the same spec (Llama-3.2-1B shape, random init, bf16, LoRA or ZeRO
 It then compares the per-step training loss of straight vs preempted+resumed and writes
 ``resume.json`` (max absolute and relative difference per step; steps after the resume point
 are what matter). bf16 on GPU is not bitwise deterministic (atomics in SDPA/cuBLAS), so the
-figure is reported, not asserted; the CPU test (tests/test_train_runtime.py) asserts 1e-5.
+figure is reported, not asserted; the CPU test (tests/e2e/test_train_runtime.py) asserts 1e-5.
 
     python benchmarks/gpu_resume.py RESULTS_DIR [--method lora|full] [--steps 40] [--kill-at 17]
 """

@@ -26,7 +26,7 @@ Text is lowercase words from a fixed list with a period after every ninth word. 
 BPE trained on this data (``tokenizer.train_vocab_size`` >= ~700; it stops at ~674 ids) learns
 every word, with and without its leading space, as one token, and the period is one token, so
 a text meant as N tokens is N tokens, and an example is prompt + answer + 12 (bos, the
-``### Instruction:``/``### Response:`` template, eos), its labels answer + 1 (``tests/test_instruct_data.py`` checks the lengths through ftcluster's own tokenizer
+``### Instruction:``/``### Response:`` template, eos), its labels answer + 1 (``tests/unit/train/test_instruct_data.py`` checks the lengths through ftcluster's own tokenizer
 and ``build_examples``). A smaller vocabulary (the smoke case's 400) splits words, so lengths
 come out ~2x longer there. The random-init model does not care what the words say.
 """

@@ -57,7 +57,7 @@ def _meta(name: str, namespaced: bool = True) -> dict:
 
 
 def role() -> dict:
-    """Exactly what the kubernetes backend calls, one rule per API group (tests/test_k8s_backend.py
+    """Exactly what the kubernetes backend calls, one rule per API group (tests/e2e/test_k8s_backend.py
     records every call and fails when this grants more or less)."""
     groups: dict[str, dict[str, tuple[str, ...]]] = {}
     for (group, resource), verbs in sorted(PERMISSIONS.items()):

@@ -7,7 +7,7 @@ so ``ftcluster render`` does not lex, parse and compile the template on every st
 
     python -m ftcluster.render.template > ftcluster/render/_sbatch_j2.py
 
-``tests/test_render_slurm.py`` fails while the two differ.
+``tests/unit/render/test_render_slurm.py`` fails while the two differ.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The CLI runs with SLURM_CONF *unset*, so no Slurm command can work locally: everything that
 reaches the cluster goes through `ssh ftc-login` (an alias in the config given by
 FTCLUSTER_SSH_CONFIG, which also forwards SLURM_CONF to the remote shell). The training program
-is a shell shim standing in for python, as in tests/test_cli.py.
+is a shell shim standing in for python, as in tests/unit/cli/test_cli.py.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def layer_of(module: str) -> str:
         key = ".".join(parts[:n])
         if key in LAYER_OF and (n > 1 or module == "ftcluster"):
             return LAYER_OF[key]
-    raise AssertionError(f"{module}: no layer; add it to LAYER_OF in tests/test_architecture.py")
+    raise AssertionError(f"{module}: no layer; add it to LAYER_OF in tests/unit/test_architecture.py")
 
 
 class Graph:

@@ -7,7 +7,7 @@ always with ``fieldValidation=Strict`` so a field the cluster's CRD does not kno
 rather than silently dropped. ``status`` maps the job's conditions, ``logs`` reads the pod of a
 rank (core/v1), ``cancel`` deletes the job with foreground propagation, ``list`` finds
 ftcluster's jobs by label. Every call it makes is one the least-privilege Role in
-``manifests/team/`` grants (tests/test_k8s_backend.py checks both ways).
+``manifests/team/`` grants (tests/e2e/test_k8s_backend.py checks both ways).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Never loads weights and never imports torch. Counts follow transformers' Llama-f
 modelling code (``modeling_llama.py``: q/k/v/o projections with GQA, a gated SwiGLU MLP,
 RMSNorm weights, optional tied ``lm_head``) and peft's LoRA layers (``A: r x in``,
 ``B: out x r`` per adapted Linear; ``A: r x vocab``, ``B: hidden x r`` on an Embedding);
-tests/test_planner.py checks them against the real libraries.
+tests/unit/plan/test_planner.py checks them against the real libraries.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Golden files: every example x target rendered and compared in full.
 
-Regenerate only on purpose: ``pytest tests/test_golden.py --update-golden``.
+Regenerate only on purpose: ``pytest tests/unit/render/test_golden.py --update-golden``.
 """
 
 from __future__ import annotations

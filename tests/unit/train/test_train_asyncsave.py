@@ -2,7 +2,7 @@
 manifest never precedes the engine files, and a failed background write leaves that checkpoint
 uncommitted while the run goes on (the final one fails cleanly). In-process, one CPU rank, a real
 PlainEngine on a tiny LoRA and a real CheckpointStore on a folder; the writer's test hook stands in
-for a slow or failing disk. The end-to-end resume (LoRA, ZeRO-2/3) is in tests/test_train_stops.py.
+for a slow or failing disk. The end-to-end resume (LoRA, ZeRO-2/3) is in tests/e2e/test_train_stops.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Unit tests of the training runtime's parts: loss, engines, schedule, signals, metrics, launcher.
 
 Real torch/transformers/peft on a tiny random Llama; no mocks. The end-to-end runs are in
-tests/test_train_runtime.py.
+tests/e2e/test_train_runtime.py.
 """
 
 from __future__ import annotations
