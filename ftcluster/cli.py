@@ -27,6 +27,15 @@ NAMESPACE_HELP = "Kubernetes: the namespace (same as --set kubernetes.namespace=
 
 
 class _Cli(click.Group):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The commands and their summaries, whole: click cuts a summary at the width left ("before..."),
+        here it wraps under itself instead (and, piped, the width has no limit)."""
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context):
         from .errors import FtclusterError
 
@@ -43,7 +52,14 @@ class _Cli(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+def _help_width() -> int:
+    from .ui.tables import terminal_width
+
+    return terminal_width()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": _help_width(),
+                                         "max_content_width": _help_width()})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="ftcluster")
 @click.pass_context
@@ -302,7 +318,18 @@ def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline:
         click.echo(json.dumps(out if isinstance(spec, Pipeline) else out[0], indent=1))
         return
     for p in plans:
-        print_plan(p)
+        print_plan(p, _console())
+
+
+def _console():
+    """rich's console for the plan table: on a terminal its width; piped, no limit, so no cell is cut
+    (rich would otherwise fit the table to 80 columns and elide "GiB/GPU" and method cells)."""
+    from rich.console import Console
+
+    from .ui.tables import UNBOUNDED, terminal_width
+
+    width = terminal_width()
+    return Console(width=width, soft_wrap=True) if width == UNBOUNDED or os.environ.get("COLUMNS") else Console()
 
 
 def _follow(run_ref: str, **options) -> None:

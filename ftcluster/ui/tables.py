@@ -11,17 +11,26 @@ it gets is printed whole too (the line runs long rather than splitting a path or
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
 MIN_WRAP = 24  # narrower than this, a wrapped column reads badly: it becomes detail lines
+UNBOUNDED = 100_000  # the width when not on a terminal: whole values, one line per row (for grep, awk, logs)
 GAP = "  "
 INDENT = "    "
 
 
-def terminal_width() -> int:
-    """$COLUMNS, else the terminal's width, else 80 (as when piped)."""
+def terminal_width(stream=None) -> int:
+    """$COLUMNS; else, on a terminal, its width; else (piped or redirected) :data:`UNBOUNDED`, so every
+    row stays one line with its values whole, as a script reading the output expects."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    stream = stream or sys.stdout
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return UNBOUNDED
     return shutil.get_terminal_size((80, 24)).columns
 
 
