@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import Problem
-from .advise import Evaluator, Option, pick, requested_layout, workload_of
+from .advise import Evaluator, Option, memory_model_of, pick, requested_layout, workload_of
 from .gpus import GPUS, load_gpus, normalise
 from .report import gib
 from .shape import spec_shape
@@ -58,7 +58,7 @@ def _check_one(spec: Any, root: Any, shape: Any = None) -> list[Problem]:
     req = ev.evaluate(requested_layout(spec, gpu.name))
     if req.fits:
         return []
-    best = pick(ev.options(spec.method, req.layout), req.layout)
+    best = pick(ev.options(memory_model_of(spec), req.layout), req.layout)
     return [_problem(spec, root, req, best, gpu.name)]
 
 
