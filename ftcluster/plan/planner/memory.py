@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..speedups import KEEP_FRACTION, zero3_keep_fits  # noqa: F401 - KEEP_FRACTION re-exported
+from .. import speedups as speedup_rules
+from ..speedups import KEEP_FRACTION  # noqa: F401 - re-exported
 from .layout import Layout, Workload
 
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size: the optimizer steps one at a time
@@ -92,7 +93,7 @@ def zero3_keeps(w: Workload, lay: Layout, params: int, gpu_memory: int) -> bool:
     """Whether the runtime keeps ZeRO-3's gathered weights for this layout (speedups.zero3_keep_settings)."""
     if not w.zero3_keep or lay.zero_stage != 3 or lay.offload_params:
         return False
-    return zero3_keep_fits(params, lay.world, gpu_memory)
+    return speedup_rules.zero3_keep_fits(params, lay.world, gpu_memory)
 
 
 def _step_scratch(params: int, stage: int, dp: int, half: int) -> int:
