@@ -74,6 +74,7 @@ class LaunchPlan:
     array_parallelism: int | None = None
     resolved: tuple[Any, ...] = field(default=(), repr=False)  # the resolved variant specs, in order
     variant_deepspeed: tuple[dict[str, Any] | None, ...] = field(default=(), repr=False)  # their DeepSpeed configs
+    backend_env: dict[str, str] | None = field(default=None, repr=False)  # what compile_plan was given (in env already)
 
     @property
     def name(self) -> str:
@@ -103,7 +104,8 @@ class LaunchPlan:
         """One plan per variant (Kubernetes has no job arrays: one job each), built from what this
         compile resolved: a variant's DeepSpeed config is not resolved again. The environment is
         this plan's (the variants check refuses a variant that changes it)."""
-        return tuple(_compile_one(v, self.env, ds) for v, ds in zip(self.resolved, self.variant_deepspeed, strict=True))
+        return tuple(_compile_one(v, self.env, ds, backend_env=self.backend_env)
+                     for v, ds in zip(self.resolved, self.variant_deepspeed, strict=True))
 
     def payload_json(self) -> str:
         """The resolved spec + DeepSpeed config the entry point reads, as stable JSON."""
@@ -164,9 +166,17 @@ def _engine_extra(spec: Any) -> tuple[EngineRecipe, dict[str, Any]]:
     return recipe, recipe.plan_extra(spec)
 
 
+def processes_env(spec: Any, env: dict[str, str], backend_env: dict[str, str] | None) -> dict[str, str]:
+    """The environment the training processes will see, as far as the spec says: the plan's ``env``,
+    and when no backend env was given, the spec's own backend's ``env`` section over it (the sbatch
+    script exports ``slurm.env``, the pod sets ``kubernetes.env``, the local backend ``local.env``).
+    The speed-up decisions read it."""
+    return env if backend_env is not None else {**env, **speedup_rules.spec_environ(spec)}
+
+
 def _compile_one(spec: Any, env: dict[str, str], deepspeed: dict[str, Any] | None,
                  resolved: tuple[Any, ...] = (), variant_deepspeed: tuple[dict[str, Any] | None, ...] = (),
-                 extra: dict[str, Any] | None = None) -> LaunchPlan:
+                 extra: dict[str, Any] | None = None, backend_env: dict[str, str] | None = None) -> LaunchPlan:
     recipe = engine_for(spec)
     request = slurm_request(spec)
     payload = _array_payload(spec, deepspeed, resolved, variant_deepspeed) if resolved else _payload(spec, deepspeed)
@@ -183,13 +193,14 @@ def _compile_one(spec: Any, env: dict[str, str], deepspeed: dict[str, Any] | Non
         engine=recipe.name,
         artifacts=recipe.artifacts(spec),
         output=OutputLayout(spec.output.uri),
-        speedups=speedup_rules.decide(spec, env),
+        speedups=speedup_rules.decide(spec, processes_env(spec, env, backend_env)),
         array=request.sbatch_value("array"),
         extra=dict(extra if extra is not None else {"deepspeed": deepspeed}),
         variants=tuple(v._variant for v in resolved),
         array_parallelism=spec.array_parallelism if resolved else None,
         resolved=resolved,
         variant_deepspeed=variant_deepspeed,
+        backend_env=None if backend_env is None else dict(backend_env),
     )
 
 
@@ -210,4 +221,5 @@ def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> Launch
     resolved = tuple(resolve_variants(spec))
     _, extra = _engine_extra(spec)
     variant_ds = tuple(_engine_extra(v)[1].get("deepspeed") for v in resolved)
-    return _compile_one(spec, build_env(spec, backend_env), extra.get("deepspeed"), resolved, variant_ds, extra)
+    return _compile_one(spec, build_env(spec, backend_env), extra.get("deepspeed"), resolved, variant_ds, extra,
+                        backend_env)

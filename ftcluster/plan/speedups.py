@@ -93,11 +93,18 @@ class Speedups:
                 "zero3_keep": self.zero3_keep, "compile": self.compile, "nccl_proto": self.nccl_proto}
 
 
+def spec_environ(spec: Any) -> dict[str, str]:
+    """The switches the spec sets for its processes: ``env``, with its backend's ``env`` section over it
+    (what the launch files export; ``compile_plan`` passes the plan's environment instead)."""
+    section = getattr(spec, str(getattr(spec, "backend", "")), None)
+    return {**(getattr(spec, "env", None) or {}), **(getattr(section, "env", None) or {})}
+
+
 def decide(spec: Any, environ: Mapping[str, str] | None = None) -> Speedups:
     """The speed-ups of ``spec``: on its GPUs (``resources.gpus_per_node``), with ``environ`` (the
-    launch plan's environment; default the spec's ``env``) as the processes' environment.
+    launch plan's environment; default :func:`spec_environ`) as the processes' environment.
     ``compile_plan`` calls it once; read ``plan.speedups``."""
-    env = spec.env if environ is None else environ
+    env = spec_environ(spec) if environ is None else environ
     gpu = spec.resources.gpus_per_node > 0
     ds = getattr(spec, "deepspeed", None)
     compile = bool(getattr(spec.training, "compile", False))

@@ -56,8 +56,16 @@ def render(spec: Any, target: str | None = None, *, backend_env: dict[str, str] 
     target = target or default_target(spec)
     if target not in TARGETS:
         raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    header = header or header_lines(spec, target)
-    plan = compile_plan(spec, backend_env)
+    return render_plan(compile_plan(spec, backend_env), target, header=header)
+
+
+def render_plan(plan: Any, target: str | None = None, *, header: list[str] | None = None) -> dict[str, str]:
+    """Render a compiled :class:`~ftcluster.plan.launch.LaunchPlan` (what a backend handed a plan
+    calls); :func:`render` is ``render_plan(compile_plan(spec, backend_env), ...)``."""
+    target = target or default_target(plan.spec)
+    if target not in TARGETS:
+        raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    header = header or header_lines(plan.spec, target)
     if plan.variants and target != "slurm":
         return _render_each_variant(plan, target, header)
     return _render_plan(plan, target, header)

@@ -153,3 +153,15 @@ def test_every_engine_names_a_planner_memory_model_and_a_label():
         assert recipe.planner_model in advise.MEMORY_MODELS, recipe.name
         assert recipe.label
     assert advise.planned_models() == ["lora", "full"]
+
+
+def test_speedups_see_the_backends_env_section():
+    """The sbatch script exports slurm.env: a switch set there is one the runtime sees, so the plan
+    (and the planner) decide with it; a backend env given to compile_plan is used instead."""
+    spec = _full(FULL.replace("  partition: gpu\n", "  partition: gpu\n  env: {FTCLUSTER_FUSED_CE: '0'}\n"))
+    assert launch.compile_plan(spec).speedups.fused_ce is False
+    assert launch.compile_plan(spec, {}).speedups.fused_ce is True
+    shape = shape_from_config({"model_type": "llama", **PRESET_SHAPES["llama-3-8b"]})
+    assert advise.build_plan(spec, network=False, count_data=False, shape=shape).requested.memory.logits > \
+        advise.build_plan(_full(), network=False, count_data=False, shape=shape).requested.memory.logits
+    assert sp_mod.decide(spec) == launch.compile_plan(spec).speedups  # the validate/submit check decides the same
