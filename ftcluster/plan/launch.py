@@ -65,7 +65,7 @@ class LaunchPlan:
     global_batch: int  # sequences per optimizer step (micro-batch x accumulation x world)
     engine: str  # the training engine's recipe name (ftcluster.plan.engines.ENGINES)
     artifacts: tuple[str, ...]  # what the run publishes at its end, in commit order: the last means done
-    output: OutputLayout  # the run's folders under output.uri
+    output: OutputLayout = field(compare=False)  # the run's folders under output.uri
     speedups: Speedups  # the optional speed-ups the runtime switches on
     array: str | None = None  # the sbatch --array value (0-2%2) of a job with variants, else None
     version: str = __version__
