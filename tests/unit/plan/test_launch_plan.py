@@ -165,3 +165,24 @@ def test_speedups_see_the_backends_env_section():
     assert advise.build_plan(spec, network=False, count_data=False, shape=shape).requested.memory.logits > \
         advise.build_plan(_full(), network=False, count_data=False, shape=shape).requested.memory.logits
     assert sp_mod.decide(spec) == launch.compile_plan(spec).speedups  # the validate/submit check decides the same
+
+
+def test_backends_take_the_plans_slurm_request(calls):
+    """The submitit path and the doctor's probe use the request they are handed (``plan.slurm``)
+    rather than mapping the spec again."""
+    from ftcluster.backends.slurm.preflight import probe_command
+
+    spec = load_spec(EXAMPLES / "lora-slurm.yaml")
+    plan = launch.compile_plan(spec)
+    doctored = dataclasses.replace(plan.slurm, setup=("echo from-the-plan",))
+    calls.clear()
+    argv, script = probe_command(spec, "gpu", "print(1)", doctored)
+    assert "echo from-the-plan" in script.splitlines() and calls["slurm_request"] == 0
+    assert probe_command(spec, "gpu", "print(1)") == probe_command(spec, "gpu", "print(1)", plan.slurm)
+    pytest.importorskip("submitit")
+    from ftcluster.backends.slurm.submitit import submitit_parameters
+
+    calls.clear()
+    assert submitit_parameters(spec, doctored)["slurm_setup"][-1] == "echo from-the-plan"
+    assert submitit_parameters(spec, plan.slurm) == submitit_parameters(spec)
+    assert calls["slurm_request"] == 1  # only the call without a request
