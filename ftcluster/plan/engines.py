@@ -40,6 +40,9 @@ class EngineRecipe:
     memory_model: str = ""  # the planner's memory model (ftcluster.plan.planner.advise.MEMORY_MODELS key); default: method
     label: str = ""  # how a launch file's summary line names it ("LoRA", "DeepSpeed full fine-tune")
     runtime_modules: tuple[str, ...] = ()  # packages it needs where the job runs, beyond the common ones (the doctor's probe)
+    # What the planner needs from the engine's spec section: keyword values of the planner's Layout
+    # (zero_stage, offload_optimizer, offload_params) and Workload (lora_r, lora_targets, ...).
+    planner_settings: Callable[[Any], dict[str, Any]] = lambda spec: {}
 
     @property
     def planner_model(self) -> str:
@@ -85,6 +88,18 @@ def _lora_artifacts(spec: Any) -> tuple[str, ...]:
     return ("adapter", "merged") if spec.lora.merge_at_end else ("adapter",)
 
 
+def _lora_planner(spec: Any) -> dict[str, Any]:
+    lora, t = spec.lora, spec.lora.target_modules
+    return {"lora_r": lora.r, "lora_targets": t if isinstance(t, str) else tuple(t), "lora_dropout": lora.dropout}
+
+
+def _deepspeed_planner(spec: Any) -> dict[str, Any]:
+    ds = spec.deepspeed
+    return {"zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer != "none",
+            "offload_params": ds.offload_params != "none", "reduce_bucket_size": ds.reduce_bucket_size,
+            "overlap_comm": ds.overlap_comm}
+
+
 def _deepspeed_extra(spec: Any) -> dict[str, Any]:
     return {"deepspeed": ds_config.resolved_deepspeed_config(spec)}
 
@@ -93,9 +108,10 @@ register(EngineRecipe(
     name="lora", method="lora", section="lora", checkpoint_kind="plain",
     artifacts=_lora_artifacts, plan_extra=lambda spec: {"deepspeed": None},
     description="LoRA adapters (peft) on a frozen base: torch AdamW, DDP across processes",
-    memory_model="lora", label="LoRA"))
+    memory_model="lora", label="LoRA", planner_settings=_lora_planner))
 register(EngineRecipe(
     name="deepspeed", method="full", section="deepspeed", checkpoint_kind="deepspeed",
     artifacts=lambda spec: ("final",), plan_extra=_deepspeed_extra,
     description="full fine-tuning with DeepSpeed ZeRO 0-3",
-    memory_model="full", label="DeepSpeed full fine-tune", runtime_modules=("deepspeed",)))
+    memory_model="full", label="DeepSpeed full fine-tune", runtime_modules=("deepspeed",),
+    planner_settings=_deepspeed_planner))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ...errors import FtclusterError
@@ -129,41 +129,32 @@ def varlen_of(spec: Any, decided: Speedups | None = None) -> bool:
     return (decided or speedup_rules.decide(spec)).varlen
 
 
+def engine_settings(spec: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Layout keywords, Workload keywords) from the spec's engine section, as its recipe reads it
+    (``EngineRecipe.planner_settings``): ZeRO stage and offload, LoRA rank and targets, ..."""
+    settings = engine_for(spec).planner_settings(spec)
+    layout_keys = {f.name for f in fields(Layout)}
+    return ({k: v for k, v in settings.items() if k in layout_keys},
+            {k: v for k, v in settings.items() if k not in layout_keys})
+
+
 def workload_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None, launch: Any = None) -> Workload:
     """The workload of ``spec``; ``launch`` (its :class:`~ftcluster.plan.launch.LaunchPlan`) gives the
     global batch and the speed-up decisions, else they are computed by the same functions."""
     tr = spec.training
     decided = launch.speedups if launch is not None else speedup_rules.decide(spec)
     fused, keep = speedups_of(spec, shape, fused_ce, decided)
-    lora = getattr(spec, "lora", None)
-    ds = getattr(spec, "deepspeed", None)
-    w = Workload(shape=shape, seq_len=spec.data.seq_len, precision=tr.precision,
-                 attn_implementation="flash_attention_2" if decided.varlen else spec.model.attn_implementation,
-                 global_batch=launch.global_batch if launch is not None else global_batch(spec),
-                 fused_ce=fused, zero3_keep=keep)
-    if lora is not None:
-        t = lora.target_modules
-        w = _replace(w, lora_r=lora.r, lora_targets=t if isinstance(t, str) else tuple(t), lora_dropout=lora.dropout)
-    if ds is not None:
-        w = _replace(w, reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm)
-    return w
-
-
-def _replace(w: Workload, **kw: Any) -> Workload:
-    from dataclasses import replace
-
-    return replace(w, **kw)
+    return Workload(shape=shape, seq_len=spec.data.seq_len, precision=tr.precision,
+                    attn_implementation="flash_attention_2" if decided.varlen else spec.model.attn_implementation,
+                    global_batch=launch.global_batch if launch is not None else global_batch(spec),
+                    fused_ce=fused, zero3_keep=keep, **engine_settings(spec)[1])
 
 
 def requested_layout(spec: Any, gpu: str, memory_model: str | None = None) -> Layout:
     r, tr = spec.resources, spec.training
-    ds = getattr(spec, "deepspeed", None)
     return Layout(method=memory_model or memory_model_of(spec), nodes=r.nodes, gpus_per_node=r.nproc_per_node,
                   micro_batch_size=tr.micro_batch_size, gradient_accumulation_steps=tr.gradient_accumulation_steps,
-                  gradient_checkpointing=tr.gradient_checkpointing,
-                  zero_stage=ds.zero_stage if ds is not None else None,
-                  offload_optimizer=bool(ds and ds.offload_optimizer != "none"),
-                  offload_params=bool(ds and ds.offload_params != "none"), gpu=gpu)
+                  gradient_checkpointing=tr.gradient_checkpointing, gpu=gpu, **engine_settings(spec)[0])
 
 
 def resolve_gpu(spec: Any, override: str | None, table: dict[str, Gpu]) -> tuple[Gpu, bool]:
@@ -318,9 +309,7 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
             else DataEstimate(None, None, "not counted"))
     seqs = sequences(data, spec.data.seq_len, spec.data.packing)
     w = workload_of(spec, shape, fused_ce, launch)
-    lora = getattr(spec, "lora", None)
-    lora_cfg = (lora.r, w.lora_targets, lora.dropout) if lora is not None else (16, "all-linear", 0.05)
-    ev = Evaluator(w, g, spec, seqs, lora_cfg)
+    ev = Evaluator(w, g, spec, seqs, (w.lora_r, w.lora_targets, w.lora_dropout))
     req_layout = requested_layout(spec, g.name, launch.recipe.planner_model)
     req = ev.evaluate(req_layout)
     notes = list(shape.notes)
@@ -365,6 +354,12 @@ def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape 
         shapes[st.name] = shape
         out.append((st.spec, shape))
     return out
+
+
+def _replace(w: Workload, **kw: Any) -> Workload:
+    from dataclasses import replace
+
+    return replace(w, **kw)
 
 
 def _replace_gpu(g: Gpu, price: float) -> Gpu:

@@ -51,10 +51,8 @@ def _check_one(spec: Any, root: Any, shape: Any = None) -> list[Problem]:
     shape = shape or spec_shape(spec, network=False)
     if shape is None:
         return []
-    lora = getattr(spec, "lora", None)
     w = workload_of(spec, shape)
-    lora_cfg = (lora.r, w.lora_targets, lora.dropout) if lora is not None else (16, "all-linear", 0.05)
-    ev = Evaluator(w, gpu, spec, None, lora_cfg)
+    ev = Evaluator(w, gpu, spec, None, (w.lora_r, w.lora_targets, w.lora_dropout))
     req = ev.evaluate(requested_layout(spec, gpu.name))
     if req.fits:
         return []

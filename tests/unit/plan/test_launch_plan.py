@@ -186,3 +186,18 @@ def test_backends_take_the_plans_slurm_request(calls):
     assert submitit_parameters(spec, doctored)["slurm_setup"][-1] == "echo from-the-plan"
     assert submitit_parameters(spec, plan.slurm) == submitit_parameters(spec)
     assert calls["slurm_request"] == 1  # only the call without a request
+
+
+def test_the_planner_reads_the_engine_sections_through_the_recipe(monkeypatch):
+    """The planner's layout and workload take the engine's settings from its recipe
+    (``planner_settings``), not from the spec's ``deepspeed``/``lora`` sections directly."""
+    spec = _full()
+    layout = advise.requested_layout(spec, "h200")
+    assert (layout.method, layout.zero_stage, layout.offload_optimizer) == ("full", 3, False)
+    recipe = engines.ENGINES["deepspeed"]
+    monkeypatch.setitem(engines.ENGINES, "deepspeed", dataclasses.replace(
+        recipe, memory_model="lora", planner_settings=lambda s: {"zero_stage": None, "lora_r": 4}))
+    shape = shape_from_config({"model_type": "llama", **PRESET_SHAPES["llama-3-8b"]})
+    assert advise.requested_layout(spec, "h200").method == "lora"
+    assert advise.requested_layout(spec, "h200").zero_stage is None
+    assert advise.workload_of(spec, shape).lora_r == 4
