@@ -99,6 +99,17 @@ class LaunchPlan:
         """Where :attr:`done_artifact` is published (its ``manifest.json`` commits it)."""
         return self.output.artifact(self.done_artifact)  # pyright: ignore[reportArgumentType]  # an Artifact name
 
+    @property
+    def output_uri(self) -> str:
+        """``output.uri`` as the spec writes it (``output`` is its layout): where the run publishes (a job
+        array's variants under ``<uri>/<variant>``)."""
+        return self.spec.output.uri
+
+    @property
+    def log_pattern(self) -> str:
+        """The job's log file pattern as sbatch gets it (``--output``; per-task logs for a job array)."""
+        return str(self.slurm.sbatch_value("output"))
+
     @cached_property
     def variant_plans(self) -> tuple[LaunchPlan, ...]:
         """One plan per variant (Kubernetes has no job arrays: one job each), built from what this

@@ -104,6 +104,8 @@ def test_lora_variants_example(calls):
     plan = launch.compile_plan(spec)
     assert calls == {"compile_plan": 1, "slurm_request": 1, "decide": 1, "plan_extra": 5}
     assert plan.array == "0-3%2" == plan.slurm.sbatch_value("array") == facts.array_value(spec)
+    assert plan.log_pattern == facts.slurm_output(spec.slurm.output, True) and "%A_%a" in plan.log_pattern
+    assert plan.output_uri == spec.output.uri and plan.output.root == spec.output.uri.rstrip("/")
     assert plan.deepspeed is None and plan.engine == "lora" and plan.artifacts == ("adapter",)
     assert [p.spec._variant for p in plan.variant_plans] == list(plan.variants) == ["r16", "r64", "qv", "legal"]
     assert [p.output.root for p in plan.variant_plans][1] == "s3://ft-runs/support-lora/r64"
