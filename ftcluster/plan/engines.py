@@ -8,6 +8,13 @@ checkpoint kind it writes, and where its builder lives in the training runtime
 the renderers, the doctor and the runtime ask :func:`engine_for` instead of spelling the engine
 out; adding an engine is a builder module under ``ftcluster/train/engines/`` plus one
 :func:`register` call here (docs/ARCHITECTURE.md).
+
+:func:`ftcluster.plan.launch.compile_plan` asks the recipe once per spec and keeps the answers in
+the launch plan (``plan.engine``, ``plan.deepspeed`` from :attr:`EngineRecipe.plan_extra`,
+``plan.artifacts``). The planner's hook is by name (the planner imports this module, so this one
+names the planner's memory model rather than importing it): :attr:`EngineRecipe.memory_model` is
+the key of :data:`ftcluster.plan.planner.advise.MEMORY_MODELS` and the ``Layout.method`` the planner
+models the engine with.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from . import deepspeed as ds_config  # the module: its function is looked up at call time
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,17 @@ class EngineRecipe:
     artifacts: Callable[[Any], tuple[str, ...]]  # what a run publishes at its end, in commit order
     plan_extra: Callable[[Any], dict[str, Any]]  # what the engine adds to the payload (config it resolves)
     description: str = ""
+    memory_model: str = ""  # the planner's memory model (ftcluster.plan.planner.advise.MEMORY_MODELS key); default: method
+    label: str = ""  # how a launch file's summary line names it ("LoRA", "DeepSpeed full fine-tune")
+    runtime_modules: tuple[str, ...] = ()  # packages it needs where the job runs, beyond the common ones (the doctor's probe)
+    # What the planner needs from the engine's spec section: keyword values of the planner's Layout
+    # (zero_stage, offload_optimizer, offload_params) and Workload (lora_r, lora_targets, ...).
+    planner_settings: Callable[[Any], dict[str, Any]] = lambda spec: {}
+
+    @property
+    def planner_model(self) -> str:
+        """The planner's memory model for this engine (a ``Layout.method``)."""
+        return self.memory_model or self.method
 
     @property
     def builder(self) -> str:
@@ -53,27 +73,45 @@ def register(recipe: EngineRecipe) -> EngineRecipe:
 def engine_for(spec: Any) -> EngineRecipe:
     """The engine that trains ``spec``: the one registered for its method (one per method today; a
     spec field will choose when a method has several)."""
+    return engine_for_method(spec.method)
+
+
+def engine_for_method(method: str) -> EngineRecipe:
+    """The engine registered for ``method``."""
     for recipe in ENGINES.values():
-        if recipe.method == spec.method:
+        if recipe.method == method:
             return recipe
-    raise ValueError(f"no training engine for method {spec.method!r}")
+    raise ValueError(f"no training engine for method {method!r}")
 
 
 def _lora_artifacts(spec: Any) -> tuple[str, ...]:
     return ("adapter", "merged") if spec.lora.merge_at_end else ("adapter",)
 
 
-def _deepspeed_extra(spec: Any) -> dict[str, Any]:
-    from .launch import resolved_deepspeed_config
+def _lora_planner(spec: Any) -> dict[str, Any]:
+    lora, t = spec.lora, spec.lora.target_modules
+    return {"lora_r": lora.r, "lora_targets": t if isinstance(t, str) else tuple(t), "lora_dropout": lora.dropout}
 
-    return {"deepspeed": resolved_deepspeed_config(spec)}
+
+def _deepspeed_planner(spec: Any) -> dict[str, Any]:
+    ds = spec.deepspeed
+    return {"zero_stage": ds.zero_stage, "offload_optimizer": ds.offload_optimizer != "none",
+            "offload_params": ds.offload_params != "none", "reduce_bucket_size": ds.reduce_bucket_size,
+            "overlap_comm": ds.overlap_comm}
+
+
+def _deepspeed_extra(spec: Any) -> dict[str, Any]:
+    return {"deepspeed": ds_config.resolved_deepspeed_config(spec)}
 
 
 register(EngineRecipe(
     name="lora", method="lora", section="lora", checkpoint_kind="plain",
     artifacts=_lora_artifacts, plan_extra=lambda spec: {"deepspeed": None},
-    description="LoRA adapters (peft) on a frozen base: torch AdamW, DDP across processes"))
+    description="LoRA adapters (peft) on a frozen base: torch AdamW, DDP across processes",
+    memory_model="lora", label="LoRA", planner_settings=_lora_planner))
 register(EngineRecipe(
     name="deepspeed", method="full", section="deepspeed", checkpoint_kind="deepspeed",
     artifacts=lambda spec: ("final",), plan_extra=_deepspeed_extra,
-    description="full fine-tuning with DeepSpeed ZeRO 0-3"))
+    description="full fine-tuning with DeepSpeed ZeRO 0-3",
+    memory_model="full", label="DeepSpeed full fine-tune", runtime_modules=("deepspeed",),
+    planner_settings=_deepspeed_planner))

@@ -4,124 +4,41 @@ The plan holds what is the same on every target: world size, the torchrun comman
 line (minus the target-specific rendezvous endpoint), the environment, the DeepSpeed
 config generated from the spec (with a user file merged over it) and the payload the
 training entry point reads. Pure: no clocks, no randomness, no cluster look-ups.
+
+It is the one currency: :func:`compile_plan` computes each fact once - the Slurm request
+(:mod:`.slurm_request`), the engine's recipe and contribution (:mod:`.engines`; DeepSpeed: the
+resolved config, once per distinct spec), the global batch (:mod:`.facts`), the artifacts and the
+output layout, the speed-ups the runtime switches on (:mod:`.speedups`) - and the planner, the
+renderers and the backends read them from the plan instead of deriving them again.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 from typing import Any
 
 from .. import __version__
-from ..errors import Problem, SpecError
 from ..spec.envbuild import build_env
+from ..storage.layout import OutputLayout
+from . import speedups as speedup_rules
+from .deepspeed import deep_merge, deepspeed_config, resolved_deepspeed_config  # noqa: F401 - re-exported
+from .engines import ENGINES, EngineRecipe, engine_for
+from .facts import global_batch, slurm_output  # noqa: F401 - slurm_output re-exported
 from .payload import json_changes
+from .slurm_request import SlurmRequest, slurm_request
+from .speedups import Speedups
 
 TRAIN_MODULE = "ftcluster.train"
 K8S_MASTER_PORT = 23456  # the Training Operator's default `pytorchjob-port`
 PORT_BASE, PORT_SPAN = 20000, 40000  # job-id derived ports, as submitit does (REFERENCE.md)
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``over`` onto a copy of ``base`` (``over`` wins)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
-    d: dict[str, Any] = {"device": device, "pin_memory": True}
-    if device == "nvme":
-        d["nvme_path"] = nvme_path
-    return d
-
-
-def deepspeed_config(spec: Any) -> dict[str, Any]:
-    """The DeepSpeed JSON generated from a full fine-tune spec (before the user's file).
-
-    The optimizer and LR schedule stay with the training loop (client optimizer), so the
-    same loop serves ZeRO 0-3; a user file that adds `optimizer` takes precedence.
-    """
-    ds, tr = spec.deepspeed, spec.training
-    zero: dict[str, Any] = {
-        "stage": ds.zero_stage,
-        "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": ds.reduce_bucket_size,
-    }
-    if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
-    if ds.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": ds.reduce_bucket_size // 10,
-            "stage3_param_persistence_threshold": 100_000,
-            # Consolidated 16-bit weights on save: needed for HF checkpoints and to
-            # avoid empty adapters (huggingface/peft #2892).
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
-        if ds.offload_params != "none":
-            zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
-        "train_batch_size": tr.micro_batch_size * tr.gradient_accumulation_steps * spec.world_size,
-        "gradient_clipping": tr.max_grad_norm,
-        "bf16": {"enabled": tr.precision == "bf16"},
-        "fp16": {"enabled": tr.precision == "fp16"},
-        "zero_optimization": zero,
-        "steps_per_print": 1_000_000_000,  # the loop logs; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-    }
-    return cfg
-
-
-def _user_ds_file(spec: Any) -> dict[str, Any]:
-    path = Path(spec.deepspeed.config_file)
-    if not path.is_absolute() and spec._source_file and not spec._source_file.startswith("<"):
-        path = Path(spec._source_file).parent / path
-    src = spec._source_file or "<spec>"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: no such file; the path is relative to the spec file")]) from None
-    except (OSError, ValueError) as exc:
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: not a readable JSON file ({exc})")]) from None
-    if not isinstance(data, dict):
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: must hold a JSON object")])
-    return data
-
-
-def resolved_deepspeed_config(spec: Any) -> dict[str, Any] | None:
-    """Generated DeepSpeed config with the user's file merged over it; None for LoRA."""
-    if spec.method != "full":
-        return None
-    cfg = deepspeed_config(spec)
-    if spec.deepspeed.config_file:
-        cfg = deep_merge(cfg, _user_ds_file(spec))
-    return cfg
-
-
 def spec_hash(spec: Any) -> str:
     """A short stable hash of the resolved spec (recorded in run folders and labels)."""
     blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def slurm_output(pattern: str, array: bool) -> str:
-    """The sbatch ``--output`` pattern: for a job array each task gets its own log (``%j`` becomes
-    ``%A_%a``, array id and task index; a pattern without ``%j`` gets ``_%a`` before its extension)."""
-    if not array or "%a" in pattern:
-        return pattern
-    if "%j" in pattern:
-        return pattern.replace("%j", "%A_%a")
-    root, dot, ext = pattern.rpartition(".")
-    return f"{root}_%a.{ext}" if dot and root and "/" not in ext else f"{pattern}_%a"
 
 
 def derived_port(job_id: str | int) -> int:
@@ -135,35 +52,71 @@ def derived_port(job_id: str | int) -> int:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Everything a renderer needs, computed once from the spec."""
+    """Everything a renderer, a backend or the planner needs, computed once from the spec."""
 
     spec: Any
     nnodes: int
     nproc_per_node: int
     env: dict[str, str]
-    deepspeed: dict[str, Any] | None
+    deepspeed: dict[str, Any] | None  # the engine's resolved DeepSpeed config (None for LoRA)
     payload: dict[str, Any]
     hash: str
+    slurm: SlurmRequest  # the job's Slurm request (sbatch/srun options, setup lines)
+    global_batch: int  # sequences per optimizer step (micro-batch x accumulation x world)
+    engine: str  # the training engine's recipe name (ftcluster.plan.engines.ENGINES)
+    artifacts: tuple[str, ...]  # what the run publishes at its end, in commit order: the last means done
+    output: OutputLayout = field(compare=False)  # the run's folders under output.uri
+    speedups: Speedups  # the optional speed-ups the runtime switches on
+    array: str | None = None  # the sbatch --array value (0-2%2) of a job with variants, else None
     version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the engine's contribution (EngineRecipe.plan_extra)
     variants: tuple[str, ...] = ()  # a job array: one task per variant, in this order
     array_parallelism: int | None = None
+    resolved: tuple[Any, ...] = field(default=(), repr=False)  # the resolved variant specs, in order
+    variant_deepspeed: tuple[dict[str, Any] | None, ...] = field(default=(), repr=False)  # their DeepSpeed configs
+    backend_env: dict[str, str] | None = field(default=None, repr=False)  # what compile_plan was given (in env already)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
-    def array(self) -> str | None:
-        """The sbatch ``--array`` value (``0-2%2``) of a job with variants, else None."""
-        if not self.variants:
-            return None
-        throttle = f"%{self.array_parallelism}" if self.array_parallelism else ""
-        return f"0-{len(self.variants) - 1}{throttle}"
-
-    @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def recipe(self) -> EngineRecipe:
+        """The training engine's recipe."""
+        return ENGINES[self.engine]
+
+    @property
+    def done_artifact(self) -> str:
+        """The artifact committed last at the end of a run: its commit means the run is done."""
+        return self.artifacts[-1]
+
+    @property
+    def done_uri(self) -> str:
+        """Where :attr:`done_artifact` is published (its ``manifest.json`` commits it)."""
+        return self.output.artifact(self.done_artifact)  # pyright: ignore[reportArgumentType]  # an Artifact name
+
+    @property
+    def output_uri(self) -> str:
+        """``output.uri`` as the spec writes it (``output`` is its layout): where the run publishes (a job
+        array's variants under ``<uri>/<variant>``)."""
+        return self.spec.output.uri
+
+    @property
+    def log_pattern(self) -> str:
+        """The job's log file pattern as sbatch gets it (``--output``; per-task logs for a job array)."""
+        return str(self.slurm.sbatch_value("output"))
+
+    @cached_property
+    def variant_plans(self) -> tuple[LaunchPlan, ...]:
+        """One plan per variant (Kubernetes has no job arrays: one job each), built from what this
+        compile resolved: a variant's DeepSpeed config is not resolved again. The environment is
+        this plan's (the variants check refuses a variant that changes it)."""
+        return tuple(_compile_one(v, self.env, ds, backend_env=self.backend_env)
+                     for v, ds in zip(self.resolved, self.variant_deepspeed, strict=True))
 
     def payload_json(self) -> str:
         """The resolved spec + DeepSpeed config the entry point reads, as stable JSON."""
@@ -191,22 +144,22 @@ class LaunchPlan:
         return argv
 
 
-def _payload(spec: Any) -> dict[str, Any]:
-    return {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"),
-            "deepspeed": resolved_deepspeed_config(spec)}
+def _payload(spec: Any, deepspeed: dict[str, Any] | None) -> dict[str, Any]:
+    return {"ftcluster_version": __version__, "spec": spec.model_dump(mode="json"), "deepspeed": deepspeed}
 
 
-def _array_payload(spec: Any, resolved: tuple[Any, ...]) -> dict[str, Any]:
+def _array_payload(spec: Any, deepspeed: dict[str, Any] | None, resolved: tuple[Any, ...],
+                   variant_deepspeed: tuple[dict[str, Any] | None, ...]) -> dict[str, Any]:
     """The payload of a job array: the spec the variants share once, and per variant only what it
     changes (JSON Pointers). Compact on purpose: the payload travels in one environment variable
     (at most 128 KiB on Linux), so hundreds of variants fit. :func:`ftcluster.plan.payload.select_payload` rebuilds a
     variant's full payload from it.
     """
-    base = _payload(spec)
+    base = _payload(spec, deepspeed)
     base["spec"].update(variants=[], array_parallelism=None)  # as in every resolved variant
     entries = []
-    for v in resolved:
-        full = _payload(v)
+    for v, ds in zip(resolved, variant_deepspeed, strict=True):
+        full = _payload(v, ds)
         changed, removed = json_changes(base["spec"], full["spec"])
         entry: dict[str, Any] = {"variant": v._variant, "set": changed}
         if removed:
@@ -218,25 +171,66 @@ def _array_payload(spec: Any, resolved: tuple[Any, ...]) -> dict[str, Any]:
             "variants": entries}
 
 
+def _engine_extra(spec: Any) -> tuple[EngineRecipe, dict[str, Any]]:
+    """The spec's engine and what it adds to the plan: asked once per distinct spec."""
+    recipe = engine_for(spec)
+    return recipe, recipe.plan_extra(spec)
+
+
+def processes_env(spec: Any, env: dict[str, str], backend_env: dict[str, str] | None) -> dict[str, str]:
+    """The environment the training processes will see, as far as the spec says: the plan's ``env``,
+    and when no backend env was given, the spec's own backend's ``env`` section over it (the sbatch
+    script exports ``slurm.env``, the pod sets ``kubernetes.env``, the local backend ``local.env``).
+    The speed-up decisions read it."""
+    return env if backend_env is not None else {**env, **speedup_rules.spec_environ(spec)}
+
+
+def _compile_one(spec: Any, env: dict[str, str], deepspeed: dict[str, Any] | None,
+                 resolved: tuple[Any, ...] = (), variant_deepspeed: tuple[dict[str, Any] | None, ...] = (),
+                 extra: dict[str, Any] | None = None, backend_env: dict[str, str] | None = None) -> LaunchPlan:
+    recipe = engine_for(spec)
+    request = slurm_request(spec)
+    payload = _array_payload(spec, deepspeed, resolved, variant_deepspeed) if resolved else _payload(spec, deepspeed)
+    return LaunchPlan(
+        spec=spec,
+        nnodes=spec.resources.nodes,
+        nproc_per_node=spec.resources.nproc_per_node,
+        env=env,
+        deepspeed=deepspeed,
+        payload=payload,
+        hash=spec_hash(spec),
+        slurm=request,
+        global_batch=global_batch(spec),
+        engine=recipe.name,
+        artifacts=recipe.artifacts(spec),
+        output=OutputLayout(spec.output.uri),
+        speedups=speedup_rules.decide(spec, processes_env(spec, env, backend_env)),
+        array=request.sbatch_value("array"),
+        extra=dict(extra if extra is not None else {"deepspeed": deepspeed}),
+        variants=tuple(v._variant for v in resolved),
+        array_parallelism=spec.array_parallelism if resolved else None,
+        resolved=resolved,
+        variant_deepspeed=variant_deepspeed,
+        backend_env=None if backend_env is None else dict(backend_env),
+    )
+
+
 def compile_plan(spec: Any, backend_env: dict[str, str] | None = None) -> LaunchPlan:
     """Compile a validated spec into a :class:`LaunchPlan`.
 
     A spec with ``variants`` compiles to one plan for a job array: its payload holds the base
     spec and what each resolved variant changes (``{"base": ..., "variants": [...]}``), and each
-    task rebuilds its own payload with :func:`ftcluster.plan.payload.select_payload`.
+    task rebuilds its own payload with :func:`ftcluster.plan.payload.select_payload`;
+    :attr:`LaunchPlan.variant_plans` are the variants' own plans (one Kubernetes job each).
+
+    Each fact is computed once here: the Slurm request, the engine's contribution (the DeepSpeed
+    config, resolved once for the spec and once for each variant), the global batch, the
+    artifacts, the output layout and the speed-up decisions.
     """
     from ..spec.variants import resolve_variants
 
-    resolved = resolve_variants(spec)
-    payload = _array_payload(spec, resolved) if resolved else _payload(spec)
-    return LaunchPlan(
-        spec=spec,
-        nnodes=spec.resources.nodes,
-        nproc_per_node=spec.resources.nproc_per_node,
-        env=build_env(spec, backend_env),
-        deepspeed=resolved_deepspeed_config(spec),
-        payload=payload,
-        hash=spec_hash(spec),
-        variants=tuple(v._variant for v in resolved),
-        array_parallelism=spec.array_parallelism if resolved else None,
-    )
+    resolved = tuple(resolve_variants(spec))
+    _, extra = _engine_extra(spec)
+    variant_ds = tuple(_engine_extra(v)[1].get("deepspeed") for v in resolved)
+    return _compile_one(spec, build_env(spec, backend_env), extra.get("deepspeed"), resolved, variant_ds, extra,
+                        backend_env)

@@ -4,7 +4,9 @@ srun options and setup lines.
 Three places ask Slurm for a job: the rendered sbatch script (:mod:`ftcluster.render.slurm`,
 the reference), :mod:`ftcluster.backends.slurm.submitit`, and the doctor's one-node probe
 (:mod:`ftcluster.backends.slurm.preflight`). They all start from :func:`slurm_request`, so a
-partition, constraint, module or mount means the same in each. Each formats the options its
+partition, constraint, module or mount means the same in each;
+:func:`ftcluster.plan.launch.compile_plan` calls it once and keeps it as ``plan.slurm``, which the
+renderer and the backends read. Each formats the options its
 own way (an ``#SBATCH`` line, a submitit parameter, an ``srun`` argument). Pure: reads the
 spec only; values are plain text, quoting is the caller's job.
 """
@@ -15,7 +17,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from .launch import slurm_output
+from .facts import array_value, slurm_output
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,6 @@ class SlurmRequest:
 # The sbatch options that place a job (which nodes, whose allocation); a probe of the nodes the job
 # would get needs exactly these (the doctor's srun).
 PLACEMENT = ("partition", "account", "qos", "constraint", "reservation")
-
-
-def array_value(spec: Any) -> str | None:
-    """The sbatch ``--array`` value (``0-2%2``) of a job with variants, else None."""
-    if not spec.variants:
-        return None
-    throttle = f"%{spec.array_parallelism}" if spec.array_parallelism else ""
-    return f"0-{len(spec.variants) - 1}{throttle}"
 
 
 def slurm_request(spec: Any) -> SlurmRequest:

@@ -65,9 +65,10 @@ def within(fn: Callable[[], Any], timeout: float) -> tuple[Any, BaseException | 
 
 def probe_code(nproc: int, method: str) -> str:
     """Python run where the job runs: /dev/shm, the next job's rendezvous port, packages."""
+    from ..plan.engines import engine_for_method
     from ..plan.launch import PORT_BASE, PORT_SPAN
 
-    mods = ["torch", "transformers", "peft", "s3fs"] + (["deepspeed"] if method == "full" else [])
+    mods = ["torch", "transformers", "peft", "s3fs", *engine_for_method(method).runtime_modules]
     return "\n".join([
         "import importlib.util as u, json, os, socket",
         "o = {}",

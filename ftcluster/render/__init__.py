@@ -48,17 +48,27 @@ def render(spec: Any, target: str | None = None, *, backend_env: dict[str, str] 
     With no target, the spec's backend decides: slurm -> slurm, kubernetes -> its
     ``kubernetes.kind``; the local backend renders the Slurm script (the same launch line).
     A spec with variants renders as one Slurm job array, or one Kubernetes job per variant.
-    ``header`` replaces the default header lines (a pipeline names its own file).
+    ``header`` replaces the default header lines (a pipeline names its own file). The spec is
+    compiled once; the renderers read the plan.
     """
     from ..plan.launch import compile_plan
 
     target = target or default_target(spec)
     if target not in TARGETS:
         raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    header = header or header_lines(spec, target)
-    if spec.variants and target != "slurm":
-        return _render_each_variant(spec, target, backend_env, header)
-    return _render_plan(compile_plan(spec, backend_env), target, header)
+    return render_plan(compile_plan(spec, backend_env), target, header=header)
+
+
+def render_plan(plan: Any, target: str | None = None, *, header: list[str] | None = None) -> dict[str, str]:
+    """Render a compiled :class:`~ftcluster.plan.launch.LaunchPlan` (what a backend handed a plan
+    calls); :func:`render` is ``render_plan(compile_plan(spec, backend_env), ...)``."""
+    target = target or default_target(plan.spec)
+    if target not in TARGETS:
+        raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    header = header or header_lines(plan.spec, target)
+    if plan.variants and target != "slurm":
+        return _render_each_variant(plan, target, header)
+    return _render_plan(plan, target, header)
 
 
 def _render_plan(plan: Any, target: str, header: list[str]) -> dict[str, str]:
@@ -73,15 +83,12 @@ def _render_plan(plan: Any, target: str, header: list[str]) -> dict[str, str]:
     return kube.render_trainjob(plan, header)
 
 
-def _render_each_variant(spec: Any, target: str, backend_env: dict[str, str] | None,
-                         header: list[str]) -> dict[str, str]:
-    """Kubernetes has no job arrays: one job (carrying its own payload) per variant, named <name>-<variant>."""
-    from ..plan.launch import compile_plan
-    from ..spec.variants import resolve_variants
-
+def _render_each_variant(plan: Any, target: str, header: list[str]) -> dict[str, str]:
+    """Kubernetes has no job arrays: one job (carrying its own payload) per variant, named <name>-<variant>
+    (the array plan's :attr:`~ftcluster.plan.launch.LaunchPlan.variant_plans`)."""
     files: dict[str, str] = {}
-    for variant in resolve_variants(spec):
-        for name, text in _render_plan(compile_plan(variant, backend_env), target, header).items():
+    for variant_plan in plan.variant_plans:
+        for name, text in _render_plan(variant_plan, target, header).items():
             if name in files and files[name] != text:  # a shared object (the TrainJob runtime) may repeat
                 raise RenderError(f"variants render to the same file name {name!r}; give the variants distinct names")
             files[name] = text

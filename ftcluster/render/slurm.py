@@ -24,7 +24,6 @@ from typing import Any
 
 from ..errors import RenderError
 from ..plan.launch import PORT_BASE, PORT_SPAN
-from ..plan.slurm_request import slurm_request
 from ..spec.envbuild import PAYLOAD_LIMIT, PAYLOAD_VAR
 from .template import sbatch_template
 
@@ -62,7 +61,7 @@ def _sbatch_directive(spec: Any, field: str, option: str, value: Any = None) -> 
 
 def sbatch_directives(plan: Any) -> list[str]:
     """The ``#SBATCH`` options (without the prefix), sorted, every value quoted as sbatch reads it."""
-    return sorted(_sbatch_directive(plan.spec, o.field, o.name, o.value) for o in slurm_request(plan.spec).sbatch)
+    return sorted(_sbatch_directive(plan.spec, o.field, o.name, o.value) for o in plan.slurm.sbatch)
 
 
 def job_env(plan: Any) -> dict[str, str]:
@@ -109,7 +108,7 @@ def launch_lines(plan: Any) -> list[str]:
     if spec.resources.cpus_per_node:  # Slurm 22.05+ srun no longer inherits --cpus-per-task from sbatch
         srun.append(f"--cpus-per-task={spec.resources.cpus_per_node}")
     lines = [" ".join(srun)]
-    lines += [_directive(spec, o.field, o.name, o.value) for o in slurm_request(spec).srun]  # container
+    lines += [_directive(spec, o.field, o.name, o.value) for o in plan.slurm.srun]  # container
     python = _one_line(spec, "slurm.python", sl.python)
     argv = plan.torchrun_args(rdzv_endpoint="@ENDPOINT@", rdzv_id="@JOB_ID@", python=python,
                               spec_arg=["--spec-env", PAYLOAD_VAR], launcher=LAUNCHER)
@@ -127,7 +126,7 @@ def launch_lines(plan: Any) -> list[str]:
 
 def _summary(plan: Any) -> str:
     spec = plan.spec
-    kind = "DeepSpeed full fine-tune" if spec.method == "full" else "LoRA"
+    kind = plan.recipe.label or plan.recipe.name
     text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
             f"= world size {plan.world_size}")
     if plan.variants:
@@ -143,7 +142,7 @@ def render_slurm(plan: Any, header: list[str]) -> dict[str, str]:
 def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
     """What ``templates/sbatch.sh.j2`` places: lines already formatted and shell-quoted."""
     spec, sl = plan.spec, plan.spec.slurm
-    request = slurm_request(spec)
+    request = plan.slurm
     launch = launch_lines(plan)
     return dict(
         header=[_one_line(spec, "header", h) for h in header],

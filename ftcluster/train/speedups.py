@@ -17,6 +17,11 @@ Why these three (docs/BENCHMARKS.md, "Why ZeRO-3 mb2 was slow", has the profile)
 * **NCCL's Simple protocol**: for ZeRO's 20-100 MB gathers NCCL picked the LL protocol,
   which moved ~25 GB/s over NVLink; ``NCCL_PROTO=Simple`` is set unless the environment
   already sets NCCL_PROTO (``FTCLUSTER_NCCL_PROTO=auto`` leaves NCCL's choice).
+
+Whether each switches on is decided in one torch-free place, :mod:`ftcluster.plan.speedups`, which
+the launch plan and the planner ask too; this module asks it with what the process sees (device,
+model config, ``os.environ``) and adds only what needs torch (liger-kernel importable, the
+model's parameter count and the GPU's memory).
 """
 
 from __future__ import annotations
@@ -25,22 +30,22 @@ import logging
 import os
 from typing import Any
 
-log = logging.getLogger("ftcluster.train")
+from ..plan import speedups as decisions
+from ..plan.speedups import FUSED_CE_MODEL_TYPES, KEEP_FRACTION  # noqa: F401 - re-exported for the runtime's readers
 
-FUSED_CE_MODEL_TYPES = ("llama",)  # Liger's forward for these accepts shift_labels and num_items_in_batch
-KEEP_FRACTION = 0.6  # of GPU memory that the gathered model plus this rank's ZeRO shards may take
+log = logging.getLogger("ftcluster.train")
 
 
 def switched_off(name: str) -> bool:
     """The environment switch ``name`` says 0/off/false/no (unset: auto)."""
-    return os.environ.get(name, "auto").strip().lower() in ("0", "off", "false", "no")
+    return decisions.switched_off(name, os.environ)
 
 
 def nccl_defaults(use_cuda: bool, world_size: int) -> None:
     """Before the process group starts: NCCL's Simple protocol for multi-GPU runs (see above)."""
-    choice = os.environ.get("FTCLUSTER_NCCL_PROTO", "Simple").strip()
-    if use_cuda and world_size > 1 and choice.lower() != "auto" and "NCCL_PROTO" not in os.environ:
-        os.environ["NCCL_PROTO"] = choice
+    proto = decisions.nccl_proto(use_cuda, world_size, os.environ)
+    if proto is not None:
+        os.environ["NCCL_PROTO"] = proto
 
 
 class _OptionalBackendNoise(logging.Filter):
@@ -60,10 +65,8 @@ LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
 def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     """Liger-Kernel on this model instance (before LoRA/DeepSpeed wrap it); True if applied.
     ``kernels=False`` (compiled layers, which inductor fuses) applies the fused loss only."""
-    if device.type != "cuda" or switched_off("FTCLUSTER_FUSED_CE"):
-        return False
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FUSED_CE_MODEL_TYPES:
+    if not decisions.fused_ce_on(device.type == "cuda", model_type, os.environ):
         return False
     noisy = logging.getLogger(LIGER_REGISTRY_LOGGER)
     if not any(isinstance(f, _OptionalBackendNoise) for f in noisy.filters):
@@ -90,7 +93,7 @@ def zero3_keep_settings(cfg: dict[str, Any], n_params: int, world_size: int, gpu
         return {}
     if "stage3_max_live_parameters" in zero or "stage3_max_reuse_distance" in zero:
         return {}
-    if 2 * n_params + 16 * n_params / max(world_size, 1) > KEEP_FRACTION * gpu_bytes:
+    if not decisions.zero3_keep_fits(n_params, world_size, gpu_bytes):
         return {}
     n = int(max(n_params, 1_000_000_000))
     return {"stage3_max_live_parameters": n, "stage3_max_reuse_distance": n}
@@ -98,7 +101,7 @@ def zero3_keep_settings(cfg: dict[str, Any], n_params: int, world_size: int, gpu
 
 def tune_ds_config(cfg: dict[str, Any], model: Any, device: Any, world_size: int) -> dict[str, Any]:
     """``cfg`` with the stage-3 keep settings merged in when they apply (GPU only)."""
-    if device.type != "cuda" or switched_off("FTCLUSTER_ZERO3_KEEP"):
+    if not decisions.zero3_keep_on(device.type == "cuda", os.environ):
         return cfg
     import torch
 

@@ -32,7 +32,7 @@ from typing import Any
 log = logging.getLogger("ftcluster.train")
 
 NAME = "ftcluster_varlen"
-ENV = "FTCLUSTER_VARLEN"
+ENV = "FTCLUSTER_VARLEN"  # ftcluster.plan.speedups.VARLEN
 
 
 def available() -> bool:
@@ -165,11 +165,11 @@ def enable(model: Any) -> None:
 def apply_varlen_attention(model: Any, device: Any) -> bool:
     """On CUDA, for a model computing attention with SDPA: the variable-length kernel; True if applied."""
     model.ftcluster_varlen = False
-    from .speedups import switched_off
+    import os
 
-    if device.type != "cuda" or switched_off(ENV):
-        return False
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    from ..plan.speedups import varlen_on  # the switch-on decision the launch plan and the planner share
+
+    if not varlen_on(device.type == "cuda", getattr(model.config, "_attn_implementation", None), os.environ):
         return False
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     if not flash_limits(model.dtype, head_dim):

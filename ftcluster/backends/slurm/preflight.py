@@ -90,10 +90,11 @@ def _kv(line: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
 
 
-def probe_command(spec: Any, partition: str, code: str) -> tuple[list[str], str]:
+def probe_command(spec: Any, partition: str, code: str, request: Any = None) -> tuple[list[str], str]:
     """The one-node srun (argv without the script) and the bash script that runs ``code`` with the job's
-    python, after the job's setup lines, on a node the job could get."""
-    request = slurm_request(spec)
+    python, after the job's setup lines, on a node the job could get. ``request`` is the job's
+    Slurm request when the caller has its launch plan (``plan.slurm``); else computed from the spec."""
+    request = request if request is not None else slurm_request(spec)
     argv = ["srun", "-N1", "-n1", "-t", "2", "-J", "ftcluster-doctor", "--quiet", f"--partition={partition}"]
     argv += [f"--{o.name}={o.value}" for o in request.sbatch if o.name in PLACEMENT and o.name != "partition"]
     argv += request.srun_args()

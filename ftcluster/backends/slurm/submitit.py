@@ -53,8 +53,12 @@ def _default_folder(spec: Any) -> Path:
     return ftcluster_home() / "submitit" / spec.name / "%j"
 
 
-def executor_for(spec: Any, folder: str | Path | None = None, cluster: str | None = None) -> submitit.AutoExecutor:
+def executor_for(spec: Any, folder: str | Path | None = None, cluster: str | None = None,
+                 request: Any = None) -> submitit.AutoExecutor:
     """A ``submitit.AutoExecutor`` with the spec's resources and Slurm settings.
+
+    ``request`` is the spec's :class:`~ftcluster.plan.slurm_request.SlurmRequest` when the caller
+    has its launch plan (``plan.slurm``); otherwise it is computed from the spec.
 
     ``cluster`` is passed to submitit (None: Slurm when ``srun`` is on PATH, else local processes;
     ``"debug"`` runs in this process). ``folder`` holds submitit's pickles and logs; ``%j`` is the
@@ -70,7 +74,7 @@ def executor_for(spec: Any, folder: str | Path | None = None, cluster: str | Non
     if "python" in spec.slurm.model_fields_set:  # default: the interpreter that pickles the task (submitit's)
         kwargs["slurm_python"] = spec.slurm.python
     ex = submitit.AutoExecutor(folder=str(folder or _default_folder(spec)), cluster=cluster, **kwargs)
-    ex.update_parameters(**submitit_parameters(spec))
+    ex.update_parameters(**submitit_parameters(spec, request))
     return ex
 
 
@@ -87,13 +91,14 @@ def _sbatch_text(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
-def submitit_parameters(spec: Any) -> dict[str, Any]:
+def submitit_parameters(spec: Any, request: Any = None) -> dict[str, Any]:
     """``executor.update_parameters`` arguments: the spec's :func:`~ftcluster.plan.slurm_request.slurm_request`
-    (the rendered sbatch script's options) in submitit's terms."""
+    (the rendered sbatch script's options; ``request`` when the caller has it, e.g. ``plan.slurm``)
+    in submitit's terms."""
     from ...plan.slurm_request import slurm_request
 
     r, s = spec.resources, spec.slurm
-    request = slurm_request(spec)
+    request = request if request is not None else slurm_request(spec)
     ntasks = r.nproc_per_node
     params: dict[str, Any] = {"tasks_per_node": ntasks, "slurm_signal_delay_s": s.signal_seconds}
     extra: dict[str, Any] = {}
@@ -271,5 +276,5 @@ def submit(spec: Any, folder: str | Path | None = None, cluster: str | None = No
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
     plan = compile_plan(spec, spec.slurm.env)
-    executor = executor_for(spec, folder, cluster)
+    executor = executor_for(spec, folder, cluster, plan.slurm)
     return executor.submit(TrainTask(plan.payload, plan.env))

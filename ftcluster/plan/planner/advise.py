@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ...errors import FtclusterError
+from .. import speedups as speedup_rules
+from ..engines import ENGINES, engine_for
+from ..facts import global_batch
+from ..speedups import FUSED_CE_MODEL_TYPES, Speedups  # noqa: F401 - FUSED_CE_MODEL_TYPES re-exported
 from .data import DataEstimate, estimate_tokens, sequences
 from .gpus import Gpu, load_gpus, normalise
 from .layout import Layout, Workload
@@ -70,67 +74,87 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-FUSED_CE_MODEL_TYPES = ("llama",)  # train/speedups.py's: Liger's forward for these takes shift_labels
+@dataclass(frozen=True)
+class MemoryModel:
+    """How the planner models a training engine (an engine recipe names one by its
+    ``memory_model``; ``Layout.method`` is its name): which parameters train and the ZeRO
+    layouts (stage, offload optimizer, offload parameters) it tries."""
+
+    name: str
+    trains: str  # "all" parameters, or an "adapter" on a frozen base
+    zero_choices: tuple[tuple[int | None, bool, bool], ...]
+
+    @property
+    def has_zero(self) -> bool:
+        return any(stage is not None for stage, _, _ in self.zero_choices)
 
 
-def _switched_off(spec: Any, name: str) -> bool:
-    return str((getattr(spec, "env", None) or {}).get(name, "auto")).strip().lower() in ("0", "off", "false", "no")
+MEMORY_MODELS: dict[str, MemoryModel] = {
+    "lora": MemoryModel("lora", "adapter", ((None, False, False),)),
+    "full": MemoryModel("full", "all", ((0, False, False), (1, False, False), (2, False, False), (3, False, False),
+                                        (2, True, False), (3, True, False), (3, True, True))),
+}
 
 
-def speedups_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> tuple[bool, bool]:
-    """(fused_ce, zero3_keep) as the runtime will choose them (train/speedups.py): the fused loss
-    for a Llama model on a GPU unless the spec's env sets FTCLUSTER_FUSED_CE=0 (the planner
-    assumes liger-kernel is installed where the job runs; ``fused_ce`` overrides); ZeRO-3 keep
-    unless FTCLUSTER_ZERO3_KEEP=0 or a DeepSpeed config_file (whose keys win) is given."""
-    gpu = spec.resources.gpus_per_node > 0
+def memory_model_of(spec: Any) -> str:
+    """The planner's memory model for ``spec``: its engine recipe's (``EngineRecipe.planner_model``)."""
+    return engine_for(spec).planner_model
+
+
+def planned_models() -> list[str]:
+    """The memory models the planner compares: one per registered engine, in registration order."""
+    return list(dict.fromkeys(r.planner_model for r in ENGINES.values()))
+
+
+def speedups_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None,
+                decided: Speedups | None = None) -> tuple[bool, bool]:
+    """(fused_ce, zero3_keep) as the runtime will choose them (:mod:`ftcluster.plan.speedups`, which
+    the runtime imports): the fused loss for a Llama model on a GPU unless the spec's env sets
+    FTCLUSTER_FUSED_CE=0 (the planner assumes liger-kernel is installed where the job runs;
+    ``fused_ce`` overrides); ZeRO-3 keep unless FTCLUSTER_ZERO3_KEEP=0 or a DeepSpeed config_file
+    (whose keys win) is given. ``decided`` is the launch plan's decision (``plan.speedups``);
+    without one it is decided here by the same function."""
+    decided = decided or speedup_rules.decide(spec)
     if fused_ce is None:
-        fused_ce = gpu and shape.model_type in FUSED_CE_MODEL_TYPES and not _switched_off(spec, "FTCLUSTER_FUSED_CE")
-    ds = getattr(spec, "deepspeed", None)
-    keep = gpu and not _switched_off(spec, "FTCLUSTER_ZERO3_KEEP") and not (ds is not None and ds.config_file)
-    return bool(fused_ce), bool(keep)
+        fused_ce = decided.fused_ce_for(shape.model_type)
+    return bool(fused_ce), decided.zero3_keep
 
 
-def varlen_of(spec: Any) -> bool:
-    """The runtime's variable-length attention (train/varlen.py): on a GPU for an SDPA model unless
-    the spec's env sets FTCLUSTER_VARLEN=0. It is FlashAttention-2's varlen kernel, so the planner
-    models it as ``flash_attention_2`` (causal work, GQA's key/values kept, no mask); per-example
-    attention does less work still, which the planner leaves out (it does not know the lengths)."""
-    return (spec.resources.gpus_per_node > 0 and spec.model.attn_implementation == "sdpa"
-            and not _switched_off(spec, "FTCLUSTER_VARLEN"))
+def varlen_of(spec: Any, decided: Speedups | None = None) -> bool:
+    """The runtime's variable-length attention (:func:`ftcluster.plan.speedups.varlen_on`): on a GPU
+    for an SDPA model unless the spec's env sets FTCLUSTER_VARLEN=0. It is FlashAttention-2's varlen
+    kernel, so the planner models it as ``flash_attention_2`` (causal work, GQA's key/values kept,
+    no mask); per-example attention does less work still, which the planner leaves out (it does not
+    know the lengths)."""
+    return (decided or speedup_rules.decide(spec)).varlen
 
 
-def workload_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None) -> Workload:
+def engine_settings(spec: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Layout keywords, Workload keywords) from the spec's engine section, as its recipe reads it
+    (``EngineRecipe.planner_settings``): ZeRO stage and offload, LoRA rank and targets, ..."""
+    settings = engine_for(spec).planner_settings(spec)
+    layout_keys = {f.name for f in fields(Layout)}
+    return ({k: v for k, v in settings.items() if k in layout_keys},
+            {k: v for k, v in settings.items() if k not in layout_keys})
+
+
+def workload_of(spec: Any, shape: ModelShape, fused_ce: bool | None = None, launch: Any = None) -> Workload:
+    """The workload of ``spec``; ``launch`` (its :class:`~ftcluster.plan.launch.LaunchPlan`) gives the
+    global batch and the speed-up decisions, else they are computed by the same functions."""
     tr = spec.training
-    fused, keep = speedups_of(spec, shape, fused_ce)
-    lora = getattr(spec, "lora", None)
-    ds = getattr(spec, "deepspeed", None)
-    w = Workload(shape=shape, seq_len=spec.data.seq_len, precision=tr.precision,
-                 attn_implementation="flash_attention_2" if varlen_of(spec) else spec.model.attn_implementation,
-                 global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * spec.world_size,
-                 fused_ce=fused, zero3_keep=keep)
-    if lora is not None:
-        t = lora.target_modules
-        w = _replace(w, lora_r=lora.r, lora_targets=t if isinstance(t, str) else tuple(t), lora_dropout=lora.dropout)
-    if ds is not None:
-        w = _replace(w, reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm)
-    return w
+    decided = launch.speedups if launch is not None else speedup_rules.decide(spec)
+    fused, keep = speedups_of(spec, shape, fused_ce, decided)
+    return Workload(shape=shape, seq_len=spec.data.seq_len, precision=tr.precision,
+                    attn_implementation="flash_attention_2" if decided.varlen else spec.model.attn_implementation,
+                    global_batch=launch.global_batch if launch is not None else global_batch(spec),
+                    fused_ce=fused, zero3_keep=keep, **engine_settings(spec)[1])
 
 
-def _replace(w: Workload, **kw: Any) -> Workload:
-    from dataclasses import replace
-
-    return replace(w, **kw)
-
-
-def requested_layout(spec: Any, gpu: str) -> Layout:
+def requested_layout(spec: Any, gpu: str, memory_model: str | None = None) -> Layout:
     r, tr = spec.resources, spec.training
-    ds = getattr(spec, "deepspeed", None)
-    return Layout(method=spec.method, nodes=r.nodes, gpus_per_node=r.nproc_per_node,
+    return Layout(method=memory_model or memory_model_of(spec), nodes=r.nodes, gpus_per_node=r.nproc_per_node,
                   micro_batch_size=tr.micro_batch_size, gradient_accumulation_steps=tr.gradient_accumulation_steps,
-                  gradient_checkpointing=tr.gradient_checkpointing,
-                  zero_stage=ds.zero_stage if ds is not None else None,
-                  offload_optimizer=bool(ds and ds.offload_optimizer != "none"),
-                  offload_params=bool(ds and ds.offload_params != "none"), gpu=gpu)
+                  gradient_checkpointing=tr.gradient_checkpointing, gpu=gpu, **engine_settings(spec)[0])
 
 
 def resolve_gpu(spec: Any, override: str | None, table: dict[str, Gpu]) -> tuple[Gpu, bool]:
@@ -154,7 +178,8 @@ class Evaluator:
         r, targets, dropout = lora_cfg
         self.lora_w = _replace(w, lora_r=r, lora_targets=targets, lora_dropout=dropout)
         c = count_lora(w.shape, r, targets if isinstance(targets, str) else list(targets), w.modules_to_save)
-        self.counts = {"full": (base, base, 0, 0), "lora": (base + c.trainable, c.trainable, c.adapter, c.saved_copies)}
+        adapter = (base + c.trainable, c.trainable, c.adapter, c.saved_copies)
+        self.counts = {name: (base, base, 0, 0) if m.trains == "all" else adapter for name, m in MEMORY_MODELS.items()}
 
     def steps(self, lay: Layout) -> int | None:
         tr = self.spec.training
@@ -166,7 +191,7 @@ class Evaluator:
         return max(1, math.ceil(tr.epochs * per_epoch / lay.gradient_accumulation_steps))
 
     def evaluate(self, lay: Layout) -> Option:
-        w = self.lora_w if lay.method == "lora" else self.w
+        w = self.lora_w if MEMORY_MODELS[lay.method].trains == "adapter" else self.w
         total, trainable, adapter, copies = self.counts[lay.method]
         keep = zero3_keeps(w, lay, total, self.gpu.memory_bytes)
         mem = per_gpu_memory(w, lay, total, trainable, adapter, copies, keep=keep)
@@ -196,9 +221,7 @@ class Evaluator:
         worlds = list(WORLDS)
         if (req.nodes, req.gpus_per_node) not in worlds:
             worlds.append((req.nodes, req.gpus_per_node))
-        zero = [(None, False, False)] if method == "lora" else [
-            (0, False, False), (1, False, False), (2, False, False), (3, False, False),
-            (2, True, False), (3, True, False), (3, True, True)]
+        zero = MEMORY_MODELS[method].zero_choices
         out = []
         gb = self.w.global_batch
         for nodes, gpn in worlds:
@@ -262,10 +285,16 @@ def _fmt_gib(n: int) -> str:
 
 def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None, network: bool = True,
                count_data: bool = True, alternatives: bool = True, shape: ModelShape | None = None,
-               fused_ce: bool | None = None) -> Plan:
+               fused_ce: bool | None = None, launch: Any = None) -> Plan:
     """Plan a job spec. ``network`` allows reading a remote config.json and listing remote data;
     ``shape`` gives the model's shape when the spec cannot (a pipeline stage's model_from);
-    ``fused_ce`` overrides whether the runtime's fused loss is assumed (:func:`speedups_of`)."""
+    ``fused_ce`` overrides whether the runtime's fused loss is assumed (:func:`speedups_of`).
+    ``launch`` is the spec's launch plan (compiled here when not given): the global batch, the
+    speed-up decisions and the engine are read from it."""
+    if launch is None:
+        from ..launch import compile_plan
+
+        launch = compile_plan(spec)
     shape = shape or spec_shape(spec, network=network)
     if shape is None:
         where = spec.model.path or spec.model.hub_id
@@ -279,11 +308,9 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
     data = (estimate_tokens(spec.data, spec.tokenizer.train_vocab_size, network=network) if count_data
             else DataEstimate(None, None, "not counted"))
     seqs = sequences(data, spec.data.seq_len, spec.data.packing)
-    w = workload_of(spec, shape, fused_ce)
-    lora = getattr(spec, "lora", None)
-    lora_cfg = (lora.r, w.lora_targets, lora.dropout) if lora is not None else (16, "all-linear", 0.05)
-    ev = Evaluator(w, g, spec, seqs, lora_cfg)
-    req_layout = requested_layout(spec, g.name)
+    w = workload_of(spec, shape, fused_ce, launch)
+    ev = Evaluator(w, g, spec, seqs, (w.lora_r, w.lora_targets, w.lora_dropout))
+    req_layout = requested_layout(spec, g.name, launch.recipe.planner_model)
     req = ev.evaluate(req_layout)
     notes = list(shape.notes)
     if assumed:
@@ -301,7 +328,7 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
         return Plan(spec.name, shape, g, assumed, data, req, [], None, "", notes)
     variant_formats = [v.data.format for v in (getattr(spec, "_resolved", None) or ())]
     method, why = intent(spec, data, variant_formats)
-    every = {m: ev.options(m, req_layout) for m in ("lora", "full")}
+    every = {m: ev.options(m, req_layout) for m in planned_models()}
     alts = _curate(req, every, ev)
     chosen_method = "full" if method == "hybrid" else method
     rec = pick(every[chosen_method], req_layout)
@@ -327,6 +354,12 @@ def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape 
         shapes[st.name] = shape
         out.append((st.spec, shape))
     return out
+
+
+def _replace(w: Workload, **kw: Any) -> Workload:
+    from dataclasses import replace
+
+    return replace(w, **kw)
 
 
 def _replace_gpu(g: Gpu, price: float) -> Gpu:
@@ -361,7 +394,7 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
         if mb >= 1:
             accum = max(1, round(lay.micro_batch_size * lay.gradient_accumulation_steps / mb))
             variations.append(lay.with_(micro_batch_size=mb, gradient_accumulation_steps=accum))
-    if lay.method == "full":
+    if MEMORY_MODELS[lay.method].has_zero:
         variations += [lay.with_(zero_stage=s, offload_optimizer=False, offload_params=False)
                        for s in (0, 1, 2, 3) if s != lay.zero_stage]
     chosen += [ev.evaluate(v) for v in variations]

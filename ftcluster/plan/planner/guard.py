@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import Problem
-from .advise import Evaluator, Option, pick, requested_layout, workload_of
+from .advise import Evaluator, Option, memory_model_of, pick, requested_layout, workload_of
 from .gpus import GPUS, load_gpus, normalise
 from .report import gib
 from .shape import spec_shape
@@ -51,14 +51,12 @@ def _check_one(spec: Any, root: Any, shape: Any = None) -> list[Problem]:
     shape = shape or spec_shape(spec, network=False)
     if shape is None:
         return []
-    lora = getattr(spec, "lora", None)
     w = workload_of(spec, shape)
-    lora_cfg = (lora.r, w.lora_targets, lora.dropout) if lora is not None else (16, "all-linear", 0.05)
-    ev = Evaluator(w, gpu, spec, None, lora_cfg)
+    ev = Evaluator(w, gpu, spec, None, (w.lora_r, w.lora_targets, w.lora_dropout))
     req = ev.evaluate(requested_layout(spec, gpu.name))
     if req.fits:
         return []
-    best = pick(ev.options(spec.method, req.layout), req.layout)
+    best = pick(ev.options(memory_model_of(spec), req.layout), req.layout)
     return [_problem(spec, root, req, best, gpu.name)]
 
 

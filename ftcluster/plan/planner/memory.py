@@ -17,15 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import speedups as speedup_rules
+from ..speedups import KEEP_FRACTION  # noqa: F401 - re-exported
 from .layout import Layout, Workload
 
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size: the optimizer steps one at a time
 CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS workspace: on the GPU but not in max_memory_allocated
 NCCL_BYTES = 512 << 20  # NCCL's own buffers with more than one process
 FRAGMENTATION = 0.95  # the caching allocator cannot hand out every last byte: keep 5 % free
-# train/speedups.py keeps ZeRO-3's gathered weights from forward to backward when the whole
-# 16-bit model plus this rank's shards (2 N + 16 N / world bytes) fit in this share of the GPU.
-KEEP_FRACTION = 0.6
+# The runtime keeps ZeRO-3's gathered weights from forward to backward when the whole 16-bit model
+# plus this rank's shards (2 N + 16 N / world bytes) fit in KEEP_FRACTION of the GPU: the one
+# predicate is ftcluster.plan.speedups.zero3_keep_fits, which train/speedups.py asks too.
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,9 @@ def model_states(params: int, stage: int, dp: int, *, k: int = 12, half: int = 2
 
 def zero3_keeps(w: Workload, lay: Layout, params: int, gpu_memory: int) -> bool:
     """Whether the runtime keeps ZeRO-3's gathered weights for this layout (speedups.zero3_keep_settings)."""
-    if not w.zero3_keep or lay.method != "full" or lay.zero_stage != 3 or lay.offload_params:
+    if not w.zero3_keep or lay.zero_stage != 3 or lay.offload_params:
         return False
-    return 2 * params + 16 * params / max(lay.world, 1) <= KEEP_FRACTION * gpu_memory
+    return speedup_rules.zero3_keep_fits(params, lay.world, gpu_memory)
 
 
 def _step_scratch(params: int, stage: int, dp: int, half: int) -> int:
