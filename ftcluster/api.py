@@ -238,9 +238,12 @@ def schedule(request: Any, **options: Any) -> RunStatus:
 
 def server_dry_run(request: Any, **options: Any) -> str:
     """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+    from .spec.registry import entries
+
     b = get_backend(request.backend, **options)
     if not entry(request.backend).server_dry_run or not hasattr(b, "server_dry_run"):
-        raise BackendError(f"a server-side dry run applies to the kubernetes backend only, not {request.backend}")
+        takers = " and ".join(e.name for e in entries() if e.server_dry_run)
+        raise BackendError(f"a server-side dry run applies to the {takers} backend only, not {request.backend}")
     return b.server_dry_run(request)  # pyright: ignore[reportAttributeAccessIssue]  # the entry says it has one
 
 
