@@ -65,7 +65,7 @@ def with_backend(spec: Any, backend: str | None) -> Any:
         return load_spec(source, [*getattr(spec, "_overrides", ()), f"backend={backend}"])
     from .spec.loader import spec_from_dict
 
-    return spec_from_dict({**spec.model_dump(mode="json"), "backend": backend})
+    return spec_from_dict({**spec.model_dump(mode="json", exclude_unset=True), "backend": backend})
 
 
 def _spec(spec_or_path: Any, overrides: list[str] | None = None, backend: str | None = None):

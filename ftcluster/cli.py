@@ -46,6 +46,14 @@ class _Backends(click.Choice):
     def choices(self, value) -> None:
         pass
 
+    def convert(self, value, param, ctx):
+        from .spec.registry import lookup
+
+        found = lookup(value) if isinstance(value, str) else None  # a built-in name: no plugin scan
+        if found is not None and found.in_spec and (found.lists_cluster or not self.cluster):
+            return value
+        return super().convert(value, param, ctx)
+
 
 class _Cli(click.Group):
     def invoke(self, ctx: click.Context):

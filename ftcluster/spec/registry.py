@@ -101,9 +101,11 @@ def lookup(name: str) -> BackendEntry | None:
     return found
 
 
-def entries() -> Iterator[BackendEntry]:
-    """Every registered backend, built-in ones first, in registration order."""
-    _load_plugins()
+def entries(plugins: bool = True) -> Iterator[BackendEntry]:
+    """Every registered backend, built-in ones first, in registration order. ``plugins=False``: without
+    looking for entry points first (that scan of the installed packages costs start-up time)."""
+    if plugins:
+        _load_plugins()
     return iter(list(_ENTRIES.values()))
 
 

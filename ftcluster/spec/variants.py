@@ -45,7 +45,7 @@ OUTPUT_URI = "each variant writes to <output.uri>/<variant> by itself; set outpu
 
 def section_reason(head: str) -> str | None:
     """Why a variant may not change the section ``head`` of a backend (ftcluster.spec.registry), or None."""
-    for e in entries():
+    for e in entries(plugins=False):  # a plugin cannot add a section to the schema
         if e.section == head:
             return e.variants_note or f"{e.name} settings are shared by every variant; set {head} at the top level"
     return None

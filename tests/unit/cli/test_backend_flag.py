@@ -51,8 +51,11 @@ def test_the_api_takes_backend_as_the_override(ftc_home):
     assert req.backend == "kubernetes" and list(req.files) == ["support-bot-lora.yaml"]
     assert api.with_backend(spec, "kubernetes").backend == "kubernetes" and spec.backend == "slurm"
     assert api.with_backend(spec, None) is spec
-    from_dict = api.with_backend(api.with_backend(spec, "kubernetes").model_copy(), "local")  # no file: re-validated
-    assert from_dict.backend == "local"
+    from ftcluster.spec.loader import load_spec_text
+
+    text = load_spec_text((ROOT / "examples" / "full-trainjob.yaml").read_text())  # no file: validated from its data
+    moved = api.with_backend(text, "local")
+    assert moved.backend == "local" and api.with_backend(moved, "kubernetes").model_dump() == text.model_dump()
 
 
 def test_doctor_backend_is_set_backend(ftc_home):
