@@ -150,3 +150,21 @@ def test_sample_source(ftc_home, tmp_path):
     with pytest.raises(FtclusterError, match="; or give an output URI") as err:
         api.sample_source("no-such-run")
     assert not isinstance(err.value, RunNotFoundError)
+
+
+def test_each_stage_of_a_pipeline_records_its_outputs(ftc_home):
+    from ftcluster.backends.pipeline import PipelineBackend
+    from ftcluster.backends.slurm.backend import SlurmBackend
+
+    def slurm(argv, stdin=None, env=None):
+        return SimpleNamespace(returncode=0, stdout="4242\n", stderr="")
+
+    pipe = api.load(EX / "pipeline-cpt-then-lora.yaml")
+    backend = PipelineBackend(slurm=SlurmBackend(runner=slurm))
+    st = backend.schedule(backend.submit_dryrun(pipe))
+    assert api.run_output(st.run_id)["single"] is False  # several stages: several outputs
+    for stage in pipe.stages:
+        out = api.run_output(str(Path(st.run_dir) / stage.name))
+        assert out["uri"] == stage.spec.output.uri  # an s3:// URI, as the stage's spec says
+        assert out["single"] == (not stage.spec.variants) and out["max_steps"] == stage.spec.training.max_steps
+    assert [api.run_output(str(Path(st.run_dir) / s.name))["single"] for s in pipe.stages] == [True, False]
