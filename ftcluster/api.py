@@ -36,7 +36,7 @@ from .spec.loader import load_spec
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
            "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
            "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
-           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source"]
+           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -162,6 +162,29 @@ def kustomized(spec: Any, target: str | None, files: dict[str, str]) -> dict[str
     target = target or default_target(spec)
     command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target) + " --kustomize"
     return with_kustomization(files, header_lines(spec, target, command))
+
+
+def write_files(out_dir: str | Path, files: dict[str, str]) -> None:
+    """Write every file or none (``render -o``, ``schema -o``): each goes to a temp name first, then all are
+    renamed; a file named ``stage/x`` (a pipeline's) gets its folder."""
+    import os
+
+    d = Path(out_dir)
+    tmps: list[tuple[Path, Path]] = []
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            final = d / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            tmps.append((tmp, final))
+        for tmp, final in tmps:
+            os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        raise FtclusterError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- submitting
@@ -317,6 +340,25 @@ def run_output(run_ref: str) -> dict[str, Any]:
     uri = rec.get("uri") or st.output_uri
     return {"uri": uri, "storage_options": rec.get("storage_options") or {}, "max_steps": rec.get("max_steps"),
             "single": bool(uri) and not st.tasks and rec.get("single", True) is not False}
+
+
+def sample_command(run_or_uri: str, prompt: str, input_text: str = "", max_new_tokens: int = 64,
+                   temperature: float = 0.0) -> list[str]:
+    """The command ``ftcluster sample`` runs (``python -m ftcluster.train.sample URI ...``: the core never
+    imports torch, so the model runs in a process of its own); FtclusterError naming the fix when this
+    Python lacks the training extra."""
+    import importlib.util
+    import json
+    import sys
+
+    uri, options = sample_source(run_or_uri)
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
+                             "pip install 'ftcluster[train]'")
+    return [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
+            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
+            "--storage-options", json.dumps(options)]
 
 
 def sample_source(run_or_uri: str) -> tuple[str, dict[str, Any]]:

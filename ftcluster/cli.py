@@ -157,34 +157,11 @@ def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, s
                 click.echo(f"{'' if i == 0 else chr(10)}# ----- {name} -----")
             click.echo(text, nl=False)
         return
-    _write_files(out_dir, files)
+    from .api import write_files
+
+    write_files(out_dir, files)
     for name in files:
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
-
-
-def _write_files(out_dir: str, files: dict[str, str]) -> None:
-    """Write every file or none: each goes to a temp name first, then all are renamed."""
-    import os
-    from pathlib import Path
-
-    from .errors import FtclusterError
-
-    d = Path(out_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmps = []
-        for name, text in files.items():
-            final = d / name  # a pipeline's files sit in one folder per stage
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            tmps.append((tmp, final))
-        for tmp, final in tmps:
-            os.replace(tmp, final)
-    except OSError as exc:
-        for tmp, _ in locals().get("tmps", []):
-            tmp.unlink(missing_ok=True)
-        raise FtclusterError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -435,20 +412,11 @@ def _report(checks) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token.")
 def sample(run_or_uri: str, prompt: str, input_text: str, max_new_tokens: int, temperature: float) -> None:
     """Try a trained model: complete PROMPT with a run's adapter or final model (needs ftcluster[train])."""
-    import importlib.util
     import subprocess
 
     from . import api
-    from .errors import FtclusterError
 
-    uri, options = api.sample_source(run_or_uri)
-    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
-                             "pip install 'ftcluster[train]'")
-    argv = [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
-            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
-            "--storage-options", json.dumps(options)]
+    argv = api.sample_command(run_or_uri, prompt, input_text, max_new_tokens, temperature)
     sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
 
 
@@ -462,7 +430,11 @@ def schema(output: str | None, pipeline: bool) -> None:
 
     text = json.dumps(pipeline_json_schema() if pipeline else json_schema(), indent=2, sort_keys=True) + "\n"
     if output:
-        _write_files(str(__import__("pathlib").Path(output).parent or "."), {__import__("pathlib").Path(output).name: text})
+        from pathlib import Path
+
+        from .api import write_files
+
+        write_files(str(Path(output).parent or "."), {Path(output).name: text})
     else:
         click.echo(text, nl=False)
 

@@ -168,3 +168,24 @@ def test_each_stage_of_a_pipeline_records_its_outputs(ftc_home):
         assert out["uri"] == stage.spec.output.uri  # an s3:// URI, as the stage's spec says
         assert out["single"] == (not stage.spec.variants) and out["max_steps"] == stage.spec.training.max_steps
     assert [api.run_output(str(Path(st.run_dir) / s.name))["single"] for s in pipe.stages] == [True, False]
+
+
+def test_sample_command_runs_the_train_layer_apart(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    argv = api.sample_command(f"file://{tmp_path}", "hi", max_new_tokens=3)
+    assert argv[:4] == [sys.executable, "-m", "ftcluster.train.sample", f"file://{tmp_path}"]
+    assert argv[argv.index("--max-new-tokens") + 1] == "3" and json.loads(argv[-1]) == {}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(FtclusterError, match=r"needs peft: pip install 'ftcluster\[train\]'"):
+        api.sample_command(f"file://{tmp_path}", "hi")
+
+
+def test_write_files_writes_all_or_none(tmp_path):
+    api.write_files(tmp_path / "o", {"a.yaml": "a\n", "stage/b.sbatch": "b\n"})
+    assert (tmp_path / "o" / "a.yaml").read_text() == "a\n" and (tmp_path / "o" / "stage" / "b.sbatch").read_text() == "b\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FtclusterError, match="cannot write to"):
+        api.write_files(tmp_path / "file", {"a.yaml": "a\n"})
