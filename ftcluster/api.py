@@ -34,7 +34,7 @@ from .errors import BackendError, FtclusterError, RunNotFoundError, SpecError, U
 from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
-           "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
+           "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
            "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
            "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files"]
 
@@ -150,6 +150,18 @@ def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
 # --------------------------------------------------------------------------- rendering
 
 
+def render(spec: Any, target: str | None = None, kustomize: bool = False) -> dict[str, str]:
+    """``ftcluster render``: the launch files of a job spec or pipeline (object or YAML path) for ``target``
+    (default: the spec's backend's), ``{filename: text}``; ``kustomize`` adds :func:`kustomized`'s file."""
+    from .render import render as render_job
+    from .render.pipeline import render_pipeline
+    from .spec.pipeline import Pipeline
+
+    spec = _spec(spec)
+    files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else render_job(spec, target)
+    return kustomized(spec, target, files) if kustomize else files
+
+
 def kustomized(spec: Any, target: str | None, files: dict[str, str]) -> dict[str, str]:
     """``files`` (rendered for a Kubernetes ``target``) plus a ``kustomization.yaml`` listing the jobs, a folder
     to commit as it is for Argo CD / Flux (``render --kustomize``); UsageError for a pipeline or Slurm."""
@@ -213,8 +225,14 @@ def check_submit_options(spec: Any, *, dry_run: bool = False, server: bool = Fal
         raise UsageError("--server goes with --dry-run (a server-side dry run)")
 
 
-def fresh_uri(uri: str) -> str:
-    """A new output folder beside ``uri``: ``<uri>-<UTC time>`` (``submit --fresh``; the old outputs stay)."""
+def fresh_uri(uri: Any) -> str:
+    """A new output folder beside ``uri`` (a URI, or a job spec's output.uri): ``<uri>-<UTC time>``
+    (``submit --fresh``; the old outputs stay). UsageError for a pipeline (each stage has its own)."""
+    from .spec.pipeline import Pipeline
+
+    if isinstance(uri, Pipeline):
+        raise UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
+    uri = uri if isinstance(uri, str) else uri.output.uri
     return f"{uri.rstrip('/')}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 

@@ -140,26 +140,18 @@ def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
-    from .render import render as do_render
-    from .render.pipeline import render_pipeline
-    from .spec.pipeline import Pipeline
+    from . import api
 
     spec = _load(job, sets)
     with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
-        files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
-    if kustomize:
-        from .api import kustomized
-
-        files = kustomized(spec, target, files)
+        files = api.render(spec, target, kustomize=kustomize)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:
                 click.echo(f"{'' if i == 0 else chr(10)}# ----- {name} -----")
             click.echo(text, nl=False)
         return
-    from .api import write_files
-
-    write_files(out_dir, files)
+    api.write_files(out_dir, files)
     for name in files:
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
 
@@ -182,14 +174,11 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
            namespace: str | None, sets: tuple[str, ...], no_plan_check: bool, fresh: bool) -> None:
     """Submit a job (local, slurm, kubernetes) or a pipeline (slurm) to its backend."""
     from . import api
-    from .spec.pipeline import Pipeline
 
     sets = _sets(sets, backend, namespace)
     spec = _load(job, sets)
     if fresh:
-        if isinstance(spec, Pipeline):
-            raise click.UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
-        uri = api.fresh_uri(spec.output.uri)
+        uri = api.fresh_uri(spec)
         sets = (*sets, f"output.uri={uri}")  # a --set: the rendered header reproduces it
         spec = _load(job, sets)
         click.echo(f"--fresh: output.uri is {uri}", err=True)

@@ -189,3 +189,13 @@ def test_write_files_writes_all_or_none(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FtclusterError, match="cannot write to"):
         api.write_files(tmp_path / "file", {"a.yaml": "a\n"})
+
+
+def test_render_is_the_clis_render():
+    files = api.render(EX / "lora-pytorchjob.yaml", kustomize=True)
+    assert sorted(files) == ["kustomization.yaml", "legal-style-lora.yaml"]
+    assert list(api.render(EX / "lora-slurm.yaml")) == ["support-bot-lora.sbatch"]
+    assert list(api.render(EX / "pipeline-cpt-then-lora.yaml")) == [
+        "cpt/cpt-llama-8b.sbatch", "adapters/support-lora.sbatch", "submit-pipeline.sh"]  # a folder per stage
+    with pytest.raises(UsageError, match="--fresh does not apply to a pipeline"):
+        api.fresh_uri(api.load(EX / "pipeline-cpt-then-lora.yaml"))
