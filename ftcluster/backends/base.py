@@ -15,8 +15,6 @@ import abc
 import contextlib
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -118,6 +116,7 @@ def runs_root(spec: Any | None = None) -> Path:
 
 def new_run_id(name: str) -> str:
     """A unique, sortable run id: <name>-<UTC time>-<4 hex>."""
+    import secrets  # here: it imports random and hashlib, which `ftcluster render` never needs
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
@@ -327,5 +326,7 @@ class Backend(abc.ABC):
                 write_atomic(run_dir / OUTPUTS_FILE, json.dumps(outputs, indent=1, sort_keys=True))
             yield run_dir
         except BaseException:
+            import shutil
+
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

@@ -49,6 +49,8 @@ class BackendEntry:
     # Can the cluster validate a job without storing it (``submit --dry-run --server``)?
     server_dry_run: bool = False
     preflight: str | None = None  # "module:attr" of a doctor function; None: the backend's ``preflight``
+    # Spec fields (dotted) a job on this backend must set, each with why: checked when a spec is loaded.
+    required: tuple[tuple[str, str], ...] = ()
     # Why a variant may not change its section (one array, one backend setup); None: no section.
     variants_note: str | None = None
     # The doctor's "launch files" row: "submit" (what `submit --dry-run` writes) or "render" (every
@@ -170,6 +172,8 @@ register(BackendEntry(
     render_target="pytorchjob", render_target_field="kubernetes.kind", paths_here=False,
     options=("context", "namespace"), log_options=("rank",), lists_cluster=True, server_dry_run=True,
     launch_files="render",
+    required=(("kubernetes.image", "the kubernetes backend needs an image with ftcluster[train]; set kubernetes.image "
+                                   "to a pinned tag"),),
     variants_note="image, queue and pod settings are the same for every variant; set kubernetes at the top level",
     description="a Kubeflow PyTorchJob or TrainJob through the Kubernetes API"))
 register(BackendEntry(

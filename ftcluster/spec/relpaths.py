@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from ..storage.uri import is_local
+from . import registry
 
 # (field path, what) of every input the runtime reads.
 INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation data"),
@@ -44,8 +45,6 @@ def local_path(uri: str) -> str | None:
 def runs_here(backend: Any, spec: Any) -> bool:
     """Do local paths of ``spec`` (an object or plain data) with this backend name this machine's files?
     The backend's registry entry says (:func:`ftcluster.spec.registry.runs_here`)."""
-    from . import registry
-
     return registry.runs_here(backend, spec)
 
 

@@ -32,7 +32,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from .envbuild import build_env
 from .kubenames import env_problems, section_problems
-from .registry import is_spec_backend, spec_backends
+from .registry import field_of, is_spec_backend, lookup, spec_backends
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
 SECRET_OPTION_KEYS = {
@@ -645,8 +645,8 @@ class _JobBase(_Model):
             problems.append("training.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
         if self.array_parallelism is not None and not self.variants:
             problems.append("array_parallelism: only applies to a job with variants; remove it or add variants")
-        if self.backend == "kubernetes" and not self.kubernetes.image:
-            problems.append("kubernetes.image: the kubernetes backend needs an image with ftcluster[train]; set kubernetes.image to a pinned tag")
+        backend = lookup(self.backend)
+        problems += [f"{name}: {why}" for name, why in (backend.required if backend else ()) if not field_of(self, name)]
         if problems:
             raise ValueError("\n".join(problems))
         return self
