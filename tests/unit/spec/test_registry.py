@@ -98,3 +98,11 @@ def test_a_package_registers_a_backend_through_an_entry_point(monkeypatch):
         assert "toy" in registry.spec_backends()
     finally:
         registry.unregister("toy")
+
+
+def test_an_entrys_required_fields_are_checked_on_load(toy):
+    registry.unregister("toy")
+    registry.register(dataclasses.replace(TOY, required=(("slurm.partition", "the toy cluster routes by partition"),)))
+    with pytest.raises(SpecError, match="slurm.partition: the toy cluster routes by partition"):
+        load_spec(QUICKSTART, ["backend=toy"])
+    assert load_spec(QUICKSTART, ["backend=toy", "slurm.partition=gpu"]).slurm.partition == "gpu"
