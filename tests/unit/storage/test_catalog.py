@@ -86,3 +86,20 @@ def test_sample_and_the_store_ask_the_catalog(out):
         store.wait()
     with pytest.raises(TrainError, match="no trained model or adapter there yet"):
         find_artifact(str(out / "nothing"))
+
+
+@pytest.mark.parametrize("example,sets", [("quickstart.yaml", []), ("quickstart.yaml", ["lora.merge_at_end=true"]),
+                                          ("full-slurm-2node.yaml", [])])
+def test_a_pipelines_model_source_is_the_engines_last_artifact_when_a_whole_model(example, sets):
+    """spec/pipeline.py's model_source still names artifacts itself (the spec layer sits below the engine
+    recipes): it must agree with the recipe's last artifact and the catalog's whole models."""
+    from ftcluster.plan.engines import engine_for
+    from ftcluster.spec.loader import load_spec
+    from ftcluster.spec.pipeline import model_source
+    from ftcluster.storage.catalog import WHOLE_MODELS
+    from ftcluster.storage.layout import OutputLayout
+
+    spec = load_spec(Path(__file__).resolve().parents[3] / "examples" / example, sets)
+    last = engine_for(spec).last_artifact(spec)
+    uri, _ = model_source(spec)
+    assert uri == (OutputLayout(spec.output.uri).artifact(last) if last in WHOLE_MODELS else None)  # type: ignore[arg-type]
