@@ -51,7 +51,7 @@ class BackendEntry:
     preflight: str | None = None  # "module:attr" of a doctor function; None: the backend's ``preflight``
     # Spec fields (dotted) a job on this backend must set, each with why: checked when a spec is loaded.
     required: tuple[tuple[str, str], ...] = ()
-    # Why a variant may not change its section (one array, one backend setup); None: no section.
+    # Why a variant may not change its section (one array, one backend setup); None: a generic sentence.
     variants_note: str | None = None
     # The doctor's "launch files" row: "submit" (what `submit --dry-run` writes) or "render" (every
     # rendered file: Kubernetes creates only the job of them, and renders variants it does not submit).
