@@ -1,48 +1,274 @@
-"""Python API with the CLI's verbs: load_spec, submit (submit_dryrun + schedule), status, logs,
-cancel, list_runs, doctor. The CLI uses only this module to reach the backends."""
+"""Python API with the CLI's verbs, and every rule the CLI applies: the one door to ftcluster.
+
+Loading (:func:`load`, :func:`with_backend`), checking (:func:`validate`, :func:`check_plan`,
+:func:`check_paths`, :func:`doctor`), rendering for GitOps (:func:`kustomized`), submitting
+(:func:`submit` = :func:`schedule` of :func:`submit_dryrun`, :func:`check_submit_options`,
+:func:`fresh_uri`, :func:`finished_note`), and the runs (:func:`status`, :func:`wait`, :func:`logs`,
+:func:`cancel`, :func:`list_runs`, :func:`list_cluster`, :func:`run_output`, :func:`sample_source`).
+``ftcluster.cli`` parses arguments, calls these and prints; it holds no rule of its own.
+
+``backend=NAME`` (``--backend NAME``) means exactly the override ``backend=NAME`` (``--set backend=NAME``):
+the spec is loaded again with it, so it is validated for that backend and rendered for it.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .backends import get_backend
-from .backends.base import EXIT_CODES, Backend, RunStatus, SubmitRequest, find_run, load_status
+from .backends import entry, get_backend
+from .backends.base import (
+    EXIT_CODES,
+    Backend,
+    RunStatus,
+    SubmitRequest,
+    find_run,
+    load_status,
+    read_outputs,
+    record_outputs,
+)
 from .backends.base import list_runs as _run_folders
+from .errors import BackendError, FtclusterError, RunNotFoundError, SpecError, UsageError
 from .spec.loader import load_spec
 
-__all__ = ["EXIT_CODES", "load_spec", "backend_for", "submit", "submit_dryrun", "schedule", "server_dry_run",
-           "status", "wait", "list_cluster", "logs", "cancel", "list_runs", "doctor", "run_output"]
+__all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
+           "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
+           "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
+           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files"]
 
 
-def _spec(spec_or_path: Any, overrides: list[str] | None = None):
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | None = None, backend: str | None = None):
+    """A job spec or a pipeline file (a file with ``pipeline:``), with ``overrides`` (``key.path=value``; a
+    pipeline applies them to every stage); ``backend`` is the same as the override ``backend=NAME``."""
+    from .spec.pipeline import load as load_any
+
+    return load_any(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])])
+
+
+def with_backend(spec: Any, backend: str | None) -> Any:
+    """``spec`` (a job spec or pipeline object) as if loaded with the override ``backend=NAME``: validated
+    for that backend (a kubernetes job needs kubernetes.image, ...) and rendered for it. The same object
+    when ``backend`` is None or already the spec's."""
+    from .spec.pipeline import Pipeline
+
+    if backend is None or backend == spec.backend:
+        return spec
+    if isinstance(spec, Pipeline):
+        return load(spec.source, list(spec.overrides), backend)
+    source = getattr(spec, "_source_file", None)
+    if source and not source.startswith("<") and Path(source).is_file():
+        return load_spec(source, [*getattr(spec, "_overrides", ()), f"backend={backend}"])
+    from .spec.loader import spec_from_dict
+
+    return spec_from_dict({**spec.model_dump(mode="json", exclude_unset=True), "backend": backend})
+
+
+def _spec(spec_or_path: Any, overrides: list[str] | None = None, backend: str | None = None):
     if isinstance(spec_or_path, (str, Path)):
-        from .spec.pipeline import load
+        return load(spec_or_path, overrides, backend)
+    return with_backend(spec_or_path, backend)
 
-        return load(spec_or_path, overrides)  # a job spec or a pipeline file
-    return spec_or_path
+
+# --------------------------------------------------------------------------- checking
+
+
+def check_plan(spec: Any) -> None:
+    """Raise SpecError if the job (or any stage of a pipeline) will not fit in its GPUs' memory
+    (:mod:`ftcluster.plan.planner`); what ``validate``/``submit`` check unless ``--no-plan-check``."""
+    from .plan.planner import check_spec
+
+    problems = check_spec(spec)
+    if problems:
+        raise SpecError(problems)
+
+
+def check_paths(path: str | Path, overrides: list[str] | None = None, spec: Any = None) -> None:
+    """Raise SpecError, located in the spec file, if a local input of the job at ``path`` is missing or its
+    output folder cannot be created (:func:`ftcluster.preflight.paths.local_problems`); a job whose paths
+    are not on this machine (kubernetes, Slurm through ssh) passes. ``spec``: the loaded spec, if at hand."""
+    from .preflight.paths import local_problems
+    from .spec.yamlio import apply_overrides, load_file
+
+    spec = spec if spec is not None else load_spec(path, overrides)
+    doc = load_file(path)
+    if overrides:
+        apply_overrides(doc, list(overrides))
+    problems = local_problems(spec, doc)
+    if problems:
+        raise SpecError(problems)
+
+
+def validate(path: str | Path, overrides: list[str] | None = None, plan_check: bool = True, backend: str | None = None):
+    """What ``ftcluster validate`` checks: load the job spec or pipeline at ``path`` (SpecError with every
+    problem located), then the planner's memory check (unless ``plan_check`` is False), then a job's local
+    paths. Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`)."""
+    from .spec.pipeline import Pipeline
+
+    overrides = [*(overrides or ()), *([f"backend={backend}"] if backend else [])]
+    spec = load(path, overrides)
+    if plan_check:
+        check_plan(spec)
+    if not isinstance(spec, Pipeline):
+        check_paths(path, overrides, spec)
+    return spec
+
+
+def summary(spec: Any) -> str:
+    """The one-line summary ``ftcluster validate`` prints after ``<file>: ok: ``."""
+    from .plan.launch import compile_plan
+    from .spec.pipeline import Pipeline, describe
+
+    if isinstance(spec, Pipeline):
+        return describe(spec)
+    plan = compile_plan(spec)
+    r = spec.resources
+    array = ""
+    if plan.variants:
+        limit = f", at most {plan.array_parallelism} at once" if plan.array_parallelism else ""
+        array = f", {len(plan.variants)} variants ({', '.join(plan.variants)}){limit}"
+    return (f"{spec.name} ({spec.method}), {r.nodes} node(s) x {r.nproc_per_node} process(es) = "
+            f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}{array}")
+
+
+def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
+           context: str | None = None, backend: str | None = None) -> list[Any]:
+    """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.preflight.checks.Check` rows): spec, launch
+    files, the planner, the backend's ``preflight``, inputs, output storage; ``remote`` also probes a
+    compute node; ``context`` is the kubeconfig context for a kubernetes job; ``backend`` is the same as
+    the override ``backend=NAME``."""
+    from .preflight.doctor import diagnose
+
+    return diagnose(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])], remote=remote,
+                    context=context)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(spec: Any, target: str | None = None, kustomize: bool = False) -> dict[str, str]:
+    """``ftcluster render``: the launch files of a job spec or pipeline (object or YAML path) for ``target``
+    (default: the spec's backend's), ``{filename: text}``; ``kustomize`` adds :func:`kustomized`'s file."""
+    from .render import render as render_job
+    from .render.pipeline import render_pipeline
+    from .spec.pipeline import Pipeline
+
+    spec = _spec(spec)
+    files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else render_job(spec, target)
+    return kustomized(spec, target, files) if kustomize else files
+
+
+def kustomized(spec: Any, target: str | None, files: dict[str, str]) -> dict[str, str]:
+    """``files`` (rendered for a Kubernetes ``target``) plus a ``kustomization.yaml`` listing the jobs, a folder
+    to commit as it is for Argo CD / Flux (``render --kustomize``); UsageError for a pipeline or Slurm."""
+    from .render import command_for, default_target, header_lines
+    from .render.kube import with_kustomization
+    from .spec.pipeline import Pipeline
+
+    if isinstance(spec, Pipeline) or (target or default_target(spec)) == "slurm":
+        raise UsageError("--kustomize applies to one job spec rendered for --target pytorchjob or trainjob")
+    target = target or default_target(spec)
+    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target) + " --kustomize"
+    return with_kustomization(files, header_lines(spec, target, command))
+
+
+def write_files(out_dir: str | Path, files: dict[str, str]) -> None:
+    """Write every file or none (``render -o``, ``schema -o``): each goes to a temp name first, then all are
+    renamed; a file named ``stage/x`` (a pipeline's) gets its folder."""
+    import os
+
+    d = Path(out_dir)
+    tmps: list[tuple[Path, Path]] = []
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            final = d / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            tmps.append((tmp, final))
+        for tmp, final in tmps:
+            os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        raise FtclusterError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- submitting
 
 
 def backend_for(spec: Any, backend: str | None = None, **options: Any) -> Backend:
-    """The backend that runs ``spec``: ``backend`` if given, else the spec's (a pipeline: the pipeline backend).
-    ``options`` go to the kubernetes backend (``context``)."""
+    """The backend that runs ``spec`` (a pipeline: the pipeline backend); ``backend`` names one, as the
+    override ``backend=NAME`` would (pass the spec through :func:`with_backend` first to have it validated
+    for it). ``options`` go to backends that take them (kubernetes: ``context``)."""
     from .spec.pipeline import Pipeline
 
     return get_backend("pipeline" if isinstance(spec, Pipeline) else backend or spec.backend, **options)
 
 
+def check_submit_options(spec: Any, *, dry_run: bool = False, server: bool = False, context: str | None = None) -> None:
+    """UsageError when ``server`` (a server-side dry run) or ``context`` (a kubeconfig context) do not apply to
+    ``spec``'s backend, or ``server`` comes without ``dry_run``."""
+    from .spec.pipeline import Pipeline
+    from .spec.registry import entries
+
+    e = None if isinstance(spec, Pipeline) else entry(spec.backend)
+    if (server and not (e and e.server_dry_run)) or (context and not (e and "context" in e.options)):
+        takers = [x.name for x in entries() if x.server_dry_run or "context" in x.options]
+        raise UsageError(f"--server and --context apply to the {' and '.join(takers)} backend only")
+    if server and not dry_run:
+        raise UsageError("--server goes with --dry-run (a server-side dry run)")
+
+
+def fresh_uri(uri: Any) -> str:
+    """A new output folder beside ``uri`` (a URI, or a job spec's output.uri): ``<uri>-<UTC time>``
+    (``submit --fresh``; the old outputs stay). UsageError for a pipeline (each stage has its own)."""
+    from .spec.pipeline import Pipeline
+
+    if isinstance(uri, Pipeline):
+        raise UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
+    uri = uri if isinstance(uri, str) else uri.output.uri
+    return f"{uri.rstrip('/')}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def finished_note(spec: Any, path: str | None = None) -> str | None:
+    """The note ``submit`` prints when a local ``output.uri`` already holds this job's end (its engine's last
+    artifact is committed, :meth:`ftcluster.storage.catalog.Catalog.done`): the run would resume there and
+    find nothing to do. None otherwise, and for a remote store (the run itself looks, and logs the same)."""
+    from .plan.engines import engine_for
+    from .spec.pipeline import Pipeline
+    from .storage.catalog import Catalog
+    from .storage.uri import is_local
+
+    if isinstance(spec, Pipeline) or not is_local(spec.output.uri):
+        return None
+    last = engine_for(spec).last_artifact(spec)
+    if not Catalog(spec.output.uri, spec.output.storage_options).done(last):
+        return None
+    job = path or spec._source_file or "job.yaml"
+    return (f"note: {spec.output.uri} already holds a finished run ({last}/ is committed), so this run will "
+            f"resume there and find nothing to do. To train again: ftcluster submit {job} --fresh "
+            "(a new output folder), or --set output.uri=<another folder>")
+
+
 def submit_dryrun(spec: Any, backend: str | None = None, **options: Any) -> SubmitRequest:
-    """What :func:`submit` would do, with no side effects; ``.describe()`` prints it."""
+    """What :func:`submit` would do, with no side effects; ``.describe()`` prints it. ``spec``: an object or a
+    YAML path; ``backend``: as the override ``backend=NAME``."""
     from .spec.pipeline import Pipeline, precedence
 
-    spec = _spec(spec)
-    req = backend_for(spec, backend, **options).submit_dryrun(spec)
+    spec = _spec(spec, backend=backend)
+    req = backend_for(spec, **options).submit_dryrun(spec)
     if isinstance(spec, Pipeline):
         for st in req.stages:
             st.request.notes = precedence(spec.stage(st.name).spec, spec.stage(st.name), spec.source)
     else:
         req.notes = precedence(spec)
+        record_outputs(req, spec)  # outputs.json in the run folder: run_output() for every backend
     return req
 
 
@@ -52,20 +278,24 @@ def schedule(request: Any, **options: Any) -> RunStatus:
 
 
 def server_dry_run(request: Any, **options: Any) -> str:
-    """Kubernetes: have the API server validate the request's job (``dryRun=All``); nothing is stored."""
-    from .backends.kubernetes.backend import KubernetesBackend
-    from .errors import BackendError
+    """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+    from .spec.registry import entries
 
     b = get_backend(request.backend, **options)
-    if not isinstance(b, KubernetesBackend):
-        raise BackendError(f"a server-side dry run applies to the kubernetes backend only, not {request.backend}")
-    return b.server_dry_run(request)
+    if not entry(request.backend).server_dry_run or not hasattr(b, "server_dry_run"):
+        takers = " and ".join(e.name for e in entries() if e.server_dry_run)
+        raise BackendError(f"a server-side dry run applies to the {takers} backend only, not {request.backend}")
+    return b.server_dry_run(request)  # pyright: ignore[reportAttributeAccessIssue]  # the entry says it has one
 
 
-def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None) -> RunStatus:
-    """Submit a spec or pipeline (object or YAML path) to its backend (or ``backend``)."""
-    spec = _spec(spec, overrides)
-    return backend_for(spec, backend).submit(spec)
+def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None, **options: Any) -> RunStatus:
+    """Submit a spec or pipeline (object or YAML path) to its backend; ``backend`` as the override
+    ``backend=NAME``; ``overrides`` apply to a YAML path."""
+    spec = _spec(spec, overrides, backend)
+    return schedule(submit_dryrun(spec, **options), **options)
+
+
+# --------------------------------------------------------------------------- runs
 
 
 def _backend_of(run_ref: str):
@@ -84,6 +314,13 @@ def wait(run_ref: str, poll: float = 1.0) -> RunStatus:
     return _backend_of(run_ref).wait(run_ref, poll=poll)
 
 
+def cluster_backends() -> tuple[str, ...]:
+    """The backends that can list the runs their cluster knows (``ftcluster list --backend``)."""
+    from .spec.registry import entries
+
+    return tuple(e.name for e in entries() if e.lists_cluster)
+
+
 def list_cluster(backend: str, **options: Any) -> list[RunStatus]:
     """The runs a cluster knows (kubernetes: ftcluster's jobs in the namespace, by label)."""
     return get_backend(backend, **options).list()
@@ -92,11 +329,12 @@ def list_cluster(backend: str, **options: Any) -> list[RunStatus]:
 def logs(run_ref: str, follow: bool = False, **options: Any) -> Iterator[str]:
     """Log lines of a run; ``follow`` keeps reading until it ends. Kubernetes runs take ``rank=N``
     (node rank N's pod; default 0, the master)."""
-    b = _backend_of(run_ref)
-    if options and b.name != "kubernetes":
-        from .errors import BackendError
+    from .spec.registry import entries
 
-        raise BackendError(f"{', '.join(sorted(options))}: applies to kubernetes runs only ({run_ref} is a {b.name} run)")
+    b = _backend_of(run_ref)
+    if set(options) - set(entry(b.name).log_options):
+        takers = " and ".join(e.name for e in entries() if set(options) <= set(e.log_options)) or "no"
+        raise BackendError(f"{', '.join(sorted(options))}: applies to {takers} runs only ({run_ref} is a {b.name} run)")
     return b.logs(run_ref, follow=follow, **options)
 
 
@@ -108,34 +346,52 @@ def cancel(run_ref: str) -> RunStatus:
 def run_output(run_ref: str) -> dict[str, Any]:
     """Where a run writes its outputs: ``{"uri", "storage_options", "max_steps", "single"}``.
 
-    ``uri`` is absolute for a local run whose output.uri was relative (resolved against the folder
-    it was launched from, as the runtime resolved it); ``single`` is False for a run with several
-    outputs (variants, pipeline stages), whose ``uri`` is then only their common root.
+    Read from what every backend records in the run folder at schedule time (``outputs.json``,
+    :func:`ftcluster.backends.base.outputs_record`), else from ``status.json`` alone. ``uri`` is absolute
+    for a run whose processes started here with a relative output.uri (resolved against the folder it was
+    submitted from, as the runtime resolves it); ``single`` is False for a run with several outputs
+    (variants, pipeline stages), whose ``uri`` is then only their common root.
     """
-    import json
-
-    from .storage.uri import is_local, local_path
-
     run_dir = find_run(run_ref)
     st = load_status(run_dir)
-    spec: dict[str, Any] = {}
-    payload: dict[str, Any] = {}
+    rec = read_outputs(run_dir) or {}
+    uri = rec.get("uri") or st.output_uri
+    return {"uri": uri, "storage_options": rec.get("storage_options") or {}, "max_steps": rec.get("max_steps"),
+            "single": bool(uri) and not st.tasks and rec.get("single", True) is not False}
+
+
+def sample_command(run_or_uri: str, prompt: str, input_text: str = "", max_new_tokens: int = 64,
+                   temperature: float = 0.0) -> list[str]:
+    """The command ``ftcluster sample`` runs (``python -m ftcluster.train.sample URI ...``: the core never
+    imports torch, so the model runs in a process of its own); FtclusterError naming the fix when this
+    Python lacks the training extra."""
+    import importlib.util
+    import json
+    import sys
+
+    uri, options = sample_source(run_or_uri)
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
+                             "pip install 'ftcluster[train]'")
+    return [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
+            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
+            "--storage-options", json.dumps(options)]
+
+
+def sample_source(run_or_uri: str) -> tuple[str, dict[str, Any]]:
+    """The output URI (and its storage options) that ``ftcluster sample RUN_OR_URI`` reads: a run id or run
+    folder's (:func:`run_output`), or a URI/path given as it is."""
+    if "://" in run_or_uri or (Path(run_or_uri).is_dir() and not (Path(run_or_uri) / "status.json").exists()):
+        return run_or_uri, {}
     try:
-        payload = json.loads((run_dir / "payload.json").read_text(encoding="utf-8"))
-        spec = payload.get("spec") or {}
-    except (OSError, ValueError):
-        pass
-    uri = st.output_uri
-    rest = uri.removeprefix("file://") if uri and is_local(uri) else None
-    if rest is not None and not rest.startswith(("/", "~")):
-        try:
-            cwd = json.loads((run_dir / "launch.json").read_text(encoding="utf-8"))["cwd"]
-            uri = "file://" + str(local_path(str(Path(cwd) / rest)))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return {"uri": uri, "storage_options": (spec.get("output") or {}).get("storage_options") or {},
-            "max_steps": (spec.get("training") or {}).get("max_steps"),
-            "single": bool(uri) and not st.tasks and "variants" not in payload}
+        out = run_output(run_or_uri)
+    except RunNotFoundError as err:
+        raise FtclusterError(f"{err}; or give an output URI (output.uri)") from None
+    if not out["single"]:
+        raise FtclusterError(f"run {run_or_uri} has several outputs (variants or stages); give one of their output "
+                             f"URIs, e.g. {out['uri'] or '<output.uri>'}/<variant name>")
+    return out["uri"], out["storage_options"]
 
 
 def list_runs() -> list[RunStatus]:
@@ -147,13 +403,3 @@ def list_runs() -> list[RunStatus]:
         except Exception:  # one broken folder must not hide the others
             continue
     return runs
-
-
-def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
-           context: str | None = None) -> list[Any]:
-    """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.preflight.checks.Check` rows): spec, launch
-    files, the planner, the backend's ``preflight``, inputs, output storage; ``remote`` also probes a
-    compute node; ``context`` is the kubeconfig context for a kubernetes job."""
-    from .preflight.doctor import diagnose
-
-    return diagnose(path, overrides, remote=remote, context=context)

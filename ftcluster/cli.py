@@ -4,6 +4,9 @@ Only click is imported at start-up; every command imports what it needs, so
 `ftcluster --help` and `ftcluster render` stay fast on a login node without torch.
 Errors of the FtclusterError family are caught in one place (:class:`_Cli`) and printed
 as one line per problem; ``--debug`` shows the traceback instead.
+
+It parses and prints only: every rule (which checks run, what ``--backend`` means, when a
+run is finished, where a run's outputs are) is in :mod:`ftcluster.api`, for Python users too.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import gc
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import click
@@ -24,6 +26,33 @@ SET_HELP = "Override a spec field, e.g. --set training.max_steps=10 (repeatable)
 NO_PLAN_CHECK_HELP = "Skip the planner's check that the job fits in its GPUs' memory."
 CONTEXT_HELP = "Kubernetes: the kubeconfig context (default: the current one, or the pod's service account)."
 NAMESPACE_HELP = "Kubernetes: the namespace (same as --set kubernetes.namespace=NS)."
+
+
+class _Backends(click.Choice):
+    """``--backend`` choices: the backend registry's names (:mod:`ftcluster.spec.registry`), read when used
+    (``cluster``: only those that can list their cluster's runs)."""
+
+    def __init__(self, cluster: bool = False):
+        super().__init__([])
+        self.cluster = cluster
+
+    @property
+    def choices(self):  # pyright: ignore[reportIncompatibleVariableOverride]  # computed, not stored
+        from .spec.registry import entries
+
+        return tuple(e.name for e in entries() if e.in_spec and (e.lists_cluster or not self.cluster))
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass
+
+    def convert(self, value, param, ctx):
+        from .spec.registry import lookup
+
+        found = lookup(value) if isinstance(value, str) else None  # a built-in name: no plugin scan
+        if found is not None and found.in_spec and (found.lists_cluster or not self.cluster):
+            return value
+        return super().convert(value, param, ctx)
 
 
 class _Cli(click.Group):
@@ -37,10 +66,12 @@ class _Cli(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
-        from .errors import FtclusterError
+        from .errors import FtclusterError, UsageError
 
         try:
             return super().invoke(ctx)
+        except UsageError as err:  # options that do not go together: click's usage message
+            raise click.UsageError(str(err), ctx) from None
         except FtclusterError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -72,10 +103,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _load(path: str, sets: tuple[str, ...]):
     """A job spec, or a pipeline (a file with `pipeline:`); `--set` applies to every stage of a pipeline."""
-    from .spec.pipeline import load
+    from .spec.pipeline import load  # api.load, without importing the backends (render's start-up time)
 
     with _collector_paused():
         return load(path, list(sets))
+
+
+def _sets(sets: tuple[str, ...], backend: str | None = None, namespace: str | None = None) -> tuple[str, ...]:
+    """``--backend X`` is ``--set backend=X``; ``--namespace NS`` is ``--set kubernetes.namespace=NS``."""
+    return sets + ((f"backend={backend}",) if backend else ()) + ((f"kubernetes.namespace={namespace}",) if namespace else ())
 
 
 @contextlib.contextmanager
@@ -102,46 +138,16 @@ def _collector_paused():
 @click.option("--no-plan-check", is_flag=True, help=NO_PLAN_CHECK_HELP)
 def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
     """Check a job spec or pipeline; prints a summary, or every problem with file:line:column."""
-    spec = _load(job, sets)
-    from .plan.launch import compile_plan
-    from .spec.pipeline import Pipeline, describe
+    from . import api
 
-    if not no_plan_check:
-        _plan_check(spec)
-    if not isinstance(spec, Pipeline):
-        _path_check(job, sets, spec)
-    if isinstance(spec, Pipeline):
-        click.echo(f"{job}: ok: {describe(spec)}")
-        return
-    plan = compile_plan(spec)
-    r = spec.resources
-    array = ""
-    if plan.variants:
-        limit = f", at most {plan.array_parallelism} at once" if plan.array_parallelism else ""
-        array = f", {len(plan.variants)} variants ({', '.join(plan.variants)}){limit}"
-    click.echo(
-        f"{job}: ok: {spec.name} ({spec.method}), {r.nodes} node(s) x {r.nproc_per_node} process(es) = "
-        f"world size {plan.world_size}, backend {spec.backend}, output {spec.output.uri}{array}"
-    )
-
-
-def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
-    """Local inputs exist and the output folder can be created (ftcluster.preflight.paths), located in the spec."""
-    from .errors import SpecError
-    from .preflight.paths import local_problems
-    from .spec.yamlio import apply_overrides, load_file
-
-    doc = load_file(job)
-    if sets:
-        apply_overrides(doc, list(sets))
-    problems = local_problems(spec, doc)
-    if problems:
-        raise SpecError(problems)
+    with _collector_paused():
+        spec = api.validate(job, list(sets), plan_check=not no_plan_check)
+    click.echo(f"{job}: ok: {api.summary(spec)}")
 
 
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", type=click.Choice(["slurm", "pytorchjob", "trainjob"]), default=None,
+@click.option("--target", "-t", type=click.Choice(["slurm", "pytorchjob", "trainjob"]), default=None,  # render.TARGETS
               help="Output kind; default from the spec's backend.")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write files into this folder instead of printing them.")
@@ -150,67 +156,26 @@ def _path_check(job: str, sets: tuple[str, ...], spec: object) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def render(job: str, target: str | None, out_dir: str | None, kustomize: bool, sets: tuple[str, ...]) -> None:
     """Render launch files. Pure: contacts nothing, same spec gives the same bytes."""
-    from .render import render as do_render
-    from .render.pipeline import render_pipeline
-    from .spec.pipeline import Pipeline
+    from . import api
 
     spec = _load(job, sets)
     with _collector_paused():  # the template engine or YAML emitter it imports lives until exit too
-        files = render_pipeline(spec, target) if isinstance(spec, Pipeline) else do_render(spec, target)
-    if kustomize:
-        files = _kustomized(spec, target, files)
+        files = api.render(spec, target, kustomize=kustomize)
     if out_dir is None:
         for i, (name, text) in enumerate(files.items()):
             if len(files) > 1:
                 click.echo(f"{'' if i == 0 else chr(10)}# ----- {name} -----")
             click.echo(text, nl=False)
         return
-    _write_files(out_dir, files)
+    api.write_files(out_dir, files)
     for name in files:
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
 
 
-def _kustomized(spec, target: str | None, files: dict[str, str]) -> dict[str, str]:
-    from .render import command_for, default_target, header_lines
-    from .render.kube import with_kustomization
-    from .spec.pipeline import Pipeline
-
-    if isinstance(spec, Pipeline) or (target or default_target(spec)) == "slurm":
-        raise click.UsageError("--kustomize applies to one job spec rendered for --target pytorchjob or trainjob")
-    target = target or default_target(spec)
-    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target) + " --kustomize"
-    return with_kustomization(files, header_lines(spec, target, command))
-
-
-def _write_files(out_dir: str, files: dict[str, str]) -> None:
-    """Write every file or none: each goes to a temp name first, then all are renamed."""
-    import os
-    from pathlib import Path
-
-    from .errors import FtclusterError
-
-    d = Path(out_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmps = []
-        for name, text in files.items():
-            final = d / name  # a pipeline's files sit in one folder per stage
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            tmps.append((tmp, final))
-        for tmp, final in tmps:
-            os.replace(tmp, final)
-    except OSError as exc:
-        for tmp, _ in locals().get("tmps", []):
-            tmp.unlink(missing_ok=True)
-        raise FtclusterError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
-
-
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--backend", "-b", type=click.Choice(["local", "slurm", "kubernetes"]), default=None,
-              help="Override the spec's backend.")
+@click.option("--backend", "-b", type=_Backends(), default=None,
+              help="Override the spec's backend (the same as --set backend=NAME).")
 @click.option("--dry-run", is_flag=True, help="Print exactly what would be submitted; submit nothing.")
 @click.option("--wait", "-w", is_flag=True, help="Block until the job ends, showing its log; exit with its status.")
 @click.option("--server", is_flag=True, help="With --dry-run (kubernetes): also have the API server validate the job "
@@ -225,70 +190,32 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
            namespace: str | None, sets: tuple[str, ...], no_plan_check: bool, fresh: bool) -> None:
     """Submit a job (local, slurm, kubernetes) or a pipeline (slurm) to its backend."""
     from . import api
-    from .spec.pipeline import Pipeline
 
-    sets = sets + ((f"kubernetes.namespace={namespace}",) if namespace else ())
+    sets = _sets(sets, backend, namespace)
     spec = _load(job, sets)
     if fresh:
-        if isinstance(spec, Pipeline):
-            raise click.UsageError("--fresh does not apply to a pipeline; set each stage's output.uri")
-        uri = _fresh_uri(spec.output.uri)
+        uri = api.fresh_uri(spec)
         sets = (*sets, f"output.uri={uri}")  # a --set: the rendered header reproduces it
         spec = _load(job, sets)
         click.echo(f"--fresh: output.uri is {uri}", err=True)
     if not no_plan_check:
-        _plan_check(spec)
-    if isinstance(spec, Pipeline) and backend:
-        raise click.UsageError("--backend does not apply to a pipeline; use --set backend=slurm (every stage)")
-    kube = not isinstance(spec, Pipeline) and (backend or spec.backend) == "kubernetes"
-    if (server or context) and not kube:
-        raise click.UsageError("--server and --context apply to the kubernetes backend only")
-    if server and not dry_run:
-        raise click.UsageError("--server goes with --dry-run (a server-side dry run)")
-    options = {"context": context} if kube else {}
-    req = api.submit_dryrun(spec, backend, **options)
+        api.check_plan(spec)
+    api.check_submit_options(spec, dry_run=dry_run, server=server, context=context)
+    options = {"context": context}
+    req = api.submit_dryrun(spec, **options)
     if dry_run:
         click.echo(req.describe(), nl=False)
         if server:
             click.echo(api.server_dry_run(req, **options))
         return
-    if not isinstance(spec, Pipeline):
-        _note_finished(job, spec)
+    note = api.finished_note(spec, job)
+    if note:
+        click.echo(note, err=True)
     st = api.schedule(req, **options)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
         sys.exit(_wait(st.run_dir))
     click.echo(f"follow it: ftcluster logs -f {st.run_id}   state: ftcluster status {st.run_id}")
-
-
-def _fresh_uri(uri: str) -> str:
-    """A new output folder beside ``uri``: ``<uri>-<UTC time>`` (the old outputs stay as they are)."""
-    return f"{uri.rstrip('/')}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-
-
-def _note_finished(job: str, spec) -> None:
-    """Say, before submitting, that a local output already holds this run's end (the run would do nothing)."""
-    from .storage.layout import MANIFEST, OutputLayout
-    from .storage.uri import is_local, local_path
-
-    if not is_local(spec.output.uri):
-        return  # a remote store is looked at by the run itself (it logs the same advice)
-    last = "final" if spec.method != "lora" else "merged" if spec.lora.merge_at_end else "adapter"
-    done = local_path(OutputLayout(spec.output.uri).artifact(last)) / MANIFEST
-    if done.exists():
-        click.echo(f"note: {spec.output.uri} already holds a finished run ({last}/ is committed), so this run will "
-                   f"resume there and find nothing to do. To train again: ftcluster submit {job} --fresh "
-                   "(a new output folder), or --set output.uri=<another folder>", err=True)
-
-
-def _plan_check(spec) -> None:
-    """Refuse a job (or any stage of a pipeline) that will not fit in its GPUs' memory (ftcluster.plan.planner)."""
-    from .errors import SpecError
-    from .plan.planner import check_spec
-
-    problems = check_spec(spec)
-    if problems:
-        raise SpecError(problems)
 
 
 @cli.command()
@@ -378,7 +305,7 @@ def status(run: str | None, as_json: bool) -> None:
 
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--backend", "-b", type=click.Choice(["kubernetes"]), default=None,
+@click.option("--backend", "-b", type=_Backends(cluster=True), default=None,
               help="Ask the cluster instead: ftcluster's jobs in the namespace, wherever they were submitted from.")
 @click.option("--context", default=None, help=CONTEXT_HELP)
 @click.option("--namespace", "-n", default=None, help="Kubernetes: the namespace (default: the context's).")
@@ -454,8 +381,8 @@ def cancel(run: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--remote", is_flag=True, help="Also probe a compute node (/dev/shm, port, python); queues a 1-node job.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--backend", "-b", type=click.Choice(["local", "slurm", "kubernetes"]), default=None,
-              help="Override the spec's backend.")
+@click.option("--backend", "-b", type=_Backends(), default=None,
+              help="Override the spec's backend (the same as --set backend=NAME).")
 @click.option("--context", default=None, help=CONTEXT_HELP)
 @click.option("--namespace", "-n", default=None, help=NAMESPACE_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -469,8 +396,7 @@ def doctor(job: str, remote: bool, as_json: bool, backend: str | None, context: 
     # s3fs/aiohttp report a dropped connection again as "Task exception was never retrieved" with a
     # traceback when the loop is collected; the output check already shows it as one row.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sets += ((f"backend={backend}",) if backend else ()) + ((f"kubernetes.namespace={namespace}",) if namespace else ())
-    checks = api.doctor(job, list(sets), remote=remote, context=context)
+    checks = api.doctor(job, list(_sets(sets, backend, namespace)), remote=remote, context=context)
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in checks], indent=1))
     else:
@@ -502,39 +428,12 @@ def _report(checks) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token.")
 def sample(run_or_uri: str, prompt: str, input_text: str, max_new_tokens: int, temperature: float) -> None:
     """Try a trained model: complete PROMPT with a run's adapter or final model (needs ftcluster[train])."""
-    import importlib.util
     import subprocess
 
-    from .errors import FtclusterError
-
-    uri, options = _sample_source(run_or_uri)
-    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
-                             "pip install 'ftcluster[train]'")
-    argv = [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
-            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
-            "--storage-options", json.dumps(options)]
-    sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
-
-
-def _sample_source(run_or_uri: str) -> tuple[str, dict]:
-    """The output URI (and its storage options) of a run id or folder, or a URI/path given as is."""
-    from pathlib import Path
-
     from . import api
-    from .errors import FtclusterError, RunNotFoundError
 
-    if "://" in run_or_uri or (Path(run_or_uri).is_dir() and not (Path(run_or_uri) / "status.json").exists()):
-        return run_or_uri, {}
-    try:
-        out = api.run_output(run_or_uri)
-    except RunNotFoundError as err:
-        raise FtclusterError(f"{err}; or give an output URI (output.uri)") from None
-    if not out["single"]:
-        raise FtclusterError(f"run {run_or_uri} has several outputs (variants or stages); give one of their output "
-                             f"URIs, e.g. {out['uri'] or '<output.uri>'}/<variant name>")
-    return out["uri"], out["storage_options"]
+    argv = api.sample_command(run_or_uri, prompt, input_text, max_new_tokens, temperature)
+    sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
 
 
 @cli.command()
@@ -547,7 +446,11 @@ def schema(output: str | None, pipeline: bool) -> None:
 
     text = json.dumps(pipeline_json_schema() if pipeline else json_schema(), indent=2, sort_keys=True) + "\n"
     if output:
-        _write_files(str(__import__("pathlib").Path(output).parent or "."), {__import__("pathlib").Path(output).name: text})
+        from pathlib import Path
+
+        from .api import write_files
+
+        write_files(str(Path(output).parent or "."), {Path(output).name: text})
     else:
         click.echo(text, nl=False)
 

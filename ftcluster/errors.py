@@ -45,6 +45,12 @@ class SpecError(FtclusterError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class UsageError(FtclusterError):
+    """Options that do not go together (``--server`` without ``--dry-run``); the CLI shows its usage line."""
+
+    exit_code = 2
+
+
 class RenderError(FtclusterError):
     """A valid spec could not be rendered for the requested target."""
 

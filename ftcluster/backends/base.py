@@ -4,8 +4,8 @@ Following torchx: ``submit(spec) == schedule(submit_dryrun(spec))``. The dry run
 a :class:`SubmitRequest` whose ``describe()`` is exactly what would be run (command and
 file contents); ``schedule`` is the only step with side effects.
 
-A new backend subclasses :class:`Backend`, fills its abstract hooks and registers its name
-in :func:`ftcluster.backends.get_backend`. Run folders (one per submitted run, holding
+A new backend subclasses :class:`Backend`, fills its abstract hooks and registers one entry in
+:mod:`ftcluster.spec.registry` (its factory as a ``"module:attr"`` string). Run folders (one per submitted run, holding
 ``status.json`` and whatever the backend writes beside it) are handled here once.
 """
 
@@ -15,8 +15,6 @@ import abc
 import contextlib
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -118,6 +116,7 @@ def runs_root(spec: Any | None = None) -> Path:
 
 def new_run_id(name: str) -> str:
     """A unique, sortable run id: <name>-<UTC time>-<4 hex>."""
+    import secrets  # here: it imports random and hashlib, which `ftcluster render` never needs
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
@@ -169,6 +168,43 @@ def list_runs(root: Path | None = None) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((d for d in root.iterdir() if (d / "status.json").exists()), key=lambda d: d.name)
+
+
+OUTPUTS_FILE = "outputs.json"
+
+
+def outputs_record(spec: Any, cwd: str | None = None) -> dict[str, Any]:
+    """Where a run of ``spec`` writes, for readers of its run folder whatever its backend
+    (``ftcluster sample``, the progress bar: :func:`ftcluster.api.run_output`): ``{"uri", "storage_options",
+    "max_steps", "single"}``. A relative local ``output.uri`` on a backend whose processes start here (from
+    ``cwd``, default the current directory) is made absolute, as the runtime will resolve it; ``single`` is
+    False for a spec with variants (``uri`` is then their common root)."""
+    from ..spec.registry import runs_here
+    from ..spec.relpaths import is_relative, local_path
+
+    uri = spec.output.uri
+    if is_relative(uri) and runs_here(spec.backend, spec):
+        uri = "file://" + os.path.normpath(os.path.join(cwd or os.getcwd(), local_path(uri) or ""))
+    return {"uri": uri, "storage_options": dict(spec.output.storage_options or {}),
+            "max_steps": spec.training.max_steps, "single": not spec.variants}
+
+
+def record_outputs(request: Any, spec: Any) -> Any:
+    """Have ``request`` (of a job spec) record :func:`outputs_record` in its run folder at schedule time
+    (:meth:`Backend.creating_run_folder` writes it as ``outputs.json``, for every backend); returns it."""
+    meta = getattr(request, "meta", None)
+    if isinstance(meta, dict) and hasattr(spec, "output"):
+        meta.setdefault("outputs", outputs_record(spec, getattr(request, "cwd", None)))
+    return request
+
+
+def read_outputs(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's :func:`outputs_record`, or None (a folder written before it was recorded, a pipeline)."""
+    try:
+        data = json.loads((Path(run_dir) / OUTPUTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def tail_file(path: Path, follow: bool, is_done, poll: float = 0.5) -> Iterator[str]:
@@ -241,8 +277,9 @@ class Backend(abc.ABC):
 
     # -- shared -----------------------------------------------------------------
     def submit(self, spec: Any) -> RunStatus:
-        """Submit ``spec``: ``schedule(submit_dryrun(spec))``."""
-        return self.schedule(self.submit_dryrun(spec))
+        """Submit ``spec``: ``schedule(submit_dryrun(spec))`` (the request records where the run writes,
+        :func:`record_outputs`)."""
+        return self.schedule(record_outputs(self.submit_dryrun(spec), spec))
 
     def wait(self, run_ref: str, timeout: float | None = None, poll: float = 1.0) -> RunStatus:
         """Block until the run ends and return its final status (or the last one seen at ``timeout``
@@ -276,14 +313,20 @@ class Backend(abc.ABC):
 
     @contextlib.contextmanager
     def creating_run_folder(self, request: Any) -> Iterator[Path]:
-        """Create ``request.run_dir`` with ``request.files`` in it; if the block raises, remove
-        the folder again, so a failed submission leaves nothing behind."""
+        """Create ``request.run_dir`` with ``request.files`` in it (and ``outputs.json`` when the request
+        carries :func:`record_outputs`); if the block raises, remove the folder again, so a failed
+        submission leaves nothing behind."""
         run_dir = Path(request.run_dir)
         run_dir.mkdir(parents=True, exist_ok=False)
         try:
             for name, text in getattr(request, "files", {}).items():
                 write_atomic(run_dir / name, text)
+            outputs = (getattr(request, "meta", None) or {}).get("outputs")
+            if outputs is not None:
+                write_atomic(run_dir / OUTPUTS_FILE, json.dumps(outputs, indent=1, sort_keys=True))
             yield run_dir
         except BaseException:
+            import shutil
+
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

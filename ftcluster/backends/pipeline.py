@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, FtclusterError
-from .base import TERMINAL, Backend, RunStatus, load_status, new_run_id, save_status, write_atomic
+from .base import (
+    TERMINAL,
+    Backend,
+    RunStatus,
+    load_status,
+    new_run_id,
+    record_outputs,
+    save_status,
+    write_atomic,
+)
 from .slurm.array import aggregate, span
 from .slurm.state import first_line
 
@@ -96,8 +105,8 @@ class PipelineBackend(Backend):
         req = PipelineRequest(pipe.name, run_id, run_dir)
         header = header_lines(None, "slurm", pipeline_command(pipe, "slurm"))
         for stage in pipe.stages:
-            sreq = self.slurm.submit_dryrun(stage.spec, run_id=f"{run_id}/{stage.name}")
-            sreq.run_dir = run_dir / stage.name
+            sreq = record_outputs(self.slurm.submit_dryrun(stage.spec, run_id=f"{run_id}/{stage.name}"), stage.spec)
+            sreq.run_dir = run_dir / stage.name  # its own outputs.json: api.run_output(<run folder>/<stage>)
             script = sreq.meta["script"]
             sreq.files[script] = render(stage.spec, "slurm", header=header)[script]  # names the pipeline file
             sreq.meta["sbatch_args"] = _sbatch_args([f"<job id of {a}>" for a in stage.after])

@@ -35,11 +35,11 @@ def check_spec(path: str, overrides: list[str]) -> tuple[Check, Any]:
 
 def check_render(spec: Any) -> Check:
     """The launch files build: what `submit --dry-run` shows (`render` for Kubernetes)."""
-    from ..backends import get_backend
+    from ..backends import entry, get_backend
     from ..render import default_target, render
 
     try:
-        if spec.backend == "kubernetes":
+        if entry(spec.backend).launch_files == "render":
             files = render(spec, default_target(spec))
         else:
             files = get_backend(spec.backend).submit_dryrun(spec).files
@@ -141,13 +141,10 @@ def check_inputs(spec: Any) -> list[Check]:
 def check_backend(spec: Any, remote: bool = False, backend: Any = None, context: str | None = None) -> list[Check]:
     """The backend's own pre-flight rows (``backend``: an instance to use instead of the spec's;
     ``context``: the kubeconfig context for the kubernetes backend)."""
-    from ..backends import get_backend
+    from ..backends import preflight
 
     try:
-        if backend is None:
-            backend = get_backend(spec.backend, context=context) if spec.backend == "kubernetes" else \
-                get_backend(spec.backend)
-        return backend.preflight(spec, remote=remote)
+        return preflight(spec, remote, backend, context=context)
     except FtclusterError as err:  # a check that could not even run is a failed row, not a crash
         return [failed("cluster", err)]
 

@@ -29,7 +29,7 @@ def _value(spec: Any, path: tuple[str, ...]) -> Any:
 
 def checks_here(spec: Any) -> bool:
     """Do the spec's local paths name this machine's files?"""
-    return runs_here(spec.backend, spec.slurm.login)
+    return runs_here(spec.backend, spec)
 
 
 def input_problem(path: str, shown: str | None = None) -> str | None:

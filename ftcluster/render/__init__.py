@@ -45,8 +45,8 @@ def render(spec: Any, target: str | None = None, *, backend_env: dict[str, str] 
            header: list[str] | None = None) -> dict[str, str]:
     """Render ``spec`` for ``target`` (slurm, pytorchjob, trainjob); returns {filename: text}.
 
-    With no target, the spec's backend decides: slurm -> slurm, kubernetes -> its
-    ``kubernetes.kind``; the local backend renders the Slurm script (the same launch line).
+    With no target, the spec's backend decides (its registry entry): slurm -> slurm, kubernetes ->
+    its ``kubernetes.kind``; the local backend renders the Slurm script (the same launch line).
     A spec with variants renders as one Slurm job array, or one Kubernetes job per variant.
     ``header`` replaces the default header lines (a pipeline names its own file). The spec is
     compiled once; the renderers read the plan.
@@ -96,7 +96,7 @@ def _render_each_variant(plan: Any, target: str, header: list[str]) -> dict[str,
 
 
 def default_target(spec: Any) -> str:
-    """The target implied by the spec's backend."""
-    if spec.backend == "kubernetes":
-        return spec.kubernetes.kind.lower()
-    return "slurm"
+    """The target implied by the spec's backend: its registry entry's (:mod:`ftcluster.spec.registry`)."""
+    from ..spec.registry import default_target as registered
+
+    return registered(spec)

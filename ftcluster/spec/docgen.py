@@ -33,6 +33,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _field_type(field: Any) -> str:
+    """A field's type; a name of the backend registry (schema.BackendName) lists the names."""
+    names = next((m.names() for m in field.metadata if hasattr(m, "names")), None)
+    return " \\| ".join(json.dumps(n) for n in names) if names else _type_name(field.annotation)
+
+
 def _default(field: Any) -> str:
     if field.is_required():
         return "**required**"
@@ -50,7 +56,7 @@ def _section(cls: type[BaseModel], prefix: str, out: list[str], seen: set[str]) 
     rows, nested = [], []
     for name, field in cls.model_fields.items():
         path = f"{prefix}{name}"
-        rows.append(f"| `{path}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+        rows.append(f"| `{path}` | {_field_type(field)} | {_default(field)} | {field.description or ''} |")
         sub = _model_in(field.annotation)
         if sub is not None and path not in seen:
             nested.append((sub, path + ("[]." if typing.get_origin(field.annotation) is list else ".")))

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from ..storage.uri import is_local
+from . import registry
 
 # (field path, what) of every input the runtime reads.
 INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation data"),
@@ -41,11 +42,10 @@ def local_path(uri: str) -> str | None:
     return uri.removeprefix("file://") if is_local(uri) else None
 
 
-def runs_here(backend: Any, login: Any) -> bool:
-    """Do local paths of a spec with this backend (and ``slurm.login``) name this machine's files?"""
-    if backend == "kubernetes":
-        return False
-    return not (backend == "slurm" and login)
+def runs_here(backend: Any, spec: Any) -> bool:
+    """Do local paths of ``spec`` (an object or plain data) with this backend name this machine's files?
+    The backend's registry entry says (:func:`ftcluster.spec.registry.runs_here`)."""
+    return registry.runs_here(backend, spec)
 
 
 def spec_folder(source: str) -> str | None:
@@ -92,7 +92,7 @@ def rebase_data(data: Any, folder_of: Any) -> dict[str, str]:
     """Rewrite in ``data`` (a spec as plain data) every relative path of :data:`LOCAL_FIELDS` that
     ``folder_of(field path)`` says was written relative to a folder (None: relative to the cwd
     already), when the spec's paths are on this machine. Returns {dotted field: that folder}."""
-    if not isinstance(data, dict) or not runs_here(data.get("backend", "local"), field_value(data, ("slurm", "login"))):
+    if not isinstance(data, dict) or not runs_here(data.get("backend", "local"), data):
         return {}
     done = {}
     for path in LOCAL_FIELDS:

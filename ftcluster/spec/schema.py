@@ -21,14 +21,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PrivateAttr,
     TypeAdapter,
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from .envbuild import build_env
 from .kubenames import env_problems, section_problems
+from .registry import field_of, is_spec_backend, lookup, spec_backends
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
 SECRET_OPTION_KEYS = {
@@ -42,6 +46,34 @@ DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0
 TIME_LIMIT = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
 QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
+
+
+class _BackendNames:
+    """The type of ``backend:``: a name of :mod:`ftcluster.spec.registry`, read when a spec is validated (so a
+    backend registered later is accepted) and when the JSON Schema is made. Behaves like the ``Literal`` of those
+    names: the same error (``literal_error``) and the same schema (an ``enum`` of strings)."""
+
+    names = staticmethod(spec_backends)
+
+    @classmethod
+    def _check(cls, value: Any) -> Any:
+        if not is_spec_backend(value):
+            names = spec_backends()
+            expected = " or ".join(filter(None, [", ".join(repr(n) for n in names[:-1]), repr(names[-1])]))
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return value
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_before_validator_function(cls._check, core_schema.str_schema())
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {"enum": list(spec_backends()), "type": "string"}
+
+
+BackendName = Annotated[str, _BackendNames]
+"""A registered backend's name (``spec.backend``)."""
 
 
 class _Model(BaseModel):
@@ -568,7 +600,7 @@ class _JobBase(_Model):
 
     name: str = Field(..., description="Job name: a DNS-1035 label (lower case, digits, '-'), at most 50 characters; it names Slurm jobs and Kubernetes objects.")
     description: str | None = Field(None, description="Free text.")
-    backend: Literal["local", "slurm", "kubernetes"] = Field("local", description="Where `ftcluster submit` runs the job.")
+    backend: BackendName = Field("local", description="Where `ftcluster submit` runs the job.")
     model: ModelSpec = Field(..., description="Base model.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer; empty means the model's own.")
     data: DataSpec = Field(..., description="Datasets.")
@@ -613,8 +645,8 @@ class _JobBase(_Model):
             problems.append("training.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
         if self.array_parallelism is not None and not self.variants:
             problems.append("array_parallelism: only applies to a job with variants; remove it or add variants")
-        if self.backend == "kubernetes" and not self.kubernetes.image:
-            problems.append("kubernetes.image: the kubernetes backend needs an image with ftcluster[train]; set kubernetes.image to a pinned tag")
+        backend = lookup(self.backend)
+        problems += [f"{name}: {why}" for name, why in (backend.required if backend else ()) if not field_of(self, name)]
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import Problem, SpecError
 from .envbuild import build_env
 from .problems import dotted_path, problem_at, sort_unique, validation_messages
+from .registry import entries
 from .yamlio import LoadedDoc, parse_key, set_path
 
 NAME_LIMIT = 50  # spec.py's job-name rule: Kubernetes appends suffixes such as -worker-12
@@ -33,9 +34,7 @@ FIXED: dict[str, str] = {
     "backend": "all variants are submitted together, to one backend",
     "resources": f"every array task gets the same nodes, GPUs and time limit; {ONE_SHAPE}",
     "env": "the launch script sets one environment for every task; set env at the top level",
-    "slurm": "the sbatch script (partition, directives, setup) is shared by every task; set slurm at the top level",
-    "kubernetes": "image, queue and pod settings are the same for every variant; set kubernetes at the top level",
-    "local": "all variants run in one local run; set local at the top level",
+    # and each backend's section, in the words of its registry entry (section_reason)
     "variants": "variants do not nest",
     "array_parallelism": "it applies to the whole array; set it at the top level",
 }
@@ -44,11 +43,21 @@ OVERLAP = ("{outer} is also set, and a mapping replaces the whole section; put {
 OUTPUT_URI = "each variant writes to <output.uri>/<variant> by itself; set output.uri at the top level"
 
 
+def section_reason(head: str) -> str | None:
+    """Why a variant may not change the section ``head`` of a backend (ftcluster.spec.registry), or None."""
+    for e in entries(plugins=False):  # a plugin cannot add a section to the schema
+        if e.section == head:
+            return e.variants_note or f"{e.name} settings are shared by every variant; set {head} at the top level"
+    return None
+
+
 def fixed_reason(key: str, value: Any) -> str | None:
     """Why a variant may not set ``key`` (a dotted path), or None when it may."""
     head = key.split(".", 1)[0]
     if head in FIXED:
         return FIXED[head]
+    if (why := section_reason(head)) is not None:
+        return why
     if key == "output.uri" or (key == "output" and isinstance(value, dict) and "uri" in value):
         return OUTPUT_URI
     return None

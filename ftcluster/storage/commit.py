@@ -173,9 +173,16 @@ class CheckpointStore:
         return self._scan().committed.get(step)
 
     def is_published(self, name: str) -> bool:
-        """Whether ``{uri}/{name}/`` holds a committed artifact (its manifest exists)."""
-        where = f"{self.uri}/{name}/"
-        return bool(self._read(lambda: self.fs.exists(f"{self.paths.root}/{name}/{MANIFEST}"), where))
+        """Whether ``{uri}/{name}/`` holds a committed artifact (the catalog's rule, :mod:`.catalog`), retried
+        like every read of the store."""
+        from .catalog import Catalog
+
+        catalog = Catalog(self.uri, fs=self.fs, root=self.paths.root)
+        return bool(self._read(lambda: catalog.is_committed(name), f"{self.uri}/{name}/"))
+
+    def finished(self, last_artifact: str) -> bool:
+        """Whether the run is done: ``last_artifact`` is committed (:meth:`.catalog.Catalog.done`)."""
+        return self.is_published(last_artifact)
 
     def restore_latest(self, local_dir: Path) -> tuple[int, dict[str, Any]] | None:
         """Download the newest committed checkpoint into ``local_dir`` (verified); None if none.

@@ -7,6 +7,7 @@
       checkpoints/step-NNNNNNNN/ resumable state, committed by its manifest.json
       adapters/step-NNNNNNNN/    LoRA: the adapter at each checkpoint
       adapter/ merged/ final/    the end-of-run artifacts
+      (each folder above: committed by its manifest.json; adapters and artifacts carry ftcluster_meta.json)
       <variant name>/            a variant's own output.uri (job arrays)
 """
 
@@ -21,6 +22,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
 METRICS = "metrics.jsonl"
 MANIFEST = "manifest.json"
+META = "ftcluster_meta.json"  # in each published adapter/artifact: the spec it trained with, step, eval loss
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 

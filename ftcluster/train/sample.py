@@ -20,28 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FtclusterError, TrainError
-from ..storage.layout import ADAPTERS, MANIFEST, OutputLayout, parse_step_dir
-
-META = "ftcluster_meta.json"
-WHOLE_MODELS = ("merged", "final")  # loadable alone, no base needed
+from ..storage.layout import ADAPTERS, META
 
 
 def find_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, bool]:
-    """``(folder URI, is a whole model)`` of the newest committed artifact under ``uri``."""
-    from ..storage.uri import fs_and_path
+    """``(folder URI, is a whole model)`` of the newest committed artifact under ``uri``
+    (:meth:`ftcluster.storage.catalog.Catalog.newest_model`)."""
+    from ..storage.catalog import Catalog
 
-    fs, root = fs_and_path(uri, storage_options)
-    paths, uris = OutputLayout(root), OutputLayout(uri)
-    for name, whole in (("merged", True), ("final", True), ("adapter", False)):
-        if fs.exists(f"{paths.artifact(name)}/{MANIFEST}"):
-            return uris.artifact(name), whole
-    try:
-        steps = [parse_step_dir(p.rstrip("/").rsplit("/", 1)[-1]) for p in fs.ls(f"{root}/{ADAPTERS}", detail=False)]
-    except FileNotFoundError:
-        steps = []
-    for step in sorted((s for s in steps if s is not None), reverse=True):
-        if fs.exists(f"{paths.step_adapter(step)}/{MANIFEST}"):
-            return uris.step_adapter(step), False
+    item = Catalog(uri, storage_options).newest_model()
+    if item is not None:
+        return item.uri, item.whole_model
     raise TrainError(f"{uri}: no trained model or adapter there yet (looked for merged/, final/, adapter/ and "
                      f"{ADAPTERS}/step-N/ with a manifest); wait for the run's first checkpoint or check the URI")
 

@@ -79,6 +79,10 @@ class KubernetesBackend(Backend):
         from ...plan.launch import spec_hash
         from ...render import default_target, render
 
+        if spec.backend != self.name:  # rendered for its own backend, it would not hold the Kubernetes job
+            raise BackendError(f"{spec._source_file or '<spec>'}: backend {spec.backend}: the kubernetes backend submits "
+                               "a spec loaded for it; load it with the override backend=kubernetes (--backend "
+                               "kubernetes, ftcluster.api.with_backend(spec, 'kubernetes'))")
         if spec.variants:
             raise BackendError(f"{spec._source_file or '<spec>'}: variants: the kubernetes backend submits one job at a "
                                "time; render them (ftcluster render --target ... -o DIR) and apply the folder, or "
