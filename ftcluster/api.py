@@ -36,7 +36,8 @@ from .spec.loader import load_spec
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
            "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
            "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
-           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files"]
+           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files",
+           "plan", "schema"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -200,6 +201,28 @@ def write_files(out_dir: str | Path, files: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- submitting
+
+
+def plan(spec: Any, overrides: list[str] | None = None, *, gpu: str | None = None, price: float | None = None,
+         network: bool = True, fused_ce: bool | None = None) -> list[Any]:
+    """The planner's answer (:class:`~ftcluster.plan.planner.Plan`) for a job spec, or one per stage of a
+    pipeline, in order: per-GPU memory, step time and cost of the spec's layout and its alternatives, and
+    the recommendation. ``network`` False reads no remote config.json or data listing (``--offline``);
+    ``fused_ce`` None assumes the runtime's own choice of the fused loss."""
+    from .plan.planner import build_plan
+    from .plan.planner.advise import stage_specs
+
+    spec = _spec(spec, overrides)
+    return [build_plan(s, gpu=gpu, price=price, network=network, shape=shape, fused_ce=fused_ce)
+            for s, shape in stage_specs(spec, network=network)]
+
+
+def schema(pipeline: bool = False) -> dict[str, Any]:
+    """The JSON Schema of a job spec (or of a pipeline file), as ``ftcluster schema`` prints it."""
+    from .spec.loader import json_schema
+    from .spec.pipeline import pipeline_json_schema
+
+    return pipeline_json_schema() if pipeline else json_schema()
 
 
 def backend_for(spec: Any, backend: str | None = None, **options: Any) -> Backend:

@@ -231,15 +231,13 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
 def plan(job: str, as_json: bool, gpu: str | None, price: float | None, offline: bool, fused_ce: str,
          sets: tuple[str, ...]) -> None:
     """Predict per-GPU memory, step time and cost, compare layouts and recommend one."""
-    from .plan.planner import build_plan
-    from .plan.planner.advise import stage_specs
+    from . import api
     from .plan.planner.report import plan_dict, print_plan
     from .spec.pipeline import Pipeline
 
     spec = _load(job, sets)
     fused = {"auto": None, "on": True, "off": False}[fused_ce]
-    plans = [build_plan(s, gpu=gpu, price=price, network=not offline, shape=shape, fused_ce=fused)
-             for s, shape in stage_specs(spec, network=not offline)]
+    plans = api.plan(spec, gpu=gpu, price=price, network=not offline, fused_ce=fused)
     if as_json:
         out = [plan_dict(p) for p in plans]
         click.echo(json.dumps(out if isinstance(spec, Pipeline) else out[0], indent=1))
@@ -441,16 +439,13 @@ def sample(run_or_uri: str, prompt: str, input_text: str, max_new_tokens: int, t
 @click.option("--pipeline", is_flag=True, help="The schema of a pipeline file instead of a job spec.")
 def schema(output: str | None, pipeline: bool) -> None:
     """Print the JSON Schema of the job spec (for editors)."""
-    from .spec.loader import json_schema
-    from .spec.pipeline import pipeline_json_schema
+    from pathlib import Path
 
-    text = json.dumps(pipeline_json_schema() if pipeline else json_schema(), indent=2, sort_keys=True) + "\n"
+    from . import api
+
+    text = json.dumps(api.schema(pipeline), indent=2, sort_keys=True) + "\n"
     if output:
-        from pathlib import Path
-
-        from .api import write_files
-
-        write_files(str(Path(output).parent or "."), {Path(output).name: text})
+        api.write_files(str(Path(output).parent or "."), {Path(output).name: text})
     else:
         click.echo(text, nl=False)
 

@@ -199,3 +199,13 @@ def test_render_is_the_clis_render():
         "cpt/cpt-llama-8b.sbatch", "adapters/support-lora.sbatch", "submit-pipeline.sh"]  # a folder per stage
     with pytest.raises(UsageError, match="--fresh does not apply to a pipeline"):
         api.fresh_uri(api.load(EX / "pipeline-cpt-then-lora.yaml"))
+
+
+def test_plan_and_schema_are_the_clis():
+    """`ftcluster plan` and `ftcluster schema` print what the API returns (the CLI adds no rule)."""
+    plans = api.plan(str(ROOT / "examples" / "pipeline-cpt-then-lora.yaml"), network=False)
+    assert [p.requested.layout.method for p in plans] == ["full", "lora"]
+    one = api.plan(str(ROOT / "examples" / "quickstart.yaml"), ["training.max_steps=10"], network=False)
+    assert len(one) == 1 and one[0].name == "quickstart"
+    for pipeline, name in ((False, "ftcluster.schema.json"), (True, "ftcluster-pipeline.schema.json")):
+        assert api.schema(pipeline) == json.loads((ROOT / "docs" / name).read_text())
