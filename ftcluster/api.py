@@ -285,7 +285,8 @@ def submit_dryrun(spec: Any, backend: str | None = None, **options: Any) -> Subm
     from .spec.pipeline import Pipeline, precedence
 
     spec = _spec(spec, backend=backend)
-    req = backend_for(spec, **options).submit_dryrun(spec)
+    b = backend_for(spec, **options)
+    req = b.submit_dryrun(b.compile(spec))
     if isinstance(spec, Pipeline):
         for st in req.stages:
             st.request.notes = precedence(spec.stage(st.name).spec, spec.stage(st.name), spec.source)

@@ -1,6 +1,7 @@
 """The backend contract shared by local, Slurm, pipelines and (later) Kubernetes.
 
-Following torchx: ``submit(spec) == schedule(submit_dryrun(spec))``. The dry run builds
+Following torchx: ``submit(spec) == schedule(submit_dryrun(compile(spec)))``: the backend is handed
+the compiled launch plan, not the spec to compile again. The dry run builds
 a :class:`SubmitRequest` whose ``describe()`` is exactly what would be run (command and
 file contents); ``schedule`` is the only step with side effects.
 
@@ -243,11 +244,18 @@ class Backend(abc.ABC):
 
     # -- hooks ------------------------------------------------------------------
     @abc.abstractmethod
-    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> Any:
-        """Build the request :meth:`schedule` would carry out, with no side effects at all (no
-        cluster call, no file written). It has ``run_id``, ``run_dir`` and ``describe()``:
-        text that shows exactly what would run (commands, full file contents). ``run_id``
-        None: a new one from :func:`new_run_id`."""
+    def submit_dryrun(self, plan: Any, run_id: str | None = None) -> Any:
+        """Build the request :meth:`schedule` would carry out from a compiled plan (:meth:`compile`), with
+        no side effects at all (no cluster call, no file written, no second compile: every fact it needs is
+        in the plan). It has ``run_id``, ``run_dir`` and ``describe()``: text that shows exactly what
+        would run (commands, full file contents). ``run_id`` None: a new one from :func:`new_run_id`."""
+
+    def compile(self, spec: Any) -> Any:
+        """The launch plan this backend runs ``spec`` with (:func:`~ftcluster.plan.launch.compile_plan`);
+        a backend whose own spec section adds to the environment the plan decides on (local) passes it."""
+        from ..plan.launch import compile_plan
+
+        return compile_plan(spec)
 
     @abc.abstractmethod
     def schedule(self, request: Any) -> RunStatus:
@@ -277,9 +285,9 @@ class Backend(abc.ABC):
 
     # -- shared -----------------------------------------------------------------
     def submit(self, spec: Any) -> RunStatus:
-        """Submit ``spec``: ``schedule(submit_dryrun(spec))`` (the request records where the run writes,
-        :func:`record_outputs`)."""
-        return self.schedule(record_outputs(self.submit_dryrun(spec), spec))
+        """Submit ``spec``: ``schedule(submit_dryrun(compile(spec)))`` (the request records where the run
+        writes, :func:`record_outputs`)."""
+        return self.schedule(record_outputs(self.submit_dryrun(self.compile(spec)), spec))
 
     def wait(self, run_ref: str, timeout: float | None = None, poll: float = 1.0) -> RunStatus:
         """Block until the run ends and return its final status (or the last one seen at ``timeout``

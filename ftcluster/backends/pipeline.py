@@ -90,9 +90,13 @@ class PipelineBackend(Backend):
         return self._slurm
 
     # -- submit -----------------------------------------------------------------
+    def compile(self, spec: Any) -> Any:
+        """A pipeline is its own plan: each stage's launch plan is compiled by the Slurm backend below."""
+        return spec
+
     def submit_dryrun(self, pipe: Any, run_id: str | None = None) -> PipelineRequest:
-        """Every stage's sbatch command and script, with no side effects."""
-        from ..render import header_lines, render
+        """Every stage's sbatch command and script (each from its stage's compiled plan), with no side effects."""
+        from ..render import header_lines, render_plan
         from ..render.pipeline import pipeline_command
 
         if pipe.backend != "slurm":
@@ -105,10 +109,11 @@ class PipelineBackend(Backend):
         req = PipelineRequest(pipe.name, run_id, run_dir)
         header = header_lines(None, "slurm", pipeline_command(pipe, "slurm"))
         for stage in pipe.stages:
-            sreq = record_outputs(self.slurm.submit_dryrun(stage.spec, run_id=f"{run_id}/{stage.name}"), stage.spec)
+            plan = self.slurm.compile(stage.spec)
+            sreq = record_outputs(self.slurm.submit_dryrun(plan, run_id=f"{run_id}/{stage.name}"), stage.spec)
             sreq.run_dir = run_dir / stage.name  # its own outputs.json: api.run_output(<run folder>/<stage>)
             script = sreq.meta["script"]
-            sreq.files[script] = render(stage.spec, "slurm", header=header)[script]  # names the pipeline file
+            sreq.files[script] = render_plan(plan, "slurm", header=header)[script]  # names the pipeline file
             sreq.meta["sbatch_args"] = _sbatch_args([f"<job id of {a}>" for a in stage.after])
             sbatch = ["sbatch", "--parsable", *sreq.meta["sbatch_args"]]
             login = sreq.meta["login"]

@@ -42,7 +42,8 @@ def check_render(spec: Any) -> Check:
         if entry(spec.backend).launch_files == "render":
             files = render(spec, default_target(spec))
         else:
-            files = get_backend(spec.backend).submit_dryrun(spec).files
+            backend = get_backend(spec.backend)
+            files = backend.submit_dryrun(backend.compile(spec)).files
     except FtclusterError as err:
         return failed("launch files", err)
     return Check("launch files", "ok", ", ".join(files))

@@ -115,7 +115,7 @@ def test_submit_creates_exactly_the_rendered_object(make_backend, admin, ns, mon
     namespace and UID; no secret value reaches the object or the run folder."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
     b = make_backend()
-    req = b.submit_dryrun(_spec("lora-pytorchjob.yaml", ns))
+    req = b.submit_dryrun(b.compile(_spec("lora-pytorchjob.yaml", ns)))
     st = b.schedule(req)
     assert st.state == "PENDING" and st.job_id == f"{ns}/legal-style-lora"
     stored = admin.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "legal-style-lora")
@@ -139,7 +139,7 @@ def test_strict_validation_rejects_an_unknown_field(make_backend, admin, ns):
     """Real server: a field the CRD does not declare is an error (fieldValidation=Strict), not dropped;
     nothing is left behind (no object, no run folder)."""
     b = make_backend()
-    req = b.submit_dryrun(_spec("lora-pytorchjob.yaml", ns))
+    req = b.submit_dryrun(b.compile(_spec("lora-pytorchjob.yaml", ns)))
     name = req.meta["job_file"]
     req.files[name] = req.files[name].replace("  runPolicy:\n", "  runPolicy:\n    cleanPodPolicyy: All\n")
     with pytest.raises(BackendError) as err:
@@ -153,7 +153,7 @@ def test_strict_validation_rejects_an_unknown_field(make_backend, admin, ns):
 def test_server_dry_run_stores_nothing(make_backend, admin, ns, live_k8s, ftc_home):
     """Real server: dryRun=All validates and stores nothing, through the API and the CLI."""
     b = make_backend()
-    req = b.submit_dryrun(_spec("full-trainjob.yaml", ns))
+    req = b.submit_dryrun(b.compile(_spec("full-trainjob.yaml", ns)))
     assert "nothing was stored" in b.server_dry_run(req)
     assert not req.run_dir.exists()
     res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "submit", "examples/full-trainjob.yaml", "--dry-run",
@@ -170,7 +170,7 @@ def test_name_conflict_is_one_line(make_backend, ns):
     """Real server: a second job of the same name is refused (409) with the fix; its run folder goes."""
     b = make_backend()
     b.submit(_spec("lora-pytorchjob.yaml", ns))
-    req = b.submit_dryrun(_spec("lora-pytorchjob.yaml", ns))
+    req = b.submit_dryrun(b.compile(_spec("lora-pytorchjob.yaml", ns)))
     with pytest.raises(BackendError, match="already exists in namespace") as err:
         b.schedule(req)
     assert "cancel it" in str(err.value) and "\n" not in str(err.value)
@@ -275,7 +275,7 @@ def test_list_shows_ftclusters_jobs_by_label(make_backend, admin, ns):
     b = make_backend(namespace=ns)
     a = b.submit(_spec("lora-pytorchjob.yaml", ns))
     t = b.submit(_spec("full-trainjob.yaml", ns))
-    foreign = yaml.safe_load_all(b.submit_dryrun(_spec("lora-pytorchjob.yaml", ns, "name=foreign")).files["foreign.yaml"])
+    foreign = yaml.safe_load_all(b.submit_dryrun(b.compile(_spec("lora-pytorchjob.yaml", ns, "name=foreign"))).files["foreign.yaml"])
     obj = next(d for d in foreign if d)
     obj["metadata"]["labels"] = {"team": "other"}
     admin.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", obj)

@@ -74,10 +74,11 @@ class KubernetesBackend(Backend):
         return self._conns[context]
 
     # -- submit -----------------------------------------------------------------
-    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
+    def submit_dryrun(self, plan: Any, run_id: str | None = None) -> SubmitRequest:
         """The rendered job and the equivalent kubectl command; contacts nothing."""
-        from ...plan.launch import spec_hash
-        from ...render import default_target, render
+        from ...render import default_target, render_plan
+
+        spec = plan.spec
 
         if spec.backend != self.name:  # rendered for its own backend, it would not hold the Kubernetes job
             raise BackendError(f"{spec._source_file or '<spec>'}: backend {spec.backend}: the kubernetes backend submits "
@@ -88,14 +89,14 @@ class KubernetesBackend(Backend):
                                "time; render them (ftcluster render --target ... -o DIR) and apply the folder, or "
                                "submit each with --set")
         kind = KINDS[spec.kubernetes.kind]
-        files = render(spec, default_target(spec))
+        files = render_plan(plan, default_target(spec))
         job_file = f"{spec.name}.yaml"
         run_id = run_id or new_run_id(spec.name)
         argv = ["kubectl", "create", "--validate=strict", "-f", job_file]
         if self.context:
             argv[1:1] = ["--context", self.context]
         meta = {"name": spec.name, "kind": kind.kind, "namespace": spec.kubernetes.namespace, "job_file": job_file,
-                "spec_hash": spec_hash(spec), "output_uri": spec.output.uri, "queue": spec.kubernetes.queue}
+                "spec_hash": plan.hash, "output_uri": plan.output_uri, "queue": spec.kubernetes.queue}
         run_dir = self.new_run_dir(spec, run_id)
         # Only the job is created: the ClusterTrainingRuntime a TrainJob file set includes is cluster-scoped and
         # platform-owned (manifests/base), applied once by someone allowed to.

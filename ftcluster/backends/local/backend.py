@@ -57,11 +57,15 @@ class LocalBackend(Backend):
     name = "local"
 
     # -- submit -----------------------------------------------------------------
-    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
+    def compile(self, spec: Any) -> Any:
+        """The plan with ``local.env`` in its environment (the launch script exports it)."""
+        return compile_plan(spec, spec.local.env)
+
+    def submit_dryrun(self, plan: Any, run_id: str | None = None) -> SubmitRequest:
         """Everything that would run, with no side effects."""
+        spec = plan.spec
         run_id = run_id or new_run_id(spec.name)
         run_dir = self.new_run_dir(spec, run_id)
-        plan = compile_plan(spec, spec.local.env)
         port = derived_port(run_id)
         python = spec.local.python or sys.executable
         argv = plan.torchrun_args(
@@ -71,7 +75,7 @@ class LocalBackend(Backend):
         files = {"payload.json": plan.payload_json() + "\n", "launch.sh": _launch_script(argv, plan.env, os.getcwd())}
         if plan.deepspeed is not None:
             files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=1, sort_keys=True) + "\n"
-        meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": spec.output.uri, "port": port,
+        meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": plan.output_uri, "port": port,
                 # Variants run one after another in this run; each picks its payload by FTCLUSTER_VARIANT.
                 "steps": [{"name": v, "env": {"FTCLUSTER_VARIANT": v}} for v in plan.variants]}
         return SubmitRequest("local", run_id, run_dir, argv, files, dict(plan.env), os.getcwd(), meta)

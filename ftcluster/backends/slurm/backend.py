@@ -106,21 +106,20 @@ class SlurmBackend(Backend):
         return self._runner or Runner(login=login)
 
     # -- submit -----------------------------------------------------------------
-    def submit_dryrun(self, spec: Any, run_id: str | None = None) -> SubmitRequest:
+    def submit_dryrun(self, plan: Any, run_id: str | None = None) -> SubmitRequest:
         """The sbatch command and script, with no side effects."""
-        from ...plan.launch import slurm_output, spec_hash
-        from ...render import render
+        from ...render import render_plan
 
-        files = render(spec, "slurm")
+        spec = plan.spec
+        files = render_plan(plan, "slurm")
         (script_name, script), = files.items()
         run_id = run_id or new_run_id(spec.name)
         run_dir = self.new_run_dir(spec, run_id)
         argv = ["sbatch", "--parsable"]
         meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
-                "variants": [v.name for v in spec.variants], "sbatch_args": [],
-                "output_pattern": slurm_output(spec.slurm.output, bool(spec.variants)), "output_uri": spec.output.uri,
-                "env_passthrough": list(spec.slurm.env_passthrough)}
-        meta["spec_hash"] = spec_hash(spec)
+                "variants": list(plan.variants), "sbatch_args": [], "output_pattern": plan.log_pattern,
+                "output_uri": plan.output_uri, "env_passthrough": list(spec.slurm.env_passthrough),
+                "spec_hash": plan.hash}
         if spec.slurm.login:  # what runs, in short: ssh LOGIN bash -lc 'exec sbatch --parsable' < script
             return SubmitRequest("slurm", run_id, run_dir, ["ssh", spec.slurm.login, *argv], files, {}, os.getcwd(),
                                  meta, stdin_file=script_name)

@@ -20,10 +20,14 @@ class Recorder(Backend):
         super().__init__(root)
         self.fail, self.calls = fail, []
 
-    def submit_dryrun(self, spec, run_id=None):
-        self.calls.append(("submit_dryrun", spec))
-        return SubmitRequest(self.name, run_id or "r-1", self.new_run_dir(spec, run_id or "r-1"), ["true"],
-                             {"job.txt": f"{spec}\n"})
+    def compile(self, spec):
+        self.calls.append(("compile", spec))
+        return f"plan of {spec}"
+
+    def submit_dryrun(self, plan, run_id=None):
+        self.calls.append(("submit_dryrun", plan))
+        return SubmitRequest(self.name, run_id or "r-1", self.new_run_dir(None, run_id or "r-1"), ["true"],
+                             {"job.txt": f"{plan}\n"})
 
     def schedule(self, request):
         self.calls.append(("schedule", request.run_id))
@@ -61,13 +65,14 @@ def test_a_backend_missing_a_hook_cannot_be_made(hook, tmp_path):
 def test_submit_is_schedule_of_the_dry_run(tmp_path):
     b = Recorder(tmp_path)
     st = b.submit("spec-a")
-    assert b.calls == [("submit_dryrun", "spec-a"), ("schedule", "r-1")]
-    assert (tmp_path / "r-1" / "job.txt").read_text() == "spec-a\n"  # the dry run's files, written by the base
+    # the backend is handed the compiled plan, once: it never compiles the spec again
+    assert b.calls == [("compile", "spec-a"), ("submit_dryrun", "plan of spec-a"), ("schedule", "r-1")]
+    assert (tmp_path / "r-1" / "job.txt").read_text() == "plan of spec-a\n"  # the dry run's files, written by the base
     assert b.status("r-") == st  # a unique prefix finds the run under the backend's root
 
 
 def test_dry_run_has_no_side_effects(tmp_path):
-    req = Recorder(tmp_path).submit_dryrun("spec-a")
+    req = Recorder(tmp_path).submit_dryrun("plan of spec-a")
     assert "$ true" in req.describe() and not any(tmp_path.iterdir())
 
 

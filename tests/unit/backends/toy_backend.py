@@ -18,13 +18,14 @@ class ToyBackend(Backend):
 
     name = "toy"
 
-    def submit_dryrun(self, spec, run_id=None):
-        from ftcluster.render import render
+    def submit_dryrun(self, plan, run_id=None):
+        from ftcluster.render import render_plan
 
+        spec = plan.spec
         run_id = run_id or new_run_id(spec.name)
-        files = render(spec)  # the registry's default target for this backend
+        files = render_plan(plan)  # the registry's default target for this backend
         return SubmitRequest(self.name, run_id, self.new_run_dir(spec, run_id), ["toy-submit", *files], files,
-                             meta={"name": spec.name, "output_uri": spec.output.uri})
+                             meta={"name": spec.name, "output_uri": plan.output_uri})
 
     def schedule(self, request):
         with self.creating_run_folder(request) as run_dir:

@@ -203,3 +203,25 @@ def test_the_planner_reads_the_engine_sections_through_the_recipe(monkeypatch):
     assert advise.requested_layout(spec, "h200").method == "lora"
     assert advise.requested_layout(spec, "h200").zero_stage is None
     assert advise.workload_of(spec, shape).lora_r == 4
+
+
+@pytest.mark.parametrize("example, backend", [("quickstart.yaml", "local"), ("lora-slurm.yaml", "slurm"),
+                                              ("full-slurm-2node.yaml", "slurm"),
+                                              ("lora-pytorchjob.yaml", "kubernetes")])
+def test_a_backend_is_handed_the_plan_and_compiles_nothing_again(calls, example, backend, tmp_path, monkeypatch):
+    """``submit --dry-run``: the API compiles once (``Backend.compile``) and the backend's ``submit_dryrun(plan)``
+    renders from that plan; a backend that compiled or rendered the spec again would count twice."""
+    from ftcluster import api
+
+    monkeypatch.setenv("FTCLUSTER_HOME", str(tmp_path))
+    spec = load_spec(EXAMPLES / example, [f"backend={backend}"])
+    calls.clear()
+    req = api.submit_dryrun(spec)
+    assert req.backend == backend and req.files
+    assert calls["compile_plan"] == 1 and calls["slurm_request"] == 1, calls
+    b = api.backend_for(spec)
+    plan = b.compile(spec)
+    calls.clear()
+    again = b.submit_dryrun(plan, run_id=req.run_id)
+    assert again.files == req.files
+    assert not +calls, calls  # nothing computed again: every fact comes from the plan
