@@ -132,9 +132,11 @@ class CheckpointManager:
         for name, part in parts.items():
             if name == TRAIN:
                 continue
+            if name == "step":
+                raise ValueError("checkpoint part 'step': the name is the rank file's own; choose another")
             if isinstance(part, SavesToFolder):
                 self.folders[name] = part
-            elif isinstance(part, Stateful) and name != "step":  # "step" is the rank file's own
+            elif isinstance(part, Stateful):
                 self.per_rank[name] = part
             else:
                 raise TypeError(f"checkpoint part {name!r}: a {type(part).__name__} is neither Stateful "
