@@ -35,8 +35,8 @@ def correctness(doc: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftcluster.train import engine as E
     from ftcluster.train import varlen as V
+    from ftcluster.train.engines import base as E
 
     dev = torch.device("cuda")
     cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,

@@ -1,13 +1,17 @@
 """Resumable checkpoints: snapshot locally (fast), upload in the background, commit last.
 
-The training loop talks only to :class:`CheckpointManager` (``load``, ``maybe_save``, ``save``,
-``wait``, ``finished``) with a :class:`TrainState`; where and how things are stored is
-:mod:`ftcluster.storage`'s business.
+The runtime talks only to :class:`CheckpointManager` (``load``, ``maybe_save``, ``save``,
+``wait``, ``finished``), which it gives the run's parts by name (:mod:`.state`): ``train`` (the
+:class:`~.state.TrainState`: ``state.json``), the engine (a part that saves itself into a
+folder of its name: ``engine/``) and :class:`~.state.Stateful` ones saved per rank under their
+names (``data``: the data source's position, ``rng``: the random generators); where and how
+things are stored is :mod:`ftcluster.storage`'s business.
 
 Layout of one snapshot (a node-local folder, then ``{output.uri}/checkpoints/step-NNNNNNNN/``)::
 
     state.json              step, tokens seen, world size, engine kind, forgetting baseline (rank 0)
-    rank-00000.pt ...       per rank: RNG states (python, numpy, torch, cuda) and data iterator state
+    rank-00000.pt ...       per rank: {"step", and each Stateful part by name: "data" (data source position),
+                            "rng" (python, numpy, torch, cuda generators)}
     engine/                 PlainEngine: trainable.safetensors + optimizer.pt (rank 0)
                             DeepSpeedEngine: ds/ with every rank's ZeRO shards
     manifest.json           written by the store LAST: the checkpoint is committed only then
@@ -43,15 +47,14 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .. import __version__
 from ..errors import TrainError
@@ -59,54 +62,21 @@ from ..storage.commit import CheckpointStore
 from ..storage.layout import Artifact, artifact_name, step_dir
 from ..storage.uri import one_line
 from .asyncsave import CheckpointWriter, async_enabled
-from .engine import Engine
+from .state import Stateful, TrainState
 
 log = logging.getLogger("ftcluster.train")
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint saves besides the engine's state, and what :meth:`CheckpointManager.load` returns."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0  # training time up to this state, over every attempt
-    data: dict[str, Any] | None = None  # this rank's data position (ShardedBatches.state_dict())
-    general_eval_before: float | None = None  # the forgetting baseline, measured before the first step
-    last_loss: float | None = None  # the last logged train loss (meta of the checkpoint and its adapter)
+TRAIN = "train"  # the part that is state.json: a TrainState (the manager reads the step from it)
 
 
-# ----------------------------------------------------------------------------- RNG
+@runtime_checkable
+class SavesToFolder(Protocol):
+    """A part that writes itself into a folder of the checkpoint (the engine: ``Engine.save``/``load``)."""
 
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None: ...
 
-def rng_state(device: Any) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict[str, Any], device: Any) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    def load(self, folder: Path) -> None: ...
 
 
 def default_work_dir(spec: Any, node_rank: int) -> Path:
@@ -142,19 +112,46 @@ class RunIdentity:
 
 
 class CheckpointManager:
-    """Saves and restores the run's state; every method is called on every rank (collective)."""
+    """Saves and restores the run's state; every method is called on every rank (collective).
 
-    def __init__(self, spec: Any, ctx: Any, engine: Engine, work_dir: Path, identity: RunIdentity):
+    ``parts``: the run's state by name. ``parts["train"]`` is the :class:`~.state.TrainState`
+    (rank 0 writes it, with the run's identity, as ``state.json``; it gives the step); a
+    :class:`SavesToFolder` part (the engine) saves into the folder of its name; every other part
+    is :class:`~.state.Stateful` and saved per rank, under its name, in ``rank-NNNNN.pt``.
+    Restored in that order: folders, then the per-rank parts in the order given, then ``train``.
+    """
+
+    def __init__(self, spec: Any, ctx: Any, work_dir: Path, identity: RunIdentity,
+                 parts: Mapping[str, Stateful | SavesToFolder]):
+        state = parts.get(TRAIN)
+        if not isinstance(state, TrainState):
+            raise TypeError(f"parts[{TRAIN!r}] must be the run's TrainState, not {type(state).__name__}")
+        self.state = state
+        self.folders: dict[str, SavesToFolder] = {}
+        self.per_rank: dict[str, Stateful] = {}
+        for name, part in parts.items():
+            if name == TRAIN:
+                continue
+            if name == "step":
+                raise ValueError("checkpoint part 'step': the name is the rank file's own; choose another")
+            if isinstance(part, SavesToFolder):
+                self.folders[name] = part
+            elif isinstance(part, Stateful):
+                self.per_rank[name] = part
+            else:
+                raise TypeError(f"checkpoint part {name!r}: a {type(part).__name__} is neither Stateful "
+                                "(state_dict/load_state_dict) nor saves into a folder (save/load)")
         out = spec.output
         self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency,
                                      retry_max_s=out.final_upload_timeout)
-        self.ctx, self.engine, self.work_dir, self.id = ctx, engine, work_dir, identity
+        self.ctx, self.work_dir, self.id = ctx, work_dir, identity
         self._pending: list[Future] = []
         self._awaiting: list[_Awaiting] = []
         self._errors: list[str] = []
         self._last_save = time.monotonic()
         self.writer = CheckpointWriter(async_enabled(), ctx.device)
-        self.writer.reserve(engine.checkpoint_bytes(ctx.rank), ctx.local_world_size)  # pinned while training starts
+        ahead = sum(getattr(p, "checkpoint_bytes", lambda rank: 0)(ctx.rank) for p in self.folders.values())
+        self.writer.reserve(ahead, ctx.local_world_size)  # pinned while training starts
         self.last_blocked_s = 0.0  # seconds the last save() kept training waiting
         self.last_wait_s = 0.0  # the part of it spent waiting for the previous checkpoint's writes
 
@@ -170,35 +167,35 @@ class CheckpointManager:
         fut = self._awaiting[0].future
         return 0 if fut is None or fut.done() else 1
 
-    def maybe_save(self, state: TrainState, *, time_due: bool, uploading: bool,
-                   before: Callable[[], None] | None = None) -> bool:
+    def maybe_save(self, *, time_due: bool, uploading: bool, before: Callable[[], None] | None = None) -> bool:
         """After the step's agreement: commit a multi-node checkpoint every node finished uploading,
         and save a periodic checkpoint when one is due (never at the last step: the end saves).
-        ``before`` is called just before saving (the loop flushes its metrics and brings ``state``
-        up to date)."""
+        ``before`` is called just before saving (the loop flushes its metrics: the last loss)."""
         if not uploading:
             self._commit_ready()
-        every = self.id.every_steps
+        every, state = self.id.every_steps, self.state
         if state.step >= self.id.total_steps or not ((every and state.step % every == 0) or time_due):
             return False
         if before is not None:
             before()
-        self.save(state, final=False)
+        self.save(final=False)
         return True
 
-    def save(self, state: TrainState, *, final: bool) -> None:
-        """Snapshot every rank's state to node-local disk and start uploading it; returns at once
+    def save(self, *, final: bool) -> None:
+        """Snapshot every rank's parts to node-local disk and start uploading them; returns at once
         (asynchronous writes: once the state is captured to host memory)."""
         t0 = time.monotonic()
+        train = self.state.state_dict()  # as of now: its time leaves out the wait and the capture below
         self.writer.idle()  # one checkpoint's writes in flight: the capture reuses their buffers
         self.last_wait_s = time.monotonic() - t0
-        folder = self._snapshot(state)
-        meta = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": self.ctx.world_size,
-                "method": self.id.method, "last_loss": state.last_loss}
+        step = train["step"]
+        folder = self._snapshot(step, train)
+        meta = {"step": step, "tokens_seen": train["tokens_seen"], "world_size": self.ctx.world_size,
+                "method": self.id.method, "last_loss": train["last_loss"]}
         if self.writer.deferred:
-            self._commit_after_writes(state.step, folder, meta, final)
+            self._commit_after_writes(step, folder, meta, final)
         else:
-            self._commit(state.step, folder, meta, final)
+            self._commit(step, folder, meta, final)
         self._last_save = time.monotonic()
         self.last_blocked_s = self._last_save - t0
 
@@ -260,11 +257,11 @@ class CheckpointManager:
         if errors:
             raise TrainError(f"output.uri: a final checkpoint write or upload failed: {errors[0]}")
 
-    def load(self) -> TrainState | None:
-        """Restore the newest committed checkpoint into the engine and the RNGs; None on a fresh start."""
+    def load(self) -> bool:
+        """Restore the newest committed checkpoint into the parts (in place); False on a fresh start."""
         found = self._restore()
         if found is None:
-            return None
+            return False
         step, folder, shared = found
         if shared["world_size"] != self.ctx.world_size:
             raise TrainError(
@@ -273,31 +270,38 @@ class CheckpointManager:
         if shared["engine"] != self.id.engine or shared["model_fingerprint"] != self.id.model_fingerprint:
             raise TrainError(f"output.uri: checkpoint step {step} belongs to another model or method; "
                              "use a new output.uri for a changed spec")
-        self.engine.load(folder / "engine")
+        for name, part in self.folders.items():
+            part.load(folder / name)
         rank_state = self._load_rank_state(folder)
+        for name, stateful in self.per_rank.items():
+            if name not in rank_state:
+                raise TrainError(f"output.uri: checkpoint step {step} holds no {name!r} state for rank "
+                                 f"{self.ctx.rank}; it was written by another version or setup; use a new output.uri")
+            stateful.load_state_dict(rank_state[name])
+        self.state.load_state_dict(shared)
         self._cleanup_restore()
-        return TrainState(step=shared["step"], tokens_seen=shared["tokens_seen"], elapsed_s=shared.get("elapsed_s", 0.0),
-                          data=rank_state["data"], general_eval_before=shared.get("general_eval_before"),
-                          last_loss=shared.get("last_loss"))
+        return True
 
     # -- save ------------------------------------------------------------------
-    def _snapshot(self, state: TrainState) -> Path:
+    def _snapshot(self, step: int, train: dict[str, Any]) -> Path:
         import torch
 
         ctx = self.ctx
-        folder = self.work_dir / step_dir(state.step)
+        folder = self.work_dir / step_dir(step)
         if ctx.local_rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
-            (folder / "engine").mkdir(parents=True)
+            folder.mkdir(parents=True)
+            for name in self.folders:
+                (folder / name).mkdir()
         ctx.barrier()
-        self.engine.save(folder / "engine", ctx.rank, self.writer)
-        torch.save({"data": state.data, "step": state.step, "rng": rng_state(ctx.device)},
-                   folder / f"rank-{ctx.rank:05d}.pt")  # small: written here, before the marker
+        for name, part in self.folders.items():
+            part.save(folder / name, ctx.rank, self.writer)
+        mine = {"step": step, **{name: part.state_dict() for name, part in self.per_rank.items()}}
+        torch.save(mine, folder / f"rank-{ctx.rank:05d}.pt")  # small: written here, before the marker
         if ctx.rank == 0:
-            shared = {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": ctx.world_size,
-                      "engine": self.id.engine, "model_fingerprint": self.id.model_fingerprint,
-                      "total_steps": self.id.total_steps, "general_eval_before": state.general_eval_before,
-                      "elapsed_s": state.elapsed_s, "last_loss": state.last_loss, "ftcluster_version": __version__}
+            shared = {**train, "world_size": ctx.world_size, "engine": self.id.engine,
+                      "model_fingerprint": self.id.model_fingerprint, "total_steps": self.id.total_steps,
+                      "ftcluster_version": __version__}
             (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
         if not self.writer.deferred:
             ctx.barrier()  # every file of every rank is on the node's disk (deferred: the markers say so)
@@ -408,9 +412,7 @@ class CheckpointManager:
         path = folder / f"rank-{self.ctx.rank:05d}.pt"
         if not path.exists():
             raise TrainError(f"{path}: missing from the checkpoint; it was written by another number of processes")
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        set_rng_state(st.pop("rng"), self.ctx.device)
-        return st
+        return torch.load(path, map_location="cpu", weights_only=False)
 
     def _cleanup_restore(self) -> None:
         self.ctx.barrier()

@@ -407,11 +407,11 @@ class ShardedBatches:
         while self.index < self.batches_per_epoch:
             yield self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "world_size": self.world_size,
                 "micro_batch_size": self.mbs, "num_blocks": len(self.dataset)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
         for key in ("seed", "world_size", "micro_batch_size", "num_blocks"):
             if key in state and state[key] != mine[key]:

@@ -1,6 +1,8 @@
 """The optimizer-step loop and evaluation.
 
-Per optimizer step every rank: takes ``gradient_accumulation_steps`` micro-batches,
+:func:`run_steps` sees the run only through a :class:`LoopContext` (the engine, the data source,
+the train state, the stop flag, the process group, and callbacks for metrics, evaluation and
+checkpoints), never the runtime. Per optimizer step every rank: takes ``gradient_accumulation_steps`` micro-batches,
 all-reduces their label-token count (so the loss is the exact token mean of the global
 batch), runs the engine step, then all ranks agree (MAX all-reduce on a CPU/gloo control
 group) on "stop" (a SIGUSR2/SIGTERM reached any rank), "time-based checkpoint due" and
@@ -11,7 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .datasource import DataSource
+from .engines.base import Engine
+from .signals import StopFlag
+from .state import TrainState
 
 log = logging.getLogger("ftcluster.train")
 
@@ -32,11 +41,76 @@ def evaluate(engine: Any, ctx: Any, batches: list[Any] | None) -> float | None:
     return float(tot[0] / tot[1]) if float(tot[1]) > 0 else None
 
 
+class Evaluator:
+    """The run's evaluations: measured on every rank (collective), recorded by rank 0's reporter."""
+
+    def __init__(self, engine: Engine, ctx: Any, eval_batches: list[Any] | None, general_batches: list[Any] | None,
+                 reporter: Any, state: TrainState):
+        self.engine, self.ctx, self.reporter, self.state = engine, ctx, reporter, state
+        self.batches, self.general_batches = eval_batches, general_batches
+        self.last: float | None = None  # the latest eval loss during/after training (checkpoint and adapter meta)
+
+    def eval(self, remember: bool = True) -> float | None:
+        """The eval loss, recorded; ``remember``: as the latest (not the one before the first step)."""
+        loss = evaluate(self.engine, self.ctx, self.batches)
+        if remember:
+            self.last = loss
+        self.record("eval", loss)
+        return loss
+
+    def general(self, when: str) -> float | None:
+        """The general-text loss ``when`` "before" or "after" training (forgetting), recorded."""
+        loss = evaluate(self.engine, self.ctx, self.general_batches)
+        self.record("general_eval", loss, when=when)
+        return loss
+
+    def record(self, kind: str, loss: float | None, **extra: Any) -> None:
+        if loss is None:
+            return
+        rec = {"kind": kind, "step": self.state.step, "loss": loss, **extra}
+        name = kind if "when" not in extra else f"{kind} ({extra['when']})"
+        self.reporter.event(rec, f"{name} loss {loss:.4f} at step {self.state.step}")
+
+
+class Checkpoints(Protocol):
+    """The loop's side of checkpointing (:class:`~.hooks.Checkpointing` in a run)."""
+
+    def flags(self) -> tuple[int, int]:
+        """This rank's (time-based checkpoint due, node still uploading); the loop all-reduces them."""
+        ...
+
+    def maybe_save(self, *, time_due: bool, uploading: bool, before: Callable[[], None]) -> bool:
+        """A periodic checkpoint if one is due (``before`` runs first); True when saved."""
+        ...
+
+    def save(self, *, final: bool) -> None:
+        """A checkpoint now (a stop's: ``final``)."""
+        ...
+
+
+@dataclass
+class LoopContext:
+    """What :func:`run_steps` needs, and nothing else."""
+
+    engine: Engine
+    data: DataSource  # this rank's training batches (a stream needs no length: max_steps ends it)
+    ctx: Any  # the DistContext: device, all_sum, all_sum_device, ctl_group
+    stop: StopFlag
+    state: TrainState  # step, tokens_seen, last_loss (updated here), the clock
+    total_steps: int
+    grad_accum: int  # micro-batches per optimizer step
+    log_every: int
+    eval_every: int | None
+    report: Callable[[dict[str, Any]], None]  # one train record (rank 0 writes it)
+    evaluate: Callable[[], Any]  # the periodic evaluation, measured and recorded (collective)
+    checkpoints: Checkpoints
+
+
 class MetricsWindow:
     """Per-step records kept as tensors until a flush (a float() per step would sync the device)."""
 
-    def __init__(self, ctx: Any, reporter: Any):
-        self.ctx, self.reporter = ctx, reporter
+    def __init__(self, ctx: Any, report: Callable[[dict[str, Any]], None]):
+        self.ctx, self.report = ctx, report
         self.pending: list[tuple[int, Any, Any, float, int, int, float, float]] = []
         self.t, self.tokens = time.monotonic(), 0
         self.last_loss: float | None = None
@@ -69,55 +143,48 @@ class MetricsWindow:
 
                 rec["peak_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.ctx.device) / 2**30
             self.last_loss = rec["loss"]
-            self.reporter.train_step(rec)
+            self.report(rec)
         self.pending.clear()
         self.t, self.tokens = now, 0
 
 
-def run_steps(t: Any) -> bool:
-    """Train ``t`` (a runtime.Trainer) up to its last step; True when stopped by a signal (checkpointed)."""
-    from .engine import count_label_tokens
+def run_steps(lc: LoopContext) -> bool:
+    """Train up to the last step; True when stopped by a signal (checkpointed)."""
+    from .engines.base import count_label_tokens
 
-    spec, ctx, state = t.spec, t.ctx, t.state
-    eval_every = spec.training.eval_every_steps
-    window = MetricsWindow(ctx, t.reporter)
+    ctx, state = lc.ctx, lc.state
+    window = MetricsWindow(ctx, lc.report)
 
     def flush() -> None:
         window.flush()
         state.last_loss = window.last_loss if window.last_loss is not None else state.last_loss
 
-    while state.step < t.total_steps:
+    while state.step < lc.total_steps:
         started = time.monotonic()
-        micro = [t.data.loader.next_batch() for _ in range(spec.training.gradient_accumulation_steps)]
+        micro = [lc.data.next_batch() for _ in range(lc.grad_accum)]
         n_labels = sum(count_label_tokens(b) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                        for b in micro)
         g_labels, g_tokens = ctx.all_sum([n_labels, n_tokens])
-        scale = t.engine.grad_accum_scale / max(g_labels, 1.0)
-        lr = t.engine.lr  # the rate this step uses
-        ce_sum, grad_norm = t.engine.train_step(micro, scale)
+        scale = lc.engine.grad_accum_scale / max(g_labels, 1.0)
+        lr = lc.engine.lr  # the rate this step uses
+        ce_sum, grad_norm = lc.engine.train_step(micro, scale)
         loss = ctx.all_sum_device(ce_sum) / max(g_labels, 1.0)
         state.step += 1
         state.tokens_seen += int(g_tokens)
-        window.add(state.step, loss, grad_norm, lr, int(g_tokens), state.tokens_seen, t.elapsed(), started)
-        stop, time_due, uploading = t.stop.agree(t.ckpt.time_due(), t.ckpt.busy(), group=ctx.ctl_group)
-        last = state.step == t.total_steps
-        if state.step % spec.training.log_every_steps == 0 or stop or last:
+        window.add(state.step, loss, grad_norm, lr, int(g_tokens), state.tokens_seen, state.elapsed(), started)
+        stop, time_due, uploading = lc.stop.agree(*lc.checkpoints.flags(), group=ctx.ctl_group)
+        last = state.step == lc.total_steps
+        if state.step % lc.log_every == 0 or stop or last:
             flush()
-        if eval_every and state.step % eval_every == 0 and not last:
+        if lc.eval_every and state.step % lc.eval_every == 0 and not last:
             flush()
-            t.last_eval = evaluate(t.engine, ctx, t.data.eval)
-            t.eval_record("eval", t.last_eval)
+            lc.evaluate()
         if stop:
             flush()
-            log.info("stop requested (%s): saving step %d, then exiting", t.stop.signal_name, state.step)
-            t.checkpoint(final=True)
+            log.info("stop requested (%s): saving step %d, then exiting", lc.stop.signal_name, state.step)
+            lc.checkpoints.save(final=True)
             return True
-        def before_save() -> None:
-            flush()
-            t.sync_state()
-
-        if t.ckpt.maybe_save(state, time_due=bool(time_due), uploading=bool(uploading), before=before_save):
-            t.after_checkpoint(final=False)
+        lc.checkpoints.maybe_save(time_due=bool(time_due), uploading=bool(uploading), before=flush)
     flush()
     return False

@@ -76,8 +76,9 @@ class MetricsReporter:
     """Rank-0 reporting. ``enabled=False`` (other ranks) makes every call a no-op."""
 
     def __init__(self, *, enabled: bool, total_steps: int, start_step: int, log_every: int,
-                 sink: JsonlSink | None, tty: bool | None = None):
+                 sink: JsonlSink | None, tty: bool | None = None, on_close: Callable[[], None] | None = None):
         self.enabled = enabled
+        self.on_close = on_close  # after the sink's close (the run's: its last upload of metrics.jsonl)
         self.total = total_steps
         self.start_step = start_step
         self.log_every = log_every
@@ -143,3 +144,19 @@ class MetricsReporter:
             self._progress = None
         if self.sink is not None:
             self.sink.close()
+        if self.on_close is not None:
+            self.on_close()
+
+
+def open_reporter(spec: Any, ctx: Any, work_dir: Path, total_steps: int, start_step: int) -> MetricsReporter:
+    """The run's reporter: on rank 0, metrics.jsonl in ``work_dir``, published under the output URI
+    at each flush (a resumed run continues it from ``start_step``); a no-op on the other ranks."""
+    if not ctx.is_main:
+        return MetricsReporter(enabled=False, total_steps=total_steps, start_step=start_step,
+                               log_every=spec.training.log_every_steps, sink=None)
+    from ..storage.metrics import MetricsWriter
+
+    writer = MetricsWriter(spec.output.uri, spec.output.storage_options, local_dir=work_dir, resume_step=start_step)
+    sink = JsonlSink(writer.local_path, on_flush=lambda p: writer.upload())
+    return MetricsReporter(enabled=True, total_steps=total_steps, start_step=start_step,
+                           log_every=spec.training.log_every_steps, sink=sink, on_close=writer.close)

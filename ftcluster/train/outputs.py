@@ -12,21 +12,21 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
+from ..plan.engines import engine_for
 from ..storage.layout import Artifact, artifact_name, step_adapter_name
-from .checkpoint import CheckpointManager, TrainState
-from .engine import Engine
+from .checkpoint import CheckpointManager
+from .engines.base import Engine
+from .state import TrainState
 
 log = logging.getLogger("ftcluster.train")
 
 
 def last_artifact(spec: Any) -> Artifact:
     """The artifact published last at the end (uploads commit in order): its commit means "done"."""
-    if spec.method != "lora":
-        return "final"
-    return "merged" if spec.lora.merge_at_end else "adapter"
+    return cast(Artifact, engine_for(spec).last_artifact(spec))
 
 
 class Outputs:
@@ -77,15 +77,11 @@ class Outputs:
         already submitted still commit, the rest are left to a rerun.
         """
         meta = self.meta(state, eval_loss)
-        jobs = [("final", self.engine.export)]
-        if self.spec.method == "lora":
-            jobs = [("adapter", self.engine.export)]
-            if self.spec.lora.merge_at_end:
-                jobs.append(("merged", self.engine.export_merged))
-        for name, export in jobs:
+        exports = {"merged": self.engine.export_merged}  # "adapter", "final": the engine's export
+        for name in engine_for(self.spec).artifacts(self.spec):  # the engine's recipe, in commit order
             if stop():
                 return False
-            self._export(artifact_name(name), export, meta)
+            self._export(artifact_name(cast(Artifact, name)), exports.get(name, self.engine.export), meta)
         return True
 
     def _export(self, name: str, export: Any, meta: dict[str, Any], background: bool = False) -> None:

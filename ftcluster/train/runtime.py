@@ -1,11 +1,13 @@
 """The training run: set up, resume, loop, checkpoint, evaluate, export.
 
 One function, :func:`run`, drives everything from the resolved payload. The parts live beside
-it: :mod:`.build` (data, engine), :mod:`.loop` (the optimizer steps and evaluation),
-:mod:`.checkpoint` (save and resume, behind :class:`~.checkpoint.CheckpointManager`),
-:mod:`.outputs` (the published adapter/model folders). The model work is behind
-:class:`~.engine.Engine` (PlainEngine for LoRA, DeepSpeedEngine for full fine-tuning), so the
-loop stays the same for both and open to later speed work.
+it: :mod:`.datasource` (the data source and eval sets), :mod:`.engines` (the engine its recipe
+names), :mod:`.state` (the train state and RNGs), :mod:`.checkpoint` (save and resume of those
+parts, behind :class:`~.checkpoint.CheckpointManager`), :mod:`.loop` (the optimizer steps, given
+a narrow :class:`~.loop.LoopContext`, and evaluation), :mod:`.hooks` (a checkpoint's step
+adapter and record), :mod:`.outputs` (the published adapter/model folders). The model work is
+behind :class:`~.engines.base.Engine` (PlainEngine for LoRA, DeepSpeedEngine for full
+fine-tuning), so the loop stays the same for both and open to later speed work.
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import TrainError
 from ..storage.testhook import signal_at
-from .checkpoint import TrainState
 from .distributed import init_distributed, setup_logging
 from .signals import PREEMPTED_EXIT, StopFlag, Stopped
+from .state import TrainState
 
 log = logging.getLogger("ftcluster.train")
 
@@ -36,23 +37,22 @@ class Trainer:
         self.stop = stop
         self.payload = payload
         self.spec = spec_from_dict(payload["spec"])
-        self.ds_config = payload.get("deepspeed")
         if stop.local:
             raise Stopped("before the process group was set up")
         self.ctx = init_distributed(self.spec)
         setup_logging(self.ctx.rank)
         self.cache_dir = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         self.state = TrainState()
-        self.last_eval: float | None = None
-        self.resumed_step: int | None = None
-        self.elapsed_before = 0.0
+        self.resumed_step: int | None = None  # the step of the checkpoint resumed from
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         from . import model as M
-        from .build import build_data, build_engine, total_steps_for
-        from .checkpoint import CheckpointManager, RunIdentity, default_work_dir, seed_everything
+        from .checkpoint import CheckpointManager, RunIdentity, default_work_dir
+        from .datasource import build_data, total_steps_for
+        from .engines import build_engine
         from .outputs import Outputs
+        from .state import RngState, seed_everything
         from .tokenizer import load_or_train_tokenizer
 
         spec, ctx = self.spec, self.ctx
@@ -71,27 +71,29 @@ class Trainer:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        self.engine, self._keep_alive = build_engine(spec, self.ds_config, self.tokenizer, dtype, ctx, self.cache_dir,
+        self.engine, self._keep_alive = build_engine(spec, self.payload, self.tokenizer, dtype, ctx, self.cache_dir,
                                                      self.total_steps)
         self.startup_boundary("building the model and engine")
         fingerprint = M.config_fingerprint(self.engine.module.config)
         out = spec.output
         every_s = out.checkpoint_every_minutes * 60 if out.checkpoint_every_minutes else None
-        self.ckpt = CheckpointManager(spec, ctx, self.engine, self.work_dir, RunIdentity(
-            engine=self.engine.kind, model_fingerprint=fingerprint, method=spec.method, total_steps=self.total_steps,
-            every_steps=out.checkpoint_every_steps, every_s=every_s))
+        identity = RunIdentity(engine=self.engine.kind, model_fingerprint=fingerprint, method=spec.method,
+                               total_steps=self.total_steps, every_steps=out.checkpoint_every_steps, every_s=every_s)
+        self.ckpt = CheckpointManager(spec, ctx, self.work_dir, identity, parts={
+            "train": self.state, "engine": self.engine, "data": self.data.train, "rng": RngState(ctx.device)})
         self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint)
-        loaded = self.ckpt.load()
-        self.resumed = loaded is not None
-        if loaded is not None:
-            self.data.loader.load_state_dict(loaded.data)
-            self.state, self.resumed_step, self.elapsed_before = loaded, loaded.step, loaded.elapsed_s
-            log.info("resumed from checkpoint step %d (%s tokens seen)", loaded.step, f"{loaded.tokens_seen:,}")
+        if self.ckpt.load():
+            self.resumed_step = self.state.step
+            log.info("resumed from checkpoint step %d (%s tokens seen)", self.state.step, f"{self.state.tokens_seen:,}")
             # A crash between a checkpoint's commit and its adapter's leaves the adapter missing;
             # the engine now holds exactly that checkpoint's weights, so export it again here.
             self.outputs.ensure_step_adapter(self.state)
         signal_at("setup")  # test-only; a no-op unless FTCLUSTER_TEST_SIGNAL_AT is set
-        self.startup_boundary("resuming" if loaded is not None else "setting up")
+        self.startup_boundary("resuming" if self.resumed else "setting up")
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_step is not None
 
     def startup_boundary(self, what: str) -> None:
         """Before the first step: all ranks agree on the stop flag; a stop ends the run with nothing to save."""
@@ -102,44 +104,12 @@ class Trainer:
         """After the last step (collective): whether a stop signal reached any rank."""
         return self.stop.agree(group=self.ctx.ctl_group)[0]
 
-    # -- state and checkpoints -----------------------------------------------------
-    def elapsed(self) -> float:
-        return self.elapsed_before + (time.monotonic() - self.t0)
-
-    def sync_state(self) -> None:
-        """Bring the saved-with-a-checkpoint fields of ``state`` up to date (data position, time)."""
-        self.state.data = self.data.loader.state_dict()
-        self.state.elapsed_s = self.elapsed()
-
-    def checkpoint(self, final: bool) -> None:
-        self.sync_state()
-        self.ckpt.save(self.state, final=final)
-        self.after_checkpoint(final)
-
-    def after_checkpoint(self, final: bool) -> None:
-        """After ``ckpt.save``: the LoRA step adapter, then the checkpoint record with the seconds
-        training waited for both (``ckpt_blocked_s``)."""
-        step, t0 = self.state.step, time.monotonic()
-        self.outputs.after_checkpoint(self.state, self.last_eval)
-        blocked, wait = self.ckpt.last_blocked_s + time.monotonic() - t0, self.ckpt.last_wait_s
-        # Checkpoints closer together than their writes take wait for the previous one's writes.
-        waited = f", {wait:.2f} s of it waiting for the previous checkpoint's writes" if wait >= 0.01 else ""
-        self.reporter.event({"kind": "checkpoint", "step": step, "final": final, "ckpt_blocked_s": round(blocked, 4),
-                             "ckpt_wait_s": round(wait, 4)},
-                            f"checkpoint step {step} saved locally ({blocked:.2f} s{waited}); uploading in the background")
-
-    def eval_record(self, kind: str, loss: float | None, **extra: Any) -> None:
-        if loss is None:
-            return
-        rec = {"kind": kind, "step": self.state.step, "loss": loss, **extra}
-        name = kind if "when" not in extra else f"{kind} ({extra['when']})"
-        self.reporter.event(rec, f"{name} loss {loss:.4f} at step {self.state.step}")
-
     # -- run -------------------------------------------------------------------
     def run(self) -> int:
-        from .metrics import MetricsReporter
+        from .hooks import Checkpointing
+        from .loop import Evaluator
+        from .metrics import open_reporter
 
-        self.t0 = time.monotonic()
         try:
             self.setup()
         except Stopped:
@@ -147,33 +117,22 @@ class Trainer:
                 self.ckpt.wait()  # a resume may have queued a missing adapter: let it commit
             self._shutdown()
             raise
-        self.t0 = time.monotonic()
-        self.reporter = MetricsReporter(enabled=self.ctx.is_main, total_steps=self.total_steps,
-                                        start_step=self.state.step, log_every=self.spec.training.log_every_steps,
-                                        sink=self._metrics_sink())
+        self.state.start_clock()
+        self.reporter = open_reporter(self.spec, self.ctx, self.work_dir, self.total_steps, self.state.step)
+        self.evals = Evaluator(self.engine, self.ctx, self.data.eval, self.data.general_eval, self.reporter,
+                               self.state)
+        self.saves = Checkpointing(self.ckpt, self.outputs, self.reporter, lambda: self.evals.last)
         try:
             return self._run()
         finally:
             self.reporter.close()
-            if self.ctx.is_main:
-                self.metrics_writer.close()
-
-    def _metrics_sink(self):
-        if not self.ctx.is_main:
-            return None
-        from ..storage.metrics import MetricsWriter
-        from .metrics import JsonlSink
-
-        self.metrics_writer = MetricsWriter(self.spec.output.uri, self.spec.output.storage_options,
-                                            local_dir=self.work_dir, resume_step=self.state.step)
-        return JsonlSink(self.metrics_writer.local_path, on_flush=lambda p: self.metrics_writer.upload())
 
     def _run(self) -> int:
         from .launch import mark_finished
-        from .loop import evaluate, run_steps
+        from .loop import LoopContext, run_steps
         from .outputs import last_artifact
 
-        spec, state = self.spec, self.state
+        spec, state, tr = self.spec, self.state, self.spec.training
         # Resumed at the last step with the final artifact committed (e.g. a requeue after the end).
         if self.resumed_step == self.total_steps and self.ckpt.finished(last_artifact(spec)):
             log.info("already complete: step %d and %s/ are committed under %s; nothing to do. To train again, "
@@ -183,14 +142,18 @@ class Trainer:
             self._shutdown()
             mark_finished()
             return 0
-        log.info("training %d optimizer steps from step %d (%d batches of %d per process per epoch, "
-                 "gradient accumulation %d)", self.total_steps, state.step, self.data.batches_per_epoch,
-                 spec.training.micro_batch_size, spec.training.gradient_accumulation_steps)
+        per_epoch = self.data.batches_per_epoch
+        log.info("training %d optimizer steps from step %d (%s of %d per process%s, gradient accumulation %d)",
+                 self.total_steps, state.step, "a stream of batches" if per_epoch is None else f"{per_epoch} batches",
+                 tr.micro_batch_size, "" if per_epoch is None else " per epoch", tr.gradient_accumulation_steps)
         if not self.resumed:
-            self.eval_record("eval", evaluate(self.engine, self.ctx, self.data.eval))
-            state.general_eval_before = evaluate(self.engine, self.ctx, self.data.general_eval)
-            self.eval_record("general_eval", state.general_eval_before, when="before")
-        if run_steps(self):
+            self.evals.eval(remember=False)  # the baseline; checkpoints' metadata carry evals from step 1 on
+            state.general_eval_before = self.evals.general("before")
+        if run_steps(LoopContext(
+                engine=self.engine, data=self.data.train, ctx=self.ctx, stop=self.stop, state=state,
+                total_steps=self.total_steps, grad_accum=tr.gradient_accumulation_steps, log_every=tr.log_every_steps,
+                eval_every=tr.eval_every_steps, report=self.reporter.train_step, evaluate=self.evals.eval,
+                checkpoints=self.saves)):
             return self._preempted()
         return self._finish()
 
@@ -211,27 +174,24 @@ class Trainer:
 
     def _finish(self) -> int:
         from .launch import mark_finished
-        from .loop import evaluate
 
         # A stop during the finish is honoured at the boundaries below: what was submitted is
         # committed, then exit 143 and a rerun (resumed at the last step) redoes the exports.
         # Past the last boundary the finish completes and exits 0 (docs/training.md).
         state = self.state
         if self.resumed_step != state.step:  # else this very state is committed already
-            self.checkpoint(final=True)  # resumable: a rerun after a crash below only redoes the exports
+            self.saves.save(final=True)  # resumable: a rerun after a crash below only redoes the exports
         if self.stop_agreed():
             return self._preempted()
-        self.last_eval = evaluate(self.engine, self.ctx, self.data.eval)
-        self.eval_record("eval", self.last_eval)
-        general_after = evaluate(self.engine, self.ctx, self.data.general_eval)
-        self.eval_record("general_eval", general_after, when="after")
+        last_eval = self.evals.eval()
+        general_after = self.evals.general("after")
         signal_at("final-export")  # test-only
-        if not self.outputs.publish_final(state, self.last_eval, self.stop_agreed):
+        if not self.outputs.publish_final(state, last_eval, self.stop_agreed):
             return self._preempted()
         summary = {"kind": "summary", "step": state.step, "tokens_seen": state.tokens_seen,
-                   "train_loss": state.last_loss, "eval_loss": self.last_eval,
+                   "train_loss": state.last_loss, "eval_loss": last_eval,
                    "general_eval_before": state.general_eval_before, "general_eval_after": general_after,
-                   "elapsed_s": self.elapsed()}
+                   "elapsed_s": state.elapsed()}
         self.reporter.event(summary, "done: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in summary.items() if k != "kind" and v is not None))
         self.ckpt.wait()

@@ -131,7 +131,7 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
 def eval_loss_of(model, spec, tokenizer) -> float:
     """Token-mean loss of ``model`` on the spec's eval set, computed here, independently of the run."""
     from ftcluster.train import data as D
-    from ftcluster.train.engine import token_ce_sum
+    from ftcluster.train.engines.base import token_ce_sum
 
     recs = D.load_records(spec.data.eval, spec.data.file_format, spec.data.storage_options)
     ds = D.PackedDataset(D.build_examples(recs, tokenizer, spec.data), spec.data.seq_len, spec.data.packing,

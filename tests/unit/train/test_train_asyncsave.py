@@ -18,10 +18,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from ftcluster.errors import TrainError  # noqa: E402
-from ftcluster.train import engine as E  # noqa: E402
 from ftcluster.train.asyncsave import CheckpointWriter, async_enabled  # noqa: E402
-from ftcluster.train.checkpoint import CheckpointManager, RunIdentity, TrainState  # noqa: E402
+from ftcluster.train.checkpoint import CheckpointManager, RunIdentity  # noqa: E402
 from ftcluster.train.distributed import DistContext  # noqa: E402
+from ftcluster.train.engines.deepspeed import DeepSpeedEngine  # noqa: E402
+from ftcluster.train.engines.lora import PlainEngine  # noqa: E402
+from ftcluster.train.state import RngState, TrainState  # noqa: E402
 from tests.unit.train.test_train_units import CPU, batch, lora_spec, tiny_lora  # noqa: E402
 
 pytestmark = pytest.mark.train
@@ -31,18 +33,37 @@ DATA = batch([[3, 4, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]])
 
 def engine():
     spec = lora_spec()
-    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
+    eng = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
     eng.train_step([DATA], 1 / 14)
     return spec, eng
 
 
-def manager(tmp_path: Path, hook=None) -> tuple[CheckpointManager, E.PlainEngine]:
+def manager(tmp_path: Path, hook=None) -> tuple[CheckpointManager, PlainEngine]:
     spec, eng = engine()
     spec.output.uri = (tmp_path / "out").as_uri()
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, nnodes=1, device=CPU)
-    mgr = CheckpointManager(spec, ctx, eng, tmp_path / "local", RunIdentity("plain", "fp", "lora", 10))
+    parts = {"train": TrainState(), "engine": eng, "data": Position(), "rng": RngState(CPU)}
+    mgr = CheckpointManager(spec, ctx, tmp_path / "local", RunIdentity("plain", "fp", "lora", 10), parts)
     mgr.writer = CheckpointWriter(True, CPU, hook=hook)
     return mgr, eng
+
+
+class Position:
+    """A data source's position, as a checkpoint part (Stateful)."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+def save_at(mgr: CheckpointManager, step: int, final: bool = False) -> None:
+    mgr.state.step = step
+    mgr.save(final=final)
 
 
 def test_switch_defaults_on():
@@ -78,7 +99,7 @@ def test_manifest_only_after_the_engine_files(tmp_path):
     """The writes are held back: save returns, nothing commits; released, the manifest lists them."""
     gate = threading.Event()
     mgr, _ = manager(tmp_path, hook=lambda name: gate.wait(30))
-    mgr.save(TrainState(step=2, data={}), final=False)
+    save_at(mgr, 2, final=False)
     assert not gate.is_set() and mgr.store.committed() == []
     assert not (tmp_path / "out" / "checkpoints" / "step-00000002" / "manifest.json").exists()
     gate.set()
@@ -102,13 +123,13 @@ def test_failed_write_skips_that_checkpoint_and_the_final_one_fails(tmp_path, ca
     for step in (2, 4):
         current["step"] = step
         with caplog.at_level(logging.WARNING, "ftcluster.train"):
-            mgr.save(TrainState(step=step, data={}), final=False)
+            save_at(mgr, step, final=False)
             mgr.writer.idle()
         eng.train_step([DATA], 1 / 14)  # the run goes on
     assert "checkpoint step 2 was not committed: writing checkpoint step 2 failed (local rank 0: OSError: " \
            "No space left on device: trainable.safetensors)" in caplog.text
     current["step"] = 6
-    mgr.save(TrainState(step=6, data={}), final=True)
+    save_at(mgr, 6, final=True)
     with pytest.raises(TrainError) as err:
         mgr.wait()
     msg = str(err.value)
@@ -153,9 +174,9 @@ def test_a_save_reports_the_time_it_waited_for_the_previous_writes(tmp_path):
     import time
 
     mgr, _ = manager(tmp_path, hook=lambda name: time.sleep(0.4))
-    mgr.save(TrainState(step=2, data={}), final=False)
+    save_at(mgr, 2, final=False)
     assert mgr.last_wait_s < 0.2 and mgr.last_blocked_s < 0.3  # returned before its writes ran
-    mgr.save(TrainState(step=4, data={}), final=False)
+    save_at(mgr, 4, final=False)
     assert mgr.last_wait_s >= 0.5 and mgr.last_blocked_s >= mgr.last_wait_s  # two 0.4 s writes of step 2
     mgr.wait()
     assert mgr.store.committed() == [4] or mgr.store.committed() == [2, 4]
@@ -207,7 +228,7 @@ def test_deepspeed_checkpoint_bytes_estimate():
 
     params = [torch.empty(1000), torch.empty(500)]
     eng = SimpleNamespace(module=SimpleNamespace(parameters=lambda: iter(params)), world_size=2, offloaded=False)
-    est = E.DeepSpeedEngine.checkpoint_bytes
+    est = DeepSpeedEngine.checkpoint_bytes
     assert est(SimpleNamespace(**vars(eng), zero_stage=2), 0) == 12 * 1500 // 2 + 2 * 1500  # rank 0 saves the module
     assert est(SimpleNamespace(**vars(eng), zero_stage=2), 1) == 12 * 1500 // 2
     assert est(SimpleNamespace(**vars(eng), zero_stage=3), 0) == 12 * 1500 // 2

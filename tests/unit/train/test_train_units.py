@@ -22,8 +22,9 @@ pytest.importorskip("peft")
 
 from ftcluster.errors import TrainError  # noqa: E402
 from ftcluster.spec.loader import load_spec_text  # noqa: E402
-from ftcluster.train import engine as E  # noqa: E402
 from ftcluster.train import model as M  # noqa: E402
+from ftcluster.train.engines import base as E  # noqa: E402
+from ftcluster.train.engines.lora import PlainEngine  # noqa: E402
 from ftcluster.train.metrics import JsonlSink, MetricsReporter, format_line, peak_memory_gb  # noqa: E402
 from ftcluster.train.signals import StopFlag, all_max  # noqa: E402
 
@@ -127,7 +128,7 @@ def test_plain_engine_step_is_token_mean_whatever_the_micro_batching():
     results = []
     for micro in ([x, y], [{k: torch.cat([x[k], y[k]]) for k in x}]):
         spec = lora_spec(gradient_accumulation_steps=len(micro), micro_batch_size=2 // len(micro))
-        eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
+        eng = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
         n = sum(E.count_label_tokens(b) for b in micro)
         ce, gn = eng.train_step(micro, eng.grad_accum_scale / n)
         results.append((float(ce) / n, float(gn), [p.detach().clone() for p in eng.params]))
@@ -139,11 +140,11 @@ def test_plain_engine_step_is_token_mean_whatever_the_micro_batching():
 def test_plain_engine_save_load_roundtrip(tmp_path):
     spec = lora_spec()
     data = [batch([[3, 4, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]]) for _ in range(3)]
-    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
+    eng = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
     eng.train_step([data[0]], 1 / 14)
     eng.save(tmp_path, rank=0)
     ref = [float(eng.train_step([d], 1 / 14)[0]) for d in data[1:]]
-    other = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
+    other = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, total_steps=4, world_size=1)
     other.load(tmp_path)
     assert other.lr == pytest.approx(E.LrLambda("cosine", 0, 4)(1) * spec.training.learning_rate)
     got = [float(other.train_step([d], 1 / 14)[0]) for d in data[1:]]
@@ -152,9 +153,9 @@ def test_plain_engine_save_load_roundtrip(tmp_path):
 
 def test_plain_engine_load_rejects_other_adapter(tmp_path):
     spec = lora_spec()
-    E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1).save(tmp_path, rank=0)
+    PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1).save(tmp_path, rank=0)
     spec.lora.target_modules = ["q_proj"]
-    other = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
+    other = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
     with pytest.raises(TrainError, match="other trainable parameters"):
         other.load(tmp_path)
 
@@ -163,7 +164,7 @@ def test_lora_export_loads_with_peft(tmp_path):
     from peft import PeftModel
 
     spec = lora_spec()
-    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
+    eng = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
     eng.train_step([batch([[3, 4, 5, 6, 7, 8, 9, 10]])], 1 / 7)
     eng.export(tmp_path, rank=0)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in tmp_path.iterdir()}
@@ -178,7 +179,7 @@ def test_merged_export_is_a_plain_model_with_the_adapter_folded_in(tmp_path):
     from transformers import AutoModelForCausalLM
 
     spec = lora_spec()
-    eng = E.PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
+    eng = PlainEngine(tiny_lora(spec), spec, CPU, torch.float32, 4, 1)
     b = batch([[3, 4, 5, 6, 7, 8, 9, 10]])
     for _ in range(2):
         eng.train_step([b], 1 / 7)

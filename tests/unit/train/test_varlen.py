@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from ftcluster.train import engine as E  # noqa: E402
 from ftcluster.train import model as M  # noqa: E402
 from ftcluster.train import varlen as V  # noqa: E402
+from ftcluster.train.engines import base as E  # noqa: E402
 from tests.unit.train.test_train_units import Tok, batch, lora_spec  # noqa: E402
 
 pytestmark = pytest.mark.train

@@ -1,0 +1,194 @@
+"""The DeepSpeed engine: :class:`DeepSpeedEngine` (full fine-tuning with ZeRO 0-3: client torch
+AdamW, DeepSpeedCPUAdam with optimizer offload on GPU, or the optimizer of a user config) and its
+``build``, from the payload's ``deepspeed`` config (what the recipe's ``plan_extra`` resolved at
+render time). Recipe: ``deepspeed`` in :mod:`ftcluster.plan.engines` (checkpoint kind "deepspeed")."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ...errors import TrainError
+from ...plan.engines import ENGINES
+from ..asyncsave import CheckpointWriter
+from . import base  # base.token_ce_sum through the module: a probe may wrap it (benchmarks/ds_probe.py)
+from .base import EngineInputs, LrLambda, model_flags
+
+log = logging.getLogger("ftcluster.train")
+
+RECIPE = ENGINES["deepspeed"]
+
+
+def build(inputs: EngineInputs) -> tuple[DeepSpeedEngine, Any]:
+    """The model under DeepSpeed, and what to keep alive as long as it (ZeRO-3: transformers'
+    HfDeepSpeedConfig, by which the model is built partitioned; else None)."""
+    from .. import model as M
+
+    spec, ctx = inputs.spec, inputs.ctx
+    ds_config = inputs.payload.get("deepspeed")  # the recipe's plan_extra put it there
+    if ds_config is None:
+        raise TrainError("payload: a full fine-tune needs the 'deepspeed' config; render the job with ftcluster")
+    if ctx.device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probe and its warning
+    import deepspeed
+
+    cfg = prepare_ds_config(ds_config, ctx.device)
+    zero3 = zero_stage(cfg) == 3
+    keep = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(cfg)  # kept alive: transformers builds the model partitioned
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    model = M.load_base_model(spec, inputs.tokenizer, inputs.dtype, ctx.device, inputs.cache_dir, zero3=zero3)
+    if spec.training.compile:
+        if zero3:  # a config_file that sets stage 3 (the spec's own zero_stage 3 is refused on load)
+            log.warning("training.compile: not with ZeRO-3 (deepspeed.config_file sets stage 3); running uncompiled")
+        else:
+            M.compile_layers(model)
+    return DeepSpeedEngine(model, spec, cfg, ctx.device, inputs.total_steps, ctx.world_size), keep
+
+
+def prepare_ds_config(ds_config: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The payload's DeepSpeed config, adjusted for a CPU-only host: fp32 compute (no bf16
+    kernels to gain from on gloo) and torch AdamW allowed with optimizer offload."""
+    import copy
+
+    cfg = copy.deepcopy(ds_config)
+    if device.type != "cuda":
+        cfg["bf16"] = {"enabled": False}
+        cfg["fp16"] = {"enabled": False}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+class DeepSpeedEngine:
+    """Full fine-tuning with DeepSpeed ZeRO, configured by :func:`prepare_ds_config`'s output."""
+
+    kind = RECIPE.checkpoint_kind  # "deepspeed"
+
+    def __init__(self, model: Any, spec: Any, ds_config: dict[str, Any], device: Any, total_steps: int,
+                 world_size: int):
+        import deepspeed
+        import torch
+
+        tr, dss = spec.training, spec.deepspeed
+        cfg = ds_config
+        self.device = device
+        self.world_size = world_size
+        self.zero_stage = zero_stage(cfg)
+        self.offloaded = dss.offload_optimizer != "none"
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None
+        if "optimizer" not in cfg:
+            kw = dict(lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2), weight_decay=tr.weight_decay)
+            if dss.offload_optimizer != "none" and device.type == "cuda":
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+            else:
+                # fused: one kernel over ZeRO's flat fp32 partition instead of ~8 foreach passes
+                # (the 8B step on 2 GPUs spends ~0.1 s in the optimizer: docs/BENCHMARKS.md)
+                optimizer = torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+        sched = None
+        if "scheduler" not in cfg:
+            lam = LrLambda(tr.lr_schedule, tr.warmup_steps, total_steps)
+
+            def sched(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+        from ..speedups import tune_ds_config
+
+        self.fused_ce, self.varlen = model_flags(model)
+        cfg = tune_ds_config(cfg, model, device, world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
+            lr_scheduler=sched, config=cfg, dist_init_required=False)
+        self.module = self.engine.module
+
+    @property
+    def grad_accum_scale(self) -> int:
+        """DeepSpeed averages over ranks and divides by gradient_accumulation_steps in backward."""
+        return self.world_size * self.engine.gradient_accumulation_steps()
+
+    def train_step(self, micro_batches: list[dict[str, Any]], scale: float):
+        import torch
+
+        total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            ce, _ = base.token_ce_sum(self.engine, mb, self.device, fused=self.fused_ce, varlen=self.varlen)
+            self.engine.backward(ce * scale)
+            self.engine.step()  # applies the optimizer only at the accumulation boundary
+            total += ce.detach()
+        gn = self.engine.get_global_grad_norm()
+        gn = torch.tensor(float("nan") if gn is None else float(gn))
+        return total, gn
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def eval_sums(self, batch: dict[str, Any]):
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            ce, n = base.token_ce_sum(self.engine, batch, self.device, varlen=self.varlen)
+        self.engine.train()
+        return ce, n
+
+    def checkpoint_bytes(self, rank: int) -> int:
+        """ZeRO's fp32 master weights and two Adam moments (12 bytes a parameter), partitioned from
+        stage 1 on, and on rank 0 below stage 3 the 16-bit module (2 bytes a parameter); nothing
+        when the optimizer state lives on the host (offload)."""
+        if self.offloaded:
+            return 0
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+        opt = 12 * n // (self.world_size if self.zero_stage >= 1 else 1)
+        return opt + (2 * n if self.zero_stage < 3 and rank == 0 else 0)
+
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """Every rank writes its own ZeRO shards under folder/ds (collective).
+
+        A deferring ``writer`` stands in for DeepSpeed's torch.save for this one call (every file
+        of ``save_checkpoint`` goes through ``checkpoint_engine.save``); another checkpoint engine
+        chosen in the DeepSpeed config (its own asynchronous ones) is left to itself.
+        """
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        inner = self.engine.checkpoint_engine
+        if writer is None or not writer.deferred or type(inner) is not TorchCheckpointEngine:
+            self.engine.save_checkpoint(str(folder), tag="ds", client_state={}, save_latest=False)
+            return
+        from ..asyncsave import deferred_ds_checkpoint_engine
+
+        self.engine.checkpoint_engine = deferred_ds_checkpoint_engine(inner, writer)
+        try:
+            self.engine.save_checkpoint(str(folder), tag="ds", client_state={}, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = inner
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainError(f"{folder}: DeepSpeed could not load the checkpoint (see the log above)")
+
+    def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """A consolidated Hugging Face checkpoint (16-bit on GPU, safetensors shards); collective."""
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # gathers shards onto rank 0
+        else:
+            state = self.module.state_dict() if rank == 0 else None
+        if rank == 0:
+            self.module.save_pretrained(str(folder), state_dict=state, safe_serialization=True,
+                                        max_shard_size="5GB")
+
+    def export_merged(self, folder: Path, rank: int) -> None:  # pragma: no cover - not a LoRA engine
+        raise NotImplementedError
