@@ -9,7 +9,7 @@ Two moments compete for the peak, and the larger wins:
 
 Every constant below is read off the code that runs (transformers 5 ``modeling_llama.py``
 and ``sdpa_attention.py``, peft 0.21 ``lora/layer.py``, DeepSpeed 0.19 ``stage_1_and_2.py`` /
-``stage3.py``, ftcluster's ``train/engine.py``) and checked against ftcluster's own
+``stage3.py``, ftcluster's ``train/engines/``) and checked against ftcluster's own
 measured peaks (docs/planner.md has the derivation and the comparison).
 """
 
