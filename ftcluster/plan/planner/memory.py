@@ -160,7 +160,7 @@ def layer_bytes_per_token(w: Workload, method: str, targets: tuple[str, ...] = (
 def loss_bytes(w: Workload, micro_batch: int, head_trains: bool = False) -> int:
     """The loss's peak. Plain path: ftcluster's token_ce_sum upcasts the shifted logits to fp32;
     cross_entropy keeps log_softmax's fp32 output, and its backward holds that, the incoming
-    gradient and the outgoing one at once: 12 bytes per logit (engine.py, token_ce_sum).
+    gradient and the outgoing one at once: 12 bytes per logit (train/engines/base.py, token_ce_sum).
 
     Fused (Liger 0.8.5 ``fused_linear_cross_entropy``): the gradients are computed in forward,
     chunk by chunk, and held until backward: the hidden states' gradient (16-bit, tokens x h)

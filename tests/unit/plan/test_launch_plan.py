@@ -218,7 +218,8 @@ def test_a_backend_is_handed_the_plan_and_compiles_nothing_again(calls, example,
     calls.clear()
     req = api.submit_dryrun(spec)
     assert req.backend == backend and req.files
-    assert calls["compile_plan"] == 1 and calls["slurm_request"] == 1, calls
+    # one compile: each fact once (compile_plan itself may be a reference taken before the counter was set)
+    assert calls["slurm_request"] == 1 and calls["decide"] == 1 and calls["compile_plan"] <= 1, calls
     b = api.backend_for(spec)
     plan = b.compile(spec)
     calls.clear()
