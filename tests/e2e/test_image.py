@@ -1,7 +1,7 @@
 """The training image (Dockerfile): hadolint-clean, pinned base, non-root, no secrets, the entry
 point the manifests use, and an install that works from exactly the build context .dockerignore
 lets through (built as a wheel and installed in a plain venv: no Docker daemon here; the torch
-stack itself is not installed, the base image brings it)."""
+stack itself is not installed here), and the torch and DeepSpeed it installs are the ones the suite runs."""
 
 from __future__ import annotations
 
@@ -84,3 +84,19 @@ def test_install_from_the_build_context_in_a_plain_venv(tmp_path):
                           "import importlib.resources as r, ftcluster; print((r.files('ftcluster') / 'templates').is_dir())"],
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+
+
+def _make_pin(name: str) -> str:
+    text = (ROOT / "Makefile").read_text()
+    return re.search(rf"^{name} \?= \w+==([\w.]+)$", text, re.M).group(1)
+
+
+def test_the_image_runs_the_torch_and_deepspeed_the_suite_runs():
+    """The image's torch and DeepSpeed are the Makefile's (what `make test` installs and CI runs)."""
+    args = dict(a.split("=", 1) for a in _instructions("ARG"))
+    assert args["TORCH_VERSION"] == _make_pin("TORCH_SPEC")
+    assert args["DEEPSPEED_VERSION"] == _make_pin("DS_SPEC")
+    runs = " ".join(_instructions("RUN"))
+    assert '"torch==${TORCH_VERSION}"' in runs and '"deepspeed==${DEEPSPEED_VERSION}"' in runs
+    # the pinned torch is installed before DeepSpeed builds against it
+    assert runs.index("torch==${TORCH_VERSION}") < runs.index("deepspeed==${DEEPSPEED_VERSION}")
