@@ -3,7 +3,8 @@
 Only click is imported at start-up; every command imports what it needs, so
 `ftcluster --help` and `ftcluster render` stay fast on a login node without torch.
 Errors of the FtclusterError family are caught in one place (:class:`_Cli`) and printed
-as one line per problem; ``--debug`` shows the traceback instead.
+as one line per problem; ``--debug`` shows the traceback instead. Usage errors (click's and
+ftcluster's UsageError) are one ``error:`` line too, then ``try 'ftcluster CMD --help'`` (exit 2).
 
 It parses and prints only: every rule (which checks run, what ``--backend`` means, when a
 run is finished, where a run's outputs are) is in :mod:`ftcluster.api`, for Python users too.
