@@ -130,8 +130,8 @@ def test_ctrl_c_during_submit_wait_says_the_run_goes_on_and_how_to_follow_or_sto
         assert proc.stdout is not None
         first = proc.stdout.readline()
         run_id = first.split()[1]
-        while "step 1" not in proc.stdout.readline():
-            pass
+        while "step 1" not in (line := proc.stdout.readline()):
+            assert line, f"the log ended before step 1: {proc.stderr.read() if proc.stderr else ''}"
         proc.send_signal(signal.SIGINT)  # the CLI alone, as a terminal's Ctrl-C reaches it (the run has its own session)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
