@@ -1,10 +1,10 @@
 """Python API with the CLI's verbs, and every rule the CLI applies: the one door to ftcluster.
 
 Loading (:func:`load`, :func:`with_backend`), checking (:func:`validate`, :func:`check_plan`,
-:func:`check_paths`, :func:`doctor`), rendering for GitOps (:func:`kustomized`), submitting
+:func:`check_paths`, :func:`check_submit`, :func:`doctor`), rendering for GitOps (:func:`kustomized`), submitting
 (:func:`submit` = :func:`schedule` of :func:`submit_dryrun`, :func:`check_submit_options`,
 :func:`fresh_uri`, :func:`finished_note`), and the runs (:func:`status`, :func:`wait`, :func:`logs`,
-:func:`cancel`, :func:`list_runs`, :func:`list_cluster`, :func:`run_output`, :func:`sample_source`).
+:func:`cancel`, :func:`list_runs`, :func:`run_ids`, :func:`list_cluster`, :func:`run_output`, :func:`sample_source`).
 ``ftcluster.cli`` parses arguments, calls these and prints; it holds no rule of its own.
 
 ``backend=NAME`` (``--backend NAME``) means exactly the override ``backend=NAME`` (``--set backend=NAME``):
@@ -28,15 +28,16 @@ from .backends.base import (
     load_status,
     read_outputs,
     record_outputs,
+    runs_root,
 )
 from .backends.base import list_runs as _run_folders
 from .errors import BackendError, FtclusterError, RunNotFoundError, SpecError, UsageError
 from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
-           "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
+           "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
            "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
-           "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files",
+           "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source", "sample_command", "write_files",
            "plan", "schema"]
 
 
@@ -117,6 +118,34 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
     if not isinstance(spec, Pipeline):
         check_paths(path, overrides, spec)
     return spec
+
+
+def check_submit(spec: Any, *, plan_check: bool = True, credentials: bool = True) -> None:
+    """What ``ftcluster submit`` checks before it submits (and writes) anything, raising SpecError with the
+    lines ``validate`` prints: the planner's memory check (unless ``plan_check`` is False) and a job's local
+    paths (:func:`check_paths`, with the overrides ``spec`` was loaded with); then, when ``credentials`` and
+    the job runs with this shell's environment (the local backend), that this shell holds credentials for
+    its object-store URIs, as the doctor's storage row classifies them (offline: nothing is read or written;
+    :func:`ftcluster.preflight.paths.credential_problem`). :func:`submit` itself checks nothing."""
+    from .spec.pipeline import Pipeline
+
+    if plan_check:
+        check_plan(spec)
+    source = getattr(spec, "_source_file", None)
+    if isinstance(spec, Pipeline) or not source or source.startswith("<") or not Path(source).is_file():
+        return
+    overrides: list[str] = list(getattr(spec, "_overrides", ()))
+    check_paths(source, overrides, spec)
+    if credentials and entry(spec.backend).shell_credentials:
+        from .preflight.paths import credential_problems
+        from .spec.yamlio import apply_overrides, load_file
+
+        doc = load_file(source)
+        if overrides:
+            apply_overrides(doc, overrides)
+        problems = credential_problems(spec, doc, {**spec.env, **dict(getattr(spec.local, "env", None) or {})})
+        if problems:
+            raise SpecError(problems)
 
 
 def summary(spec: Any) -> str:
@@ -260,9 +289,10 @@ def fresh_uri(uri: Any) -> str:
 
 
 def finished_note(spec: Any, path: str | None = None) -> str | None:
-    """The note ``submit`` prints when a local ``output.uri`` already holds this job's end (its engine's last
-    artifact is committed, :meth:`ftcluster.storage.catalog.Catalog.done`): the run would resume there and
-    find nothing to do. None otherwise, and for a remote store (the run itself looks, and logs the same)."""
+    """The note ``submit`` prints, instead of submitting, when a local ``output.uri`` already holds this job's
+    end (its engine's last artifact is committed, :meth:`ftcluster.storage.catalog.Catalog.done`): a run would
+    resume there and find nothing to do, so ``submit`` submits nothing, writes no run folder and exits 0.
+    None otherwise, and for a remote store (the run itself looks, and logs the same)."""
     from .plan.engines import engine_for
     from .spec.pipeline import Pipeline
     from .storage.catalog import Catalog
@@ -274,8 +304,8 @@ def finished_note(spec: Any, path: str | None = None) -> str | None:
     if not Catalog(spec.output.uri, spec.output.storage_options).done(last):
         return None
     job = path or spec._source_file or "job.yaml"
-    return (f"note: {spec.output.uri} already holds a finished run ({last}/ is committed), so this run will "
-            f"resume there and find nothing to do. To train again: ftcluster submit {job} --fresh "
+    return (f"note: {spec.output.uri} already holds a finished run ({last}/ is committed): already complete, "
+            f"nothing to do, nothing submitted. To train again: ftcluster submit {job} --fresh "
             "(a new output folder), or --set output.uri=<another folder>")
 
 
@@ -314,7 +344,8 @@ def server_dry_run(request: Any, **options: Any) -> str:
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None, **options: Any) -> RunStatus:
     """Submit a spec or pipeline (object or YAML path) to its backend; ``backend`` as the override
-    ``backend=NAME``; ``overrides`` apply to a YAML path."""
+    ``backend=NAME``; ``overrides`` apply to a YAML path. It checks nothing first: ``ftcluster submit`` calls
+    :func:`check_submit` before it."""
     spec = _spec(spec, overrides, backend)
     return schedule(submit_dryrun(spec, **options), **options)
 
@@ -416,6 +447,17 @@ def sample_source(run_or_uri: str) -> tuple[str, dict[str, Any]]:
         raise FtclusterError(f"run {run_or_uri} has several outputs (variants or stages); give one of their output "
                              f"URIs, e.g. {out['uri'] or '<output.uri>'}/<variant name>")
     return out["uri"], out["storage_options"]
+
+
+def run_ids(prefix: str = "") -> list[str]:
+    """The ids of the runs under the runs folder that start with ``prefix``, sorted (shell completion of
+    ``status``, ``logs``, ``cancel`` and ``sample``): folder names only, no status is read or refreshed, and
+    never an error (an unreadable folder gives [])."""
+    try:
+        return sorted(d.name for d in runs_root().iterdir()
+                      if d.name.startswith(prefix) and (d / "status.json").is_file())
+    except Exception:  # noqa: BLE001 - completion must never fail the shell
+        return []
 
 
 def list_runs() -> list[RunStatus]:

@@ -3,7 +3,8 @@
 Only click is imported at start-up; every command imports what it needs, so
 `ftcluster --help` and `ftcluster render` stay fast on a login node without torch.
 Errors of the FtclusterError family are caught in one place (:class:`_Cli`) and printed
-as one line per problem; ``--debug`` shows the traceback instead.
+as one line per problem; ``--debug`` shows the traceback instead. Usage errors (click's and
+ftcluster's UsageError) are one ``error:`` line too, then ``try 'ftcluster CMD --help'`` (exit 2).
 
 It parses and prints only: every rule (which checks run, what ``--backend`` means, when a
 run is finished, where a run's outputs are) is in :mod:`ftcluster.api`, for Python users too.
@@ -55,6 +56,35 @@ class _Backends(click.Choice):
         return super().convert(value, param, ctx)
 
 
+class _UsageLine(click.UsageError):
+    """A usage error (a missing argument, an unknown option, a bad choice, options that do not go together)
+    printed as every other error is: one ``error:`` line, then the command whose help to read. Exit status 2."""
+
+    def __init__(self, message: str, ctx: click.Context | None = None, command_path: str | None = None):
+        super().__init__(message, ctx)
+        self.command_path = command_path or (ctx.command_path if ctx is not None else None)
+
+    def show(self, file: Any = None) -> None:
+        for line in self.format_message().splitlines() or ["usage error"]:
+            line = line.rstrip(".").replace(". Did you mean", "; did you mean")  # "no such command 'x'; did you mean"
+            click.echo(f"error: {_lower_first(line)}", err=True)
+        if self.command_path:
+            click.echo(f"try '{self.command_path} --help'", err=True)
+
+
+def _lower_first(text: str) -> str:
+    """click's sentences ("Missing argument 'JOB'") in the style of ftcluster's lines ("missing argument 'JOB'");
+    a word in capitals or an option stays as it is."""
+    return text[0].lower() + text[1:] if len(text) > 1 and text[0].isupper() and text[1].islower() else text
+
+
+def _one_line(err: click.UsageError) -> click.UsageError:
+    """``err`` as a :class:`_UsageLine`; ``ftcluster`` alone still prints the help (click's NoArgsIsHelpError)."""
+    if isinstance(err, (_UsageLine, click.exceptions.NoArgsIsHelpError)):
+        return err
+    return _UsageLine(err.format_message(), err.ctx)
+
+
 class _Cli(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The commands and their summaries, whole: click cuts a summary at the width left ("before..."),
@@ -65,13 +95,23 @@ class _Cli(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:  # ftcluster's own options (`ftcluster --bogus`)
+            raise _one_line(err) from None
+
     def invoke(self, ctx: click.Context):
         from .errors import FtclusterError, UsageError
 
         try:
             return super().invoke(ctx)
-        except UsageError as err:  # options that do not go together: click's usage message
-            raise click.UsageError(str(err), ctx) from None
+        except UsageError as err:  # options that do not go together: a usage error of the command given
+            sub = f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else None
+            raise _UsageLine(str(err), ctx, sub) from None
+        except click.UsageError as err:  # a command's arguments and options, as click parses them
+            raise _one_line(err) from None
         except FtclusterError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -87,6 +127,22 @@ def _help_width() -> int:
     from .ui.tables import terminal_width
 
     return terminal_width()
+
+
+def _complete_run(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of a RUN argument: the run ids under the runs folder (README: Shell completion)."""
+    from click.shell_completion import CompletionItem
+
+    from . import api
+
+    return [CompletionItem(run_id) for run_id in api.run_ids(incomplete)]
+
+
+def _complete_run_or_uri(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """``sample RUN_OR_URI``: the run ids; a path when none matches."""
+    from click.shell_completion import CompletionItem
+
+    return _complete_run(ctx, param, incomplete) or [CompletionItem(incomplete, type="file")]
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": _help_width(),
@@ -198,8 +254,9 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
         sets = (*sets, f"output.uri={uri}")  # a --set: the rendered header reproduces it
         spec = _load(job, sets)
         click.echo(f"--fresh: output.uri is {uri}", err=True)
-    if not no_plan_check:
-        api.check_plan(spec)
+    # What validate refuses (the plan, local paths), and this shell's credentials for a local run: before
+    # anything is written.
+    api.check_submit(spec, plan_check=not no_plan_check, credentials=not dry_run)
     api.check_submit_options(spec, dry_run=dry_run, server=server, context=context)
     options = {"context": context}
     req = api.submit_dryrun(spec, **options)
@@ -209,12 +266,13 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
             click.echo(api.server_dry_run(req, **options))
         return
     note = api.finished_note(spec, job)
-    if note:
+    if note:  # a run would find nothing to do: submit nothing
         click.echo(note, err=True)
+        return
     st = api.schedule(req, **options)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:
-        sys.exit(_wait(st.run_dir))
+        sys.exit(_wait(st.run_id, st.run_dir))
     click.echo(f"follow it: ftcluster logs -f {st.run_id}   state: ftcluster status {st.run_id}")
 
 
@@ -272,21 +330,27 @@ def _follow(run_ref: str, **options) -> None:
     show(lines, lambda line: click.echo(line, nl=False), bar)
 
 
-def _wait(run_ref: str) -> int:
+def _wait(run_id: str, run_ref: str) -> int:
+    """``submit --wait``: the run's log, then its end; Ctrl-C stops the waiting only, and says so."""
     from . import api
     from .errors import BackendError
 
     try:
-        _follow(run_ref)
-    except BackendError as err:  # e.g. not allowed to read pod logs: still wait for the job's end
-        click.echo(f"warning: no log: {err}", err=True)
-    st = api.wait(run_ref)
+        try:
+            _follow(run_ref)
+        except BackendError as err:  # e.g. not allowed to read pod logs: still wait for the job's end
+            click.echo(f"warning: no log: {err}", err=True)
+        st = api.wait(run_ref)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: stopped waiting; run {run_id} keeps running\n"
+                   f"follow it: ftcluster logs -f {run_id}   stop it: ftcluster cancel {run_id}", err=True)
+        return 130
     click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
     return api.EXIT_CODES.get(st.state, 1)
 
 
 @cli.command()
-@click.argument("run", required=False)
+@click.argument("run", required=False, shell_complete=_complete_run)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(run: str | None, as_json: bool) -> None:
     """Show a run's state (or all runs)."""
@@ -344,7 +408,7 @@ def _table(runs) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", shell_complete=_complete_run)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
 @click.option("--rank", type=click.IntRange(min=0), default=None,
               help="Kubernetes: the log of node rank N's pod (default 0, the master).")
@@ -362,7 +426,7 @@ def logs(run: str, follow: bool, rank: int | None) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", shell_complete=_complete_run)
 def cancel(run: str) -> None:
     """Stop a run; the training runtime checkpoints before it exits."""
     from . import api
@@ -419,7 +483,7 @@ def _report(checks) -> None:
 
 
 @cli.command()
-@click.argument("run_or_uri", metavar="RUN_OR_URI")
+@click.argument("run_or_uri", metavar="RUN_OR_URI", shell_complete=_complete_run_or_uri)
 @click.option("--prompt", "-p", required=True, help="What to ask, written as in the training data.")
 @click.option("--input", "input_text", default="", help="data.format instruction: the record's input field.")
 @click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)

@@ -141,3 +141,63 @@ def probe_input(uri: str, storage_options: dict[str, Any], timeout: float = 60.0
     if perm is None:
         return "fail", f"{uri}: cannot read ({type(err).__name__}: {msg})", "check the endpoint, bucket and credentials"
     return "fail", f"{uri}: {perm.problem} ({type(err).__name__}: {msg})", perm.fix
+
+
+CREDENTIALS_TIMEOUT_S = 5.0  # the resolver's one network step (EC2's metadata service) takes about 1 s when absent
+
+
+def credential_problem(uri: str, storage_options: dict[str, Any], env: dict[str, str] | None = None,
+                       timeout: float = CREDENTIALS_TIMEOUT_S) -> tuple[str, str] | None:
+    """(problem, fix) when this shell holds no credentials for the object store at ``uri``, as the doctor's
+    storage row classifies it (:func:`ftcluster.storage.retry.classify`); None when they resolve, when none are
+    needed or looked up here, or when the answer is unknown. Offline: only s3:// is checked, with botocore's own
+    credential chain (environment, profiles, SSO, web identity, an instance role) and without reading or writing
+    the bucket; deferred credentials are never fetched. ``env``: the variables the job's environment adds to
+    this shell's: if it sets an ``AWS_*`` one, the job's credentials are not this shell's and nothing is said.
+    Never raises: a missing botocore, an unknown error or no answer within ``timeout`` seconds is None."""
+    if not uri.startswith(("s3://", "s3a://")) or any(k.startswith("AWS_") for k in env or {}):
+        return None
+    opts = storage_options or {}
+    if opts.get("anon") or opts.get("key") or opts.get("secret") or opts.get("token"):
+        return None
+
+    def resolve() -> None:
+        import botocore.session
+        from botocore.exceptions import NoCredentialsError
+
+        if botocore.session.Session(profile=opts.get("profile")).get_credentials() is None:
+            raise NoCredentialsError()
+
+    try:
+        _, err = within(resolve, timeout)
+    except TimeoutError:
+        return None
+    if err is None or not isinstance(err, Exception):
+        return None
+    from ..storage.retry import classify
+
+    perm = classify(err, uri)
+    if perm is None or perm.problem != "no valid credentials":
+        return None
+    msg = " ".join(str(err).split())[:200] or type(err).__name__
+    return f"{perm.problem} in this shell ({type(err).__name__}: {msg})", perm.fix
+
+
+def credential_problems(spec: Any, doc: Any, env: dict[str, str] | None = None) -> list[Problem]:
+    """The output and remote inputs of ``spec`` that this shell has no credentials for
+    (:func:`credential_problem`), at their file:line:col in ``doc``."""
+    from ..spec.problems import problem_at
+
+    fields = [(("output", "uri"), spec.output.uri, spec.output.storage_options)]
+    fields += [(tuple(field.split(".")), uri, opts) for field, uri, opts in remote_inputs(spec)]
+    out, seen = [], {}
+    for path, uri, opts in fields:
+        if not isinstance(uri, str):
+            continue
+        key = (uri.split("://", 1)[0], repr(sorted((opts or {}).items())))
+        if key not in seen:  # one lookup per store and options: the answer is the same
+            seen[key] = credential_problem(uri, opts, env)
+        found = seen[key]
+        if found:
+            out.append(problem_at(doc, path, f"{uri}: {found[0]}; {found[1]}"))
+    return out

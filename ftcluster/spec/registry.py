@@ -40,6 +40,9 @@ class BackendEntry:
     paths_here: bool = True
     # ...unless this spec field (dotted) is set: the job then runs on another machine (slurm.login).
     remote_when: str | None = None
+    # Do the job's processes run with this shell's environment, so its credentials (AWS_*, profiles) are
+    # the job's? ``submit`` then refuses an object-store URI they cannot open, as ``doctor`` reports it.
+    shell_credentials: bool = False
     # Keyword options the factory takes (get_backend drops the others): {"context", "namespace"}.
     options: tuple[str, ...] = ()
     # Keyword options its ``logs`` takes ({"rank"}).
@@ -160,7 +163,7 @@ def default_target(spec: object) -> str:
 # --------------------------------------------------------------------------- the built-in backends
 
 register(BackendEntry(
-    name="local", section="local", factory="ftcluster.backends.local.backend:LocalBackend",
+    name="local", section="local", factory="ftcluster.backends.local.backend:LocalBackend", shell_credentials=True,
     variants_note="all variants run in one local run; set local at the top level",
     description="this machine: torchrun under a supervisor process"))
 register(BackendEntry(

@@ -133,7 +133,9 @@ def _fake_job(tmp_path: Path, extra: str = "") -> Path:
     shim = tmp_path / "fake-python"
     shim.write_text(FAKE_TRAINER)
     shim.chmod(0o755)
-    spec = (ROOT / "examples" / "quickstart.yaml").read_text() + f"local:\n  python: {shim}\n{extra}"
+    # The examples' data, absolute: submit checks the local inputs as validate does.
+    spec = (ROOT / "examples" / "quickstart.yaml").read_text().replace("data/", f"{ROOT / 'examples' / 'data'}/")
+    spec += f"local:\n  python: {shim}\n{extra}"
     path = tmp_path / "job.yaml"
     path.write_text(spec)
     return path

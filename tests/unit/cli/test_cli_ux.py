@@ -37,6 +37,7 @@ def _metrics_job(tmp_path: Path) -> tuple[Path, Path]:
     shim.chmod(0o755)
     out = tmp_path / "out"
     spec = (ROOT / "examples" / "quickstart.yaml").read_text().replace("uri: file://../out/quickstart", f"uri: file://{out}")
+    spec = spec.replace("data/", f"{ROOT / 'examples' / 'data'}/")  # submit checks the inputs as validate does
     spec += f"local:\n  python: {shim}\n  env:\n    FAKE_OUT: {out}\n"
     (job := tmp_path / "job.yaml").write_text(spec)
     out.mkdir()

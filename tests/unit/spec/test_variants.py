@@ -194,7 +194,9 @@ def _local_job(tmp_path: Path, extra_env: str = "") -> Path:
     shim = make_shim(tmp_path)
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
-    job.write_text(BASE.replace("file:///tmp/ftc-out", f"file://{out}") + textwrap.dedent(f"""\
+    # The data, absolute: submit checks the inputs as validate does.
+    base = BASE.replace("file:///tmp/ftc-out", f"file://{out}").replace("examples/data/", f"{ROOT}/examples/data/")
+    job.write_text(base + textwrap.dedent(f"""\
         local:
           python: {shim}
           env: {{SHIM_SLEEP: '0.2'{extra_env}}}
