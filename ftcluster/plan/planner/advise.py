@@ -446,7 +446,7 @@ def set_flags(spec: Any, lay: Layout) -> list[str]:
         v = spec_value(lay.gradient_checkpointing)
         out.append(f"training.gradient_checkpointing={str(v).lower() if isinstance(v, bool) else f'{v:g}'}")
     if MEMORY_MODELS[lay.method].has_zero:
-        ds = getattr(spec, "deepspeed", None) or DeepSpeedSpec()
+        ds = getattr(spec, "deepspeed", None) or DeepSpeedSpec.model_validate({})
         if lay.zero_stage != ds.zero_stage:
             out.append(f"deepspeed.zero_stage={lay.zero_stage}")
         for key, on in (("offload_optimizer", lay.offload_optimizer), ("offload_params", lay.offload_params)):
@@ -458,3 +458,15 @@ def set_flags(spec: Any, lay: Layout) -> list[str]:
 def flags_text(flags: list[str]) -> str:
     """``--set a=1 --set b=2``, as a user pastes it."""
     return " ".join(f"--set {f}" for f in flags)
+
+
+def change_text(spec: Any, lay: Layout) -> str:
+    """How to turn ``spec`` into ``lay``: its ``--set`` flags, preceded by removing the spec's engine
+    section when the method changes (``--set`` cannot remove a section); '' when nothing differs."""
+    flags = set_flags(spec, lay)
+    if not flags:
+        return ""
+    section = engine_for(spec).section
+    if lay.method != memory_model_of(spec) and section and section in spec.model_fields_set:
+        return f"remove the `{section}` section, then {flags_text(flags)}"
+    return flags_text(flags)

@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import Problem
-from .advise import Evaluator, Option, flags_text, memory_model_of, pick, requested_layout, set_flags, workload_of
+from .advise import (
+    Evaluator,
+    Option,
+    flags_text,
+    memory_model_of,
+    pick,
+    requested_layout,
+    set_flags,
+    workload_of,
+)
 from .gpus import GPUS, load_gpus, spec_gpu
 from .report import gib
 from .shape import spec_shape
