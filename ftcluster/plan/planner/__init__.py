@@ -43,12 +43,12 @@ def doctor_checks(spec: Any) -> list[tuple[str, str, str, str]]:
     detail = (f"{gib(r.memory.total)} of {gib(r.usable)} GiB usable per {p.gpu.name}"
               f"{' (assumed)' if p.gpu_assumed else ''}, step {r.step_time_s:.2f} s")
     flags = change_text(spec, rec.layout) if rec is not None else ""
-    fix = f"use the recommendation: {flags}" if flags else ""
+    fix = f"`ftcluster plan` recommends {rec.layout.describe()}: {flags}" if rec is not None and flags else ""
     rows = [("plan: memory", "ok", detail, "") if r.fits else
             ("plan: memory", "fail", detail, fix or "`ftcluster plan` lists layouts that fit; lower micro_batch_size, "
              "turn on gradient_checkpointing, raise the ZeRO stage or add GPUs")]
     status, line = "ok", recommendation_line(p)
-    ratio = _cost_ratio(r, rec) if rec is not None and flags else None
+    ratio = cost_ratio(r, rec) if rec is not None and flags else None
     if ratio is not None and ratio > COST_WARN_RATIO:
         spec_cost = money(r.cost_usd) if r.cost_usd is not None and rec is not None and rec.cost_usd is not None \
             else f"${r.usd_per_million_tokens:.2f} per million tokens"
@@ -57,7 +57,7 @@ def doctor_checks(spec: Any) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _cost_ratio(spec_option: Any, rec: Any) -> float | None:
+def cost_ratio(spec_option: Any, rec: Any) -> float | None:
     """What the spec's layout costs over the recommendation's: per run when both know their steps,
     else per token; None when the spec's layout does not fit (the memory row says so)."""
     if not spec_option.fits:

@@ -140,7 +140,7 @@ def _problem(spec: Any, root: Any, req: Option, best: Option | None, gpu: str) -
         return _locate(root, ("resources", "gpu_type"), msg)
     lay = best.layout
     msg += (f"`ftcluster plan` recommends {lay.describe()} ({gib(best.memory.total)} GiB, "
-            f"${best.usd_per_million_tokens:.2f} per million tokens): {flags_text(flags)}, {SKIP_HINT}")
+            f"${best.usd_per_million_tokens:.2f} per million tokens): {flags_text(flags)} ({SKIP_HINT})")
     keys = [tuple(f.partition("=")[0].split(".")) for f in flags]
     return _locate_first(root, keys, msg)
 
