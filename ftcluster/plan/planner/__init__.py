@@ -32,7 +32,6 @@ def doctor_checks(spec: Any) -> list[tuple[str, str, str, str]]:
     times the recommendation (per run when both have a step count, else per token). Their fix is
     the recommendation as ``--set`` flags."""
     from ...errors import FtclusterError
-    from .advise import change_text
     from .report import gib, money, recommendation_line
 
     try:
@@ -42,7 +41,7 @@ def doctor_checks(spec: Any) -> list[tuple[str, str, str, str]]:
     r, rec = p.requested, p.recommendation
     detail = (f"{gib(r.memory.total)} of {gib(r.usable)} GiB usable per {p.gpu.name}"
               f"{' (assumed)' if p.gpu_assumed else ''}, step {r.step_time_s:.2f} s")
-    flags = change_text(spec, rec.layout) if rec is not None else ""
+    flags = p.change
     fix = f"`ftcluster plan` recommends {rec.layout.describe()}: {flags}" if rec is not None and flags else ""
     rows = [("plan: memory", "ok", detail, "") if r.fits else
             ("plan: memory", "fail", detail, fix or "`ftcluster plan` lists layouts that fit; lower micro_batch_size, "

@@ -72,6 +72,7 @@ class Plan:
     recommendation: Option | None
     reason: str
     notes: list[str] = field(default_factory=list)
+    change: str = ""  # how to turn the spec into the recommendation: --set flags (:func:`change_text`)
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,8 @@ def build_plan(spec: Any, *, gpu: str | Gpu | None = None, price: float | None =
         other = "full" if chosen_method == "lora" else "lora"
         rec = pick(every[other], req_layout)
         why += f"; but no {chosen_method} layout fits on {g.name}, so {other}"
-    return Plan(spec.name, shape, g, assumed, data, req, alts, rec, why, notes)
+    return Plan(spec.name, shape, g, assumed, data, req, alts, rec, why, notes,
+                change_text(spec, rec.layout) if rec is not None else "")
 
 
 def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape | None]]:
