@@ -52,7 +52,7 @@ def doctor_checks(spec: Any) -> list[tuple[str, str, str, str]]:
         spec_cost = money(r.cost_usd) if r.cost_usd is not None and rec is not None and rec.cost_usd is not None \
             else f"${r.usd_per_million_tokens:.2f} per million tokens"
         status, line = "warn", f"the spec's layout costs {ratio:.1f}x the recommendation ({spec_cost}): {line}"
-    rows.append(("plan: recommendation", status, line, fix if status == "warn" else ""))
+    rows.append(("plan: recommendation", status, line, f"follow it: {flags}" if status == "warn" else ""))
     return rows
 
 
