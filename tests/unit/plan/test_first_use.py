@@ -124,6 +124,7 @@ def test_the_refusal_is_plans_recommendation_as_flags_that_pass(case, tmp_path):
         assert (p.line, p.column) == doc.locations[tuple(p.field.split("."))]
     flags = re.findall(r"--set (\S+)", p.message)
     assert flags and "--no-plan-check" in p.message
+    assert re.findall(r"--set (\S+)", build_plan(spec, network=False).change) == flags  # what `plan` prints
     api.validate(path, [*sets, *flags])  # pasted, they pass
 
 
