@@ -14,7 +14,7 @@ the spec is loaded again with it, so it is validated for that backend and render
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .backends.base import (
     runs_root,
 )
 from .backends.base import list_runs as _run_folders
-from .errors import BackendError, FtclusterError, RunNotFoundError, SpecError, UsageError
+from .errors import BackendError, FtclusterError, Problem, RunNotFoundError, SpecError, UsageError
 from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
@@ -79,14 +79,18 @@ def _spec(spec_or_path: Any, overrides: list[str] | None = None, backend: str | 
 # --------------------------------------------------------------------------- checking
 
 
-def check_plan(spec: Any) -> None:
+def check_plan(spec: Any) -> list[Problem]:
     """Raise SpecError if the job (or any stage of a pipeline) will not fit in its GPUs' memory
-    (:mod:`ftcluster.plan.planner`); what ``validate``/``submit`` check unless ``--no-plan-check``."""
-    from .plan.planner import check_spec
+    (:mod:`ftcluster.plan.planner`); what ``validate``/``submit`` check unless ``--no-plan-check``.
+    Returns the warnings: why the check could not run (a GPU type the planner does not know and no
+    ``resources.gpu_memory_gb``), one located :class:`~ftcluster.errors.Problem` each, which the CLI
+    prints as ``warning: <file:line:col: field: message>``."""
+    from .plan.planner.guard import check
 
-    problems = check_spec(spec)
+    problems, warnings = check(spec)
     if problems:
         raise SpecError(problems)
+    return warnings
 
 
 def check_paths(path: str | Path, overrides: list[str] | None = None, spec: Any = None) -> None:
@@ -105,35 +109,43 @@ def check_paths(path: str | Path, overrides: list[str] | None = None, spec: Any 
         raise SpecError(problems)
 
 
-def validate(path: str | Path, overrides: list[str] | None = None, plan_check: bool = True, backend: str | None = None):
+def validate(path: str | Path, overrides: list[str] | None = None, plan_check: bool = True, backend: str | None = None,
+             warn: Callable[[Problem], None] | None = None):
     """What ``ftcluster validate`` checks: load the job spec or pipeline at ``path`` (SpecError with every
     problem located), then the planner's memory check (unless ``plan_check`` is False), then a job's local
-    paths. Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`)."""
+    paths. Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`). The memory check's warnings
+    (:func:`check_plan`) go to ``warn``; without one, to :func:`warnings.warn`."""
     from .spec.pipeline import Pipeline
 
     overrides = [*(overrides or ()), *([f"backend={backend}"] if backend else [])]
     spec = load(path, overrides)
     if plan_check:
-        check_plan(spec)
+        for w in check_plan(spec):
+            if warn is not None:
+                warn(w)
+            else:
+                import warnings
+
+                warnings.warn(str(w), stacklevel=2)
     if not isinstance(spec, Pipeline):
         check_paths(path, overrides, spec)
     return spec
 
 
-def check_submit(spec: Any, *, plan_check: bool = True, credentials: bool = True) -> None:
+def check_submit(spec: Any, *, plan_check: bool = True, credentials: bool = True) -> list[Problem]:
     """What ``ftcluster submit`` checks before it submits (and writes) anything, raising SpecError with the
     lines ``validate`` prints: the planner's memory check (unless ``plan_check`` is False) and a job's local
     paths (:func:`check_paths`, with the overrides ``spec`` was loaded with); then, when ``credentials`` and
     the job runs with this shell's environment (the local backend), that this shell holds credentials for
     its object-store URIs, as the doctor's storage row classifies them (offline: nothing is read or written;
-    :func:`ftcluster.preflight.paths.credential_problem`). :func:`submit` itself checks nothing."""
+    :func:`ftcluster.preflight.paths.credential_problem`). :func:`submit` itself checks nothing. Returns the
+    memory check's warnings (:func:`check_plan`)."""
     from .spec.pipeline import Pipeline
 
-    if plan_check:
-        check_plan(spec)
+    warnings = check_plan(spec) if plan_check else []
     source = getattr(spec, "_source_file", None)
     if isinstance(spec, Pipeline) or not source or source.startswith("<") or not Path(source).is_file():
-        return
+        return warnings
     overrides: list[str] = list(getattr(spec, "_overrides", ()))
     check_paths(source, overrides, spec)
     if credentials and entry(spec.backend).shell_credentials:
@@ -146,6 +158,7 @@ def check_submit(spec: Any, *, plan_check: bool = True, credentials: bool = True
         problems = credential_problems(spec, doc, {**spec.env, **dict(getattr(spec.local, "env", None) or {})})
         if problems:
             raise SpecError(problems)
+    return warnings
 
 
 def summary(spec: Any) -> str:

@@ -188,6 +188,11 @@ def _collector_paused():
         gc.enable()
 
 
+def _warn(problem: object) -> None:
+    """One warning line on stderr: ``warning: file:line:col: field: message``."""
+    click.echo(f"warning: {problem}", err=True)
+
+
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -197,7 +202,7 @@ def validate(job: str, sets: tuple[str, ...], no_plan_check: bool) -> None:
     from . import api
 
     with _collector_paused():
-        spec = api.validate(job, list(sets), plan_check=not no_plan_check)
+        spec = api.validate(job, list(sets), plan_check=not no_plan_check, warn=_warn)
     click.echo(f"{job}: ok: {api.summary(spec)}")
 
 
@@ -255,8 +260,9 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
         spec = _load(job, sets)
         click.echo(f"--fresh: output.uri is {uri}", err=True)
     # What validate refuses (the plan, local paths), and this shell's credentials for a local run: before
-    # anything is written.
-    api.check_submit(spec, plan_check=not no_plan_check, credentials=not dry_run)
+    # anything is written; the memory check's warnings (a GPU it does not know) on stderr.
+    for w in api.check_submit(spec, plan_check=not no_plan_check, credentials=not dry_run):
+        _warn(w)
     api.check_submit_options(spec, dry_run=dry_run, server=server, context=context)
     options = {"context": context}
     req = api.submit_dryrun(spec, **options)

@@ -151,12 +151,11 @@ def check_backend(spec: Any, remote: bool = False, backend: Any = None, context:
 
 
 def check_plan(spec: Any) -> list[Check]:
-    """The planner's verdict (offline): per-GPU memory against the GPU, and its recommendation."""
+    """The planner's verdict (offline): per-GPU memory against the GPU, and its recommendation (warn
+    when the spec's layout costs more than twice as much; the fix is the recommendation's ``--set`` flags)."""
     from ..plan.planner import doctor_checks
 
-    fixes = {"fail": "`ftcluster plan` lists layouts that fit; lower micro_batch_size, turn on "
-                     "gradient_checkpointing, raise the ZeRO stage or add GPUs"}
-    return [Check(name, status, detail, fixes.get(status, "")) for name, status, detail in doctor_checks(spec)]
+    return [Check(name, status, detail, fix) for name, status, detail, fix in doctor_checks(spec)]
 
 
 def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False,

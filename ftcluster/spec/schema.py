@@ -313,6 +313,7 @@ class ResourcesSpec(_Model):
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs per node (0: CPU only).")
     procs_per_node: int | None = Field(None, ge=1, le=256, description="Training processes per node; defaults to gpus_per_node (1 on CPU).")
     gpu_type: str | None = Field(None, description="GPU model, e.g. h200; becomes the Slurm gres type (gpu:<type>:<n>); on Kubernetes set `kubernetes.node_selector` (GPU product labels differ per cluster).")
+    gpu_memory_gb: float | None = Field(None, gt=0, le=10_000, description="Memory of one GPU in GB (10^9 bytes, as the price file's `memory_gb`), for the planner's memory check: needed when `gpu_type` is one the planner does not know (e.g. rtx4090: 24), and wins over the planner's table otherwise (a smaller slice of a GPU).")
     cpus_per_node: int | None = Field(None, ge=1, description="CPU cores per node.")
     memory: str | None = Field(None, description="Memory per node, e.g. 256G (Slurm) / converted to Gi for Kubernetes.")
     time_limit: str | None = Field(None, description="Wall-clock limit, [D-]HH:MM:SS.")

@@ -12,7 +12,7 @@ from ..engines import ENGINES, engine_for
 from ..facts import global_batch
 from ..speedups import FUSED_CE_MODEL_TYPES, Speedups  # noqa: F401 - FUSED_CE_MODEL_TYPES re-exported
 from .data import DataEstimate, estimate_tokens, sequences
-from .gpus import Gpu, load_gpus, normalise
+from .gpus import STAND_IN, Gpu, load_gpus, normalise, spec_gpu
 from .layout import Layout, Workload
 from .memory import Memory, host_bytes_per_node, per_gpu_memory, usable_bytes, zero3_keeps
 from .shape import ModelShape, count_lora, spec_shape
@@ -72,6 +72,7 @@ class Plan:
     recommendation: Option | None
     reason: str
     notes: list[str] = field(default_factory=list)
+    change: str = ""  # how to turn the spec into the recommendation: --set flags (:func:`change_text`)
 
 
 @dataclass(frozen=True)
@@ -157,15 +158,24 @@ def requested_layout(spec: Any, gpu: str, memory_model: str | None = None) -> La
                   gradient_checkpointing=tr.gradient_checkpointing, gpu=gpu, **engine_settings(spec)[0])
 
 
-def resolve_gpu(spec: Any, override: str | None, table: dict[str, Gpu]) -> tuple[Gpu, bool]:
-    """The GPU to plan for: --gpu, else resources.gpu_type, else the default (assumed)."""
+def resolve_gpu(spec: Any, override: str | Gpu | None, table: dict[str, Gpu]) -> tuple[Gpu, bool]:
+    """The GPU to plan for: --gpu (a name, or the :class:`Gpu` itself), else resources.gpu_type (with
+    resources.gpu_memory_gb when given: :func:`~.gpus.spec_gpu`), else the default (assumed)."""
+    if isinstance(override, Gpu):
+        return override, False
+    if override is None:
+        r = spec.resources
+        g = spec_gpu(r.gpu_type, getattr(r, "gpu_memory_gb", None), table)
+        if g is not None:
+            return g, False
     raw = override or spec.resources.gpu_type
     if raw is None:
         return table[DEFAULT_GPU], True
     name = normalise(raw)
     if name not in table:
         raise FtclusterError(f"GPU type {raw!r} is not in the planner's table ({', '.join(sorted(table))}); "
-                             "add it to the price file (memory_gb, bf16_tflops, price_per_hour) or pass --gpu")
+                             "give its memory in resources.gpu_memory_gb, add it to the price file (memory_gb, "
+                             "bf16_tflops, price_per_hour) or pass --gpu")
     return table[name], False
 
 
@@ -283,7 +293,7 @@ def _fmt_gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None, network: bool = True,
+def build_plan(spec: Any, *, gpu: str | Gpu | None = None, price: float | None = None, network: bool = True,
                count_data: bool = True, alternatives: bool = True, shape: ModelShape | None = None,
                fused_ce: bool | None = None, launch: Any = None) -> Plan:
     """Plan a job spec. ``network`` allows reading a remote config.json and listing remote data;
@@ -315,6 +325,10 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
     notes = list(shape.notes)
     if assumed:
         notes.append(f"no resources.gpu_type: planned for {g.name}; pass --gpu to choose")
+    elif gpu is None and spec.resources.gpu_memory_gb is not None and (
+            spec.resources.gpu_type is None or normalise(spec.resources.gpu_type) not in table):
+        notes.append(f"{g.name}: memory from resources.gpu_memory_gb, speed and price of {STAND_IN} assumed "
+                     "(add the type to the price file for its own)")
     if w.fused_ce and fused_ce is None:
         notes.append("assumes the runtime's fused linear cross-entropy (liger-kernel installed where the job runs); "
                      "without it set env FTCLUSTER_FUSED_CE: '0' or pass --fused-ce off")
@@ -336,7 +350,8 @@ def build_plan(spec: Any, *, gpu: str | None = None, price: float | None = None,
         other = "full" if chosen_method == "lora" else "lora"
         rec = pick(every[other], req_layout)
         why += f"; but no {chosen_method} layout fits on {g.name}, so {other}"
-    return Plan(spec.name, shape, g, assumed, data, req, alts, rec, why, notes)
+    return Plan(spec.name, shape, g, assumed, data, req, alts, rec, why, notes,
+                change_text(spec, rec.layout) if rec is not None else "")
 
 
 def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape | None]]:
@@ -407,3 +422,53 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
             seen.add(o.layout)
             out.append(o)
     return out
+
+
+def set_flags(spec: Any, lay: Layout) -> list[str]:
+    """``key=value`` overrides (``--set``) that turn ``spec``'s layout into ``lay``: only what differs,
+    in spec order (method, resources, training, then the engine's section)."""
+    from ...spec.schema import DeepSpeedSpec
+    from .layout import spec_value
+
+    r, tr = spec.resources, spec.training
+    out: list[str] = []
+    if lay.method != memory_model_of(spec):
+        out.append(f"method={lay.method}")
+    if lay.nodes != r.nodes:
+        out.append(f"resources.nodes={lay.nodes}")
+    if lay.gpus_per_node != r.nproc_per_node:
+        out.append(f"resources.gpus_per_node={lay.gpus_per_node}")
+        if r.procs_per_node is not None:
+            out.append(f"resources.procs_per_node={lay.gpus_per_node}")
+    if lay.micro_batch_size != tr.micro_batch_size:
+        out.append(f"training.micro_batch_size={lay.micro_batch_size}")
+    if lay.gradient_accumulation_steps != tr.gradient_accumulation_steps:
+        out.append(f"training.gradient_accumulation_steps={lay.gradient_accumulation_steps}")
+    if float(lay.gradient_checkpointing) != float(tr.gradient_checkpointing):
+        v = spec_value(lay.gradient_checkpointing)
+        out.append(f"training.gradient_checkpointing={str(v).lower() if isinstance(v, bool) else f'{v:g}'}")
+    if MEMORY_MODELS[lay.method].has_zero:
+        ds = getattr(spec, "deepspeed", None) or DeepSpeedSpec.model_validate({})
+        if lay.zero_stage != ds.zero_stage:
+            out.append(f"deepspeed.zero_stage={lay.zero_stage}")
+        for key, on in (("offload_optimizer", lay.offload_optimizer), ("offload_params", lay.offload_params)):
+            if on != (getattr(ds, key) != "none"):
+                out.append(f"deepspeed.{key}={'cpu' if on else 'none'}")
+    return out
+
+
+def flags_text(flags: list[str]) -> str:
+    """``--set a=1 --set b=2``, as a user pastes it."""
+    return " ".join(f"--set {f}" for f in flags)
+
+
+def change_text(spec: Any, lay: Layout) -> str:
+    """How to turn ``spec`` into ``lay``: its ``--set`` flags, preceded by removing the spec's engine
+    section when the method changes (``--set`` cannot remove a section); '' when nothing differs."""
+    flags = set_flags(spec, lay)
+    if not flags:
+        return ""
+    section = engine_for(spec).section
+    if lay.method != memory_model_of(spec) and section and section in spec.model_fields_set:
+        return f"remove the `{section}` section, then {flags_text(flags)}"
+    return flags_text(flags)

@@ -115,3 +115,19 @@ def _entry(path: Path, name: str, val: Any, base: Gpu | None) -> Gpu:
     if "memory_gb" in val:
         g = replace(g, memory_bytes=int(float(val["memory_gb"]) * 1e9))
     return g
+
+
+STAND_IN = "h100"  # whose speed and price a GPU known only by its memory is planned with
+
+
+def spec_gpu(raw: str | None, memory_gb: float | None, table: dict[str, Gpu]) -> Gpu | None:
+    """The GPU a spec names (``resources.gpu_type``, ``resources.gpu_memory_gb``): the table's entry,
+    with the spec's memory when it gives one; a type the table lacks but whose memory the spec gives
+    is planned with that memory and the stand-in's speed and price (:data:`STAND_IN`); None when
+    the type is unknown and no memory is given (or neither is given)."""
+    name = normalise(raw) if raw else None
+    base = table.get(name) if name else None
+    if memory_gb is None:
+        return base
+    return replace(base or table.get(STAND_IN) or GPUS[STAND_IN], name=name or (base.name if base else STAND_IN),
+                   memory_bytes=int(float(memory_gb) * 1e9))

@@ -45,7 +45,7 @@ def plan_dict(p: Plan) -> dict[str, Any]:
         "requested": option_dict(p.requested),
         "alternatives": [option_dict(o) for o in p.alternatives],
         "recommendation": None if p.recommendation is None else {
-            **option_dict(p.recommendation), "reason": p.reason, "line": recommendation_line(p)},
+            **option_dict(p.recommendation), "reason": p.reason, "line": recommendation_line(p), "change": p.change},
         "notes": p.notes,
     }
 
@@ -109,5 +109,7 @@ def print_plan(p: Plan, console: Any = None) -> None:
     con.print(t)
     if p.recommendation is not None or p.reason:
         con.print(f"[bold]recommendation:[/bold] {recommendation_line(p)}")
+    if p.change:
+        con.print(f"to follow it: {p.change}", soft_wrap=True)
     for n in p.notes:
         con.print(f"note: {n}")

@@ -215,7 +215,8 @@ def test_guard_refuses_what_does_not_fit_with_one_located_line(tmp_path):
     assert len(problems) == 1
     line = str(problems[0])
     assert line.startswith(f"{f}:7:3: training.micro_batch_size: needs ")
-    assert "h100 has 74.7 GiB usable" in line and "cheapest layout that fits: LoRA on 1 x h100" in line
+    assert "h100 has 74.7 GiB usable" in line and "`ftcluster plan` recommends LoRA on 1 x h100" in line
+    assert "--set training.micro_batch_size=1" in line
     res = ftc("validate", str(f), cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--no-plan-check" in res.stderr
     assert ftc("validate", str(f), "--no-plan-check", cwd=tmp_path).returncode == 0
