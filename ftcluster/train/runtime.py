@@ -186,7 +186,7 @@ class Trainer:
         last_eval = self.evals.eval()
         general_after = self.evals.general("after")
         signal_at("final-export")  # test-only
-        if not self.outputs.publish_final(state, last_eval, self.stop_agreed):
+        if not self.outputs.publish_final(state, last_eval, self.stop_agreed, general_after):
             return self._preempted()
         summary = {"kind": "summary", "step": state.step, "tokens_seen": state.tokens_seen,
                    "train_loss": state.last_loss, "eval_loss": last_eval,
