@@ -35,7 +35,7 @@ from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
            "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
-           "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
+           "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
            "logs", "cancel", "list_runs", "doctor", "run_output", "sample_source", "sample_command", "write_files",
            "plan", "schema"]
 
@@ -301,15 +301,28 @@ def schedule(request: Any, **options: Any) -> RunStatus:
     return get_backend(request.backend, **options).schedule(request)
 
 
-def server_dry_run(request: Any, **options: Any) -> str:
-    """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+def _dry_run_backend(request: Any, **options: Any) -> Any:
     from .spec.registry import entries
 
     b = get_backend(request.backend, **options)
     if not entry(request.backend).server_dry_run or not hasattr(b, "server_dry_run"):
         takers = " and ".join(e.name for e in entries() if e.server_dry_run)
         raise BackendError(f"a server-side dry run applies to the {takers} backend only, not {request.backend}")
-    return b.server_dry_run(request)  # pyright: ignore[reportAttributeAccessIssue]  # the entry says it has one
+    return b
+
+
+def check_server(request: Any, **options: Any) -> None:
+    """Reach the cluster a server-side dry run of ``request`` would ask (kubernetes: the kubeconfig and its
+    context), contacting nothing else: BackendError (no kubeconfig, unknown context) before anything is
+    printed (``submit --dry-run --server``)."""
+    connect = getattr(_dry_run_backend(request, **options), "connect", None)
+    if connect is not None:
+        connect()
+
+
+def server_dry_run(request: Any, **options: Any) -> str:
+    """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+    return _dry_run_backend(request, **options).server_dry_run(request)
 
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None, **options: Any) -> RunStatus:

@@ -221,3 +221,16 @@ def test_submit_without_a_reachable_slurm_says_so_in_one_line(tmp_path):
         "(connect failure)); run ftcluster doctor examples/lora-slurm.yaml"], res.stderr
     assert "res_nsearch" not in res.stdout + res.stderr
     assert not list((tmp_path / "home").rglob("*.sbatch"))  # no run folder left behind
+
+
+def test_server_dry_run_without_a_kubeconfig_is_one_line(tmp_path):
+    """`submit --dry-run --server` connects first: no kubeconfig is the one error line, not the manifest
+    followed by it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # not "inside a cluster"
+    env.update(FTCLUSTER_HOME=str(tmp_path / "home"), KUBECONFIG=str(tmp_path / "no-such-kubeconfig"))
+    res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "submit", "examples/lora-pytorchjob.yaml", "--dry-run",
+                          "--server"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no kubeconfig") and "no-such-kubeconfig" in lines[0], lines
