@@ -140,9 +140,8 @@ def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
            context: str | None = None, backend: str | None = None) -> list[Any]:
     """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.preflight.checks.Check` rows): spec, launch
     files, the planner, the backend's ``preflight``, inputs, output storage (a pipeline: each stage's, named
-    ``stage: check``); ``remote`` also probes a
-    compute node; ``context`` is the kubeconfig context for a kubernetes job; ``backend`` is the same as
-    the override ``backend=NAME``."""
+    ``stage: check``); ``remote`` also probes a compute node; ``context`` is the kubeconfig context for a
+    kubernetes job; ``backend`` is the same as the override ``backend=NAME``."""
     from .preflight.doctor import diagnose
 
     return diagnose(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])], remote=remote,
