@@ -35,9 +35,10 @@ from .errors import BackendError, FtclusterError, Problem, RunNotFoundError, Spe
 from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
-           "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note", "submit",
-           "submit_dryrun", "schedule", "server_dry_run", "status", "wait", "list_cluster", "cluster_backends",
-           "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source", "sample_command", "write_files",
+           "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note",
+           "submit", "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster",
+           "cluster_backends", "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source",
+           "sample_command", "write_files",
            "plan", "schema"]
 
 
@@ -181,9 +182,9 @@ def summary(spec: Any) -> str:
 def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
            context: str | None = None, backend: str | None = None) -> list[Any]:
     """Every pre-flight check of the job at ``path`` (:class:`~ftcluster.preflight.checks.Check` rows): spec, launch
-    files, the planner, the backend's ``preflight``, inputs, output storage; ``remote`` also probes a
-    compute node; ``context`` is the kubeconfig context for a kubernetes job; ``backend`` is the same as
-    the override ``backend=NAME``."""
+    files, the planner, the backend's ``preflight``, inputs, output storage (a pipeline: each stage's, named
+    ``stage: check``); ``remote`` also probes a compute node; ``context`` is the kubeconfig context for a
+    kubernetes job; ``backend`` is the same as the override ``backend=NAME``."""
     from .preflight.doctor import diagnose
 
     return diagnose(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])], remote=remote,
@@ -344,15 +345,28 @@ def schedule(request: Any, **options: Any) -> RunStatus:
     return get_backend(request.backend, **options).schedule(request)
 
 
-def server_dry_run(request: Any, **options: Any) -> str:
-    """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+def _dry_run_backend(request: Any, **options: Any) -> Any:
     from .spec.registry import entries
 
     b = get_backend(request.backend, **options)
     if not entry(request.backend).server_dry_run or not hasattr(b, "server_dry_run"):
         takers = " and ".join(e.name for e in entries() if e.server_dry_run)
         raise BackendError(f"a server-side dry run applies to the {takers} backend only, not {request.backend}")
-    return b.server_dry_run(request)  # pyright: ignore[reportAttributeAccessIssue]  # the entry says it has one
+    return b
+
+
+def check_server(request: Any, **options: Any) -> None:
+    """Reach the cluster a server-side dry run of ``request`` would ask (kubernetes: the kubeconfig and its
+    context), contacting nothing else: BackendError (no kubeconfig, unknown context) before anything is
+    printed (``submit --dry-run --server``)."""
+    connect = getattr(_dry_run_backend(request, **options), "connect", None)
+    if connect is not None:
+        connect()
+
+
+def server_dry_run(request: Any, **options: Any) -> str:
+    """Have the cluster validate the request's job without storing it (kubernetes: ``dryRun=All``)."""
+    return _dry_run_backend(request, **options).server_dry_run(request)
 
 
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None, **options: Any) -> RunStatus:

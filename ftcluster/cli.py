@@ -267,6 +267,8 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
     options = {"context": context}
     req = api.submit_dryrun(spec, **options)
     if dry_run:
+        if server:  # no kubeconfig: the one error line, not the request before it
+            api.check_server(req, **options)
         click.echo(req.describe(), nl=False)
         if server:
             click.echo(api.server_dry_run(req, **options))

@@ -19,18 +19,27 @@ from .checks import Check, failed, within
 
 
 def check_spec(path: str, overrides: list[str]) -> tuple[Check, Any]:
+    """The spec row and the loaded job spec, or pipeline (a file with ``pipeline:``, as ``validate`` reads it)."""
     from ..errors import SpecError
-    from ..spec.loader import load_spec
+    from ..spec.pipeline import Pipeline, load
 
     try:
-        spec = load_spec(path, overrides)
+        spec = load(path, overrides)
     except SpecError as err:
         n = len(err.problems)
         return Check("spec", "fail", f"{n} problem(s), first: {err.problems[0]}",
                      f"`ftcluster validate {path}` lists every problem with its fix"), None
     except FtclusterError as err:
         return failed("spec", err), None
-    return Check("spec", "ok", f"{spec.name} ({spec.method}), world size {spec.world_size}, backend {spec.backend}"), spec
+    if isinstance(spec, Pipeline):
+        stages = ", ".join(s.name for s in spec.stages)
+        return Check("spec", "ok", f"pipeline {spec.name}: {len(spec.stages)} stage(s) ({stages}), "
+                                   f"backend {spec.backend}"), spec
+    return _spec_row(spec), spec
+
+
+def _spec_row(spec: Any) -> Check:
+    return Check("spec", "ok", f"{spec.name} ({spec.method}), world size {spec.world_size}, backend {spec.backend}")
 
 
 def check_render(spec: Any) -> Check:
@@ -160,11 +169,28 @@ def check_plan(spec: Any) -> list[Check]:
 
 def diagnose(path: str, overrides: list[str] | None = None, *, remote: bool = False,
              backend: Any = None, context: str | None = None) -> list[Check]:
-    """Every check for the job at ``path``; a failed spec check stops the rest."""
+    """Every check for the job at ``path``; a failed spec check stops the rest. A pipeline: every check
+    for each stage's job spec, each row's name prefixed with the stage's (``cpt: output``)."""
+    from ..spec.pipeline import Pipeline
+
     first, spec = check_spec(path, list(overrides or []))
     if spec is None:
         return [first]
-    out = [first, check_render(spec), *check_plan(spec)]
+    if isinstance(spec, Pipeline):
+        out = [first]
+        for stage in spec.stages:
+            rows = [_spec_row(stage.spec), *_job_checks(stage.spec, remote, backend, context)]
+            if stage.model_from:  # the model an earlier stage publishes is not there before the pipeline runs
+                rows = [Check(c.name, "skip", f"{stage.spec.model.path}: published by stage {stage.model_from}")
+                        if c.name == "model.path" else c for c in rows]
+            out += [Check(f"{stage.name}: {c.name}", c.status, c.result, c.fix) for c in rows]
+        return out
+    return [first, *_job_checks(spec, remote, backend, context)]
+
+
+def _job_checks(spec: Any, remote: bool, backend: Any, context: str | None) -> list[Check]:
+    """Every check after the spec row, for one job spec."""
+    out = [check_render(spec), *check_plan(spec)]
     out += check_backend(spec, remote, backend, context)
     out += check_inputs(spec)
     out.append(check_output(spec))

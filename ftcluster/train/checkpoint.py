@@ -86,6 +86,17 @@ def default_work_dir(spec: Any, node_rank: int) -> Path:
     return base / f"{spec.name}-{key}" / f"node{node_rank}"
 
 
+def remove_work_dir(work_dir: Path) -> None:
+    """Remove a run's node-local folder once everything in it is committed (a resume reads the
+    store, never this folder), and its parents up to the ``ftcluster`` folder when left empty."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    for parent in (work_dir.parent, work_dir.parent.parent):
+        try:
+            parent.rmdir()  # only when empty: another run's folder may be beside it
+        except OSError:
+            break
+
+
 # ----------------------------------------------------------------------------- manager
 
 

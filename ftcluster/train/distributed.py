@@ -165,6 +165,9 @@ def init_distributed(spec: Any) -> DistContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # Whatever imports DeepSpeed here (the engine; accelerate's unwrap when a LoRA run saves its merged
+        # model) finds the accelerator named, instead of probing and warning "Setting accelerator to CPU".
+        env.setdefault("DS_ACCELERATOR", "cpu")
         threads = cpu_threads(env, local_world)
         if threads is not None:
             torch.set_num_threads(threads)

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's C++ warnings, here and in the workers
     exit_dir = Path(tempfile.mkdtemp(prefix="ftcluster-exit-"))
     os.environ["FTCLUSTER_EXIT_DIR"] = str(exit_dir)
+    if not any(a.split("=")[0] in ("--log-dir", "--log_dir") for a in args):
+        args.insert(0, f"--log-dir={exit_dir / 'torchelastic'}")  # else torchrun leaves $TMPDIR/torchelastic_*
     stop = StopForwarder().install() if own_signals else None
     try:
         from torch.distributed import run as torchrun

@@ -59,17 +59,31 @@ class Evaluator:
         return loss
 
     def general(self, when: str) -> float | None:
-        """The general-text loss ``when`` "before" or "after" training (forgetting), recorded."""
+        """The general-text loss ``when`` "before" or "after" training (the forgetting check), recorded;
+        "after" also says how far it drifted from the baseline (``state.general_eval_before``)."""
         loss = evaluate(self.engine, self.ctx, self.general_batches)
-        self.record("general_eval", loss, when=when)
+        before = self.state.general_eval_before
+        if when == "before" or loss is None:
+            self.record("general_eval", loss, "forgetting check on general text: the baseline", when=when)
+        elif before is None:
+            self.record("general_eval", loss, "forgetting check on general text", when=when)
+        else:
+            self.record("general_eval", loss, f"forgetting check on general text, {drift(before, loss)} since before "
+                        "training", when=when, drift=loss - before)
         return loss
 
-    def record(self, kind: str, loss: float | None, **extra: Any) -> None:
+    def record(self, kind: str, loss: float | None, note: str = "", **extra: Any) -> None:
         if loss is None:
             return
         rec = {"kind": kind, "step": self.state.step, "loss": loss, **extra}
         name = kind if "when" not in extra else f"{kind} ({extra['when']})"
-        self.reporter.event(rec, f"{name} loss {loss:.4f} at step {self.state.step}")
+        self.reporter.event(rec, f"{name} loss {loss:.4f} at step {self.state.step}" + (f": {note}" if note else ""))
+
+
+def drift(before: float, after: float) -> str:
+    """How far a loss moved, absolute and relative: ``+2.15 (+34%)``."""
+    rel = f" ({(after - before) / before:+.0%})" if before else ""
+    return f"{after - before:+.2f}{rel}"
 
 
 class Checkpoints(Protocol):

@@ -70,13 +70,16 @@ class Outputs:
             self._export(name, self.engine.export, self.meta(state, None))
 
     def publish_final(self, state: TrainState, eval_loss: float | None,
-                      stop: Callable[[], bool] = lambda: False) -> bool:
+                      stop: Callable[[], bool] = lambda: False, general_after: float | None = None) -> bool:
         """The end-of-run artifacts: the adapter (and the merged model) or the consolidated model (collective).
 
+        Their metadata add the forgetting check (``general_eval_before``/``general_eval_after``: the
+        general-text loss before and after training; None without ``data.general_eval``).
         ``stop`` is asked (collectively) before each export; False when it said stop: the exports
         already submitted still commit, the rest are left to a rerun.
         """
-        meta = self.meta(state, eval_loss)
+        meta = {**self.meta(state, eval_loss), "general_eval_before": state.general_eval_before,
+                "general_eval_after": general_after}
         exports = {"merged": self.engine.export_merged}  # "adapter", "final": the engine's export
         for name in engine_for(self.spec).artifacts(self.spec):  # the engine's recipe, in commit order
             if stop():

@@ -116,6 +116,7 @@ class Trainer:
             if hasattr(self, "ckpt"):
                 self.ckpt.wait()  # a resume may have queued a missing adapter: let it commit
             self._shutdown()
+            self._remove_work_dir()
             raise
         self.state.start_clock()
         self.reporter = open_reporter(self.spec, self.ctx, self.work_dir, self.total_steps, self.state.step)
@@ -123,9 +124,17 @@ class Trainer:
                                self.state)
         self.saves = Checkpointing(self.ckpt, self.outputs, self.reporter, lambda: self.evals.last)
         try:
-            return self._run()
+            code = self._run()
         finally:
             self.reporter.close()
+        self._remove_work_dir()  # success or stop: everything is committed (metrics.jsonl with the close)
+        return code
+
+    def _remove_work_dir(self) -> None:
+        from .checkpoint import remove_work_dir
+
+        if hasattr(self, "work_dir") and self.ctx.local_rank == 0:  # after _shutdown's barrier: the node is done
+            remove_work_dir(self.work_dir)
 
     def _run(self) -> int:
         from .launch import mark_finished
@@ -186,7 +195,7 @@ class Trainer:
         last_eval = self.evals.eval()
         general_after = self.evals.general("after")
         signal_at("final-export")  # test-only
-        if not self.outputs.publish_final(state, last_eval, self.stop_agreed):
+        if not self.outputs.publish_final(state, last_eval, self.stop_agreed, general_after):
             return self._preempted()
         summary = {"kind": "summary", "step": state.step, "tokens_seen": state.tokens_seen,
                    "train_loss": state.last_loss, "eval_loss": last_eval,

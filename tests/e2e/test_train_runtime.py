@@ -190,6 +190,58 @@ def test_quickstart_trains_and_leaves_a_loadable_adapter(tmp_path, cache_dir):
     assert eval_loss_of(model, spec, tok) == pytest.approx(evals[-1]["loss"], rel=1e-4)
 
 
+# --------------------------------------------------------------------------- a tiny LoRA run: what it says, what it leaves
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory, cache_dir) -> tuple[Path, str, Path]:
+    """A 3-step LoRA run with a general-text eval and a merged model, through the launcher, with
+    its own TMPDIR and no FTCLUSTER_LOCAL_DIR (the node-local folder is the default one):
+    (output folder, its log, its TMPDIR)."""
+    tmp = tmp_path_factory.mktemp("tiny-lora")
+    out, tmpdir = tmp / "out", tmp / "tmp"
+    tmpdir.mkdir()
+    payload = write_payload(tmp, "tiny", [f"output.uri={out.as_uri()}", "training.max_steps=3",
+                                          "training.warmup_steps=1", "training.eval_every_steps=null",
+                                          "output.checkpoint_every_steps=2", "lora.merge_at_end=true"])
+    env = {k: v for k, v in os.environ.items() if k != "FTCLUSTER_LOCAL_DIR"}
+    env.update({"FTCLUSTER_CACHE": str(cache_dir), "TMPDIR": str(tmpdir), "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    res = subprocess.run([sys.executable, "-m", "ftcluster.train.launch", "--standalone", "--nproc-per-node=1",
+                          "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res.stdout + res.stderr, tmpdir
+
+
+def test_forgetting_check_is_explained_and_kept_in_the_artifacts_metadata(tiny_lora):
+    import re
+
+    out, log, _ = tiny_lora
+    general = {r["when"]: r for r in records(out, "general_eval")}
+    before, after = general["before"]["loss"], general["after"]["loss"]
+    assert general["after"]["drift"] == pytest.approx(after - before)
+    line = next(ln for ln in log.splitlines() if "general_eval (after)" in ln)
+    want = (rf"general_eval \(after\) loss {after:.4f} at step 3: forgetting check on general text, "
+            rf"[+-]\d+\.\d\d \([+-]\d+%\) since before training")
+    assert re.search(want, line), line
+    assert f"{after - before:+.2f} ({(after - before) / before:+.0%})" in line
+    assert "general_eval (before)" in log and "forgetting check on general text" in log
+    for artifact in ("adapter", "merged"):
+        meta = json.loads((out / artifact / "ftcluster_meta.json").read_text())
+        assert meta["general_eval_before"] == pytest.approx(before), artifact
+        assert meta["general_eval_after"] == pytest.approx(after), artifact
+
+
+def test_a_run_leaves_nothing_in_the_temp_folder(tiny_lora):
+    """The node-local folder (TMPDIR/ftcluster/<name>-<hash>), the launcher's exit folder and torchrun's log folder go
+    once everything is committed; the run's outputs are in the store."""
+    out, _, tmpdir = tiny_lora
+    assert (out / "adapter" / "manifest.json").exists() and (out / "merged" / "manifest.json").exists()
+    left = sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*"))
+    assert not left, left  # torchrun's torchelastic_* folder too
+
+
 # --------------------------------------------------------------------------- (b) DeepSpeed ZeRO 2 and 3
 
 

@@ -28,6 +28,18 @@ def ftc_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def own_tmpdir(request, tmp_path_factory, monkeypatch) -> None:
+    """Each test's subprocesses get a TMPDIR of their own, inside pytest's temp folder (pytest keeps
+    the last three sessions' and removes older ones): what a process leaves there when the test
+    kills it (a SIGKILLed launcher's ``ftcluster-exit-*``, torchrun's folders) goes with it, not into
+    /tmp. This process keeps its own temp folder (``tempfile`` read TMPDIR once already). Not for tests
+    on the live services: their processes run on other machines, or need short socket paths."""
+    if {"live_slurm", "live_k8s", "sshd"} & set(request.fixturenames):
+        return
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+
+
 @pytest.fixture
 def live_slurm() -> None:
     """Tests that need the live Slurm (.ci/test.sh starts it): skip without it, fail under STRICT=1."""

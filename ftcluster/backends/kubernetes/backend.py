@@ -73,6 +73,10 @@ class KubernetesBackend(Backend):
             self._conns[context] = self._connector(context)
         return self._conns[context]
 
+    def connect(self) -> Connection:
+        """The connection (kubeconfig and context loaded; nothing sent): BackendError when there is none."""
+        return self._conn()
+
     # -- submit -----------------------------------------------------------------
     def submit_dryrun(self, plan: Any, run_id: str | None = None) -> SubmitRequest:
         """The rendered job and the equivalent kubectl command; contacts nothing."""

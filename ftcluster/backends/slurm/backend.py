@@ -32,7 +32,7 @@ from ..base import (
     write_atomic,
 )
 from .array import array_log_pattern, array_logs, refresh_array
-from .state import STATE_MAP, first_line, query_state, sbatch_job_id
+from .state import STATE_MAP, controller_unreachable, first_line, query_state, sbatch_job_id
 
 if TYPE_CHECKING:
     from ...preflight.checks import Check
@@ -92,6 +92,12 @@ class Runner:
             raise BackendError(f"cannot run {cmd[0]!r}; is it installed?") from None
 
 
+def _spec_file(spec: Any) -> str | None:
+    """The job file as the user named it (for the hint to run the doctor on it), or None."""
+    source = getattr(spec, "_source_file", None)
+    return source if source and not source.startswith("<") else None
+
+
 class SlurmBackend(Backend):
     """Submit and manage jobs on Slurm."""
 
@@ -119,7 +125,7 @@ class SlurmBackend(Backend):
         meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
                 "variants": list(plan.variants), "sbatch_args": [], "output_pattern": plan.log_pattern,
                 "output_uri": plan.output_uri, "env_passthrough": list(spec.slurm.env_passthrough),
-                "spec_hash": plan.hash}
+                "spec_hash": plan.hash, "spec_file": _spec_file(spec)}
         if spec.slurm.login:  # what runs, in short: ssh LOGIN bash -lc 'exec sbatch --parsable' < script
             return SubmitRequest("slurm", run_id, run_dir, ["ssh", spec.slurm.login, *argv], files, {}, os.getcwd(),
                                  meta, stdin_file=script_name)
@@ -136,6 +142,11 @@ class SlurmBackend(Backend):
             env = {n: os.environ[n] for n in req.meta.get("env_passthrough", ()) if n in os.environ} if login else {}
             proc = self.runner(login)(["sbatch", "--parsable", *req.meta.get("sbatch_args", ())], stdin=script, env=env)
             if proc.returncode != 0:
+                unreachable = controller_unreachable(proc.stderr + proc.stdout)
+                if unreachable:  # the doctor's "slurm" row says the same, with what to check
+                    where = f"via ssh {login}" if login else "from this machine"
+                    raise BackendError(f"no Slurm controller reachable {where} (sbatch: {unreachable}); run "
+                                       f"ftcluster doctor {req.meta.get('spec_file') or 'JOB.yaml'}")
                 raise BackendError(f"sbatch rejected the job: {first_line(proc.stderr or proc.stdout)}")
             job_id = sbatch_job_id(proc.stdout)
         status = RunStatus(req.run_id, "slurm", req.meta["name"], "PENDING", str(req.run_dir), job_id=job_id,

@@ -43,6 +43,21 @@ def first_line(text: str) -> str:
     return "no output"
 
 
+# What a Slurm client prints when it finds no controller: no slurm.conf and no DNS SRV record
+# (configless Slurm), or a controller that does not answer.
+_UNREACHABLE = ("Unable to contact slurm controller", "resolve_ctls_from_dns_srv", "fetch_config: DNS SRV lookup failed",
+                "Could not establish a configuration source", "Unable to establish controller machine")
+
+
+def controller_unreachable(text: str) -> str | None:
+    """The line that says no Slurm controller answered (without the command's ``error:`` prefix), or None."""
+    lines = [ln.strip() for ln in text.splitlines() if any(m in ln for m in _UNREACHABLE)]
+    if not lines:
+        return None
+    best = next((ln for ln in lines if "Unable to contact" in ln), lines[0])
+    return re.sub(r"^\w+: error: ", "", best)
+
+
 def sbatch_job_id(stdout: str) -> str:
     """The job id from `sbatch --parsable` (``id`` or ``id;cluster``), ignoring any banner lines before it."""
     for line in reversed(stdout.strip().splitlines()):

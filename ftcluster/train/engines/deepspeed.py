@@ -32,6 +32,8 @@ def build(inputs: EngineInputs) -> tuple[DeepSpeedEngine, Any]:
         raise TrainError("payload: a full fine-tune needs the 'deepspeed' config; render the job with ftcluster")
     if ctx.device.type != "cuda":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probe and its warning
+        if ctx.rank == 0:
+            note_cpu_op_build()
     import deepspeed
 
     cfg = prepare_ds_config(ds_config, ctx.device)
@@ -49,6 +51,46 @@ def build(inputs: EngineInputs) -> tuple[DeepSpeedEngine, Any]:
         else:
             M.compile_layers(model)
     return DeepSpeedEngine(model, spec, cfg, ctx.device, inputs.total_steps, ctx.world_size), keep
+
+
+CPU_COMM_OP = "deepspeed_shm_comm"  # what deepspeed.init_distributed JIT-compiles on a CPU host
+
+
+def cpu_op_build_dir(name: str = CPU_COMM_OP) -> Path:
+    """Where torch's cpp_extension builds DeepSpeed's op ``name`` (as ``_get_build_directory``, creating nothing)."""
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        cu = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+        root = os.path.join(get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{cu}")
+    return Path(root) / name
+
+
+def cpu_op_cached(name: str = CPU_COMM_OP) -> bool:
+    """Whether the op is built for this DeepSpeed installation already (its library, and a build file
+    naming this installation's sources: another environment's build of it is built again)."""
+    import importlib.util
+
+    folder = cpu_op_build_dir(name)
+    found = importlib.util.find_spec("deepspeed")  # without importing it (that would pick the accelerator)
+    try:
+        ninja = (folder / "build.ninja").read_text()
+    except OSError:
+        return False
+    here = str(Path(found.origin).parent) if found and found.origin else ""
+    return (folder / f"{name}.so").is_file() and bool(here) and here in ninja
+
+
+def note_cpu_op_build() -> None:
+    """Say once, before the silence, that DeepSpeed compiles its CPU op (only when it is not built yet)."""
+    if not cpu_op_cached():
+        log.info("building DeepSpeed's CPU communication op (once per machine and environment, ~40 s; cached "
+                 "in %s)...", cpu_op_build_dir())
 
 
 def prepare_ds_config(ds_config: dict[str, Any], device: Any) -> dict[str, Any]:

@@ -197,3 +197,41 @@ def test_sample_a_tiny_quickstart_run(tmp_path):
         assert s.stdout.strip() and f"sampling from file://{out}/adapter" in s.stderr
     none = ftc("sample", f"file://{tmp_path}", "--prompt", "hi", env=env)
     assert none.returncode == 1 and none.stderr.strip().splitlines()[-1].startswith(f"error: file://{tmp_path}: no trained")
+
+
+FAKE_SBATCH_NO_CONTROLLER = """#!/bin/sh
+cat > /dev/null
+echo "sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host" >&2
+echo "sbatch: error: fetch_config: DNS SRV lookup failed" >&2
+echo "sbatch: error: Unable to contact slurm controller (connect failure)" >&2
+exit 1
+"""
+
+
+def test_submit_without_a_reachable_slurm_says_so_in_one_line(tmp_path):
+    """sbatch's resolver noise becomes the doctor's verdict and the command that explains it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH_NO_CONTROLLER)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"FTCLUSTER_HOME": str(tmp_path / "home"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    res = ftc("submit", "examples/lora-slurm.yaml", "--set", f"output.uri={(tmp_path / 'out').as_uri()}", env=env)
+    assert res.returncode != 0
+    assert res.stderr.splitlines() == [
+        "error: no Slurm controller reachable from this machine (sbatch: Unable to contact slurm controller "
+        "(connect failure)); run ftcluster doctor examples/lora-slurm.yaml"], res.stderr
+    assert "res_nsearch" not in res.stdout + res.stderr
+    assert not list((tmp_path / "home").rglob("*.sbatch"))  # no run folder left behind
+
+
+def test_server_dry_run_without_a_kubeconfig_is_one_line(tmp_path):
+    """`submit --dry-run --server` connects first: no kubeconfig is the one error line, not the manifest
+    followed by it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # not "inside a cluster"
+    env.update(FTCLUSTER_HOME=str(tmp_path / "home"), KUBECONFIG=str(tmp_path / "no-such-kubeconfig"))
+    res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "submit", "examples/lora-pytorchjob.yaml", "--dry-run",
+                          "--server"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no kubeconfig") and "no-such-kubeconfig" in lines[0], lines

@@ -105,6 +105,23 @@ def test_invalid_spec_is_one_failed_check(tmp_path):
     assert "training.learning_rate" in checks["spec"]["result"] and "ftcluster validate" in checks["spec"]["fix"]
 
 
+def test_pipeline_checks_each_stage(tmp_path):
+    """A pipeline file (which `validate` accepts) gets every row for each stage, named after the stage."""
+    write_job(tmp_path, "local", output="output: {uri: file://./out/base}\n")
+    (tmp_path / "job.yaml").rename(tmp_path / "base.yaml")
+    write_job(tmp_path, "local", output="output: {uri: file://./out/tuned}\n")
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text("pipeline: two\nstages:\n  - {name: base, spec: base.yaml}\n"
+                    "  - {name: tuned, spec: job.yaml, after: [base]}\n")
+    rc, checks = doctor(pipe)
+    assert rc == 0, checks
+    assert checks["spec"]["status"] == "ok" and "2 stage(s) (base, tuned)" in checks["spec"]["result"]
+    for stage in ("base", "tuned"):
+        for row in ("spec", "launch files", "plan: memory", "python", "data.train", "output"):
+            assert checks[f"{stage}: {row}"]["status"] == "ok", (stage, row, checks)
+    assert "out/tuned" in checks["tuned: output"]["result"]
+
+
 def test_table_output(tmp_path):
     job = write_job(tmp_path, "local", "local:\n  python: /usr/bin/false\n")
     proc = subprocess.run([sys.executable, "-m", "ftcluster.cli", "doctor", str(job)], capture_output=True, text=True,
