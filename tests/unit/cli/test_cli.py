@@ -87,6 +87,7 @@ def test_submit_dry_run_submits_nothing(tmp_path):
     assert not home.exists()
 
 
+@pytest.mark.slow
 def test_kubernetes_submit_without_a_cluster_is_one_line(tmp_path):
     """No kubeconfig and not in a pod: one line with the fix; the dry run still works (it contacts nothing)."""
     env = {"KUBECONFIG": str(tmp_path / "none"), "KUBERNETES_SERVICE_HOST": "", "FTCLUSTER_HOME": str(tmp_path / "h")}
@@ -186,6 +187,7 @@ def test_local_backend_failure_exit_code(tmp_path):
     assert res.returncode == 1 and "FAILED" in res.stderr and "exit code 7" in res.stderr
 
 
+@pytest.mark.slow
 def test_local_backend_cancel(tmp_path):
     env = {"FTCLUSTER_HOME": str(tmp_path / "home")}
     job = _fake_job(tmp_path, "  env:\n    FAKE_HANG: '1'\n")

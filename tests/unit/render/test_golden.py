@@ -61,6 +61,7 @@ def test_golden(example: str, target: str, update_golden: bool):
             pytest.fail(f"{example} x {target}: {name} differs from the golden file:\n{diff}")
 
 
+@pytest.mark.slow
 def test_render_is_deterministic():
     for example in EXAMPLES:
         for target in TARGETS:

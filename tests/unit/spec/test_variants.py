@@ -213,6 +213,7 @@ def _ftc(*args: str, env: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120)
 
 
+@pytest.mark.slow
 def test_local_backend_runs_variants_one_after_another(tmp_path):
     env = {"FTCLUSTER_HOME": str(tmp_path / "home")}
     res = _ftc("submit", str(_local_job(tmp_path)), "--wait", env=env)
@@ -227,6 +228,7 @@ def test_local_backend_runs_variants_one_after_another(tmp_path):
         ("r2", "SUCCEEDED"), ("r4", "SUCCEEDED"), ("r8", "SUCCEEDED")]
 
 
+@pytest.mark.slow
 def test_local_backend_stops_at_the_first_failed_variant(tmp_path):
     env = {"FTCLUSTER_HOME": str(tmp_path / "home")}
     res = _ftc("submit", str(_local_job(tmp_path, ", SHIM_FAIL: r4")), "--wait", env=env)

@@ -298,6 +298,7 @@ sys.exit(int(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,expected", [("preempt", 143), ("0", 0), ("3", 1)])
 def test_launcher_maps_preemption_to_143(tmp_path, mode, expected):
     script = tmp_path / "w.py"
