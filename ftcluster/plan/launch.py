@@ -24,9 +24,8 @@ from .. import __version__
 from ..spec.envbuild import build_env
 from ..storage.layout import OutputLayout
 from . import speedups as speedup_rules
-from .deepspeed import deep_merge, deepspeed_config, resolved_deepspeed_config  # noqa: F401 - re-exported
 from .engines import ENGINES, EngineRecipe, engine_for
-from .facts import global_batch, slurm_output  # noqa: F401 - slurm_output re-exported
+from .facts import global_batch
 from .payload import json_changes
 from .slurm_request import SlurmRequest, slurm_request
 from .speedups import Speedups

@@ -31,14 +31,8 @@ import os
 from typing import Any
 
 from ..plan import speedups as decisions
-from ..plan.speedups import FUSED_CE_MODEL_TYPES, KEEP_FRACTION  # noqa: F401 - re-exported for the runtime's readers
 
 log = logging.getLogger("ftcluster.train")
-
-
-def switched_off(name: str) -> bool:
-    """The environment switch ``name`` says 0/off/false/no (unset: auto)."""
-    return decisions.switched_off(name, os.environ)
 
 
 def nccl_defaults(use_cuda: bool, world_size: int) -> None:

@@ -10,7 +10,7 @@ from ...errors import FtclusterError
 from .. import speedups as speedup_rules
 from ..engines import ENGINES, engine_for
 from ..facts import global_batch
-from ..speedups import FUSED_CE_MODEL_TYPES, Speedups  # noqa: F401 - FUSED_CE_MODEL_TYPES re-exported
+from ..speedups import Speedups
 from .data import DataEstimate, estimate_tokens, sequences
 from .gpus import STAND_IN, Gpu, load_gpus, normalise, spec_gpu
 from .layout import Layout, Workload

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import speedups as speedup_rules
-from ..speedups import KEEP_FRACTION  # noqa: F401 - re-exported
 from .layout import Layout, Workload
 
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size: the optimizer steps one at a time
@@ -26,7 +25,7 @@ CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS workspace: on the GPU but not in
 NCCL_BYTES = 512 << 20  # NCCL's own buffers with more than one process
 FRAGMENTATION = 0.95  # the caching allocator cannot hand out every last byte: keep 5 % free
 # The runtime keeps ZeRO-3's gathered weights from forward to backward when the whole 16-bit model
-# plus this rank's shards (2 N + 16 N / world bytes) fit in KEEP_FRACTION of the GPU: the one
+# plus this rank's shards (2 N + 16 N / world bytes) fit in plan/speedups.py's KEEP_FRACTION of the GPU: the one
 # predicate is ftcluster.plan.speedups.zero3_keep_fits, which train/speedups.py asks too.
 
 

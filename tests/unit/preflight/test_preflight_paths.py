@@ -146,7 +146,7 @@ def test_paths_elsewhere_are_not_rewritten(tmp_path, monkeypatch):
 
 def test_deepspeed_config_file_stays_relative_to_the_spec_file(tmp_path, monkeypatch):
     """Read at render time against the spec file (ftcluster.plan.launch): not rewritten with the other paths."""
-    from ftcluster.plan.launch import resolved_deepspeed_config
+    from ftcluster.plan.deepspeed import resolved_deepspeed_config
     from ftcluster.spec.loader import load_spec
 
     job = write(tmp_path, eval="data/e.jsonl")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ftcluster.errors import SpecError, TrainError
-from ftcluster.plan.launch import compile_plan, slurm_output
+from ftcluster.plan.facts import slurm_output
+from ftcluster.plan.launch import compile_plan
 from ftcluster.plan.payload import select_payload
 from ftcluster.spec.loader import load_spec, load_spec_text, spec_from_dict
 from ftcluster.spec.variants import resolve_variants
