@@ -34,7 +34,7 @@ from .backends.base import list_runs as _run_folders
 from .errors import BackendError, FtclusterError, Problem, RunNotFoundError, SpecError, UsageError
 from .spec.loader import load_spec
 
-__all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summary", "check_plan", "check_paths",
+__all__ = ["EXIT_CODES", "load_spec", "load", "backend_overrides", "with_backend", "validate", "summary", "check_plan", "check_paths",
            "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note",
            "submit", "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster",
            "cluster_backends", "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source",
@@ -45,12 +45,18 @@ __all__ = ["EXIT_CODES", "load_spec", "load", "with_backend", "validate", "summa
 # --------------------------------------------------------------------------- loading
 
 
+def backend_overrides(overrides: Any, backend: str | None) -> list[str]:
+    """``overrides`` with ``backend=NAME`` last when ``backend`` is given: ``--backend X`` is exactly
+    ``--set backend=X``, for every verb that takes it."""
+    return [*(overrides or ()), *([f"backend={backend}"] if backend else [])]
+
+
 def load(path: str | Path, overrides: list[str] | None = None, backend: str | None = None):
     """A job spec or a pipeline file (a file with ``pipeline:``), with ``overrides`` (``key.path=value``; a
     pipeline applies them to every stage); ``backend`` is the same as the override ``backend=NAME``."""
     from .spec.pipeline import load as load_any
 
-    return load_any(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])])
+    return load_any(path, backend_overrides(overrides, backend))
 
 
 def with_backend(spec: Any, backend: str | None) -> Any:
@@ -65,7 +71,7 @@ def with_backend(spec: Any, backend: str | None) -> Any:
         return load(spec.source, list(spec.overrides), backend)
     source = getattr(spec, "_source_file", None)
     if source and not source.startswith("<") and Path(source).is_file():
-        return load_spec(source, [*getattr(spec, "_overrides", ()), f"backend={backend}"])
+        return load_spec(source, backend_overrides(getattr(spec, "_overrides", ()), backend))
     from .spec.loader import spec_from_dict
 
     return spec_from_dict({**spec.model_dump(mode="json", exclude_unset=True), "backend": backend})
@@ -99,15 +105,21 @@ def check_paths(path: str | Path, overrides: list[str] | None = None, spec: Any 
     output folder cannot be created (:func:`ftcluster.preflight.paths.local_problems`); a job whose paths
     are not on this machine (kubernetes, Slurm through ssh) passes. ``spec``: the loaded spec, if at hand."""
     from .preflight.paths import local_problems
-    from .spec.yamlio import apply_overrides, load_file
 
     spec = spec if spec is not None else load_spec(path, overrides)
+    problems = local_problems(spec, _located_doc(path, overrides))
+    if problems:
+        raise SpecError(problems)
+
+
+def _located_doc(path: str | Path, overrides: Any) -> Any:
+    """The spec file as loaded with positions, ``overrides`` applied: what problems are located in."""
+    from .spec.yamlio import apply_overrides, load_file
+
     doc = load_file(path)
     if overrides:
         apply_overrides(doc, list(overrides))
-    problems = local_problems(spec, doc)
-    if problems:
-        raise SpecError(problems)
+    return doc
 
 
 def validate(path: str | Path, overrides: list[str] | None = None, plan_check: bool = True, backend: str | None = None,
@@ -118,7 +130,7 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
     (:func:`check_plan`) go to ``warn``; without one, to :func:`warnings.warn`."""
     from .spec.pipeline import Pipeline
 
-    overrides = [*(overrides or ()), *([f"backend={backend}"] if backend else [])]
+    overrides = backend_overrides(overrides, backend)
     spec = load(path, overrides)
     if plan_check:
         for w in check_plan(spec):
@@ -147,18 +159,14 @@ def check_submit(spec: Any, *, plan_check: bool = True, credentials: bool = True
     source = getattr(spec, "_source_file", None)
     if isinstance(spec, Pipeline) or not source or source.startswith("<") or not Path(source).is_file():
         return warnings
-    overrides: list[str] = list(getattr(spec, "_overrides", ()))
-    check_paths(source, overrides, spec)
-    if credentials and entry(spec.backend).shell_credentials:
-        from .preflight.paths import credential_problems
-        from .spec.yamlio import apply_overrides, load_file
+    from .preflight.paths import credential_problems, local_problems
 
-        doc = load_file(source)
-        if overrides:
-            apply_overrides(doc, overrides)
+    doc = _located_doc(source, getattr(spec, "_overrides", ()))  # read once for both checks
+    problems = local_problems(spec, doc)  # what check_paths refuses, first
+    if not problems and credentials and entry(spec.backend).shell_credentials:
         problems = credential_problems(spec, doc, {**spec.env, **dict(getattr(spec.local, "env", None) or {})})
-        if problems:
-            raise SpecError(problems)
+    if problems:
+        raise SpecError(problems)
     return warnings
 
 
@@ -187,7 +195,7 @@ def doctor(path: str, overrides: list[str] | None = None, remote: bool = False,
     kubernetes job; ``backend`` is the same as the override ``backend=NAME``."""
     from .preflight.doctor import diagnose
 
-    return diagnose(path, [*(overrides or ()), *([f"backend={backend}"] if backend else [])], remote=remote,
+    return diagnose(path, backend_overrides(overrides, backend), remote=remote,
                     context=context)
 
 

@@ -145,8 +145,11 @@ def _complete_run_or_uri(ctx: click.Context, param: click.Parameter, incomplete:
     return _complete_run(ctx, param, incomplete) or [CompletionItem(incomplete, type="file")]
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": _help_width(),
-                                         "max_content_width": _help_width()})
+HELP_WIDTH = _help_width()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": HELP_WIDTH,
+                                         "max_content_width": HELP_WIDTH})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="ftcluster")
 @click.pass_context
@@ -166,8 +169,11 @@ def _load(path: str, sets: tuple[str, ...]):
 
 
 def _sets(sets: tuple[str, ...], backend: str | None = None, namespace: str | None = None) -> tuple[str, ...]:
-    """``--backend X`` is ``--set backend=X``; ``--namespace NS`` is ``--set kubernetes.namespace=NS``."""
-    return sets + ((f"backend={backend}",) if backend else ()) + ((f"kubernetes.namespace={namespace}",) if namespace else ())
+    """``--backend X`` is ``--set backend=X`` (:func:`ftcluster.api.backend_overrides`); ``--namespace NS`` is
+    ``--set kubernetes.namespace=NS``."""
+    from .api import backend_overrides
+
+    return (*backend_overrides(sets, backend), *((f"kubernetes.namespace={namespace}",) if namespace else ()))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,22 +16,10 @@ from ftcluster import api
 from ftcluster.backends.base import RunStatus, save_status
 from ftcluster.errors import FtclusterError, RunNotFoundError, SpecError, UsageError
 from ftcluster.spec.loader import load_spec
+from tests.support.specs import BIG
 
 ROOT = Path(__file__).resolve().parents[2]
 EX = ROOT / "examples"
-BIG = textwrap.dedent("""\
-    name: big
-    method: lora
-    model:
-      random_init: {preset: llama-3-8b}
-    data: {train: x.jsonl, seq_len: 8192}
-    training:
-      micro_batch_size: 8
-    resources:
-      gpus_per_node: 1
-      gpu_type: h100
-    output: {uri: file:///tmp/o}
-    """)
 
 
 def test_check_plan_refuses_what_does_not_fit(tmp_path, monkeypatch):

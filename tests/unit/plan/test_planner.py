@@ -27,6 +27,7 @@ from ftcluster.plan.planner.shape import (
 )
 from ftcluster.plan.planner.speed import step_seconds
 from ftcluster.spec.loader import load_spec, load_spec_text
+from tests.support.specs import BIG
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -181,19 +182,6 @@ def test_step_time_scales_with_tokens_and_recompute():
 # ----------------------------------------------------------------------------- guard
 
 
-BIG = textwrap.dedent("""\
-    name: big
-    method: lora
-    model:
-      random_init: {preset: llama-3-8b}
-    data: {train: x.jsonl, seq_len: 8192}
-    training:
-      micro_batch_size: 8
-    resources:
-      gpus_per_node: 1
-      gpu_type: h100
-    output: {uri: file:///tmp/o}
-    """)
 
 
 def ftc(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
