@@ -82,7 +82,7 @@ def render_markdown() -> str:
            "Generated from the pydantic models by `python -m ftcluster.spec.docgen`; do not edit by hand.",
            "The same descriptions feed `ftcluster schema` (JSON Schema for editors). Unknown keys are errors.",
            "", "`method: lora` takes a `lora:` section; `method: full` takes a `deepspeed:` section. The rest is shared.",
-           "", "Relative local paths (`data.*`, `model.path`, `tokenizer.path`, `output.uri` as a path or `file://`,",
+           "", "Relative local paths (`data.*`, `data.prepare.source`, `model.path`, `tokenizer.path`, `tokenizer.add_tokens` as a file, `output.uri` as a path or `file://`,",
            "`deepspeed.nvme_path`, `local.runs_dir`, `local.python`) are relative to the spec file's folder, like",
            "`deepspeed.config_file`, wherever you run ftcluster from; values given with `--set` are relative to the",
            "current directory. ftcluster rewrites them against the directory you submit from, where the job's",

@@ -34,7 +34,7 @@ INPUTS = ((("data", "train"), "training data"), (("data", "eval"), "evaluation d
 # it is read at render time, relative to the spec file (ftcluster.plan.launch).
 LOCAL_FIELDS: tuple[tuple[str, ...], ...] = (
     *(path for path, _ in INPUTS), ("output", "uri"), ("deepspeed", "nvme_path"), ("local", "runs_dir"),
-    ("local", "python"))
+    ("local", "python"), ("data", "prepare", "source"), ("tokenizer", "add_tokens"))
 
 
 def local_path(uri: str) -> str | None:

@@ -189,6 +189,8 @@ class TokenizerSpec(_Model):
     path: str | None = Field(None, description="Local directory or fsspec URI of a tokenizer. A relative path is relative to the spec file's folder.")
     hub_id: str | None = Field(None, description="Hugging Face Hub tokenizer id.")
     train_vocab_size: int | None = Field(None, gt=0, description="Train a byte-level BPE tokenizer of this size on the training data (no download).")
+    add_tokens: list[str] | str = Field(default_factory=_empty_list, description="Domain terms added to the vocabulary: a list, or a file with one term per line ('#' starts a comment; a relative path is relative to the spec file's folder). The embedding and output matrices grow to a multiple of 64; new rows start at the mean of the existing embeddings. Full fine-tuning trains them with everything else; LoRA trains only the new rows (peft trainable_token_indices). See docs/data.md.")
+    add_special_tokens: list[str] = Field(default_factory=_empty_list, description="Special tokens added to the vocabulary (never split, e.g. <|case|>); trained like add_tokens.")
 
     @model_validator(mode="after")
     def _at_most_one(self) -> TokenizerSpec:
@@ -207,6 +209,16 @@ class DataFields(_Model):
     messages: str = Field("messages", description="Field holding [{role, content}] turns for format `chat`.")
 
 
+class PrepareSpec(_Model):
+    """How `ftcluster prepare-data` tokenizes a raw corpus into the prepared corpus `data.train` names."""
+
+    source: str = Field(..., description="The raw corpus: jsonl/parquet records (the `data.fields.text` field) or plain .txt/.md files (one document each), compressed or not (.gz, .bz2, .xz, .zst); a file, folder or glob on any fsspec filesystem. A relative path is relative to the spec file's folder.")
+    file_format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="Format of the source files; auto picks by extension.")
+    shard_tokens: int = Field(1 << 25, ge=1024, le=1 << 31, description="Tokens per shard at most (default 33,554,432: 64 MB of uint16). A source file's tokens fill its own shards, so shards never mix files.")
+    workers: int | None = Field(None, ge=1, le=1024, description="Tokenizing processes on one machine (default: its CPU cores).")
+    tasks: int = Field(1, ge=1, le=100_000, description="Machines to prepare on: above 1, `ftcluster prepare-data --submit` runs a Slurm job array or a Kubernetes indexed Job of this many tasks, each owning a disjoint set of source files, then a last step that writes the manifest.")
+
+
 class DataSpec(_Model):
     """Training and evaluation data."""
 
@@ -219,11 +231,20 @@ class DataSpec(_Model):
     seq_len: int = Field(2048, ge=8, le=1_048_576, description="Sequence length in tokens.")
     packing: bool = Field(True, description="Pack several examples into each sequence (positions restart per example).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the data URIs (never credentials).")
+    streaming: bool | None = Field(None, description="Stream `data.train` as a prepared corpus (token shards and a manifest.json written by `ftcluster prepare-data`): each process reads only its own blocks, in the background, and never holds the corpus; resume is exact. Default: stream when `data.train` holds a manifest.json. Prepared corpora are plain text (`format: text`).")
+    prepare: PrepareSpec | None = Field(None, description="The raw corpus that `ftcluster prepare-data` tokenizes into `data.train` (a prepared corpus). See docs/data.md.")
 
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
         return _check_storage_options(v)
+
+    @model_validator(mode="after")
+    def _prepared_is_text(self) -> DataSpec:
+        if (self.streaming or self.prepare is not None) and self.format != "text":
+            raise ValueError("a prepared (streamed) corpus is plain text for continual pre-training: set "
+                             "data.format: text, or drop data.prepare/data.streaming to read records in memory")
+        return self
 
 
 class TrainingSpec(_Model):
@@ -275,6 +296,7 @@ class LoraSpec(_Model):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear` or a list such as [q_proj, v_proj].")
     merge_at_end: bool = Field(False, description="Also save a merged full model at the end.")
+    modules_to_save: list[str] = Field(default_factory=_empty_list, description="Modules trained in full and saved inside the adapter, e.g. [embed_tokens, lm_head] (hundreds of MB to GB for an embedding). Without it, tokens added with tokenizer.add_tokens train only their new rows, which keeps the adapter at megabytes.")
 
     @field_validator("target_modules")
     @classmethod
