@@ -67,7 +67,7 @@ def page_crcs(tokens: np.ndarray) -> np.ndarray:
     """crc32 of every PAGE_TOKENS tokens of ``tokens`` (little-endian bytes), the last page short."""
     raw = np.ascontiguousarray(tokens).view(np.uint8)
     step = PAGE_TOKENS * tokens.itemsize
-    return np.fromiter((zlib.crc32(raw[i:i + step]) for i in range(0, raw.size, step)), dtype=np.uint32,
+    return np.fromiter((zlib.crc32(raw[i:i + step].tobytes()) for i in range(0, raw.size, step)), dtype=np.uint32,
                        count=(raw.size + step - 1) // step)
 
 
@@ -213,3 +213,29 @@ def check_pages(data: bytes, itemsize: int, first_page: int, crcs: np.ndarray, w
 
 def put_json(fs: Any, root: str, rel: str, data: dict[str, Any]) -> None:
     put_bytes(fs, join(root, rel), json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def streamed(data: Any) -> bool:
+    """Does a spec's ``data`` section stream a prepared corpus? ``data.streaming`` says, else whether
+    ``data.train`` holds a manifest.json (one HEAD on object stores)."""
+    if data.streaming is not None:
+        return bool(data.streaming)
+    return has_manifest(data.train, data.storage_options)
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 of everything that decides a tokenizer's ids: its full serialized state (vocabulary,
+    merges, normalizer, pre-tokenizer, added and special tokens) and its length. Duck-typed on a
+    transformers tokenizer, so this module stays free of transformers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary, in id order
+        h.update(json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1])).encode())
+    specials = {k: str(v) for k, v in sorted(getattr(tok, "special_tokens_map", {}).items())}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    h.update(str(len(tok)).encode())
+    return h.hexdigest()

@@ -57,7 +57,7 @@ def write_synthetic(uri: str, tokens: int, *, vocab: int = 32000, shard_tokens: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("uri")
     ap.add_argument("--tokens", type=float, required=True)
     ap.add_argument("--vocab", type=int, default=32000)

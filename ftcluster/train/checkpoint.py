@@ -274,17 +274,25 @@ class CheckpointManager:
         if found is None:
             return False
         step, folder, shared = found
-        if shared["world_size"] != self.ctx.world_size:
-            raise TrainError(
-                f"output.uri: checkpoint step {step} was written by {shared['world_size']} processes, this run has "
-                f"{self.ctx.world_size}; resume with the same resources or write to a new output.uri")
+        saved_world = int(shared["world_size"])
+        if saved_world != self.ctx.world_size:
+            fixed = self._fixed_world_parts()
+            if fixed:
+                raise TrainError(
+                    f"output.uri: checkpoint step {step} was written by {saved_world} processes, this run has "
+                    f"{self.ctx.world_size}, and its {', '.join(fixed)} cannot change the number of processes; "
+                    "resume with the same resources or write to a new output.uri")
+            log.info("resuming checkpoint step %d of %d process(es) on %d", step, saved_world, self.ctx.world_size)
         if shared["engine"] != self.id.engine or shared["model_fingerprint"] != self.id.model_fingerprint:
             raise TrainError(f"output.uri: checkpoint step {step} belongs to another model or method; "
                              "use a new output.uri for a changed spec")
         for name, part in self.folders.items():
             part.load(folder / name)
-        rank_state = self._load_rank_state(folder)
+        own = self.ctx.rank < saved_world
+        rank_state = self._load_rank_state(folder, self.ctx.rank if own else 0)
         for name, stateful in self.per_rank.items():
+            if not own and getattr(stateful, "resharding", None) == "fresh":
+                continue  # a rank the checkpoint did not have keeps its freshly seeded state
             if name not in rank_state:
                 raise TrainError(f"output.uri: checkpoint step {step} holds no {name!r} state for rank "
                                  f"{self.ctx.rank}; it was written by another version or setup; use a new output.uri")
@@ -417,10 +425,19 @@ class CheckpointManager:
         ctx.barrier()
         return step, local, json.loads((local / "state.json").read_text())
 
-    def _load_rank_state(self, folder: Path) -> dict[str, Any]:
+    def _fixed_world_parts(self) -> list[str]:
+        """The parts whose checkpoint only resumes on the same number of processes.
+
+        A part says otherwise with ``resharding``: ``"global"`` (its state is the same on every rank,
+        e.g. a stream's global position, or is replicated, e.g. LoRA's rank-0 weights and optimizer),
+        or ``"fresh"`` (per-rank state a new rank may start afresh, e.g. the random generators)."""
+        parts = {**self.folders, **self.per_rank}
+        return [name for name, part in parts.items() if getattr(part, "resharding", None) not in ("global", "fresh")]
+
+    def _load_rank_state(self, folder: Path, rank: int | None = None) -> dict[str, Any]:
         import torch
 
-        path = folder / f"rank-{self.ctx.rank:05d}.pt"
+        path = folder / f"rank-{self.ctx.rank if rank is None else rank:05d}.pt"
         if not path.exists():
             raise TrainError(f"{path}: missing from the checkpoint; it was written by another number of processes")
         return torch.load(path, map_location="cpu", weights_only=False)

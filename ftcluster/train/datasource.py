@@ -50,20 +50,26 @@ class Data:
         return epoch_length(self.train)
 
 
-def build_data(spec: Any, tokenizer: Any, ctx: DistContext) -> Data:
+def build_data(spec: Any, tokenizer: Any, ctx: DistContext, streamed: bool = False) -> Data:
+    """The run's data: a prepared corpus streamed (``streamed``), else records read, tokenized and packed."""
     import torch
 
     from . import data as D
 
     ds = spec.data
+    train_source = streamed_source(spec, tokenizer, ctx) if streamed else None
 
     def examples(uri: str, fmt: str | None = None):
         recs = D.load_records(uri, ds.file_format, ds.storage_options)
         spec_for = ds if fmt is None else ds.model_copy(update={"format": fmt})
         return D.build_examples(recs, tokenizer, spec_for)
 
-    train = D.PackedDataset(examples(ds.train), ds.seq_len, ds.packing, tokenizer.pad_token_id)
-    loader = D.ShardedBatches(train, spec.training.micro_batch_size, ctx.rank, ctx.world_size, spec.training.seed)
+    if train_source is not None:
+        loader: Any = train_source
+    else:
+        train = D.PackedDataset(examples(ds.train), ds.seq_len, ds.packing, tokenizer.pad_token_id)
+        loader = D.ShardedBatches(train, spec.training.micro_batch_size, ctx.rank, ctx.world_size,
+                                  spec.training.seed)
     if len(loader) == 0:
         raise TrainError(f"data.train: {ds.train} yields no batch of {spec.training.micro_batch_size} sequences "
                          f"per process for {ctx.world_size} processes; add data or lower training.micro_batch_size")
@@ -83,6 +89,17 @@ def build_data(spec: Any, tokenizer: Any, ctx: DistContext) -> Data:
         return mine
 
     return Data(loader, eval_set(ds.eval), eval_set(ds.general_eval, "text"))
+
+
+def streamed_source(spec: Any, tokenizer: Any, ctx: DistContext) -> DataSource:
+    """This rank's share of the prepared corpus ``data.train``, checked against the run's tokenizer."""
+    from .stream import StreamingCorpus, check_tokenizer
+
+    ds = spec.data
+    source = StreamingCorpus(ds.train, ds.storage_options, ds.seq_len, spec.training.micro_batch_size, ctx.rank,
+                             ctx.world_size, spec.training.seed)
+    check_tokenizer(source.manifest, tokenizer, ds.train)
+    return source
 
 
 def total_steps_for(spec: Any, batches_per_epoch: int | None) -> int:

@@ -60,9 +60,16 @@ class Trainer:
         seed_everything(spec.training.seed)
         log.info("ftcluster %s: %s run %r, %d process(es) on %d node(s), device %s", __version__, spec.method,
                  spec.name, ctx.world_size, ctx.nnodes, ctx.device.type)
-        self.tokenizer = load_or_train_tokenizer(spec, self.cache_dir / "tokenizers")
+        from ..corpus.format import streamed
+        from .stream import load_corpus_tokenizer, trains_own_tokenizer
+
+        streams = streamed(spec.data)
+        if streams and trains_own_tokenizer(spec):
+            self.tokenizer = load_corpus_tokenizer(spec, self.cache_dir / "tokenizers")
+        else:
+            self.tokenizer = load_or_train_tokenizer(spec, self.cache_dir / "tokenizers")
         self.startup_boundary("loading the tokenizer")
-        self.data = build_data(spec, self.tokenizer, ctx)
+        self.data = build_data(spec, self.tokenizer, ctx, streams)
         self.startup_boundary("loading the data")
         self.total_steps = total_steps_for(spec, self.data.batches_per_epoch)
         dtype = M.compute_dtype(spec.training.precision, ctx.device)
@@ -214,6 +221,9 @@ class Trainer:
     def _shutdown(self) -> None:
         import torch.distributed as dist
 
+        close = getattr(getattr(getattr(self, "data", None), "train", None), "close", None)
+        if close is not None:
+            close()  # a streaming source's reader thread
         if dist.is_initialized():
             self.ctx.barrier()
             dist.destroy_process_group()

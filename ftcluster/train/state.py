@@ -54,6 +54,8 @@ class TrainState:
 class RngState:
     """This process's random generators (python, numpy, torch, and CUDA's on a GPU)."""
 
+    resharding = "fresh"  # a rank the checkpoint did not have keeps its seeded generators (checkpoint.py)
+
     def __init__(self, device: Any):
         self.device = device
 

@@ -100,7 +100,7 @@ class _Shards:
 class StreamingCorpus:
     """This rank's micro-batches from a prepared corpus: a :class:`~.datasource.DataSource` with epochs."""
 
-    reshardable = True  # its position means the same on any number of ranks
+    resharding = "global"  # its position means the same on any number of ranks (checkpoint.py)
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None, seq_len: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, *, prefetch: int = PREFETCH_BATCHES):
@@ -299,3 +299,49 @@ class StreamingCorpus:
         if np.searchsorted(doc_starts, a) < len(doc_starts) and doc_starts[np.searchsorted(doc_starts, a)] == a:
             labels[0] = IGNORE_INDEX
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": np.ones(L, dtype=np.int64)}
+
+
+# ----------------------------------------------------------------------------- the run's tokenizer
+
+
+def trains_own_tokenizer(spec: Any) -> bool:
+    """Would the run train its tokenizer (no tokenizer folder/hub id, none with the model)?"""
+    t, m = spec.tokenizer, spec.model
+    return not (t.path or t.hub_id or m.path or m.hub_id)
+
+
+def load_corpus_tokenizer(spec: Any, cache_dir: Any) -> Any:
+    """The tokenizer saved with the prepared corpus (``<data.train>/tokenizer``): a run that would
+    train its own tokenizer uses the one prepare-data trained, on the raw source, instead."""
+    from pathlib import Path
+
+    from ..corpus.format import TOKENIZER_DIR
+    from ..storage.fetch import fetch_dir
+    from . import tokenizer as T
+
+    ds = spec.data
+    uri = f"{ds.train.rstrip('/')}/{TOKENIZER_DIR}"
+    try:
+        folder = fetch_dir(uri, ds.storage_options, Path(cache_dir).parent / "models")
+    except Exception as exc:  # noqa: BLE001
+        raise CorpusError(f"data.train: the corpus has no tokenizer/ folder ({one_line(exc)}); set tokenizer.path "
+                          "to the tokenizer it was prepared with, or prepare it again") from exc
+    return T.load_tokenizer_folder(folder, spec, "data.train tokenizer/")
+
+
+def check_tokenizer(manifest: Manifest, tokenizer: Any, uri: str) -> None:
+    """Refuse a corpus whose ids come from another tokenizer than the run's."""
+    from ..corpus.format import tokenizer_fingerprint
+    from ..corpus.synthetic import FINGERPRINT as SYNTHETIC
+
+    if manifest.tokenizer_fingerprint == SYNTHETIC:  # random ids (benchmarks): only the id range matters
+        if manifest.vocab_size > len(tokenizer):
+            raise CorpusError(f"data.train: {uri} holds ids up to {manifest.vocab_size - 1}, the tokenizer has "
+                              f"{len(tokenizer)}; use a model and tokenizer with at least {manifest.vocab_size}")
+        return
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != manifest.tokenizer_fingerprint:
+        raise CorpusError(f"data.train: {uri} was prepared with tokenizer {manifest.tokenizer_fingerprint[:12]} "
+                          f"(vocab {manifest.vocab_size}), this run's is {mine[:12]} (vocab {len(tokenizer)}); "
+                          "train with the corpus's own tokenizer (<corpus>/tokenizer, or leave tokenizer unset), "
+                          "or prepare the corpus again with this one")

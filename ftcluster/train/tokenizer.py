@@ -151,3 +151,8 @@ def _train_into(folder: Path, texts: list[str], vocab_size: int, specials: list[
     tok.save_pretrained(str(tmp))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def load_tokenizer_folder(folder: Path, spec: Any, where: str) -> Any:
+    """A saved tokenizer folder, finished for ``spec`` as :func:`load_or_train_tokenizer` finishes one."""
+    return _finish(_from_folder(Path(folder), where), spec.data.format)

@@ -33,6 +33,7 @@ class PlainEngine:
     """LoRA / small trainable subsets: torch AdamW, DDP across processes when world_size > 1."""
 
     kind = RECIPE.checkpoint_kind  # "plain"
+    resharding = "global"  # rank 0 saves the trainable weights and optimizer, identical on every rank
 
     def __init__(self, model: Any, spec: Any, device: Any, dtype: Any, total_steps: int, world_size: int):
         import torch
