@@ -171,7 +171,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, *, fs
     path = join(root, MANIFEST)
     try:
         raw = fs.cat_file(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file: not a corpus
         return None
     except Exception as exc:  # noqa: BLE001
         raise CorpusError(f"{uri}: cannot read {MANIFEST}: {one_line(exc)}; check the URI, endpoint and "

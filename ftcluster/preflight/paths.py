@@ -90,11 +90,25 @@ def local_problems(spec: Any, doc: Any) -> list[Problem]:
         else:
             why = input_problem(local, shown)
             fix = f"check the path of the {what}"
+            if path == ("data", "train") and (spec.data.prepare is not None or spec.data.streaming):
+                why, fix = _corpus_problem(local, shown, spec)
         if why:
             found.append((path, f"{why}; {fix}{resolved_note(spec, '.'.join(path), local)}"))
     from ..spec.problems import problem_at
 
     return [problem_at(doc, path, msg) for path, msg in found]
+
+
+def _corpus_problem(local: str, shown: str, spec: Any) -> tuple[str | None, str]:
+    """A streamed data.train must be a finished prepared corpus (its manifest.json is written last)."""
+    from ..corpus.format import MANIFEST
+
+    if os.path.isfile(os.path.join(local, MANIFEST)):
+        return None, ""
+    how = ("run `ftcluster prepare-data` on this spec first (it tokenizes data.prepare.source into it; a "
+           "stopped one resumes)" if spec.data.prepare is not None else
+           "point it at a folder `ftcluster prepare-data` wrote, or drop data.streaming")
+    return f"{shown} is not a prepared corpus yet (no {MANIFEST})", how
 
 
 def remote_inputs(spec: Any) -> list[tuple[str, str, dict[str, Any]]]:

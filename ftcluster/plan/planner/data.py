@@ -26,6 +26,7 @@ class DataEstimate:
     tokens: int | None
     examples: int | None
     how: str  # 'counted', 'estimated from size', or why it is unknown
+    shard_tokens: tuple[int, ...] | None = None  # a prepared corpus's shards: its blocks are exact
 
 
 def chars_per_token(train_vocab_size: int | None) -> float:
@@ -52,7 +53,16 @@ def _local_files(uri: str) -> list[str]:
 
 
 def estimate_tokens(data: Any, train_vocab_size: int | None = None, *, network: bool = False) -> DataEstimate:
-    """Tokens and examples in ``data.train`` (a spec's DataSpec)."""
+    """Tokens and examples in ``data.train`` (a spec's DataSpec): a prepared corpus's manifest says
+    exactly; one not prepared yet is estimated from ``data.prepare.source``."""
+    if is_local(data.train) or network:
+        found = _manifest_estimate(data)
+        if found is not None:
+            return found
+    if data.prepare is not None:
+        source = data.model_copy(update={"train": data.prepare.source, "prepare": None, "streaming": None})
+        est = estimate_tokens(source, train_vocab_size, network=network)
+        return DataEstimate(est.tokens, est.examples, f"{est.how}, of data.prepare.source (not prepared yet)")
     uri = data.train
     cpt = chars_per_token(train_vocab_size)
     if not is_local(uri):
@@ -121,8 +131,26 @@ def _remote_estimate(data: Any, cpt: float) -> DataEstimate:
     return DataEstimate(tokens, examples, "estimated from size")
 
 
+def _manifest_estimate(data: Any) -> DataEstimate | None:
+    from ...corpus.format import CorpusError, read_manifest
+
+    try:
+        m = read_manifest(data.train, data.storage_options)
+    except CorpusError as exc:
+        return DataEstimate(None, None, str(exc))
+    except Exception:  # noqa: BLE001 - no store, no credentials: estimated the other ways
+        return None
+    if m is None:
+        return None
+    return DataEstimate(m.tokens, m.documents, "read from the corpus manifest",
+                        shard_tokens=tuple(s.tokens for s in m.shards))
+
+
 def sequences(est: DataEstimate, seq_len: int, packing: bool) -> int | None:
-    """Training sequences (blocks) per epoch: packed blocks of seq_len, or one per example."""
+    """Training sequences (blocks) per epoch: packed blocks of seq_len, or one per example; a
+    prepared corpus's exact full blocks per shard (ftcluster.train.stream)."""
+    if est.shard_tokens is not None:
+        return sum(t // seq_len for t in est.shard_tokens)
     if est.tokens is None:
         return None
     if packing:

@@ -465,3 +465,29 @@ def test_planner_predicts_the_varlen_runtime():
     for r in rows:
         assert abs(r["mem_error"]) <= acc.MEM_TOL, r
     assert {r["config"] for r in rows if abs(r["step_error"]) > acc.TIME_TOL} == SESSION4_STEP_MISSES
+
+
+def test_a_prepared_corpus_gives_exact_tokens_and_one_epoch_of_steps(tmp_path):
+    """The planner reads the manifest: tokens, and steps of one epoch = full blocks / global batch."""
+    from ftcluster.corpus.synthetic import write_synthetic
+
+    corpus = tmp_path / "corpus"
+    m = write_synthetic(str(corpus), 3 * 100_000 + 5_000, vocab=32000, shard_tokens=100_000)
+    text = BIG.replace("gpu_type: h100", "gpu_type: h200").replace("seq_len: 8192", "seq_len: 2048, format: text")
+    spec = load_spec_text(text.replace("train: x.jsonl", f"train: {corpus}"), "x.yaml")
+    p = build_plan(spec, network=False)
+    assert p.data.how == "read from the corpus manifest" and p.data.tokens == m.tokens == 305_000
+    blocks = 3 * (100_000 // 2048) + 5_000 // 2048
+    per_step = spec.training.micro_batch_size * spec.training.gradient_accumulation_steps  # one GPU requested
+    d = plan_dict(p)
+    assert d["data"] == {"tokens": 305_000, "examples": m.documents, "how": "read from the corpus manifest"}
+    assert blocks // per_step <= d["requested"]["steps"] <= -(-blocks // per_step) + 1
+
+
+def test_a_corpus_not_prepared_yet_is_estimated_from_its_source(tmp_path):
+    text = BIG.replace("gpu_type: h100", "gpu_type: h200").replace("seq_len: 8192", "seq_len: 2048, format: text")
+    src = tmp_path / "raw.jsonl"
+    src.write_text("".join('{"text": "%s"}\n' % ("word " * 200) for _ in range(100)))
+    text = text.replace("train: x.jsonl", f"train: {tmp_path / 'corpus'}, prepare: {{source: {src}}}")
+    p = build_plan(load_spec_text(text, "x.yaml"), network=False)
+    assert p.data.how.endswith("of data.prepare.source (not prepared yet)") and 20_000 < p.data.tokens < 30_000

@@ -158,3 +158,19 @@ def test_deepspeed_config_file_stays_relative_to_the_spec_file(tmp_path, monkeyp
     assert (spec.deepspeed.config_file, spec.deepspeed.nvme_path) == ("ds.json", "specs/nvme")
     cfg = resolved_deepspeed_config(spec)
     assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] == "specs/nvme"
+
+
+def test_a_streamed_corpus_must_be_prepared_before_submission(tmp_path):
+    from ftcluster.corpus.synthetic import write_synthetic
+
+    job = tmp_path / "cpt.yaml"
+    job.write_text("name: cpt\nmethod: full\nmodel: {random_init: {preset: tiny}}\n"
+                   "data: {train: ./corpus, format: text, seq_len: 64, prepare: {source: ./raw}}\n"
+                   "resources: {gpus_per_node: 0}\noutput: {uri: ./out}\n")
+    res = validate(tmp_path, job)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"{job}:4:8: data.train: ./corpus is not a prepared corpus yet (no manifest.json); run `ftcluster " \
+           "prepare-data` on this spec first" in res.stderr
+    write_synthetic(str(tmp_path / "corpus"), 10_000, vocab=512)
+    ok = validate(tmp_path, job)
+    assert ok.returncode == 0, ok.stderr
