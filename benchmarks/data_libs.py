@@ -138,6 +138,14 @@ def peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------------------- litdata
+if os.environ.get("LIBBENCH_LITDATA_HTTP"):  # module level: also runs in litdata's spawned optimize workers
+    # litdata builds its obstore S3Store with fixed client_options (litdata/streaming/downloader.py,
+    # _OBSTORE_CLIENT_OPTIONS / _build_obstore_s3_store) and no allow_http, so any http:// endpoint (moto,
+    # MinIO without TLS) fails: "obstore.exceptions.GenericError: ... HTTP error: builder error".
+    import litdata.streaming.downloader as _ldd
+
+    _ldd._OBSTORE_CLIENT_OPTIONS = dict(_ldd._OBSTORE_CLIENT_OPTIONS, allow_http="true")
+
 def _ld_fn(path):  # module level: litdata pickles it into its workers
     yield from encode_file(path, os.environ["LIBBENCH_TOK"])
 
@@ -398,6 +406,8 @@ def main():
     ap.add_argument("--steps", default="import,prepare,read,resume")
     ap.add_argument("--read-tokens", type=int, default=20_000_000)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-litdata-patch", dest="litdata_patch", action="store_false",
+                    help="do not patch litdata's obstore client to allow http:// endpoints (shows the failure)")
     # internal
     ap.add_argument("--task")
     ap.add_argument("--lib")
@@ -419,7 +429,7 @@ def main():
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(a.corpus, str(work / "tokenizer.json"))
-    env = {"LIBBENCH_TOK": tok, "LIBBENCH_SCRATCH": str(work / "scratch")}
+    env0 = {"LIBBENCH_TOK": tok, "LIBBENCH_SCRATCH": str(work / "scratch")}
     if a.s3:
         import s3fs
 
@@ -433,6 +443,7 @@ def main():
         r = res[lib] = {}
         local, small, remote = str(work / lib / "full"), str(work / lib / "small"), f"s3://{BUCKET}/{lib}"
         base = ["--corpus", a.corpus, "--lib", lib] + (["--s3", a.s3] if a.s3 else [])
+        env = dict(env0, **({"LIBBENCH_LITDATA_HTTP": "1"} if lib == "litdata" and a.s3 and a.s3.startswith("http:") and a.litdata_patch else {}))
         if "import" in steps:
             r["import"] = sub(["--task", "import", "--lib", lib])
         if "prepare" in steps:
