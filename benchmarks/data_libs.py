@@ -271,6 +271,36 @@ def datatrove_loader(src, cache, endpoint, rank=0, world=1, start=0):
     return dl, conv, state_dict, load_state_dict
 
 
+def replicate(lib: str, src: str, dst: str, times: int) -> None:
+    """A `times`-fold larger dataset of hard links to the same shards (start-up/memory vs corpus size)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    s = Path(src)
+    if lib == "datatrove":
+        for r in range(times):
+            for f in s.iterdir():
+                os.link(f, f"{dst}/r{r:03d}_{f.name}")
+        return
+    idx = json.loads((s / "index.json").read_text())
+    if lib == "litdata":
+        chunks = []
+        for r in range(times):
+            for c in idx["chunks"]:
+                os.link(s / c["filename"], f"{dst}/r{r:03d}-{c['filename']}")
+                chunks.append(dict(c, filename=f"r{r:03d}-{c['filename']}"))
+        idx["chunks"] = chunks
+    else:  # mosaic: shards listed by basename in the root index.json
+        shards = []
+        for r in range(times):
+            for sh in idx["shards"]:
+                b = sh["raw_data"]["basename"]
+                os.makedirs(os.path.dirname(f"{dst}/r{r:03d}/{b}"), exist_ok=True)
+                os.link(s / b, f"{dst}/r{r:03d}/{b}")
+                shards.append(dict(sh, raw_data=dict(sh["raw_data"], basename=f"r{r:03d}/{b}")))
+        idx["shards"] = shards
+    Path(dst, "index.json").write_text(json.dumps(idx))
+
+
 LIBS = {
     "litdata": (litdata_prepare, litdata_loader, "litdata"),
     "mosaic": (mosaic_prepare, mosaic_loader, "streaming"),
@@ -406,6 +436,7 @@ def main():
     ap.add_argument("--steps", default="import,prepare,read,resume")
     ap.add_argument("--read-tokens", type=int, default=20_000_000)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--scale", type=int, default=28, help="replication factor for the 'scale' step")
     ap.add_argument("--no-litdata-patch", dest="litdata_patch", action="store_false",
                     help="do not patch litdata's obstore client to allow http:// endpoints (shows the failure)")
     # internal
@@ -492,9 +523,22 @@ def main():
                 out["error"] = [x.get("error") for x in ranks + [allb] if "error" in x]
             r["resume_2to1"] = out
             print(lib, "resume 2->1", out, flush=True)
+        if "scale" in steps:  # same loader, 1x and Nx the corpus (hard links), local: first batch + RSS
+            for times in (1, a.scale):
+                dst = str(work / lib / f"x{times}")
+                replicate(lib, local, dst, times)
+                r[f"scale_x{times}"] = sub(["--task", "read", "--out", dst, "--cache", str(work / "cache" / lib / f"x{times}"),
+                                            "--read-tokens", "2000000", *base], env)
+                print(lib, "scale", times, r[f"scale_x{times}"], flush=True)
+                shutil.rmtree(dst, ignore_errors=True)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
+    global SCALE
+    SCALE = a.scale
     print_table(res)
+
+
+SCALE = 28
 
 
 def print_table(res):
@@ -512,6 +556,8 @@ def print_table(res):
             ("read RSS MB local", "read_local", "peak_rss_mb"),
             ("first batch S3 s", "read_s3", "first_batch_s"), ("tokens/s S3", "read_s3", "tokens_per_s"),
             ("read RSS MB S3", "read_s3", "peak_rss_mb"),
+            ("first batch 1x s", "scale_x1", "first_batch_s"), ("RSS 1x MB", "scale_x1", "peak_rss_mb"),
+            ("first batch Nx s", f"scale_x{SCALE}", "first_batch_s"), ("RSS Nx MB", f"scale_x{SCALE}", "peak_rss_mb"),
             ("resume exact (1 rank)", "resume_same", "exact"),
             ("2->1 repeated blocks", "resume_2to1", "repeated"), ("2->1 skipped blocks", "resume_2to1", "skipped"),
             ("epoch blocks (small)", "resume_2to1", "epoch_blocks")]
