@@ -190,3 +190,33 @@ def test_s3_reads_the_same_batches_as_a_local_copy(corpus, s3):
     assert [rows_of(b) for b in take(remote, 10)] == [rows_of(b) for b in take(local, 10)]
     local.close()
     remote.close()
+
+
+def test_a_corpus_of_another_tokenizer_is_refused_naming_both(tmp_path):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from ftcluster.corpus.format import tokenizer_fingerprint
+    from ftcluster.train import tokenizer as T
+    from ftcluster.train.stream import check_tokenizer
+    from tests.support.corpora import tokenized_corpus
+
+    docs = [f"document {i} about res judicata and the Varnholt rule, case {i * 7}." for i in range(300)]
+    uri = tmp_path / "corpus"
+    tokenized_corpus(uri, docs, vocab=400, shard_tokens=5_000)
+    spec = SimpleNamespace(data=SimpleNamespace(format="text"))
+    same = T.load_tokenizer_folder(uri / "tokenizer", spec, "t")
+    m = read_manifest(str(uri))
+    assert m is not None
+    check_tokenizer(m, same, str(uri))  # the corpus's own tokenizer: accepted
+    other_dir = tmp_path / "other"
+    T._train_into(other_dir, docs[:100], 420, [T.PAD, T.BOS, T.EOS])
+    other = T.load_tokenizer_folder(other_dir, spec, "t")
+    with pytest.raises(CorpusError) as err:
+        check_tokenizer(m, other, str(uri))
+    msg = str(err.value)
+    assert "\n" not in msg and m.tokenizer_fingerprint[:12] in msg and tokenizer_fingerprint(other)[:12] in msg
+    assert "was prepared with tokenizer" in msg and "(vocab 420)" in msg
+    same.add_tokens(["res judicata"])  # the same tokenizer extended is another tokenizer
+    with pytest.raises(CorpusError, match="was prepared with tokenizer"):
+        check_tokenizer(m, same, str(uri))
