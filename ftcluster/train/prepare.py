@@ -157,8 +157,8 @@ def plan_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         changes.append(f"tokenizer changed: fingerprint {_short(old.get('tokenizer_fingerprint'))} -> "
                        f"{_short(new['tokenizer_fingerprint'])} (vocabulary {old.get('vocab_size')} -> "
                        f"{new['vocab_size']})")
-    for k in ("dtype", "shard_tokens", "text_field", "file_format", "format", "version"):
-        if k != "dtype" and old.get(k) != new[k]:
+    for k in ("shard_tokens", "text_field", "file_format", "format", "version"):  # dtype follows the vocabulary
+        if old.get(k) != new[k]:
             changes.append(f"{k} changed: {old.get(k)} -> {new[k]}")
     return changes
 
@@ -260,7 +260,7 @@ def _documents(fs: Any, src: Source, fmt: str, text_field: str) -> tuple[Any, An
     import fsspec.compression
     from fsspec.utils import infer_compression
 
-    from .data import _text, file_records
+    from .data import file_records
 
     if fmt == "parquet":  # pyarrow seeks: hash in a pass of its own
         def sha() -> str:
@@ -288,7 +288,14 @@ def _documents(fs: Any, src: Source, fmt: str, text_field: str) -> tuple[Any, An
             if text_field not in rec or rec[text_field] is None:
                 raise TrainError(f"{src.uri}: record {k} has no field {text_field!r} (it has {sorted(rec)}); set "
                                  "data.fields.text to the field that holds the text")
-            yield _text(rec[text_field], "text", k)
+            value = rec[text_field]
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield str(value)
+            else:
+                raise TrainError(f"{src.uri}: record {k}: field {text_field!r} holds a {type(value).__name__}, "
+                                 "expected text; set data.fields.text to the field that holds the text")
     return texts(), sha
 
 
@@ -508,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", help="payload JSON file written by ftcluster (payload.json)")
     src.add_argument("--spec-env", help="name of an environment variable holding the payload JSON")
-    parser.add_argument("--task", type=int, default=0, help="this task's index (a Slurm array task, an indexed Job)")
+    parser.add_argument("--task", type=int, default=None, help="this task's index (default: $JOB_COMPLETION_INDEX "
+                        "of a Kubernetes indexed Job, else $SLURM_ARRAY_TASK_ID, else 0)")
     parser.add_argument("--tasks", type=int, default=1, help="how many tasks share the source files")
     parser.add_argument("--workers", type=int, default=None, help="processes on this machine (default: CPU cores)")
     parser.add_argument("--json", action="store_true", help="print the manifest's totals as JSON on stdout")
@@ -521,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         payload = read_payload(args.spec, args.spec_env)
         spec = spec_from_dict(payload["spec"])
         p = spec.data.prepare
-        workers = args.workers or (p.workers if p is not None and p.workers else os.cpu_count() or 1)
-        manifest = run_task(spec, args.task, args.tasks, workers)
+        workers = args.workers or (p.workers if p is not None and p.workers else len(os.sched_getaffinity(0)))
+        task = args.task if args.task is not None else int(
+            os.environ.get("JOB_COMPLETION_INDEX") or os.environ.get("SLURM_ARRAY_TASK_ID") or 0)
+        manifest = run_task(spec, task, args.tasks, workers)
         if args.json:
             out = {"uri": spec.data.train, "complete": manifest is not None}
             if manifest is not None:
