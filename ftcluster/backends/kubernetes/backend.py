@@ -131,7 +131,7 @@ class KubernetesBackend(Backend):
 
         conn, ns, name = self._conn(), req.meta["namespace"], req.meta["name"]
         try:
-            client.BatchV1Api(conn.api).create_namespaced_job(ns, self._body(req), field_validation="Strict",
+            client.BatchV1Api(conn.api).create_namespaced_job(ns, cast(Any, self._body(req)), field_validation="Strict",
                                                               field_manager="ftcluster", _request_timeout=TIMEOUT)
         except Exception as exc:
             raise api_error(exc, conn, "create", resource="jobs.batch", namespace=ns, name=name) from None

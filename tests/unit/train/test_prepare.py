@@ -163,6 +163,7 @@ def test_a_changed_source_is_refused_in_one_line(source, tmp_path):
 def test_a_changed_tokenizer_is_refused_in_one_line(source, tmp_path):
     corpus = tmp_path / "corpus"
     m = P.run_task(make_spec(source, corpus))
+    assert m is not None
     before = tree(corpus)
     with pytest.raises(TrainError, match=rf"tokenizer changed: fingerprint {m.tokenizer_fingerprint[:16]} -> "
                                          r"[0-9a-f]{16} \(vocabulary 512 -> 600\)"):
@@ -208,6 +209,7 @@ def test_text_and_parquet_sources(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": words[k * 100:(k + 1) * 300]} for k in range(50)]), src / "c.parquet")
     corpus = tmp_path / "corpus"
     m = P.run_task(make_spec(src, corpus, vocab=300))
+    assert m is not None
     tok = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
     texts = [words, "# Heading\n\n" + words[:5000], *(words[k * 100:(k + 1) * 300] for k in range(50))]
     expected = np.concatenate([[tok.bos_token_id, *ids, tok.eos_token_id]
