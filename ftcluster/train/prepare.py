@@ -51,7 +51,7 @@ from ..corpus.format import (
 )
 from ..errors import TrainError
 from ..storage.testhook import signal_at
-from ..storage.uri import fs_and_path, one_line, put_file
+from ..storage.uri import fs_and_path, put_file
 
 BATCH_DOCS = 512  # documents tokenized per call (the fast tokenizer's batch)
 BATCH_CHARS = 4 << 20  # ... or fewer, when they add up to this many characters
@@ -327,13 +327,12 @@ def marker_matches(fs: Any, root: str, src: Source, index: int) -> bool:
     """Is source ``index`` committed: its marker names this very file and its shards are all there?"""
     try:
         marker = json.loads(fs.cat_file(join(root, done_name(index))))
-    except FileNotFoundError:
+        if {k: marker.get(k) for k in ("path", "size", "key")} != src.record():
+            return False
+        shards, dtype = [Shard(**s) for s in marker["shards"]], np.dtype(marker["dtype"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or damaged: prepare the file again
         return False
-    except ValueError:
-        return False
-    if {k: marker.get(k) for k in ("path", "size", "key")} != src.record():
-        return False
-    return not shard_problems(fs, root, [Shard(**s) for s in marker.get("shards", [])], np.dtype(marker["dtype"]))
+    return not shard_problems(fs, root, shards, dtype)
 
 
 def shard_problems(fs: Any, root: str, shards: list[Shard], dtype: np.dtype) -> list[str]:
@@ -453,6 +452,8 @@ def finalize(job: Job, fingerprint: str, vocab_size: int) -> Manifest | None:
         from ..storage.uri import put_bytes
 
         put_bytes(fs, join(root, MANIFEST), data)
+    _log(f"{job.corpus}: {MANIFEST} {'already complete' if same else 'written'}: {len(manifest.shards)} shards, "
+         f"{manifest.tokens:,} tokens, {manifest.documents:,} documents")
     return manifest
 
 
@@ -502,14 +503,11 @@ def run_task(spec: Any, task: int = 0, tasks: int = 1, workers: int = 1,
     if manifest is None:
         _log(f"task {task}/{tasks}: done; other tasks' files are not all committed yet, the last task to "
              f"finish writes {MANIFEST}")
-    else:
-        _log(f"{ds.train}: {MANIFEST} written: {len(manifest.shards)} shards, {manifest.tokens:,} tokens, "
-             f"{manifest.documents:,} documents")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import read_payload
+    from .__main__ import one_line_errors, read_payload
 
     parser = argparse.ArgumentParser(prog="python -m ftcluster.train.prepare", description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
@@ -521,13 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="processes on this machine (default: CPU cores)")
     parser.add_argument("--json", action="store_true", help="print the manifest's totals as JSON on stdout")
     args = parser.parse_args(argv)
-    debug = os.environ.get("FTCLUSTER_DEBUG", "") not in ("", "0")
-    try:
-        from ..errors import FtclusterError
+
+    def body() -> int:
         from ..spec.loader import spec_from_dict
 
-        payload = read_payload(args.spec, args.spec_env)
-        spec = spec_from_dict(payload["spec"])
+        spec = spec_from_dict(read_payload(args.spec, args.spec_env)["spec"])
         p = spec.data.prepare
         workers = args.workers or (p.workers if p is not None and p.workers else len(os.sched_getaffinity(0)))
         task = args.task if args.task is not None else int(
@@ -539,17 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.update(shards=len(manifest.shards), tokens=manifest.tokens, documents=manifest.documents)
             print(json.dumps(out), flush=True)
         return 0
-    except FtclusterError as exc:
-        if debug:
-            raise
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"error: {line}", file=sys.stderr, flush=True)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - one line unless debugging
-        if debug:
-            raise
-        print(f"error: {one_line(exc)} (set FTCLUSTER_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
-        return 1
+
+    return one_line_errors(body)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ test around a second.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -100,7 +101,9 @@ def test_ids_are_the_tokenizers_and_shards_cut_at_documents(source, tmp_path):
     assert set(np.cumsum([len(d) for d in docs]).tolist()) <= ends
     assert any(len(d) > 1024 for d in docs) and m.documents > len(docs)
     assert m.tokens == sum(len(d) for d in docs) and m.dtype == "uint16"
-    assert [s["path"] for s in m.sources] == [f"file://{p}" for p in sorted(source.glob("*.jsonl.gz"))]
+    files = sorted(source.glob("*.jsonl.gz"))
+    assert [s["path"] for s in m.sources] == [f"file://{p}" for p in files]
+    assert [s["sha256"] for s in m.sources] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
 
 
 def test_rerun_skips_everything_and_keeps_every_byte(source, tmp_path):
@@ -110,6 +113,19 @@ def test_rerun_skips_everything_and_keeps_every_byte(source, tmp_path):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in corpus.rglob("*") if p.is_file()}
     P.run_task(spec)
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in corpus.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_marker_or_missing_shard_redoes_that_file_only(source, tmp_path):
+    corpus = tmp_path / "corpus"
+    spec = make_spec(source, corpus)
+    P.run_task(spec)
+    whole = tree(corpus)
+    (corpus / done_name(1)).write_text("{not json")
+    (corpus / "shards" / "s000002-0000.tokens").unlink()
+    untouched = {p: p.stat().st_mtime_ns for p in (corpus / "shards").glob("s00000[03]-*")}
+    P.run_task(spec)
+    assert tree(corpus) == whole
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
 
 
 def test_killed_prepare_resumes_to_the_same_corpus(source, tmp_path):
