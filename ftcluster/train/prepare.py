@@ -232,7 +232,11 @@ class ShardWriter:
         self.shards: list[Shard] = []
 
     def add(self, ids: list[int]) -> None:
-        doc = np.asarray(ids, dtype=self.dtype)
+        doc = np.asarray(ids, dtype=np.int64)
+        if doc.size and (doc.max() > np.iinfo(self.dtype).max or doc.min() < 0):
+            raise CorpusError(f"token id {int(doc.max())} does not fit {self.dtype} (the tokenizer's length "
+                              "understates its ids); report it with the tokenizer's name")
+        doc = doc.astype(self.dtype)
         while doc.size:
             room = self.cap - self.n
             if doc.size > room and self.n:
@@ -379,13 +383,12 @@ def prepare_file(job: Job, index: int) -> tuple[int, int, int, bool]:
 
 
 def _init_worker() -> None:
+    """One thread per process: the processes are the parallelism. Set before torch is imported (if it ever
+    is: tokenizing does not need it, and importing it would cost every worker seconds)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _prepare_one(args: tuple[Job, int]) -> tuple[int, int, int, bool]:
