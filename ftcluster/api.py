@@ -38,7 +38,8 @@ __all__ = ["EXIT_CODES", "load_spec", "load", "backend_overrides", "with_backend
            "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note",
            "submit", "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster",
            "cluster_backends", "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source",
-           "sample_command", "write_files",
+           "sample_command", "write_files", "prepare_load", "prepare_command", "prepare_summary", "prepare_dryrun",
+           "prepare_schedule",
            "plan", "schema"]
 
 
@@ -383,6 +384,100 @@ def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = 
     :func:`check_submit` before it."""
     spec = _spec(spec, overrides, backend)
     return schedule(submit_dryrun(spec, **options), **options)
+
+
+# --------------------------------------------------------------------------- prepare-data
+
+PREPARE_HOW = ("add data.prepare.source (the raw corpus: jsonl/parquet/.txt files, a file, folder or glob) and let "
+               "data.train name the prepared corpus it writes (docs/data.md)")
+
+
+def prepare_load(path: str | Path | None = None, overrides: list[str] | None = None, backend: str | None = None, *,
+                 source: str | None = None, output: str | None = None, tokenizer: str | None = None,
+                 train_vocab_size: int | None = None, text_field: str | None = None) -> Any:
+    """The spec ``ftcluster prepare-data`` prepares: the job spec at ``path`` (which must have ``data.prepare``),
+    or, without one, a spec built from ``source`` (the raw corpus), ``output`` (the prepared corpus) and a
+    tokenizer (a folder, or ``train_vocab_size`` for a BPE trained on the source)."""
+    from .spec.pipeline import Pipeline
+
+    direct = any(v is not None for v in (source, output, tokenizer, train_vocab_size, text_field))
+    if path is not None and direct:
+        raise UsageError("give a SPEC, or --source/--output with --tokenizer or --train-vocab-size, not both")
+    if path is None:
+        if not (source and output) or (tokenizer is None) == (train_vocab_size is None):
+            raise UsageError("give a SPEC with data.prepare, or --source URI --output URI with --tokenizer PATH or "
+                             "--train-vocab-size N (one of the two)")
+        return _direct_prepare_spec(source, output, tokenizer, train_vocab_size, text_field)
+    spec = load(path, overrides, backend)
+    if isinstance(spec, Pipeline):
+        raise UsageError(f"{path}: a pipeline; prepare-data takes the job spec of the stage that trains on the corpus")
+    if spec.data.prepare is None:
+        raise SpecError([Problem(str(path), None, None, "data.prepare",
+                                 f"not set; {PREPARE_HOW}, or run `ftcluster prepare-data --source URI --output URI "
+                                 "--tokenizer PATH`")])
+    return spec
+
+
+def _direct_prepare_spec(source: str, output: str, tokenizer: str | None, vocab: int | None,
+                         text_field: str | None) -> Any:
+    from .spec.loader import spec_from_dict
+
+    doc = {"name": "prepare-data", "method": "full", "model": {"random_init": {"preset": "tiny"}},
+           "tokenizer": {"path": tokenizer} if tokenizer else {"train_vocab_size": vocab},
+           "data": {"train": output, "format": "text", "seq_len": 128, "fields": {"text": text_field or "text"},
+                    "prepare": {"source": source}},
+           "output": {"uri": f"{output.rstrip('/')}-unused"}}  # required by the spec; prepare writes nothing there
+    return spec_from_dict(doc)
+
+
+def prepare_command(spec: Any, workers: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command ``ftcluster prepare-data`` runs here and the environment it adds: the worker
+    (``python -m ftcluster.train.prepare``, in a process of its own: the core never imports the tokenizer
+    libraries) as one task over this machine's CPUs (``data.prepare.tasks`` applies to ``--submit``)."""
+    import importlib.util
+    import sys
+
+    from .plan.prepare import compile_prepare
+    from .spec.envbuild import PAYLOAD_VAR
+
+    missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FtclusterError(f"ftcluster prepare-data tokenizes here and needs {', '.join(missing)}: "
+                             "pip install 'ftcluster[train]' (or run it on the cluster with --submit)")
+    pp = compile_prepare(spec, workers)
+    argv = [sys.executable, "-m", "ftcluster.train.prepare", "--spec-env", PAYLOAD_VAR, "--task", "0", "--tasks", "1",
+            *(["--workers", str(pp.workers)] if pp.workers else [])]
+    return argv, {PAYLOAD_VAR: pp.payload_json(), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def prepare_summary(spec: Any) -> str:
+    """The line ``ftcluster prepare-data`` ends with: the corpus, its shards, tokens and documents, and what
+    to run next; FtclusterError when the corpus has no manifest (not finished)."""
+    from .corpus.format import read_manifest
+
+    uri = spec.data.train
+    m = read_manifest(uri, spec.data.storage_options)
+    if m is None:
+        raise FtclusterError(f"{uri}: no manifest.json: the corpus is not complete; run `ftcluster prepare-data` again "
+                             "(it resumes: committed source files are skipped)")
+    source = spec._source_file
+    nxt = (f"ftcluster submit {source}" if source and not source.startswith("<") else
+           f"set data.train: {uri} (data.format: text) in a job spec and `ftcluster submit` it")
+    return (f"{uri}: {len(m.shards)} shards, {m.tokens:,} tokens, {m.documents:,} documents "
+            f"(tokenizer {m.tokenizer_fingerprint[:12]}, vocabulary {m.vocab_size:,})\nnext: {nxt}")
+
+
+def prepare_dryrun(spec: Any, workers: int | None = None, **options: Any) -> SubmitRequest:
+    """The job ``ftcluster prepare-data --submit`` would submit to the spec's backend (a Slurm job array, a
+    Kubernetes indexed Job of ``data.prepare.tasks`` tasks), with no side effects; ``.describe()`` prints it."""
+    from .plan.prepare import compile_prepare
+
+    return backend_for(spec, **options).prepare_dryrun(compile_prepare(spec, workers))
+
+
+def prepare_schedule(request: Any, **options: Any) -> RunStatus:
+    """Submit a request from :func:`prepare_dryrun` (Slurm: a run folder ``ftcluster status`` follows)."""
+    return get_backend(request.backend, **options).schedule_prepare(request)
 
 
 # --------------------------------------------------------------------------- runs

@@ -290,6 +290,56 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
     click.echo(f"follow it: ftcluster logs -f {st.run_id}   state: ftcluster status {st.run_id}")
 
 
+@cli.command(name="prepare-data")
+@click.argument("job", type=click.Path(dir_okay=False), required=False)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tokenizing processes per machine (default: data.prepare.workers, else its CPU cores).")
+@click.option("--submit", is_flag=True, help="Run it on the spec's cluster instead (data.prepare.tasks tasks: a Slurm "
+              "job array, a Kubernetes indexed Job).")
+@click.option("--dry-run", is_flag=True, help="Print what would run (with --submit: the script or Job); run nothing.")
+@click.option("--backend", "-b", type=_Backends(), default=None,
+              help="Override the spec's backend (the same as --set backend=NAME).")
+@click.option("--context", default=None, help=CONTEXT_HELP)
+@click.option("--source", default=None, metavar="URI", help="Without a SPEC: the raw corpus (jsonl/parquet/.txt; a "
+              "file, folder or glob on any fsspec store).")
+@click.option("--output", default=None, metavar="URI", help="Without a SPEC: where the prepared corpus goes.")
+@click.option("--tokenizer", default=None, metavar="PATH", help="Without a SPEC: the tokenizer folder.")
+@click.option("--train-vocab-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Without a SPEC: train a byte-level BPE of N tokens on the source instead.")
+@click.option("--text-field", default=None, metavar="F", help="Without a SPEC: the records' text field (default text).")
+def prepare_data(job: str | None, sets: tuple[str, ...], workers: int | None, submit: bool, dry_run: bool,
+                 backend: str | None, context: str | None, source: str | None, output: str | None,
+                 tokenizer: str | None, train_vocab_size: int | None, text_field: str | None) -> None:
+    """Tokenize a raw corpus once into token shards and a manifest (data.prepare -> data.train), resumably."""
+    import shlex
+    import subprocess
+
+    from . import api
+
+    with _collector_paused():
+        spec = api.prepare_load(job, list(sets), backend, source=source, output=output, tokenizer=tokenizer,
+                                train_vocab_size=train_vocab_size, text_field=text_field)
+    if submit:
+        req = api.prepare_dryrun(spec, workers, context=context)
+        if dry_run:
+            click.echo(req.describe(), nl=False)
+            return
+        st = api.prepare_schedule(req, context=context)
+        click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''})"
+                   + (f"; run folder {st.run_dir}" if st.run_dir else ""))
+        click.echo(st.message or f"follow it: ftcluster logs -f {st.run_id}   state: ftcluster status {st.run_id}")
+        return
+    argv, env = api.prepare_command(spec, workers)
+    if dry_run:
+        click.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(argv))
+        return
+    rc = subprocess.run(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL).returncode
+    if rc != 0:  # the worker printed its one error line
+        sys.exit(rc)
+    click.echo(api.prepare_summary(spec))
+
+
 @cli.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/plan.schema.json).")

@@ -257,6 +257,18 @@ class Backend(abc.ABC):
 
         return compile_plan(spec)
 
+    def prepare_dryrun(self, pp: Any, run_id: str | None = None) -> Any:
+        """The request that runs ``ftcluster prepare-data`` on this backend's cluster (a
+        :class:`~ftcluster.plan.prepare.PreparePlan`: a job array of tasks), like :meth:`submit_dryrun`:
+        no side effects. A backend that has no such job refuses."""
+        raise BackendError(f"the {self.name} backend runs no prepare-data jobs; run `ftcluster prepare-data` here "
+                           "without --submit (it uses this machine's CPUs), or submit it with a slurm or "
+                           "kubernetes spec")
+
+    def schedule_prepare(self, request: Any) -> RunStatus:
+        """Carry out a request from :meth:`prepare_dryrun` (default: as any request, :meth:`schedule`)."""
+        return self.schedule(request)
+
     @abc.abstractmethod
     def schedule(self, request: Any) -> RunStatus:
         """Carry out a request from :meth:`submit_dryrun`: create the run folder (see

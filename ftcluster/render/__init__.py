@@ -22,12 +22,12 @@ def reproduce_command(spec: Any, target: str) -> str:
     return command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target)
 
 
-def command_for(source: str, overrides: Any, target: str) -> str:
-    """``ftcluster render SOURCE --target TARGET [--set ...]``, with secret-looking ``--set`` values replaced
-    by ``<secret:KEY>`` (see :func:`ftcluster.spec.secrets.redact_override`)."""
+def command_for(source: str, overrides: Any, target: str, verb: tuple[str, ...] = ()) -> str:
+    """``ftcluster render SOURCE --target TARGET [--set ...]`` (or ``verb``: ``ftcluster VERB... SOURCE [--set ...]``),
+    with secret-looking ``--set`` values replaced by ``<secret:KEY>`` (see :func:`ftcluster.spec.secrets.redact_override`)."""
     from ..spec.secrets import redact_override
 
-    argv = ["ftcluster", "render", source, "--target", target]
+    argv = ["ftcluster", verb[0], source, *verb[1:]] if verb else ["ftcluster", "render", source, "--target", target]
     for item in overrides:
         argv += ["--set", redact_override(item)]  # a header is no place for a secret
     return shlex.join(argv)
@@ -100,3 +100,20 @@ def default_target(spec: Any) -> str:
     from ..spec.registry import default_target as registered
 
     return registered(spec)
+
+
+def render_prepare(pp: Any, target: str | None = None) -> dict[str, str]:
+    """The ``ftcluster prepare-data`` job of a :class:`~ftcluster.plan.prepare.PreparePlan`: a Slurm job array
+    script, or (any Kubernetes target) a batch/v1 indexed Job. Pure, like :func:`render`."""
+    spec = pp.spec
+    target = target or default_target(spec)
+    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target,
+                          ("prepare-data", "--dry-run", "--submit"))
+    header = header_lines(spec, target, command)
+    if target == "slurm":
+        from .slurm import render_prepare_slurm
+
+        return render_prepare_slurm(pp, header)
+    from .kube import render_prepare_job
+
+    return render_prepare_job(pp, header)

@@ -66,7 +66,30 @@ def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
     return files
 
 
+def render_prepare_job(pp: Any, header: list[str]) -> dict[str, str]:
+    """``<name>-prepare.yaml``: the batch/v1 indexed Job of ``ftcluster prepare-data`` (:func:`prepare_job`)."""
+    _require_image(pp.spec)
+    return {f"{pp.name}.yaml": dump_yaml([prepare_job(pp)], header)}
+
+
 # --------------------------------------------------------------------------- objects
+
+
+def prepare_job(pp: Any) -> dict[str, Any]:
+    """The prepare Job: ``completionMode: Indexed``, one pod per task (``completions = parallelism = tasks``),
+    each running the worker, which takes its task from ``JOB_COMPLETION_INDEX``. Image, env, Secrets,
+    volumes, node selector and tolerations are the training job's; resources are one node's CPUs and memory,
+    no GPU. Kueue admits it through the same queue label."""
+    k = pp.spec.kubernetes
+    pod = _pod_spec(pp, command=pp.worker_args("python3", None), resources_of=pp.job)
+    pod["containers"][0]["name"] = "prepare"
+    pod["restartPolicy"] = "Never"  # a failed index is retried by the Job (backoffLimit), not in place
+    spec: dict[str, Any] = {"completionMode": "Indexed", "completions": pp.tasks, "parallelism": pp.tasks,
+                            "backoffLimit": k.backoff_limit,
+                            "template": {"metadata": _pod_metadata(pp), "spec": pod}}
+    if k.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(pp, pp.name, job=True), "spec": spec}
 
 
 def pytorchjob(plan: LaunchPlan) -> dict[str, Any]:
@@ -211,7 +234,7 @@ def _trainjob_gaps(spec: Any) -> list[str]:
     return [f"Not expressible in a TrainJob (kubernetes.{f}={getattr(k, f)}): {PYTORCHJOB_ONLY[f]}." for f in gaps]
 
 
-def _labels(plan: LaunchPlan) -> dict[str, str]:
+def _labels(plan: Any) -> dict[str, str]:
     """Labels on every object: ftcluster's own, then the user's (which may not replace ours)."""
     ours = {
         "app.kubernetes.io/managed-by": "ftcluster",
@@ -222,7 +245,7 @@ def _labels(plan: LaunchPlan) -> dict[str, str]:
     return {**plan.spec.kubernetes.labels, **ours}
 
 
-def _metadata(plan: LaunchPlan, name: str, job: bool = False) -> dict[str, Any]:
+def _metadata(plan: Any, name: str, job: bool = False) -> dict[str, Any]:
     k = plan.spec.kubernetes
     labels = _labels(plan)
     meta: dict[str, Any] = {"name": name, "namespace": k.namespace, "labels": labels}
@@ -236,7 +259,7 @@ def _metadata(plan: LaunchPlan, name: str, job: bool = False) -> dict[str, Any]:
     return meta
 
 
-def _pod_metadata(plan: LaunchPlan) -> dict[str, Any]:
+def _pod_metadata(plan: Any) -> dict[str, Any]:
     k = plan.spec.kubernetes
     annotations = dict(k.annotations)
     if k.disable_istio_sidecar:
@@ -247,7 +270,7 @@ def _pod_metadata(plan: LaunchPlan) -> dict[str, Any]:
     return meta
 
 
-def _payload(plan: LaunchPlan) -> str:
+def _payload(plan: Any) -> str:
     """The payload JSON for ``FTCLUSTER_PAYLOAD``, within the size one environment variable may have.
 
     (The whole object must also stay under etcd's 1.5 MiB request limit; one variable's 128 KiB
@@ -261,7 +284,7 @@ def _payload(plan: LaunchPlan) -> str:
     return text
 
 
-def _env(plan: LaunchPlan) -> list[dict[str, Any]]:
+def _env(plan: Any) -> list[dict[str, Any]]:
     """Plain variables (K8S_ENV < plan env < kubernetes.env), then Secret references, then the
     payload (last: it is long); never a secret value."""
     spec = plan.spec
@@ -314,7 +337,7 @@ def _resources(spec: Any) -> dict[str, Any]:
     return out
 
 
-def _volumes_and_mounts(plan: LaunchPlan, trainjob: bool) -> tuple[list[dict], list[dict]]:
+def _volumes_and_mounts(plan: Any, trainjob: bool) -> tuple[list[dict], list[dict]]:
     spec = plan.spec
     k = spec.kubernetes
     volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]
@@ -356,18 +379,21 @@ def _command(plan: LaunchPlan, trainjob: bool) -> list[str]:
     return wrapper + ["--"] + torchrun
 
 
-def _pod_spec(plan: LaunchPlan, trainjob: bool = False) -> dict[str, Any]:
+def _pod_spec(plan: Any, trainjob: bool = False, command: list[str] | None = None,
+              resources_of: Any = None) -> dict[str, Any]:
+    """The pod of a job; ``command`` and ``resources_of`` (a spec) replace the training command and requests
+    (the prepare Job's)."""
     k = plan.spec.kubernetes
     volumes, mounts = _volumes_and_mounts(plan, trainjob)
     container: dict[str, Any] = {
         "name": "node" if trainjob else "pytorch",  # names the operators require
         "image": k.image,
         "imagePullPolicy": k.image_pull_policy,
-        "command": _command(plan, trainjob),
+        "command": command or _command(plan, trainjob),
         "env": _env(plan),
         "volumeMounts": mounts,
     }
-    resources = _resources(plan.spec)
+    resources = _resources(resources_of or plan.spec)
     if resources:
         container["resources"] = resources
     if k.env_from_secrets and not trainjob:

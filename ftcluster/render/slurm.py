@@ -164,3 +164,47 @@ def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
         launch_note=any(len(_with_note(line)) > 1 for line in launch),
         requeue=sl.requeue,
     )
+
+
+# --------------------------------------------------------------------------- ftcluster prepare-data
+
+
+def render_prepare_slurm(pp: Any, header: list[str]) -> dict[str, str]:
+    """``<name>-prepare.sbatch``: a job array of ``data.prepare.tasks`` tasks, each running the prepare
+    worker for its share of the source files (:mod:`ftcluster.plan.prepare`). Same spec, same bytes.
+    Its software environment, exports, secrets and payload are the training script's, from the same
+    spec sections; it has no rendezvous, no signal forwarding and no requeue (a task that died is
+    simply run again: committed files are skipped)."""
+    spec, sl = pp.spec, pp.spec.slurm
+    lines = ["#!/bin/bash", *(f"# {_one_line(spec, 'header', h)}" for h in header),
+             f"# {pp.name}: ftcluster prepare-data as a job array of {pp.tasks} task(s); task N prepares source "
+             f"files N, N+{pp.tasks}, ...",
+             "# Every task writes manifest.json if it finds every source file committed: the last to finish does",
+             "# (no separate final job).",
+             *(f"#SBATCH {_sbatch_directive(spec, o.field, o.name, o.value)}" for o in
+               sorted(pp.slurm.sbatch, key=lambda o: _sbatch_directive(spec, o.field, o.name, o.value))),
+             "", "set -euo pipefail", ""]
+    if pp.slurm.modules or pp.slurm.setup:
+        lines += ["# ---- software environment (as for training; `set +u` for module and activate scripts)",
+                  "set +u", *(x for m in pp.slurm.modules for x in _with_note(m)), *pp.slurm.setup, "set -u", ""]
+    env = {**pp.env, **sl.env}
+    lines.append("# ---- environment: ftcluster defaults < env < slurm.env")
+    lines += [x for k, v in sorted(env.items()) for x in _with_note(f"export {k}={shlex.quote(_one_line(spec, f'env.{k}', v))}")]
+    if sl.env_passthrough:
+        lines += ["", "# ---- taken from the submitting shell (slurm.env_passthrough; secrets go here, never in this file)",
+                  f"for ftc_var in {' '.join(sl.env_passthrough)}; do",
+                  '  if [ -z "${!ftc_var+set}" ]; then',
+                  '    echo "ftcluster: $ftc_var is not set; export it in the shell that runs sbatch (listed in '
+                  'slurm.env_passthrough)" >&2',
+                  "    exit 1", "  fi", "done"]
+    lines += ["", "# ---- the resolved spec the worker prepares from",
+              f"{PAYLOAD_VAR}=$(cat <<'{PAYLOAD_EOF}'", _payload(pp), PAYLOAD_EOF, ")", f"export {PAYLOAD_VAR}", ""]
+    srun = ["srun", "--nodes=1", "--ntasks=1", "--export=ALL"]
+    if spec.resources.cpus_per_node or pp.workers:
+        srun.append(f"--cpus-per-task={pp.workers or spec.resources.cpus_per_node}")
+    srun += [_directive(spec, o.field, o.name, o.value) for o in pp.slurm.srun]  # container
+    argv = pp.worker_args(_one_line(spec, "slurm.python", sl.python), "@TASK@")
+    words = [_word(a, {"@TASK@": "SLURM_ARRAY_TASK_ID"}) for a in argv]
+    lines += ['echo "ftcluster: prepare task ${SLURM_ARRAY_TASK_ID} of ' + str(pp.tasks) + ' (job ${SLURM_JOB_ID})"',
+              " ".join(srun) + " \\", "  " + " ".join(words)]
+    return {f"{pp.name}.sbatch": "\n".join(lines) + "\n"}

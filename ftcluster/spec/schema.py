@@ -216,7 +216,7 @@ class PrepareSpec(_Model):
     file_format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="Format of the source files; auto picks by extension.")
     shard_tokens: int = Field(1 << 25, ge=1024, le=1 << 31, description="Tokens per shard at most (default 33,554,432: 64 MB of uint16). A source file's tokens fill its own shards, so shards never mix files.")
     workers: int | None = Field(None, ge=1, le=1024, description="Tokenizing processes on one machine (default: its CPU cores).")
-    tasks: int = Field(1, ge=1, le=100_000, description="Machines to prepare on: above 1, `ftcluster prepare-data --submit` runs a Slurm job array or a Kubernetes indexed Job of this many tasks, each owning a disjoint set of source files, then a last step that writes the manifest.")
+    tasks: int = Field(1, ge=1, le=100_000, description="Machines to prepare on: above 1, `ftcluster prepare-data --submit` runs a Slurm job array or a Kubernetes indexed Job of this many tasks, each owning a disjoint set of source files; each task writes the manifest when it finds every file done, so the last to finish does.")
 
 
 class DataSpec(_Model):

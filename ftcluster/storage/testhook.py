@@ -19,6 +19,8 @@ The boundaries (docs/training.md, "Stops and crashes"), in the order a run meets
 ``checkpoint-committed`` a checkpoint's manifest is written, its LoRA adapter not yet published
 ``final-export``         after the last step's checkpoint and the final evaluation, before the exports
 ``final-committed``      every final output committed (the last manifest written), before exit
+
+and for ``python -m ftcluster.train.prepare``: ``prepare-file-committed``, a source file's done/ marker written.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import os
 import signal
 
 ENV = "FTCLUSTER_TEST_SIGNAL_AT"
-BOUNDARIES = ("startup", "setup", "checkpoint-files", "checkpoint-committed", "final-export", "final-committed")
+BOUNDARIES = ("startup", "setup", "checkpoint-files", "checkpoint-committed", "final-export", "final-committed",
+              "prepare-file-committed")
 _fired: set[str] = set()
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +57,38 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--spec", help="payload JSON file written by ftcluster (payload.json)")
     src.add_argument("--spec-env", help="name of an environment variable holding the payload JSON")
     args = parser.parse_args(argv)
-    debug = os.environ.get("FTCLUSTER_DEBUG", "") not in ("", "0")
     rank = os.environ.get("RANK", "0")
-    try:
-        from ..errors import FtclusterError
 
+    def body() -> int:
         payload = read_payload(args.spec, args.spec_env)
         from .runtime import run
 
         return run(payload, stop)
+
+    return one_line_errors(body, f"error (rank {rank})")
+
+
+def one_line_errors(body: Callable[[], int], prefix: str = "error") -> int:
+    """``body()``, or 1 with an error as one ``PREFIX: ...`` line per problem on stderr (the traceback instead
+    with FTCLUSTER_DEBUG=1): what the workers that ftcluster starts as commands print."""
+    from ..errors import FtclusterError
+
+    debug = os.environ.get("FTCLUSTER_DEBUG", "") not in ("", "0")
+    try:
+        return body()
     except FtclusterError as exc:
         if debug:
             raise
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"error (rank {rank}): {line}", file=sys.stderr, flush=True)
+            print(f"{prefix}: {line}", file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # noqa: BLE001 - one line unless debugging
         if debug:
             raise
         first = (str(exc).splitlines() or [""])[0]
-        print(f"error (rank {rank}): {type(exc).__name__}: {first} (set FTCLUSTER_DEBUG=1 for the traceback)",
+        print(f"{prefix}: {type(exc).__name__}: {first} (set FTCLUSTER_DEBUG=1 for the traceback)",
               file=sys.stderr, flush=True)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ columns). torch is imported only when a batch is built.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ log = logging.getLogger("ftcluster.train")
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_SUFFIXES = (".txt", ".md")  # plain text: one document per file (ftcluster prepare-data only)
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 
 Example = tuple[list[int], list[int]]
@@ -41,8 +43,8 @@ def _strip_compression(path: str) -> str:
     return path
 
 
-def file_format_of(path: str, file_format: str = "auto") -> str:
-    """'jsonl' or 'parquet' for one file (by extension when file_format is auto)."""
+def file_format_of(path: str, file_format: str = "auto", text_files: bool = False) -> str:
+    """'jsonl', 'parquet' (or, with ``text_files``, 'text') for one file, by extension when file_format is auto."""
     if file_format != "auto":
         return file_format
     base = _strip_compression(path.lower())
@@ -50,20 +52,32 @@ def file_format_of(path: str, file_format: str = "auto") -> str:
         return "parquet"
     if base.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise TrainError(f"{path}: cannot tell the file format from the extension; name it .jsonl or .parquet, "
+    if text_files and base.endswith(TEXT_SUFFIXES):
+        return "text"
+    kinds = ".jsonl, .parquet, .txt or .md" if text_files else ".jsonl or .parquet"
+    raise TrainError(f"{path}: cannot tell the file format from the extension; name it {kinds}, "
                      "or set data.file_format")
 
 
-def resolve_files(uri: str, file_format: str = "auto",
-                  storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
-    """The filesystem and the sorted data files that ``uri`` (a file, a folder or a glob) names."""
+def _suffixes(file_format: str, text_files: bool) -> tuple[str, ...]:
+    by_format = {"jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES, "text": TEXT_SUFFIXES}
+    if file_format in by_format:
+        return by_format[file_format]
+    return JSONL_SUFFIXES + PARQUET_SUFFIXES + (TEXT_SUFFIXES if text_files else ())
+
+
+def resolve_files(uri: str, file_format: str = "auto", storage_options: dict[str, Any] | None = None,
+                  text_files: bool = False) -> tuple[Any, list[str]]:
+    """The filesystem and the sorted data files that ``uri`` (a file, a folder or a glob) names.
+
+    ``text_files``: a folder's .txt/.md files count too (``ftcluster prepare-data``; training reads records only).
+    """
     fs, path = fs_and_path(uri, storage_options)
     try:
         if any(c in path for c in "*?["):
             files = sorted(p for p, i in fs.glob(path, detail=True).items() if i.get("type") == "file")
         elif fs.isdir(path):
-            exts = JSONL_SUFFIXES + PARQUET_SUFFIXES if file_format == "auto" else (
-                JSONL_SUFFIXES if file_format == "jsonl" else PARQUET_SUFFIXES)
+            exts = _suffixes(file_format, text_files)
             files = sorted(p for p in fs.find(path) if _strip_compression(p.lower()).endswith(exts))
         elif fs.isfile(path):
             files = [path]
@@ -75,32 +89,47 @@ def resolve_files(uri: str, file_format: str = "auto",
         raise TrainError(f"{uri}: cannot list the data: {one_line(exc)}; check the URI, endpoint and "
                          "credentials") from exc
     if not files:
-        raise TrainError(f"{uri}: no .jsonl or .parquet files match")
+        kinds = ".jsonl, .parquet, .txt or .md" if text_files else ".jsonl or .parquet"
+        raise TrainError(f"{uri}: no {kinds} files match")
     return fs, files
 
 
 def load_records(uri: str, file_format: str = "auto",
                  storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every record of every file that ``uri`` names, in file order then line order."""
-    fs, files = resolve_files(uri, file_format, storage_options)
-    records: list[dict[str, Any]] = []
+    return list(iter_records(uri, file_format, storage_options))
+
+
+def iter_records(uri: str, file_format: str = "auto", storage_options: dict[str, Any] | None = None, *,
+                 text_field: str = "text", text_files: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of :func:`load_records`, one at a time (one file open at once); with ``text_files`` a
+    .txt/.md file is one record ``{text_field: its text}``."""
+    fs, files = resolve_files(uri, file_format, storage_options, text_files)
     for path in files:
         shown = fs.unstrip_protocol(path) if "://" in uri else path
-        fmt = file_format_of(path, file_format)
-        try:
-            if fmt == "parquet":
-                records.extend(_read_parquet(fs, path, shown))
-            else:
-                records.extend(_read_jsonl(fs, path, shown))
-        except TrainError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise TrainError(f"{shown}: cannot read as {fmt}: {one_line(exc)}") from exc
-    return records
+        fmt = file_format_of(path, file_format, text_files)
+        yield from file_records(fs, path, fmt, shown, text_field)
 
 
-def _read_jsonl(fs: Any, path: str, shown: str) -> Iterator[dict[str, Any]]:
-    with fs.open(path, "rb", compression="infer") as fh:
+def file_records(fs: Any, path: str, fmt: str, shown: str, text_field: str = "text",
+                 fh: Any = None) -> Iterator[dict[str, Any]]:
+    """The records of one file, streamed (a parquet file by record batch); ``fh``: an open binary file to
+    read instead of opening ``path`` (already decompressed for jsonl and text)."""
+    try:
+        if fmt == "parquet":
+            yield from _read_parquet(fs, path, shown, fh)
+        elif fmt == "text":
+            yield {text_field: _read_text(fs, path, shown, fh)}
+        else:
+            yield from _read_jsonl(fs, path, shown, fh)
+    except TrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TrainError(f"{shown}: cannot read as {fmt}: {one_line(exc)}") from exc
+
+
+def _read_jsonl(fs: Any, path: str, shown: str, fh: Any = None) -> Iterator[dict[str, Any]]:
+    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb", compression="infer")) as fh:
         for lineno, raw in enumerate(fh, 1):
             line = raw.strip()
             if not line:
@@ -114,11 +143,21 @@ def _read_jsonl(fs: Any, path: str, shown: str) -> Iterator[dict[str, Any]]:
             yield rec
 
 
-def _read_parquet(fs: Any, path: str, shown: str) -> list[dict[str, Any]]:
+def _read_parquet(fs: Any, path: str, shown: str, fh: Any = None) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh).to_pylist()
+    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb")) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+
+def _read_text(fs: Any, path: str, shown: str, fh: Any = None) -> str:
+    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb", compression="infer")) as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"{shown}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
 
 
 # ----------------------------------------------------------------------------- examples

@@ -12,12 +12,13 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError
 from ..storage.fetch import fetch_dir, file_lock
-from .data import instruction_prompt, load_records
+from .data import instruction_prompt, iter_records
 
 log = logging.getLogger("ftcluster.train")
 
@@ -88,7 +89,7 @@ def _finish(tok: Any, fmt: str) -> Any:
 # ----------------------------------------------------------------------------- training
 
 
-def training_texts(records: list[dict[str, Any]], data_spec: Any) -> list[str]:
+def training_texts(records: Iterable[dict[str, Any]], data_spec: Any) -> list[str]:
     """The texts a BPE is trained on: what the model will read, formatted as the data format says."""
     f, fmt = data_spec.fields, data_spec.format
     texts: list[str] = []
@@ -118,7 +119,11 @@ def train_tokenizer(spec: Any, vocab_size: int, cache_dir: Path) -> Any:
     if vocab_size < 256 + len(specials):
         raise TrainError(f"tokenizer.train_vocab_size: a byte-level BPE needs at least {256 + len(specials)} "
                          f"tokens (256 bytes + {len(specials)} special); got {vocab_size}")
-    texts = training_texts(load_records(ds.train, ds.file_format, ds.storage_options), ds)
+    # Streamed: training_texts stops at MAX_TRAIN_CHARS, so a large corpus is never held whole. The copy of
+    # the spec `ftcluster prepare-data` trains on reads the raw source (data.prepare), .txt/.md files included.
+    records = iter_records(ds.train, ds.file_format, ds.storage_options, text_field=ds.fields.text,
+                           text_files=ds.prepare is not None)
+    texts = training_texts(records, ds)
     h = hashlib.sha256(f"{FORMAT_VERSION}|{vocab_size}|{ds.format}|".encode())
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))

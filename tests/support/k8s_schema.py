@@ -32,7 +32,7 @@ CRD_FILES = {
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
     ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml",
 }
-CORE_KINDS = {("v1", "ConfigMap"), ("v1", "PodTemplate")}
+CORE_KINDS = {("v1", "ConfigMap"), ("v1", "PodTemplate"), ("batch/v1", "Job")}  # Job: prepare-data
 # The oldest Kubernetes Trainer v2 supports (its install guide asks for >= 1.31), and the newest
 # version kubernetes-validate knows.
 K8S_VERSIONS = ("1.31", "latest")

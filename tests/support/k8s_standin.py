@@ -8,7 +8,9 @@ three such endpoints, and this server speaks only those, in the wire format kube
 - ``GET /api/v1/namespaces/NS/pods/NAME/log?container=C[&follow=true]``: the log text, streamed
   until the test marks the pod finished when following;
 - ``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews``: allowed or not by the rules of a
-  Role (the one in manifests/team/role.yaml unless a test gives others).
+  Role (the one in manifests/team/role.yaml unless a test gives others);
+- ``POST /apis/batch/v1/namespaces/NS/jobs``: the prepare-data Job, created as sent (recorded in ``jobs`` with
+  its query), since the CRD-only server has no batch/v1.
 
 ``canned`` answers chosen requests with a fixed status and kube-apiserver's own Status body, so
 the forbidden / unknown-namespace error paths can be tested. Nothing else is served (404).
@@ -57,6 +59,7 @@ class StandIn:
         self.pods: list[Pod] = []
         self.canned: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
         self.reviews: list[dict[str, Any]] = []
+        self.jobs: list[tuple[dict[str, str], dict[str, Any]]] = []  # (query, body) of each Job created
         handler = type("Handler", (_Handler,), {"standin": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
@@ -117,6 +120,10 @@ class _Handler(BaseHTTPRequestHandler):
             allowed = rule_allows(self.standin.rules, attrs.get("group", ""), resource, attrs["verb"])
             self.standin.reviews.append(attrs)
             return self._send(201, {**body, "status": {"allowed": allowed}})
+        parts = url.path.strip("/").split("/")
+        if parts[:4] == ["apis", "batch", "v1", "namespaces"] and len(parts) == 6 and parts[5] == "jobs":
+            self.standin.jobs.append(({k: v[-1] for k, v in parse_qs(url.query).items()}, body))
+            return self._send(201, {**body, "metadata": {**body.get("metadata", {}), "uid": "job-uid"}})
         self._send(404, status_body(404, "NotFound", "the server could not find the requested resource"))
 
     def _pods(self, ns: str, selector: str) -> None:

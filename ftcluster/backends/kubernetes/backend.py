@@ -106,6 +106,39 @@ class KubernetesBackend(Backend):
         # platform-owned (manifests/base), applied once by someone allowed to.
         return SubmitRequest("kubernetes", run_id, run_dir, argv, {job_file: files[job_file]}, {}, None, meta)
 
+    def prepare_dryrun(self, pp: Any, run_id: str | None = None) -> SubmitRequest:
+        """``ftcluster prepare-data --submit``: the batch/v1 indexed Job and the equivalent kubectl command;
+        contacts nothing."""
+        from ...render import render_prepare
+
+        spec = pp.spec
+        files = render_prepare(pp, "pytorchjob")  # any Kubernetes target: the prepare job is a batch/v1 Job
+        (job_file, _), = files.items()
+        argv = ["kubectl", "create", "--validate=strict", "-f", job_file]
+        if self.context:
+            argv[1:1] = ["--context", self.context]
+        meta = {"name": pp.name, "kind": "Job", "namespace": spec.kubernetes.namespace, "job_file": job_file,
+                "spec_hash": pp.hash, "output_uri": spec.data.train, "queue": spec.kubernetes.queue}
+        run_id = run_id or new_run_id(pp.name)
+        return SubmitRequest("kubernetes", run_id, self.new_run_dir(spec, run_id), argv, files, {}, None, meta)
+
+    def schedule_prepare(self, req: SubmitRequest) -> RunStatus:
+        """Create the prepare Job (batch/v1, field validation Strict). No run folder: ``ftcluster status``
+        follows Kubeflow jobs only; follow it with ``kubectl get job`` (the status's message says how).
+        Needs ``create`` on ``batch/jobs``, which the least-privilege Role in manifests/team does not grant
+        (docs/data.md)."""
+        from kubernetes import client
+
+        conn, ns, name = self._conn(), req.meta["namespace"], req.meta["name"]
+        try:
+            client.BatchV1Api(conn.api).create_namespaced_job(ns, cast(Any, self._body(req)), field_validation="Strict",
+                                                              field_manager="ftcluster", _request_timeout=TIMEOUT)
+        except Exception as exc:
+            raise api_error(exc, conn, "create", resource="jobs.batch", namespace=ns, name=name) from None
+        return RunStatus(req.run_id, "kubernetes", name, "PENDING", "", job_id=f"{ns}/{name}",
+                         submitted_at=time.time(), spec_hash=req.meta["spec_hash"], output_uri=req.meta["output_uri"],
+                         message=f"follow it: kubectl -n {ns} get job {name}; kubectl -n {ns} logs -f job/{name}")
+
     def _body(self, req: SubmitRequest) -> dict[str, Any]:
         """The object in the job file, parsed from the very text a GitOps user would commit."""
         from ruamel.yaml import YAML

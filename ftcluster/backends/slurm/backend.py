@@ -116,16 +116,28 @@ class SlurmBackend(Backend):
         """The sbatch command and script, with no side effects."""
         from ...render import render_plan
 
-        spec = plan.spec
-        files = render_plan(plan, "slurm")
-        (script_name, script), = files.items()
-        run_id = run_id or new_run_id(spec.name)
+        return self._sbatch_request(plan.spec, plan.spec.name, render_plan(plan, "slurm"), list(plan.variants),
+                                    plan.log_pattern, plan.output_uri, plan.hash, run_id)
+
+    def prepare_dryrun(self, pp: Any, run_id: str | None = None) -> SubmitRequest:
+        """``ftcluster prepare-data --submit``: the sbatch command and job array script (one task per
+        ``data.prepare.tasks``, followed like a job array of variants ``task-N``), no side effects."""
+        from ...render import render_prepare
+
+        return self._sbatch_request(pp.spec, pp.name, render_prepare(pp, "slurm"),
+                                    [f"task-{i}" for i in range(pp.tasks)], pp.log_pattern, pp.spec.data.train,
+                                    pp.hash, run_id)
+
+    def _sbatch_request(self, spec: Any, name: str, files: dict[str, str], variants: list[str], log_pattern: str,
+                        output_uri: str, spec_hash: str, run_id: str | None) -> SubmitRequest:
+        (script_name, _), = files.items()
+        run_id = run_id or new_run_id(name)
         run_dir = self.new_run_dir(spec, run_id)
         argv = ["sbatch", "--parsable"]
-        meta = {"name": spec.name, "script": script_name, "login": spec.slurm.login,
-                "variants": list(plan.variants), "sbatch_args": [], "output_pattern": plan.log_pattern,
-                "output_uri": plan.output_uri, "env_passthrough": list(spec.slurm.env_passthrough),
-                "spec_hash": plan.hash, "spec_file": _spec_file(spec)}
+        meta = {"name": name, "script": script_name, "login": spec.slurm.login,
+                "variants": variants, "sbatch_args": [], "output_pattern": log_pattern,
+                "output_uri": output_uri, "env_passthrough": list(spec.slurm.env_passthrough),
+                "spec_hash": spec_hash, "spec_file": _spec_file(spec)}
         if spec.slurm.login:  # what runs, in short: ssh LOGIN bash -lc 'exec sbatch --parsable' < script
             return SubmitRequest("slurm", run_id, run_dir, ["ssh", spec.slurm.login, *argv], files, {}, os.getcwd(),
                                  meta, stdin_file=script_name)
