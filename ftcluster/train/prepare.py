@@ -47,6 +47,7 @@ from ..corpus.format import (
     join,
     put_json,
     shard_name,
+    tokenizer_fingerprint,
     write_shard,
 )
 from ..errors import TrainError
@@ -120,12 +121,12 @@ def list_sources(source: str, file_format: str, storage_options: dict[str, Any])
 # ----------------------------------------------------------------------------- prepare.json
 
 
-def _fingerprint(tok: Any) -> str:
-    """The tokenizer's identity: its full serialization and size.
-    TODO(lead): swap for ftcluster.train.tokenizer.tokenizer_fingerprint when it lands (#20, section 3)."""
-    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
-    h.update(str(len(tok)).encode())
-    return h.hexdigest()
+def _fingerprint(folder: Path, spec: Any) -> str:
+    """The tokenizer's identity as training will see it: loaded back from the folder saved with the
+    corpus, the way a run loads it (:func:`ftcluster.train.stream.load_corpus_tokenizer`)."""
+    from .tokenizer import load_tokenizer_folder
+
+    return tokenizer_fingerprint(load_tokenizer_folder(folder, spec, "the prepared tokenizer"))
 
 
 def plan_record(job: Job, fingerprint: str, vocab_size: int) -> dict[str, Any]:
@@ -485,10 +486,11 @@ def run_task(spec: Any, task: int = 0, tasks: int = 1, workers: int = 1,
     _, sources = list_sources(p.source, p.file_format, ds.storage_options)
     cache_dir = Path(cache_dir or os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
     tok = load_or_train_tokenizer(prepare_spec(spec), cache_dir / "tokenizers")
-    fingerprint, vocab = _fingerprint(tok), len(tok)
+    vocab = len(tok)
     fs, root = fs_and_path(ds.train, ds.storage_options)
     with tempfile.TemporaryDirectory(prefix="ftc-prepare-tok-") as tmp:
         tok.save_pretrained(tmp)
+        fingerprint = _fingerprint(Path(tmp), spec)
         job = Job(corpus=ds.train, storage_options=dict(ds.storage_options), sources=tuple(sources),
                   file_format=p.file_format, text_field=ds.fields.text, shard_tokens=p.shard_tokens,
                   dtype=dtype_for(vocab), tokenizer_dir=tmp, bos=tok.bos_token_id, eos=tok.eos_token_id)
