@@ -109,11 +109,20 @@ class PipelineBackend(Backend):
         req = PipelineRequest(pipe.name, run_id, run_dir)
         header = header_lines(None, "slurm", pipeline_command(pipe, "slurm"))
         for stage in pipe.stages:
-            plan = self.slurm.compile(stage.spec)
-            sreq = record_outputs(self.slurm.submit_dryrun(plan, run_id=f"{run_id}/{stage.name}"), stage.spec)
-            sreq.run_dir = run_dir / stage.name  # its own outputs.json: api.run_output(<run folder>/<stage>)
-            script = sreq.meta["script"]
-            sreq.files[script] = render_plan(plan, "slurm", header=header)[script]  # names the pipeline file
+            if stage.prepares:
+                from ..plan.prepare import compile_prepare
+                from ..render.pipeline import render_prepare_stage
+
+                sreq = self.slurm.prepare_dryrun(compile_prepare(stage.spec), run_id=f"{run_id}/{stage.name}")
+                sreq.run_dir = run_dir / stage.name
+                script = sreq.meta["script"]
+                sreq.files[script] = render_prepare_stage(stage.spec, "slurm", header)[script]
+            else:
+                plan = self.slurm.compile(stage.spec)
+                sreq = record_outputs(self.slurm.submit_dryrun(plan, run_id=f"{run_id}/{stage.name}"), stage.spec)
+                sreq.run_dir = run_dir / stage.name  # its own outputs.json: api.run_output(<run folder>/<stage>)
+                script = sreq.meta["script"]
+                sreq.files[script] = render_plan(plan, "slurm", header=header)[script]  # names the pipeline file
             sreq.meta["sbatch_args"] = _sbatch_args([f"<job id of {a}>" for a in stage.after])
             sbatch = ["sbatch", "--parsable", *sreq.meta["sbatch_args"]]
             login = sreq.meta["login"]

@@ -90,7 +90,8 @@ def local_problems(spec: Any, doc: Any) -> list[Problem]:
         else:
             why = input_problem(local, shown)
             fix = f"check the path of the {what}"
-            if path == ("data", "train") and (spec.data.prepare is not None or spec.data.streaming):
+            if path == ("data", "train") and (spec.data.prepare is not None or spec.data.streaming) \
+                    and spec._corpus_from is None:  # a pipeline stage prepares it first
                 why, fix = _corpus_problem(local, shown, spec)
         if why:
             found.append((path, f"{why}; {fix}{resolved_note(spec, '.'.join(path), local)}"))

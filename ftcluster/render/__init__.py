@@ -102,14 +102,16 @@ def default_target(spec: Any) -> str:
     return registered(spec)
 
 
-def render_prepare(pp: Any, target: str | None = None) -> dict[str, str]:
+def render_prepare(pp: Any, target: str | None = None, header: list[str] | None = None) -> dict[str, str]:
     """The ``ftcluster prepare-data`` job of a :class:`~ftcluster.plan.prepare.PreparePlan`: a Slurm job array
-    script, or (any Kubernetes target) a batch/v1 indexed Job. Pure, like :func:`render`."""
+    script, or (any Kubernetes target) a batch/v1 indexed Job. Pure, like :func:`render`. ``header``:
+    the header lines (a pipeline's name its own command), default the prepare-data command."""
     spec = pp.spec
     target = target or default_target(spec)
-    command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target,
-                          ("prepare-data", "--dry-run", "--submit"))
-    header = header_lines(spec, target, command)
+    if header is None:
+        command = command_for(spec._source_file or "job.yaml", getattr(spec, "_overrides", ()), target,
+                              ("prepare-data", "--dry-run", "--submit"))
+        header = header_lines(spec, target, command)
     if target == "slurm":
         from .slurm import render_prepare_slurm
 

@@ -27,12 +27,22 @@ def render_pipeline(pipe: Pipeline, target: str | None = None) -> dict[str, str]
     scripts: dict[str, str] = {}
     for stage in pipe.stages:
         header = header_lines(stage.spec, target, pipeline_command(pipe, target))
-        for name, text in render(stage.spec, target, header=header).items():
+        rendered = render_prepare_stage(stage.spec, target, header) if stage.prepares else \
+            render(stage.spec, target, header=header)
+        for name, text in rendered.items():
             files[f"{stage.name}/{name}"] = text
             scripts[stage.name] = f"{stage.name}/{name}"
     if target == "slurm":
         files[SUBMIT_SCRIPT] = submit_script(pipe, scripts, header_lines(None, target, pipeline_command(pipe, target)))
     return files
+
+
+def render_prepare_stage(spec, target: str, header: list[str]) -> dict[str, str]:
+    """A ``run: prepare-data`` stage's job: a Slurm job array script or a Kubernetes indexed Job."""
+    from ..plan.prepare import compile_prepare
+    from . import render_prepare
+
+    return render_prepare(compile_prepare(spec), target, header=header)
 
 
 def dependency_args(after_ids: list[str]) -> list[str]:

@@ -40,6 +40,11 @@ class Stage:
     model_from: str | None
     spec_file: str
     sets: dict[str, Any] = field(default_factory=dict)  # the stage's own `set`, as applied
+    run: str = "train"  # or "prepare-data": the job tokenizes the spec's data.prepare.source into data.train
+
+    @property
+    def prepares(self) -> bool:
+        return self.run == "prepare-data"
 
 
 @dataclass
@@ -151,6 +156,8 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
     if st.model_from:
         upstream = next((s for s in done if s.name == st.model_from), None)
         uri, why = model_source(upstream.spec) if upstream else (None, "")
+        if upstream is not None and upstream.prepares:
+            uri, why = None, "it prepares a corpus (run: prepare-data) and trains no model"
         if why:
             problems.append(problem_at(doc, where + ("model_from",), f"cannot take the model of stage {st.model_from!r}: {why}"))
         elif uri and upstream is not None:
@@ -187,9 +194,17 @@ def _load_stage(doc: LoadedDoc, i: int, st: Any, done: list[Stage], overrides: l
     if problems:
         return None, problems
     name = st.name or spec.name
-    deps: list[str] = [*st.after, *([st.model_from] if st.model_from else [])]
+    if st.run == "prepare-data" and spec.data.prepare is None:
+        return None, [problem_at(doc, where + ("run",), f"{file} has no data.prepare: add data.prepare.source (the raw "
+                                                     "corpus to tokenize into data.train), or drop `run: prepare-data`")]
+    # A stage training on a corpus an earlier stage prepares waits for it, as model_from implies `after`.
+    preparers = [s.name for s in done if s.prepares and s.spec.data.train == spec.data.train] \
+        if st.run == "train" else []
+    if preparers or st.run == "prepare-data":
+        spec._corpus_from = preparers[-1] if preparers else name
+    deps: list[str] = [*st.after, *([st.model_from] if st.model_from else []), *preparers]
     after = tuple(dict.fromkeys(deps))
-    return Stage(name, spec, after, st.model_from, file, applied), []
+    return Stage(name, spec, after, st.model_from, file, applied, st.run), []
 
 
 def precedence(spec: Any, stage: Stage | None = None, pipeline_file: str | None = None) -> list[str]:
@@ -216,6 +231,9 @@ def _point_model_at(data: dict[str, Any], uri: str, storage_options: dict[str, A
     if not model.get("storage_options") and storage_options:
         model["storage_options"] = dict(storage_options)
     data["model"] = model
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict):  # the upstream model's own tokenizer (added tokens included), not a new one
+        tok.pop("train_vocab_size", None)
 
 
 def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> list[Problem]:
@@ -240,8 +258,8 @@ def _check_links(doc: LoadedDoc, i: int, stage: Stage, done: list[Stage]) -> lis
         problems.append(problem_at(doc, where + ("spec",), f"this stage runs on backend {stage.spec.backend} but stage "
                                                            f"{done[0].name!r} on {done[0].spec.backend}; a pipeline runs on "
                                                            "one backend: set the same backend in every stage spec"))
-    mine = [stage.spec.output.uri] + [v.output.uri for v in resolve_variants(stage.spec)]
-    for other in done:
+    mine = [] if stage.prepares else [stage.spec.output.uri] + [v.output.uri for v in resolve_variants(stage.spec)]
+    for other in (d for d in done if not d.prepares):
         theirs = {other.spec.output.uri} | {v.output.uri for v in resolve_variants(other.spec)}
         clash = [u for u in mine if u in theirs]
         if clash:
@@ -267,6 +285,11 @@ def describe(pipe: Pipeline) -> str:
     parts = []
     for s in pipe.stages:
         r = s.spec.resources
+        if s.prepares:
+            tasks = s.spec.data.prepare.tasks
+            parts.append(f"{s.name} (prepare-data, {tasks} task{'s' if tasks > 1 else ''}"
+                         + (f", after {','.join(s.after)})" if s.after else ")"))
+            continue
         bits = [f"{s.spec.method}", f"{r.nodes}x{r.nproc_per_node}"]
         if s.spec.variants:
             bits.append(f"{len(s.spec.variants)} variants")

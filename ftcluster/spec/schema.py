@@ -640,6 +640,7 @@ class _JobBase(_Model):
     _source_file: str | None = PrivateAttr(None)
     _overrides: tuple[str, ...] = PrivateAttr(())
     _variant: str | None = PrivateAttr(None)  # set on a resolved variant spec (ftcluster.spec.variants)
+    _corpus_from: str | None = PrivateAttr(None)  # the pipeline stage that prepares data.train (ftcluster.spec.pipeline)
     _resolved: tuple[Any, ...] | None = PrivateAttr(None)  # resolved variant specs, cached by ftcluster.spec.variants
     # {dotted field: folder} of the relative paths a file wrote, rewritten against the cwd (ftcluster.spec.relpaths)
     _path_folders: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -743,8 +744,9 @@ class PipelineStage(_Model):
     name: str | None = Field(None, description="Stage name (DNS-1035 label) that `after` and `model_from` refer to; default the job's name.")
     spec: str = Field(..., description="Job spec file, relative to the pipeline file.")
     after: list[str] = Field(default_factory=_empty_list, description="Stages that must succeed before this one starts (Slurm afterok; every task of an array).")
-    model_from: str | None = Field(None, description="Train on the model an earlier stage produces: sets model.path to its <output.uri>/final (full) or <output.uri>/merged (LoRA with merge_at_end); implies `after`.")
+    model_from: str | None = Field(None, description="Train on the model an earlier stage produces: sets model.path to its <output.uri>/final (full) or <output.uri>/merged (LoRA with merge_at_end), whose tokenizer it uses (a tokenizer.train_vocab_size of the stage spec is dropped); implies `after`.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides for this stage's spec as dotted field paths, e.g. {training.max_steps: 100}.")
+    run: Literal["train", "prepare-data"] = Field("train", description="`train` the spec, or `prepare-data`: tokenize its data.prepare.source into its data.train as its own job (a Slurm array of data.prepare.tasks tasks) before the stages that train on that corpus, which wait for it without an `after`.")
 
     @field_validator("name")
     @classmethod

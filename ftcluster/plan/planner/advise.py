@@ -364,6 +364,8 @@ def stage_specs(spec: Any, network: bool = False) -> list[tuple[Any, ModelShape 
     shapes: dict[str, ModelShape | None] = {}
     out = []
     for st in spec.stages:
+        if st.prepares:  # tokenizing on CPUs: nothing for the GPU planner
+            continue
         shape = shapes.get(st.model_from) if st.model_from else None
         shape = shape or spec_shape(st.spec, network=network)
         shapes[st.name] = shape

@@ -103,7 +103,7 @@ def test_stage_set_errors_point_at_the_pipeline_file(tmp_path):
         """)
     msgs = problems(path)
     assert msgs == ["pipe.yaml:8:5: stages[1].stagez: unknown field 'stagez'; valid fields: after, model_from, name, "
-                    "set, spec"]
+                    "run, set, spec"]
     path.write_text(path.read_text().replace("    stagez: 1\n", ""))
     msgs = problems(path)
     assert msgs[0] == "pipe.yaml:5:11: stages[0].set.training.learning_rate: Input should be greater than 0 (got -1)"
@@ -195,3 +195,95 @@ def test_pipeline_schema_matches_committed_file():
     assert res.stdout == (ROOT / "docs" / "ftcluster-pipeline.schema.json").read_text(), (
         "docs/ftcluster-pipeline.schema.json is stale: run `ftcluster schema --pipeline -o "
         "docs/ftcluster-pipeline.schema.json`")
+
+
+CPT = """\
+name: cpt
+method: full
+backend: slurm
+model: {random_init: {preset: tiny}}
+tokenizer: {train_vocab_size: 512}
+data:
+  train: corpus
+  format: text
+  seq_len: 64
+  prepare: {source: raw, tasks: 3}
+output: {uri: file:///tmp/ftc-pipe/cpt}
+"""
+
+PREPARED = """\
+pipeline: cpt-domain
+stages:
+  - name: corpus
+    spec: cpt.yaml
+    run: prepare-data
+  - name: train
+    spec: cpt.yaml
+  - spec: lora.yaml
+    model_from: train
+"""
+
+
+def test_a_prepare_stage_runs_before_the_stages_that_train_on_its_corpus(tmp_path):
+    pipe = load(write(tmp_path, PREPARED, **{"cpt.yaml": CPT}))  # corpus/ does not exist yet: it is made first
+    corpus, train, adapters = pipe.stages
+    assert (corpus.prepares, train.prepares) == (True, False)
+    assert train.after == ("corpus",) and adapters.after == ("train",)  # implied, as model_from implies after
+    assert train.spec._corpus_from == "corpus" and adapters.spec._corpus_from is None
+    assert adapters.spec.model.path == "file:///tmp/ftc-pipe/cpt/final"
+    from ftcluster.spec.pipeline import describe
+
+    assert describe(pipe).startswith("pipeline cpt-domain, backend slurm: corpus (prepare-data, 3 tasks) -> train "
+                                     "(full, 1x1, after corpus)")
+
+
+def test_prepare_stage_mistakes_are_located(tmp_path):
+    path = write(tmp_path, PREPARED.replace("model_from: train", "model_from: corpus"), **{"cpt.yaml": CPT})
+    msgs = problems(path)
+    assert msgs == ["pipe.yaml:9:5: stages[2].model_from: cannot take the model of stage 'corpus': it prepares a "
+                    "corpus (run: prepare-data) and trains no model"]
+    path = write(tmp_path, PREPARED, **{"cpt.yaml": CPT.replace("  prepare: {source: raw, tasks: 3}\n", "")})
+    msgs = problems(path)
+    assert msgs == ["pipe.yaml:5:5: stages[0].run: cpt.yaml has no data.prepare: add "
+                    "data.prepare.source (the raw corpus to tokenize into data.train), or drop `run: prepare-data`"]
+
+
+def test_model_from_uses_the_upstream_tokenizer(tmp_path):
+    lora = LORA.replace("  hub_id: org/unused      # replaced by model_from\n", "  random_init: {preset: tiny}\n")
+    pipe = load(write(tmp_path, GOOD, **{"lora.yaml": lora + "tokenizer: {train_vocab_size: 512}\n"}))
+    assert pipe.stages[1].spec.tokenizer.train_vocab_size is None  # the cpt model's tokenizer, added tokens included
+
+
+def test_a_prepare_stage_renders_and_submits_as_a_job_array_first(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ftcluster.backends.pipeline import PipelineBackend
+    from ftcluster.backends.slurm.backend import SlurmBackend
+
+    monkeypatch.setenv("FTCLUSTER_HOME", str(tmp_path / "home"))
+    pipe = load(write(tmp_path, PREPARED, **{"cpt.yaml": CPT}))
+    files = render_pipeline(pipe, "slurm")
+    assert sorted(files) == ["adapters/adapters.sbatch", "corpus/cpt-prepare.sbatch", "submit-pipeline.sh",
+                             "train/cpt.sbatch"]
+    assert "#SBATCH --array=0-2\n" in files["corpus/cpt-prepare.sbatch"]
+    assert "-m ftcluster.train.prepare" in files["corpus/cpt-prepare.sbatch"]
+    script = files["submit-pipeline.sh"]
+    assert script.index("corpus/cpt-prepare.sbatch") < script.index('"--dependency=afterok:${id0}" '
+                                                                    "--kill-on-invalid-dep=yes train/cpt.sbatch")
+    kube = render_pipeline(load(write(tmp_path, PREPARED, **{"cpt.yaml": CPT + "kubernetes: {image: i:1}\n"}),
+                                ["kubernetes.image=i:1"]), "pytorchjob")
+    assert "kind: Job\n" in kube["corpus/cpt-prepare.yaml"] and "completionMode: Indexed" in kube["corpus/cpt-prepare.yaml"]
+    assert "kind: PyTorchJob" in kube["train/cpt.yaml"]
+
+    calls = []
+
+    def sbatch(argv, stdin=None, env=None):
+        calls.append((argv, stdin or ""))
+        return SimpleNamespace(returncode=0, stdout=f"{100 + len(calls)}\n", stderr="")
+
+    backend = PipelineBackend(slurm=SlurmBackend(runner=sbatch))
+    st = backend.schedule(backend.submit_dryrun(pipe))
+    sb = [(argv, script) for argv, script in calls if argv[0] == "sbatch"]
+    assert "--hold" in sb[0][0] and "#SBATCH --array=0-2" in sb[0][1] and "ftcluster.train.prepare" in sb[0][1]
+    assert "--dependency=afterok:101" in sb[1][0] and "ftcluster.train.launch" in sb[1][1]
+    assert st.state == "PENDING" and [t["name"] for t in st.tasks] == ["corpus", "train", "adapters"]
