@@ -130,3 +130,35 @@ def test_deepspeed_checkpoints_refuse_another_number_of_processes(tmp_path, corp
     rc, log = finish(launch(payload, 1, cache_dir, tmp_path))
     assert rc != 0
     assert "written by 2 processes, this run has 1, and its engine cannot change the number of processes" in log
+
+
+def test_cpt_example_prepared_to_s3_and_trained_from_it_through_the_local_backend(tmp_path, s3):
+    """examples/cpt-domain.yaml with its corpus on S3 (moto): prepare-data writes it there, `submit --wait`
+    streams it with the local backend (2 processes, DeepSpeed ZeRO-2) and publishes the final model."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    root = Path(__file__).resolve().parents[2]
+    raw = tmp_path / "raw"
+    subprocess.run([sys.executable, str(root / "examples" / "cpt" / "make_corpus.py"), str(raw), "--mb", "1",
+                    "--files", "3"], check=True)
+    sets = [f"data.prepare.source={raw}", f"data.train={s3.uri('corpora/caselaw')}",
+            f"data.storage_options={json.dumps(s3.storage_options)}", f"output.uri={tmp_path / 'out'}",
+            "training.max_steps=12", "output.checkpoint_every_steps=6"]
+    args = [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "FTCLUSTER_HOME": str(tmp_path / "home"), "FTCLUSTER_CACHE": str(tmp_path / "cache")}
+
+    def ftc(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftcluster.cli", *argv], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    prep = ftc("prepare-data", "examples/cpt-domain.yaml", *args)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    assert f"{s3.uri('corpora/caselaw')}: " in prep.stdout + prep.stderr
+    run = ftc("submit", "examples/cpt-domain.yaml", *args, "--wait")
+    assert run.returncode == 0 and "SUCCEEDED" in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "done: step 12" in run.stdout
+    final = json.loads((tmp_path / "out" / "final" / "manifest.json").read_text())
+    assert {"model.safetensors", "tokenizer.json"} <= set(final["files"])
