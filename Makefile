@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DS_SPEC ?= deepspeed==0.19.8
 
-.PHONY: setup quickstart test test-fast lint schema manifests golden bench clean
+.PHONY: setup quickstart cpt-example test test-fast lint schema manifests golden bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: setup
 	$(VENV)/bin/ftcluster submit examples/quickstart.yaml --wait
+
+# Continual pre-training on a generated 20 MB case-law corpus: prepared once, then streamed (docs/data.md).
+cpt-example: setup
+	$(PY) examples/cpt/make_corpus.py out/cpt/raw --mb 20
+	$(VENV)/bin/ftcluster prepare-data examples/cpt-domain.yaml
+	$(VENV)/bin/ftcluster submit examples/cpt-domain.yaml --wait
 
 test: setup
 	bash .ci/test.sh
