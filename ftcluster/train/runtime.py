@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class Trainer:
         self.cache_dir = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         self.state = TrainState()
         self.resumed_step: int | None = None  # the step of the checkpoint resumed from
+        self.started = time.monotonic()  # the process's set-up starts
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
@@ -69,7 +71,15 @@ class Trainer:
         else:
             self.tokenizer = load_or_train_tokenizer(spec, self.cache_dir / "tokenizers")
         self.startup_boundary("loading the tokenizer")
+        began = time.monotonic()
         self.data = build_data(spec, self.tokenizer, ctx, streams)
+        self.data_ready_s = time.monotonic() - began
+        if streams:
+            m = self.data.train.manifest  # type: ignore[attr-defined]
+            log.info("data: streaming %s: %s tokens in %d shards; ready in %.2f s", spec.data.train, f"{m.tokens:,}",
+                     len(m.shards), self.data_ready_s)
+        else:
+            log.info("data: read, tokenized and packed in %.2f s", self.data_ready_s)
         self.startup_boundary("loading the data")
         self.total_steps = total_steps_for(spec, self.data.batches_per_epoch)
         dtype = M.compute_dtype(spec.training.precision, ctx.device)
@@ -159,9 +169,11 @@ class Trainer:
             mark_finished()
             return 0
         per_epoch = self.data.batches_per_epoch
-        log.info("training %d optimizer steps from step %d (%s of %d per process%s, gradient accumulation %d)",
-                 self.total_steps, state.step, "a stream of batches" if per_epoch is None else f"{per_epoch} batches",
-                 tr.micro_batch_size, "" if per_epoch is None else " per epoch", tr.gradient_accumulation_steps)
+        log.info("training %d optimizer steps from step %d (%s of %d per process%s, gradient accumulation %d); "
+                 "set-up took %.1f s", self.total_steps, state.step,
+                 "a stream of batches" if per_epoch is None else f"{per_epoch} batches", tr.micro_batch_size,
+                 "" if per_epoch is None else " per epoch", tr.gradient_accumulation_steps,
+                 time.monotonic() - self.started)
         if not self.resumed:
             self.evals.eval(remember=False)  # the baseline; checkpoints' metadata carry evals from step 1 on
             state.general_eval_before = self.evals.general("before")
