@@ -14,7 +14,7 @@ gradient checkpointing: a fast step, so a slow loader would show. Printed per ru
 The two runs see different batches (packing differs), so their losses are compared for sanity, not
 equality.
 
-    python benchmarks/gpu_stream.py RESULTS_DIR [--steps 60] [--warmup 10] [--records 4000]
+    python benchmarks/gpu_stream.py RESULTS_DIR [--work-dir DIR] [--steps 60] [--warmup 10] [--records 4000]
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def train(work: Path, name: str, spec: Path, warmup: int, results: Path) -> dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("results_dir", type=Path)
+    ap.add_argument("--work-dir", type=Path, default=None, help="corpus, checkpoints, caches; default RESULTS_DIR/work")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--records", type=int, default=4000, help="jsonl records of ~1,000 words")
@@ -120,7 +121,7 @@ def main() -> int:
     from gpu_train import write_corpus
 
     results = args.results_dir.resolve()
-    work = results / "work"
+    work = (args.work_dir or results / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
     text = work / "corpus.jsonl"
     if not text.exists():
