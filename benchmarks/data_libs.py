@@ -5,14 +5,21 @@ Not part of ftcluster and never imported by tests: it needs a scratch venv with 
     python3 -m venv /work/libeval/venv
     /work/libeval/venv/bin/pip install torch==2.13.0          # CPU build; pin it, see below
     /work/libeval/venv/bin/pip install torch==2.13.0 torchvision==0.28.0 litdata mosaicml-streaming \
-        datatrove 'moto[server]' s3fs tokenizers numpy
+        datatrove orjson 'moto[server]' s3fs tokenizers numpy
     # (unpinned, litdata/mosaicml-streaming pull torchvision 0.29.1 -> torch 2.14.1 + ~4 GB of CUDA wheels)
     python examples/cpt/make_corpus.py /work/libeval/corpus --mb 200 --files 16 --workers 2
     PYTHON=/work/libeval/venv/bin/python S3_LAB=/work/libeval/s3 bash /work/shared/ci/s3-up.sh 5601
     OMP_NUM_THREADS=1 /work/libeval/venv/bin/python benchmarks/data_libs.py \
         --corpus /work/libeval/corpus --work /work/libeval/run --s3 http://127.0.0.1:5601 \
-        --libs litdata,mosaic,datatrove
+        --libs litdata,mosaic,datatrove --steps import,prepare,read,resume,scale --torchvision-stub
     S3_LAB=/work/libeval/s3 bash /work/shared/ci/s3-down.sh
+
+--torchvision-stub: `import streaming` imports torchvision; the only torchvision 0.28 wheel on the
+package index is built against the CUDA torch and fails with the CPU torch ("operator
+torchvision::nms does not exist"), so the subprocesses get a stub torchvision on PYTHONPATH.
+litdata's obstore client refuses http:// endpoints; for an http:// --s3 the script patches
+litdata's client options (module level, LIBBENCH_LITDATA_HTTP) unless --no-litdata-patch.
+datatrove's DataLoader worker is spawned for remote stores (fork after s3fs use fails).
 
 What it does, per library, on the same corpus and the same tokenizer (byte-level BPE, vocab 8192, trained
 on the first 4 MB of text; every document ends with <|endoftext|>; tokens stored as uint16):
@@ -23,6 +30,8 @@ on the first 4 MB of text; every document ends with <|endoftext|>; tokens stored
   resume    on a small 2-file prepare: (1) 1 rank, K batches, state_dict -> new loader -> next M batches
             equal the uninterrupted run's; (2) 2 ranks (separate processes) K batches each, then the saved
             state loaded into 1 rank read to the end of the epoch: blocks repeated / skipped.
+  scale     first batch and peak RSS over the local output and over a --scale times larger copy made of
+            hard links to the same shards (start-up and memory against corpus size).
   import    whether `import <lib>` loads torch.
 Prints one table; --json writes the raw figures.
 Each measurement runs in its own subprocess (`--task ...`) so imports and caches do not leak.
@@ -208,7 +217,7 @@ def mosaic_prepare(files, out, endpoint):
     else:
         outs = [f"{out}/{k}" for k in range(2)]
     with ProcessPoolExecutor(2) as ex:
-        list(ex.map(_mds_write, [(h, o, tok) for h, o in zip(halves, outs)]))
+        list(ex.map(_mds_write, [(h, o, tok) for h, o in zip(halves, outs, strict=True)]))
     if out.startswith("s3://"):
         merge_index((os.environ["LIBBENCH_SCRATCH"] + "/mds_merge", out), keep_local=False)
     else:  # keep_local=False on a plain local path deletes the whole output folder
@@ -384,7 +393,7 @@ def task_resume(a):
             got += [block_hash(x) for x in conv(b)]
             if i + 1 == M:
                 break
-        return {"exact": got == ref[K * BATCH:], "matching_blocks": sum(x == y for x, y in zip(got, ref[K * BATCH:])),
+        return {"exact": got == ref[K * BATCH:], "matching_blocks": sum(x == y for x, y in zip(got, ref[K * BATCH:], strict=False)),
                 "compared": len(got)}
     if a.mode == "rank":  # rank `a.rank` of `a.world`, K batches, write its state + hashes
         dl, conv, sd, _ = _make(a, a.rank, a.world)
@@ -443,9 +452,10 @@ def main():
     ap.add_argument("--work", default="/tmp/libbench")
     ap.add_argument("--s3", default=None, help="S3 endpoint URL (moto), e.g. http://127.0.0.1:5601")
     ap.add_argument("--libs", default="litdata,mosaic,datatrove")
-    ap.add_argument("--steps", default="import,prepare,read,resume")
+    ap.add_argument("--steps", default="import,prepare,read,resume,scale")
     ap.add_argument("--read-tokens", type=int, default=20_000_000)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--torchvision-stub", action="store_true", help="stub torchvision for `import streaming`")
     ap.add_argument("--scale", type=int, default=28, help="replication factor for the 'scale' step")
     ap.add_argument("--no-litdata-patch", dest="litdata_patch", action="store_false",
                     help="do not patch litdata's obstore client to allow http:// endpoints (shows the failure)")
@@ -471,6 +481,14 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(a.corpus, str(work / "tokenizer.json"))
     env0 = {"LIBBENCH_TOK": tok, "LIBBENCH_SCRATCH": str(work / "scratch")}
+    if a.torchvision_stub:
+        stub = work / "stubs" / "torchvision"
+        (stub / "transforms").mkdir(parents=True, exist_ok=True)
+        (stub / "__init__.py").write_text("")
+        (stub / "datasets.py").write_text("class VisionDataset:\n    pass\n\n\nclass CIFAR10:\n    pass\n")
+        (stub / "transforms" / "__init__.py").write_text("")
+        (stub / "transforms" / "functional.py").write_text("def to_tensor(x):\n    raise NotImplementedError\n")
+        env0["PYTHONPATH"] = os.pathsep.join(filter(None, [str(work / "stubs"), os.environ.get("PYTHONPATH")]))
     if a.s3:
         import s3fs
 
@@ -486,7 +504,7 @@ def main():
         base = ["--corpus", a.corpus, "--lib", lib] + (["--s3", a.s3] if a.s3 else [])
         env = dict(env0, **({"LIBBENCH_LITDATA_HTTP": "1"} if lib == "litdata" and a.s3 and a.s3.startswith("http:") and a.litdata_patch else {}))
         if "import" in steps:
-            r["import"] = sub(["--task", "import", "--lib", lib])
+            r["import"] = sub(["--task", "import", "--lib", lib], env)
         if "prepare" in steps:
             for name, out, extra in [("local", local, []), ("small", small, ["--nfiles", "2"])] + ([("s3", remote, [])] if a.s3 else []):
                 if not out.startswith("s3://"):

@@ -39,7 +39,9 @@ CREDENTIAL_NAME = re.compile(
     r"SECRET|PASSW(OR)?D|TOKEN|CREDENTIAL|KEY|AUTH|SIGNATURE|SAS|CONNECTION_?STRING|COOKIE|SESSION", re.I)
 # Fields that hold references to secrets (names), never values.
 REFERENCE_FIELDS = {("kubernetes", "secret_env"), ("kubernetes", "env_from_secrets"),
-                    ("kubernetes", "image_pull_secrets"), ("slurm", "env_passthrough")}
+                    ("kubernetes", "image_pull_secrets"), ("slurm", "env_passthrough"),
+                    # vocabulary, not credentials: "token" in their names is a word of the text
+                    ("tokenizer", "add_tokens"), ("tokenizer", "add_special_tokens")}
 _TOKEN = re.compile(r"[A-Za-z0-9+/=_\-]{16,}")
 BASE64_LIMIT, HEX_LIMIT = 4.5, 3.0  # detect-secrets' defaults for Base64/HexHighEntropyString
 

@@ -55,11 +55,16 @@ def render_example(example: str, overrides: list[str] | None = None) -> dict[str
     return render(load_spec(path, overrides), "slurm")
 
 
-def example_specs(example: str) -> list:
+def example_stages(example: str) -> list:
+    """(spec, whether the stage prepares a corpus) per job of an example."""
     path = ROOT / "examples" / example
     if isinstance(load(path), Pipeline):
-        return [s.spec for s in load_pipeline(path).stages]
-    return [load_spec(path)]
+        return [(s.spec, s.prepares) for s in load_pipeline(path).stages]
+    return [(load_spec(path), False)]
+
+
+def example_specs(example: str) -> list:
+    return [spec for spec, _ in example_stages(example)]
 
 
 def payload_of(script: str) -> dict:
@@ -127,12 +132,14 @@ def test_example_script_is_valid_bash_and_shellcheck_clean(example, tmp_path):
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_payload_embedded_in_script_is_the_plan_payload(example):
+    from ftcluster.plan.prepare import compile_prepare
+
     scripts = render_example(example)
-    specs = example_specs(example)
-    assert len(scripts) == len(specs)
-    for (name, text), spec in zip(scripts.items(), specs, strict=True):
-        assert name.endswith(f"{spec.name}.sbatch")
-        assert payload_of(text) == compile_plan(spec).payload
+    stages = example_stages(example)
+    assert len(scripts) == len(stages)
+    for (name, text), (spec, prepares) in zip(scripts.items(), stages, strict=True):
+        assert name.endswith(f"{spec.name}-prepare.sbatch" if prepares else f"{spec.name}.sbatch")
+        assert payload_of(text) == (compile_prepare(spec) if prepares else compile_plan(spec)).payload
 
 
 def test_render_is_byte_identical_across_runs_and_processes():
