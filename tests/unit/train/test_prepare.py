@@ -87,7 +87,12 @@ def test_ids_are_the_tokenizers_and_shards_cut_at_documents(source, tmp_path):
     m = P.run_task(make_spec(source, corpus, shard_tokens=1024))
     assert m is not None and m == read_manifest(str(corpus))
     tok = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))  # the saved tokenizer is the one used
-    assert P._fingerprint(tok) == m.tokenizer_fingerprint and len(tok) == m.vocab_size == 512
+    from ftcluster.corpus.format import tokenizer_fingerprint
+    from ftcluster.train.tokenizer import load_tokenizer_folder
+
+    # what a run that streams the corpus loads and checks (ftcluster.train.stream.check_tokenizer)
+    as_trained = load_tokenizer_folder(corpus / "tokenizer", make_spec(source, corpus), "t")
+    assert tokenizer_fingerprint(as_trained) == m.tokenizer_fingerprint and len(tok) == m.vocab_size == 512
     docs = [[tok.bos_token_id, *ids, tok.eos_token_id]
             for ids in tok(texts_of(source), add_special_tokens=False)["input_ids"]]
     arrays = shard_arrays(corpus, m)
