@@ -18,7 +18,8 @@ token; a resume on a different number of ranks continues at the same global bloc
 is repeated or skipped (ranks only regroup which block goes where).
 
 **Reading.** A background thread reads the blocks of the next micro-batches with one
-``fs.cat_ranges`` call (concurrent on object stores), whole crc32 pages at a time, checks every
+``fs.cat_ranges`` call (concurrent on object stores; the first call reads one micro-batch, so
+the first step waits for one round of reads only), whole crc32 pages at a time, checks every
 page, and builds the rows; memory is the prefetch window plus the indexes of the shards in use,
 whatever the corpus size. Start-up reads the manifest only.
 """
@@ -202,10 +203,11 @@ class StreamingCorpus:
         self._thread.start()
 
     def _reader(self, epoch: int, consumed: int, out: queue.Queue[Any], stop: threading.Event) -> None:
+        window = 1  # the first read is one micro-batch: the first step does not wait for the whole window
         try:
             while not stop.is_set():
                 plan = []
-                for _ in range(self.prefetch):
+                for _ in range(window):
                     epoch, consumed, mine = self._advance(epoch, consumed)
                     plan.append(((epoch, consumed), mine))
                 rows = self._read([b for _, mine in plan for b in mine])
@@ -217,6 +219,7 @@ class StreamingCorpus:
                             break
                         except queue.Full:
                             continue
+                window = self.prefetch
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread, raised there
             while not stop.is_set():
                 try:
