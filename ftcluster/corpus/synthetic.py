@@ -1,6 +1,6 @@
 """A prepared corpus of synthetic token ids, written fast (for tests and the start-up/memory benchmarks).
 
-    python -m ftcluster.corpus.synthetic URI --tokens 1e9 [--vocab 32000] [--shard-tokens 33554432]
+    python -m ftcluster.corpus.synthetic URI --tokens 1e9 [--vocab 32000] [--shard-tokens 4194304]
 
 Documents have lengths drawn from a geometric distribution (mean ``mean_doc`` tokens) and ids
 drawn uniformly from ``[3, vocab)``; each document starts with id 1 (bos) and ends with id 2 (eos).
@@ -37,7 +37,7 @@ def synthetic_shard(rng: np.random.Generator, tokens: int, vocab: int, mean_doc:
     return ids, ends
 
 
-def write_synthetic(uri: str, tokens: int, *, vocab: int = 32000, shard_tokens: int = 1 << 25, mean_doc: int = 700,
+def write_synthetic(uri: str, tokens: int, *, vocab: int = 32000, shard_tokens: int = 1 << 22, mean_doc: int = 700,
                     seed: int = 0, storage_options: dict[str, Any] | None = None) -> Manifest:
     fs, root = fs_and_path(uri, storage_options)
     dtype = dtype_for(vocab)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("uri")
     ap.add_argument("--tokens", type=float, required=True)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--shard-tokens", type=int, default=1 << 25)
+    ap.add_argument("--shard-tokens", type=int, default=1 << 22)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     m = write_synthetic(args.uri, int(args.tokens), vocab=args.vocab, shard_tokens=args.shard_tokens, seed=args.seed)

@@ -214,7 +214,7 @@ class PrepareSpec(_Model):
 
     source: str = Field(..., description="The raw corpus: jsonl/parquet records (the `data.fields.text` field) or plain .txt/.md files (one document each), compressed or not (.gz, .bz2, .xz, .zst); a file, folder or glob on any fsspec filesystem. A relative path is relative to the spec file's folder.")
     file_format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="Format of the source files; auto picks by extension.")
-    shard_tokens: int = Field(1 << 25, ge=1024, le=1 << 31, description="Tokens per shard at most (default 33,554,432: 64 MB of uint16). A source file's tokens fill its own shards, so shards never mix files.")
+    shard_tokens: int = Field(1 << 22, ge=1024, le=1 << 31, description="Tokens per shard at most (default 4,194,304: 8 MB of uint16, 16 MB of uint32; a 1B-token corpus is ~240 shards). A process reads single blocks from a shard, so smaller objects keep a ranged read cheap on stores that copy the object per request (docs/BENCHMARKS.md). A source file's tokens fill its own shards, so shards never mix files.")
     workers: int | None = Field(None, ge=1, le=1024, description="Tokenizing processes on one machine (default: its CPU cores).")
     tasks: int = Field(1, ge=1, le=100_000, description="Machines to prepare on: above 1, `ftcluster prepare-data --submit` runs a Slurm job array or a Kubernetes indexed Job of this many tasks, each owning a disjoint set of source files; each task writes the manifest when it finds every file done, so the last to finish does.")
 
