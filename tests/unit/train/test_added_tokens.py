@@ -257,6 +257,37 @@ def test_lora_trains_only_the_new_rows_and_resumes_them(cache, tmp_path):
     assert sum(1 for k in shapes if "trainable_tokens" in k) == 2
 
 
+@pytest.mark.parametrize("tied,targets", [(True, "all-linear"), (False, "[q_proj, v_proj, lm_head]")])
+def test_tied_or_adapted_output_layers_train_the_new_rows_and_the_adapter_gives_the_merged_logits(
+        cache, tmp_path, tied, targets):
+    """Tied: peft ties the output layer's token rows to the embedding's. lm_head adapted by LoRA: its
+    rows learn through that LoRA (peft cannot wrap a LoRA layer in a token adapter)."""
+    spec = load_spec_text(spec_text(
+        model=f"{{random_init: {{preset: tiny, vocab_size: 320, tie_word_embeddings: {str(tied).lower()}}}}}",
+        tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(TERMS)}}}",
+        lora=f"{{r: 4, alpha: 8, dropout: 0.0, target_modules: {targets}}}"))
+    tok = load_or_train_tokenizer(spec, cache / "tokenizers")
+    eng, _ = build_engine(spec, {"deepspeed": None}, tok, torch.float32, ONE, cache, 4)
+    rows = [n for n, p in eng.module.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert rows == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    ref_in, ref_out = effective_rows(M.load_base_model(spec, tok, torch.float32, CPU, cache))
+    b = ids_batch(tok)
+    n = int((b["labels"][:, 1:] != -100).sum())
+    for _ in range(3):
+        eng.train_step([b], 1 / n)
+    eng.export(tmp_path, rank=0)
+    eng.module.eval()
+    with torch.no_grad():
+        want = eng.module(input_ids=b["input_ids"][:1]).logits[..., :len(tok)]
+    got_in, got_out = effective_rows(eng.module)
+    new = list(range(320, 323))
+    assert not torch.allclose(got_in[new], ref_in[new]) and not torch.allclose(got_out[new], ref_out[new])
+    assert torch.equal(got_in[:320], ref_in[:320])
+    loaded = M.load_adapter(M.load_base_model(spec, tok, torch.float32, CPU, cache), tmp_path, tok).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=b["input_ids"][:1]).logits[..., :len(tok)], want, atol=1e-5)
+
+
 def test_modules_to_save_trains_the_whole_embedding_instead(cache):
     spec = load_spec_text(spec_text(tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(TERMS)}}}",
                                     lora="{r: 4, alpha: 8, dropout: 0.0, modules_to_save: [embed_tokens]}"))
@@ -326,3 +357,41 @@ def test_added_tokens_round_trip_through_a_runs_checkpoint_adapter_and_merged_mo
     with torch.no_grad():
         a, m = adapted(input_ids=ids).logits[..., :len(tok)], merged(input_ids=ids).logits[..., :len(tok)]
     assert torch.allclose(a, m, atol=1e-4), float((a - m).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3])
+def test_a_full_finetune_with_zero3_grows_and_trains_the_new_rows(cache, tmp_path, stage):
+    """DeepSpeed ZeRO-3 builds the model partitioned: the rows are grown and set under its gather, the
+    final model has 384 rows, the new ones trained away from the mean, the padding ones untouched."""
+    import os
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from ftcluster.plan.launch import compile_plan
+
+    out, data = tmp_path / "out", tmp_path / "terms.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The court applied {t} to case {i}."}) + "\n"
+                            for i in range(40) for t in TERMS))
+    spec = load_spec_text(spec_text(
+        method="full", lora="null", data=f"{{train: {data}, format: text, seq_len: 64}}", deepspeed=f"{{zero_stage: {stage}}}",
+        tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(TERMS)}}}",
+        training="{max_steps: 3, micro_batch_size: 2, learning_rate: 0.01, warmup_steps: 0, precision: fp32, "
+                 "eval_every_steps: null, weight_decay: 0.0}",
+        output=f"{{uri: {out.as_uri()}}}").replace("lora: null\n", ""))
+    (tmp_path / "payload.json").write_text(compile_plan(spec).payload_json())
+    env = {**os.environ, "FTCLUSTER_CACHE": str(cache), "FTCLUSTER_LOCAL_DIR": str(tmp_path / "local"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "ftcluster.train.launch", "--standalone", "--nproc-per-node=1",
+                          "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(tmp_path / "payload.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    assert len(tok) == 323 and len(tok("res judicata", add_special_tokens=False)["input_ids"]) == 1
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = f.get_tensor(key)
+            assert w.shape[0] == 384
+            assert torch.equal(w[323:], w[323].expand(61, -1))  # padding rows: one value, never trained
+            assert not torch.allclose(w[320:323], w[323].expand(3, -1)), key  # the new rows left the mean
