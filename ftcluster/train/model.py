@@ -202,6 +202,11 @@ def mask_padding_logits(model: Any, vocab: int) -> None:
 
     model.register_forward_hook(hook)
     model.ftcluster_vocab = vocab
+    # A saved model has no hook: its generation config keeps transformers' generate() off those ids.
+    gen = getattr(model, "generation_config", None)
+    rows = _rows(model.get_output_embeddings().weight) if model.get_output_embeddings() is not None else vocab
+    if gen is not None and rows > vocab:
+        gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(range(vocab, rows)))
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> list[int]:

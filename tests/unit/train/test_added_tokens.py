@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from ftcluster.errors import SpecError, TrainError  # noqa: E402
-from ftcluster.spec.loader import load_spec, load_spec_text  # noqa: E402
+from ftcluster.errors import TrainError  # noqa: E402
+from ftcluster.spec.loader import load_spec_text  # noqa: E402
 from ftcluster.train import model as M  # noqa: E402
 from ftcluster.train.distributed import DistContext  # noqa: E402
 from ftcluster.train.engines import build_engine  # noqa: E402
@@ -160,34 +160,9 @@ def test_fingerprint_changes_with_added_tokens_and_is_the_same_in_another_proces
     assert other.stdout.strip() == tokenizer_fingerprint(tok)
 
 
-def test_a_terms_file_is_read_at_load_and_carried_by_the_payload(tmp_path):
-    from ftcluster.plan.launch import compile_plan
-
-    (tmp_path / "terms.txt").write_text("# domain terms\nhabeas corpus\n\n  res judicata  \nC#\n")
-    (tmp_path / "job.yaml").write_text(spec_text(tokenizer="{train_vocab_size: 320, add_tokens: terms.txt}"))
-    spec = load_spec(tmp_path / "job.yaml")
-    assert spec.tokenizer.add_tokens == ["habeas corpus", "res judicata", "C#"]
-    payload = json.loads(compile_plan(spec).payload_json())
-    assert payload["spec"]["tokenizer"]["add_tokens"] == ["habeas corpus", "res judicata", "C#"]
-    # A Kubernetes pod does not see this machine's files: the terms beside the spec go in the payload.
-    k8s = spec_text(tokenizer="{train_vocab_size: 320, add_tokens: terms.txt}", backend="kubernetes",
-                    output="{uri: s3://b/o}", kubernetes="{image: 'reg/ftc:1'}")
-    (tmp_path / "k8s.yaml").write_text(k8s)
-    assert load_spec(tmp_path / "k8s.yaml").tokenizer.add_tokens == ["habeas corpus", "res judicata", "C#"]
-
-
-def test_a_missing_or_broken_terms_file_is_one_located_line(tmp_path):
-    (tmp_path / "job.yaml").write_text(spec_text(tokenizer="{train_vocab_size: 320, add_tokens: nope.txt}"))
-    with pytest.raises(SpecError) as err:
-        load_spec(tmp_path / "job.yaml")
-    msg = str(err.value)
-    assert len(msg.splitlines()) == 1
-    assert msg.startswith(f"{tmp_path / 'job.yaml'}:4:") and f"tokenizer.add_tokens: {tmp_path / 'nope.txt'}: no such file" in msg
-    (tmp_path / "bad.txt").write_bytes(b"habeas corpus\nres \xff judicata\n")
-    (tmp_path / "job.yaml").write_text(spec_text(tokenizer="{train_vocab_size: 320, add_tokens: bad.txt}"))
-    with pytest.raises(SpecError, match=r"bad\.txt:2: tokenizer\.add_tokens: not UTF-8"):
-        load_spec(tmp_path / "job.yaml")
-    # A path the loader could not see (on the cluster) is read by the runtime: one line naming field and file.
+def test_a_terms_file_the_loader_could_not_see_is_read_by_the_runtime_or_refused_in_one_line(tmp_path):
+    (tmp_path / "terms.txt").write_text("# terms\nhabeas corpus\n")
+    assert spec_terms(type("T", (), {"add_tokens": str(tmp_path / "terms.txt")})()) == ["habeas corpus"]
     with pytest.raises(TrainError, match=r"^tokenizer\.add_tokens: /no/such/terms\.txt: no such file"):
         spec_terms(type("T", (), {"add_tokens": "/no/such/terms.txt"})())
 
@@ -348,6 +323,8 @@ def test_added_tokens_round_trip_through_a_runs_checkpoint_adapter_and_merged_mo
     assert len(ckpt_tok) == len(adapter_tok) == len(merged_tok) == 320 + 4
     for term in TERMS:
         assert len(merged_tok(term, add_special_tokens=False)["input_ids"]) == 1, term
+    gen = json.loads((out / "merged" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(324, 384))  # generate() never picks a padding row
     meta = json.loads((out / "adapter" / "ftcluster_meta.json").read_text())
     assert meta["tokenizer"]["added"] == TERMS + ["<|case|>"] and meta["tokenizer"]["base_vocab"] == 320
     # The adapter alone on the rebuilt base gives the merged model's logits.
