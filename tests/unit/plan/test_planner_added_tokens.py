@@ -13,11 +13,18 @@ from pathlib import Path
 
 from ftcluster.plan.planner import build_plan
 from ftcluster.plan.planner.report import plan_dict
-from ftcluster.plan.planner.shape import count_lora, spec_shape
+from ftcluster.plan.planner.shape import ModelShape, count_lora
+from ftcluster.plan.planner.shape import spec_shape as maybe_shape
 from ftcluster.spec.loader import load_spec, load_spec_text
 
 ROOT = Path(__file__).resolve().parents[3]
 TERMS = [f"term{i}" for i in range(50)]
+
+
+def spec_shape(spec) -> ModelShape:
+    shape = maybe_shape(spec)
+    assert shape is not None
+    return shape
 
 
 def spec(tokenizer: str = "{}", lora: str = "{r: 16}", tie: bool = False):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,7 @@ def ids_batch(tok, rows: int = 2) -> dict:
             "attention_mask": torch.ones_like(t)}
 
 
-def effective_rows(model) -> tuple[torch.Tensor, torch.Tensor]:
+def effective_rows(model) -> tuple[Any, Any]:
     """(input embedding, output matrix) as the model computes with them, adapters included."""
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     return (merged.get_input_embeddings().weight.detach().clone(),
@@ -178,17 +179,18 @@ def test_new_rows_start_at_the_mean_and_padding_rows_stay_out_of_the_loss(cache,
     tok = load_or_train_tokenizer(spec, cache / "tokenizers")
     plain = M.load_base_model(load_spec_text(spec_text()), load_or_train_tokenizer(
         load_spec_text(spec_text()), cache / "tokenizers"), torch.float32, CPU, cache)
-    model = M.load_base_model(spec, tok, torch.float32, CPU, cache)
+    model: Any = M.load_base_model(spec, tok, torch.float32, CPU, cache)
+    plain_: Any = plain
     n, base = len(tok), tok.ftcluster_base_vocab
     emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.shape[0] == out.shape[0] == 384 and (emb.shape[0] % 64 == 0) and n < 384
     assert (emb is out) == tied
-    known = plain.get_input_embeddings().weight[:base]
+    known = plain_.get_input_embeddings().weight[:base]
     assert torch.equal(emb[:base], known)  # the old rows are untouched
     want = known.mean(dim=0)
     assert torch.allclose(emb[base:], want.expand(384 - base, -1), atol=0, rtol=0)
     if not tied:
-        assert torch.allclose(out[base:], plain.get_output_embeddings().weight[:base].mean(0).expand(384 - base, -1))
+        assert torch.allclose(out[base:], plain_.get_output_embeddings().weight[:base].mean(0).expand(384 - base, -1))
     assert model.ftcluster_new_token_ids == list(range(base, n))
     # Padding rows (ids n..383) get no probability and no gradient: the loss is the real vocabulary's.
     b = ids_batch(tok, rows=1)
