@@ -137,31 +137,37 @@ def fit_embeddings(model: Any, tokenizer: Any, *, zero3: bool = False) -> list[i
     barely move (KL bounded); a random row can dominate the softmax. transformers'
     ``mean_resizing`` samples around the mean with the embeddings' covariance; the exact mean is
     deterministic, so a resumed run, ``ftcluster sample`` and the loss-equality tests rebuild the
-    same rows. The padding rows never reach the loss: :func:`mask_padding_logits`.
+    same rows. The padding rows never reach the loss: :func:`mask_padding_logits`. The model's
+    config records ``ftcluster_vocab`` (the tokenizer's length) once it is grown, so a model saved
+    from this run (the final or merged model, a pipeline's next stage) masks the same rows; the
+    spare rows of a model ftcluster did not grow (Qwen's, beyond its tokenizer) are left alone.
     """
     emb = model.get_input_embeddings()
     rows = _rows(emb.weight)
     new_ids = list(range(min(rows, getattr(tokenizer, "ftcluster_base_vocab", rows)), len(tokenizer)))
     model.ftcluster_new_token_ids = new_ids
-    if not new_ids:
-        return new_ids
-    known = new_ids[0]
+    # A model ftcluster grew before (a continual pre-training's final model) has padding rows too.
+    padded = getattr(model.config, "ftcluster_vocab", None) is not None
     size = rows
-    if len(tokenizer) > rows:
-        size = -(-len(tokenizer) // PAD_MULTIPLE) * PAD_MULTIPLE
-        log.info("tokenizer: %d tokens, the model %d embeddings: growing the embedding%s to %d rows "
-                 "(a multiple of %d)", len(tokenizer), rows,
-                 "" if model.config.tie_word_embeddings else " and output matrices", size, PAD_MULTIPLE)
-        model.resize_token_embeddings(size, mean_resizing=False)  # the rows are set below, exactly
-    end = size if size > rows else len(tokenizer)  # a model with spare rows keeps those beyond the tokenizer
-    out = model.get_output_embeddings()
-    matrices = [model.get_input_embeddings().weight]
-    if out is not None and out.weight is not matrices[0]:
-        matrices.append(out.weight)
-    _set_mean_rows(matrices, known, end, zero3)
-    log.info("tokenizer: %d new token ids (%d-%d) start at the mean of the %d known embeddings", len(new_ids),
-             known, len(tokenizer) - 1, known)
-    if size > len(tokenizer):
+    if new_ids:
+        known = new_ids[0]
+        if len(tokenizer) > rows:
+            size = -(-len(tokenizer) // PAD_MULTIPLE) * PAD_MULTIPLE
+            log.info("tokenizer: %d tokens, the model %d embeddings: growing the embedding%s to %d rows "
+                     "(a multiple of %d)", len(tokenizer), rows,
+                     "" if model.config.tie_word_embeddings else " and output matrices", size, PAD_MULTIPLE)
+            model.resize_token_embeddings(size, mean_resizing=False)  # the rows are set below, exactly
+            padded = True
+        end = size if padded else len(tokenizer)  # a model's own spare rows beyond the tokenizer stay as they are
+        out = model.get_output_embeddings()
+        matrices = [model.get_input_embeddings().weight]
+        if out is not None and out.weight is not matrices[0]:
+            matrices.append(out.weight)
+        _set_mean_rows(matrices, known, end, zero3)
+        log.info("tokenizer: %d new token ids (%d-%d) start at the mean of the %d known embeddings", len(new_ids),
+                 known, len(tokenizer) - 1, known)
+    if padded and size > len(tokenizer):
+        model.config.ftcluster_vocab = len(tokenizer)  # saved in config.json: rows from here on are padding
         mask_padding_logits(model, len(tokenizer))
     return new_ids
 

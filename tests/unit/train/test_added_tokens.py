@@ -19,13 +19,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from ftcluster.corpus.format import tokenizer_fingerprint  # noqa: E402
 from ftcluster.errors import TrainError  # noqa: E402
 from ftcluster.spec.loader import load_spec_text  # noqa: E402
 from ftcluster.train import model as M  # noqa: E402
 from ftcluster.train.distributed import DistContext  # noqa: E402
 from ftcluster.train.engines import build_engine  # noqa: E402
 from ftcluster.train.engines.lora import PlainEngine  # noqa: E402
-from ftcluster.train.tokenizer import load_or_train_tokenizer, spec_terms, tokenizer_fingerprint  # noqa: E402
+from ftcluster.train.tokenizer import load_or_train_tokenizer, spec_terms  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -152,7 +153,7 @@ def test_fingerprint_changes_with_added_tokens_and_is_the_same_in_another_proces
     again = load_or_train_tokenizer(spec, cache / "tokenizers")
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(again) != tokenizer_fingerprint(plain)
     tok.save_pretrained(str(tmp_path))
-    code = ("import sys; from transformers import AutoTokenizer; from ftcluster.train.tokenizer import "
+    code = ("import sys; from transformers import AutoTokenizer; from ftcluster.corpus.format import "
             "tokenizer_fingerprint as f; t = AutoTokenizer.from_pretrained(sys.argv[1]); t.pad_token = t.pad_token "
             "or t.eos_token; print(f(t))")
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
@@ -172,7 +173,7 @@ def test_a_terms_file_the_loader_could_not_see_is_read_by_the_runtime_or_refused
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_new_rows_start_at_the_mean_and_padding_rows_stay_out_of_the_loss(cache, tied):
+def test_new_rows_start_at_the_mean_and_padding_rows_stay_out_of_the_loss(cache, tmp_path, tied):
     spec = load_spec_text(spec_text(
         model=f"{{random_init: {{preset: tiny, vocab_size: 320, tie_word_embeddings: {str(tied).lower()}}}}}",
         tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(TERMS)}}}"))
@@ -201,6 +202,17 @@ def test_new_rows_start_at_the_mean_and_padding_rows_stay_out_of_the_loss(cache,
     assert float(ce) == pytest.approx(float(real), rel=1e-6)
     ce.backward()
     assert float(out.grad[n:].abs().sum()) == 0 and float(out.grad[base:n].abs().sum()) > 0
+    # Saved and used as the next stage's base (a pipeline's LoRA on a continual pre-training's model):
+    # the config says where the padding starts, and the padding stays out of the loss there too.
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["ftcluster_vocab"] == n
+    again = load_spec_text(spec_text(model=f"{{path: {tmp_path}}}", tokenizer="{}"))
+    reloaded: Any = M.load_base_model(again, load_or_train_tokenizer(again, cache / "tokenizers"), torch.float32,
+                                      CPU, cache)
+    assert reloaded.ftcluster_new_token_ids == [] and reloaded.get_input_embeddings().weight.shape[0] == 384
+    with torch.no_grad():
+        assert bool((reloaded(input_ids=b["input_ids"]).logits[..., n:] == torch.finfo(torch.float32).min).all())
 
 
 # --------------------------------------------------------------------------- LoRA: what trains, what is saved
