@@ -49,7 +49,7 @@ class Outputs:
         """The vocabulary the artifacts were trained with: its size, the size before the spec's added
         tokens (``ftcluster sample`` rebuilds the base's rows from it), those tokens and the fingerprint."""
         if self._tokenizer_meta is None:
-            from .tokenizer import tokenizer_fingerprint
+            from ..corpus.format import tokenizer_fingerprint
 
             tok = self.tokenizer
             base = getattr(tok, "ftcluster_base_vocab", len(tok))

@@ -8,13 +8,13 @@ size and the format, so every rank and every node gets the same ids without a do
 Domain terms (``tokenizer.add_tokens``) and special tokens (``tokenizer.add_special_tokens``) are
 added last, in the spec's order, to whichever tokenizer that is (:func:`extend`): training and
 ``prepare-data`` call :func:`load_or_train_tokenizer`, so both tokenize with the same ids, and
-:func:`tokenizer_fingerprint` tells a corpus prepared with another tokenizer apart.
+:func:`ftcluster.corpus.format.tokenizer_fingerprint` tells a corpus prepared with another
+tokenizer apart (and a checkpoint trained with another: :class:`TokenizerPart`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -148,21 +148,6 @@ def added_token_ids(tok: Any, rows: int | None = None) -> list[int]:
     return list(range(base, len(tok)))
 
 
-def tokenizer_fingerprint(tok: Any) -> str:
-    """sha256 of everything that decides how ``tok`` turns text into ids: its full serialized state
-    (a fast tokenizer's ``tokenizer.json``, added tokens included), the special-tokens map and its
-    length. The same tokenizer gives the same value in every process; adding a token changes it."""
-    h = hashlib.sha256(b"ftcluster-tokenizer-1\0")
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # a slow tokenizer: its vocabulary and added tokens stand for its state
-        h.update(json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    h.update(b"\0" + json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
-    h.update(f"\0{len(tok)}".encode())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -262,6 +247,8 @@ class TokenizerPart:
 
     def load(self, folder: Path) -> None:
         from transformers import AutoTokenizer
+
+        from ..corpus.format import tokenizer_fingerprint
 
         if not (folder / "tokenizer_config.json").exists():
             return  # rank 0 alone writes it; an older checkpoint has none
