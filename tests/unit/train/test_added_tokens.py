@@ -386,3 +386,26 @@ def test_a_full_finetune_with_zero3_grows_and_trains_the_new_rows(cache, tmp_pat
             assert w.shape[0] == 384
             assert torch.equal(w[323:], w[323].expand(61, -1))  # padding rows: one value, never trained
             assert not torch.allclose(w[320:323], w[323].expand(3, -1)), key  # the new rows left the mean
+
+
+def test_prepare_data_tokenizes_with_the_added_tokens_and_the_run_accepts_its_corpus(cache, tmp_path):
+    """prepare-data's tokenizer is the run's, added tokens included, and the fingerprint its manifest
+    records is the one training checks (before: prepare-data hashed without the special-tokens map, so
+    every corpus it prepared was refused). Another list of terms is refused."""
+    from ftcluster.corpus.format import CorpusError
+    from ftcluster.train import prepare as P
+    from ftcluster.train.stream import check_tokenizer
+
+    def spec(terms: list[str]):
+        return load_spec_text(spec_text(
+            method="full", lora="null", tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(terms)}}}",
+            data=f"{{train: {tmp_path / 'corpus'}, format: text, seq_len: 64, prepare: {{source: {TEXT}}}}}",
+        ).replace("lora: null\n", ""))
+
+    m = P.run_task(spec(TERMS), cache_dir=cache)
+    assert m is not None and m.vocab_size == 323
+    run_tok = load_or_train_tokenizer(P.prepare_spec(spec(TERMS)), cache / "tokenizers")
+    check_tokenizer(m, run_tok, str(tmp_path / "corpus"))
+    other = load_or_train_tokenizer(P.prepare_spec(spec(TERMS[:2] + ["estoppel"])), cache / "tokenizers")
+    with pytest.raises(CorpusError, match="was prepared with tokenizer"):
+        check_tokenizer(m, other, str(tmp_path / "corpus"))
