@@ -144,10 +144,13 @@ def fit_embeddings(model: Any, tokenizer: Any, *, zero3: bool = False) -> list[i
     """
     emb = model.get_input_embeddings()
     rows = _rows(emb.weight)
-    new_ids = list(range(min(rows, getattr(tokenizer, "ftcluster_base_vocab", rows)), len(tokenizer)))
+    # A model ftcluster grew before (a continual pre-training's final model) has trained rows for
+    # the ids below its ftcluster_vocab, and padding rows above.
+    grown = getattr(model.config, "ftcluster_vocab", None)
+    first = min(rows, max(getattr(tokenizer, "ftcluster_base_vocab", rows), grown or 0))
+    new_ids = list(range(first, len(tokenizer)))
     model.ftcluster_new_token_ids = new_ids
-    # A model ftcluster grew before (a continual pre-training's final model) has padding rows too.
-    padded = getattr(model.config, "ftcluster_vocab", None) is not None
+    padded = grown is not None
     size = rows
     if new_ids:
         known = new_ids[0]

@@ -118,9 +118,11 @@ def spec_terms(tokenizer_spec: Any, storage_options: dict[str, Any] | None = Non
 
 def extend(tok: Any, tokenizer_spec: Any, storage_options: dict[str, Any] | None = None) -> Any:
     """``tok`` with the spec's terms and special tokens added, in order; tokens the vocabulary holds
-    already are not added again (logged). Sets ``tok.ftcluster_base_vocab``: its size before."""
+    already are not added again (logged). Sets ``tok.ftcluster_base_vocab``: its size without the
+    spec's tokens, also when ``tok`` was saved with them already (a prepared corpus's tokenizer, an
+    adapter's): the ids at its end that the spec lists do not count."""
     terms, specials = spec_terms(tokenizer_spec, storage_options), list(tokenizer_spec.add_special_tokens)
-    tok.ftcluster_base_vocab = len(tok)
+    tok.ftcluster_base_vocab = _size_without(tok, set(terms) | set(specials))
     if not terms and not specials:
         return tok
     vocab = tok.get_vocab()
@@ -134,18 +136,20 @@ def extend(tok: Any, tokenizer_spec: Any, storage_options: dict[str, Any] | None
         if new:
             tok.add_tokens(new, special_tokens=special)
             vocab = tok.get_vocab()
-    added = len(tok) - tok.ftcluster_base_vocab
-    log.info("tokenizer: %d tokens added (vocabulary %d -> %d)", added, tok.ftcluster_base_vocab, len(tok))
+    log.info("tokenizer: %d tokens added by the spec (vocabulary %d -> %d)", len(tok) - tok.ftcluster_base_vocab,
+             tok.ftcluster_base_vocab, len(tok))
     return tok
 
 
-def added_token_ids(tok: Any, rows: int | None = None) -> list[int]:
-    """Ids the base model has no trained embedding for: those the spec added and, when the model
-    has ``rows`` embeddings, every id at or above it."""
-    base = getattr(tok, "ftcluster_base_vocab", len(tok))
-    if rows is not None:
-        base = min(base, rows)
-    return list(range(base, len(tok)))
+def _size_without(tok: Any, listed: set[str]) -> int:
+    """``len(tok)`` less the added tokens at its end that ``listed`` names."""
+    size = len(tok)
+    if not listed:
+        return size
+    by_id = {i: t for t, i in tok.get_added_vocab().items()}
+    while size > 0 and by_id.get(size - 1) in listed:
+        size -= 1
+    return size
 
 
 # ----------------------------------------------------------------------------- training
@@ -221,8 +225,11 @@ def _train_into(folder: Path, texts: list[str], vocab_size: int, specials: list[
 
 
 def load_tokenizer_folder(folder: Path, spec: Any, where: str) -> Any:
-    """A saved tokenizer folder, finished for ``spec`` as :func:`load_or_train_tokenizer` finishes one."""
-    return _finish(_from_folder(Path(folder), where), spec.data.format)
+    """A saved tokenizer folder, finished for ``spec`` as :func:`load_or_train_tokenizer` finishes one
+    (the spec's added tokens too: a corpus prepared with them holds them already)."""
+    tok = _finish(_from_folder(Path(folder), where), spec.data.format)
+    t = getattr(spec, "tokenizer", None)  # a spec's data section alone (tests) has no additions
+    return tok if t is None else extend(tok, t, spec.model.storage_options)
 
 
 # ----------------------------------------------------------------------------- in checkpoints

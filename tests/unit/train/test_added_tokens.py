@@ -409,3 +409,35 @@ def test_prepare_data_tokenizes_with_the_added_tokens_and_the_run_accepts_its_co
     other = load_or_train_tokenizer(P.prepare_spec(spec(TERMS[:2] + ["estoppel"])), cache / "tokenizers")
     with pytest.raises(CorpusError, match="was prepared with tokenizer"):
         check_tokenizer(m, other, str(tmp_path / "corpus"))
+
+
+def test_a_model_grown_before_keeps_its_trained_rows_and_only_newer_terms_are_new(cache, tmp_path):
+    """A continual pre-training's final model (grown, its new rows trained) as the base of the next
+    run with the same terms: its tokenizer holds them already, nothing is reset to the mean; a term
+    added on top takes a padding row and is the only new id."""
+    from ftcluster.train.tokenizer import load_tokenizer_folder
+
+    spec = load_spec_text(spec_text(tokenizer=f"{{train_vocab_size: 320, add_tokens: {json.dumps(TERMS)}}}"))
+    tok = load_or_train_tokenizer(spec, cache / "tokenizers")
+    model: Any = M.load_base_model(spec, tok, torch.float32, CPU, cache)
+    with torch.no_grad():  # as training would have left them
+        model.get_input_embeddings().weight[320:323] = torch.randn(3, 64)
+    trained = model.get_input_embeddings().weight[320:323].clone()
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    again = load_tokenizer_folder(tmp_path, spec, "test")  # a saved tokenizer that holds the terms already
+    assert len(again) == 323 and again.ftcluster_base_vocab == 320
+
+    def next_run(terms: list[str]) -> tuple[Any, Any]:
+        s = load_spec_text(spec_text(model=f"{{path: {tmp_path}}}", tokenizer=f"{{add_tokens: {json.dumps(terms)}}}"))
+        t = load_or_train_tokenizer(s, cache / "tokenizers")
+        return M.load_base_model(s, t, torch.float32, CPU, cache), t
+
+    same, t = next_run(TERMS)
+    assert t.ftcluster_base_vocab == 320 and same.ftcluster_new_token_ids == []
+    assert torch.equal(same.get_input_embeddings().weight[320:323], trained)
+    more, t = next_run(TERMS + ["estoppel"])
+    assert more.ftcluster_new_token_ids == [323] and more.get_input_embeddings().weight.shape[0] == 384
+    assert torch.equal(more.get_input_embeddings().weight[320:323], trained)
+    known = more.get_input_embeddings().weight[:323]  # the model knows the three it was trained on too
+    assert torch.allclose(more.get_input_embeddings().weight[323], known.mean(0))
