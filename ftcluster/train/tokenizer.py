@@ -241,6 +241,8 @@ class TokenizerPart:
     saved one must be the run's (the same fingerprint): rows trained for one set of ids mean
     nothing under another. A checkpoint written before tokenizers were saved loads as before."""
 
+    resharding = "global"  # rank 0 saves it, the same on every rank: resumes on any number of processes
+
     def __init__(self, tok: Any):
         self.tok = tok
 

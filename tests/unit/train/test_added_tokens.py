@@ -324,6 +324,9 @@ def test_added_tokens_round_trip_through_a_runs_checkpoint_adapter_and_merged_mo
     monkeypatch.setenv("FTCLUSTER_LOCAL_DIR", str(tmp_path / "local"))
     assert runtime.run(payload(TERMS)) == 0
     assert runtime.run(payload(TERMS)) == 0  # resumed at the end: the checkpoint's tokenizer is the run's
+    from ftcluster.train.tokenizer import TokenizerPart
+
+    assert TokenizerPart.resharding == "global"  # no obstacle to resuming on another number of processes
     # The same number of tokens (the same model shape), another term: the checkpoint's rows mean other words.
     with pytest.raises(TrainError, match=r"trained with another tokenizer \(324 tokens; this run has 324; "
                                          r"differing: Varnholt rule, estoppel\)"):
