@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..spec.terms import added_count
 from . import deepspeed as ds_config  # the module: its function is looked up at call time
 
 
@@ -90,7 +91,10 @@ def _lora_artifacts(spec: Any) -> tuple[str, ...]:
 
 def _lora_planner(spec: Any) -> dict[str, Any]:
     lora, t = spec.lora, spec.lora.target_modules
-    return {"lora_r": lora.r, "lora_targets": t if isinstance(t, str) else tuple(t), "lora_dropout": lora.dropout}
+    # The planner models the embedding and the output layer in modules_to_save (the rest is small).
+    saved = tuple(m for m in lora.modules_to_save if m in ("embed_tokens", "lm_head"))
+    return {"lora_r": lora.r, "lora_targets": t if isinstance(t, str) else tuple(t), "lora_dropout": lora.dropout,
+            "modules_to_save": saved, "added_tokens": added_count(spec.tokenizer)}
 
 
 def _deepspeed_planner(spec: Any) -> dict[str, Any]:

@@ -38,6 +38,12 @@ def validate_doc(doc: LoadedDoc, overrides: list[str] | None = None, relocate: A
         raise SpecError(sort_unique(found + [p for _, p in secrets], doc.source)) from None
     if secrets:
         raise SpecError(sort_unique([p for _, p in secrets], doc.source))
+    from .relpaths import runs_here
+    from .terms import inline_terms
+
+    terms = inline_terms(spec, doc, here=runs_here(spec.backend, spec))
+    if terms is not None:
+        raise SpecError([terms])
     spec._source_file = doc.source
     spec._overrides = tuple(overrides or ())
     spec._path_folders = folders

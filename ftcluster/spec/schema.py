@@ -189,8 +189,8 @@ class TokenizerSpec(_Model):
     path: str | None = Field(None, description="Local directory or fsspec URI of a tokenizer. A relative path is relative to the spec file's folder.")
     hub_id: str | None = Field(None, description="Hugging Face Hub tokenizer id.")
     train_vocab_size: int | None = Field(None, gt=0, description="Train a byte-level BPE tokenizer of this size on the training data (no download).")
-    add_tokens: list[str] | str = Field(default_factory=_empty_list, description="Domain terms added to the vocabulary: a list, or a file with one term per line ('#' starts a comment; a relative path is relative to the spec file's folder). The embedding and output matrices grow to a multiple of 64; new rows start at the mean of the existing embeddings. Full fine-tuning trains them with everything else; LoRA trains only the new rows (peft trainable_token_indices). See docs/data.md.")
-    add_special_tokens: list[str] = Field(default_factory=_empty_list, description="Special tokens added to the vocabulary (never split, e.g. <|case|>); trained like add_tokens.")
+    add_tokens: list[str] | str = Field(default_factory=_empty_list, description="Domain terms added to the vocabulary, in this order, after the tokenizer is loaded or trained (terms it holds already are skipped): a list, or a UTF-8 file with one term per line (blank lines and lines starting with '#' are skipped; a relative path is relative to the spec file's folder; the loader reads it and the job receives the terms). The embedding and output matrices grow to a multiple of 64; new rows start at exactly the mean of the existing embeddings (Hewitt 2021). Full fine-tuning trains them with everything else; LoRA trains only the new rows (peft trainable_token_indices). See docs/data.md.")
+    add_special_tokens: list[str] = Field(default_factory=_empty_list, description="Special tokens added to the vocabulary after add_tokens (never split, skipped by decode(skip_special_tokens=True), e.g. <|case|>); trained like add_tokens.")
 
     @model_validator(mode="after")
     def _at_most_one(self) -> TokenizerSpec:
@@ -296,7 +296,7 @@ class LoraSpec(_Model):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear` or a list such as [q_proj, v_proj].")
     merge_at_end: bool = Field(False, description="Also save a merged full model at the end.")
-    modules_to_save: list[str] = Field(default_factory=_empty_list, description="Modules trained in full and saved inside the adapter, e.g. [embed_tokens, lm_head] (hundreds of MB to GB for an embedding). Without it, tokens added with tokenizer.add_tokens train only their new rows, which keeps the adapter at megabytes.")
+    modules_to_save: list[str] = Field(default_factory=_empty_list, description="Modules trained in full and saved inside the adapter, e.g. [embed_tokens, lm_head] (hundreds of MB to GB for an embedding). Without it, tokens added with tokenizer.add_tokens (or a tokenizer.path larger than the model) train only their new rows (peft trainable_token_indices), which keeps the adapter at megabytes.")
 
     @field_validator("target_modules")
     @classmethod

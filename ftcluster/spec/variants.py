@@ -183,6 +183,14 @@ def _resolve_one(spec: Any, doc: LoadedDoc, base: dict[str, Any], i: int, varian
         return problems, None
     if problems:
         return problems, None
+    from .relpaths import runs_here
+    from .terms import inline_terms
+
+    terms = inline_terms(vspec, doc, here=runs_here(vspec.backend, vspec))  # the base's list, or the variant's file
+    if terms is not None:
+        if "tokenizer.add_tokens" in applied and terms.file == doc.source:  # at the variant's value
+            terms = problem_at(doc, where + ("set", "tokenizer.add_tokens"), f"{label}: {terms.message}")
+        return [terms], None
     vspec._source_file, vspec._overrides, vspec._variant = spec._source_file, spec._overrides, variant.name
     vspec._path_folders = {**spec._path_folders, **folders}
     changed = _env_change(spec, vspec)

@@ -37,7 +37,8 @@ def llama_config(ri: Any, tokenizer: Any, attn_implementation: str):
     """A transformers LlamaConfig from the spec's random_init section, sized for the tokenizer."""
     from transformers import LlamaConfig
 
-    if len(tokenizer) > ri.vocab_size:
+    # Tokens the spec adds come on top (fit_embeddings grows the matrices); the tokenizer itself must fit.
+    if getattr(tokenizer, "ftcluster_base_vocab", len(tokenizer)) > ri.vocab_size:
         raise TrainError(
             f"model.random_init.vocab_size: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{ri.vocab_size} embeddings; raise vocab_size or lower tokenizer.train_vocab_size"
@@ -105,11 +106,7 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
             raise TrainError(f"{field}: could not load a causal LM from {where!r}: {str(exc).splitlines()[0]}") from exc
         if not zero3:
             model.to(device)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            log.warning("the tokenizer has %d tokens, the model %d embeddings: resizing the embeddings",
-                        len(tokenizer), model.get_input_embeddings().weight.shape[0])
-            model.resize_token_embeddings(len(tokenizer))
-            model.ftcluster_resized_embeddings = True  # LoRA adapters then carry the embeddings
+    fit_embeddings(model, tokenizer, zero3=zero3)
     model.config.use_cache = False
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -123,6 +120,102 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     apply_varlen_attention(model, device)
     enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
+
+
+PAD_MULTIPLE = 64  # embedding rows come in multiples of 64: tensor-core friendly shapes for the output matmul
+
+
+def fit_embeddings(model: Any, tokenizer: Any, *, zero3: bool = False) -> list[int]:
+    """Give the tokens the base model has no trained embedding for (the spec's added tokens, and a
+    tokenizer larger than the model) rows that start at the mean of the existing ones; returns their ids.
+
+    The input and (untied) output matrices grow to ``len(tokenizer)`` rounded up to a multiple of
+    64 when they are too small. Every new row, the padding rows included, is set to exactly the
+    mean of the rows of the tokens the model knew. Hewitt (2021), "Initializing New Word Embeddings
+    for Pretrained Language Models" (https://nlp.stanford.edu/~johnhew/vocab-expansion.html): with
+    the mean, a new word's probability starts near the average one's and the model's predictions
+    barely move (KL bounded); a random row can dominate the softmax. transformers'
+    ``mean_resizing`` samples around the mean with the embeddings' covariance; the exact mean is
+    deterministic, so a resumed run, ``ftcluster sample`` and the loss-equality tests rebuild the
+    same rows. The padding rows never reach the loss: :func:`mask_padding_logits`. The model's
+    config records ``ftcluster_vocab`` (the tokenizer's length) once it is grown, so a model saved
+    from this run (the final or merged model, a pipeline's next stage) masks the same rows; the
+    spare rows of a model ftcluster did not grow (Qwen's, beyond its tokenizer) are left alone.
+    """
+    emb = model.get_input_embeddings()
+    rows = _rows(emb.weight)
+    # A model ftcluster grew before (a continual pre-training's final model) has trained rows for
+    # the ids below its ftcluster_vocab, and padding rows above.
+    grown = getattr(model.config, "ftcluster_vocab", None)
+    first = min(rows, max(getattr(tokenizer, "ftcluster_base_vocab", rows), grown or 0))
+    new_ids = list(range(first, len(tokenizer)))
+    model.ftcluster_new_token_ids = new_ids
+    padded = grown is not None
+    size = rows
+    if new_ids:
+        known = new_ids[0]
+        if len(tokenizer) > rows:
+            size = -(-len(tokenizer) // PAD_MULTIPLE) * PAD_MULTIPLE
+            log.info("tokenizer: %d tokens, the model %d embeddings: growing the embedding%s to %d rows "
+                     "(a multiple of %d)", len(tokenizer), rows,
+                     "" if model.config.tie_word_embeddings else " and output matrices", size, PAD_MULTIPLE)
+            model.resize_token_embeddings(size, mean_resizing=False)  # the rows are set below, exactly
+            padded = True
+        end = size if padded else len(tokenizer)  # a model's own spare rows beyond the tokenizer stay as they are
+        out = model.get_output_embeddings()
+        matrices = [model.get_input_embeddings().weight]
+        if out is not None and out.weight is not matrices[0]:
+            matrices.append(out.weight)
+        _set_mean_rows(matrices, known, end, zero3)
+        log.info("tokenizer: %d new token ids (%d-%d) start at the mean of the %d known embeddings", len(new_ids),
+                 known, len(tokenizer) - 1, known)
+    if padded and size > len(tokenizer):
+        model.config.ftcluster_vocab = len(tokenizer)  # saved in config.json: rows from here on are padding
+        mask_padding_logits(model, len(tokenizer))
+    return new_ids
+
+
+def _rows(weight: Any) -> int:
+    shape = getattr(weight, "ds_shape", None)  # ZeRO-3 partitions a parameter; ds_shape is the whole one
+    return int((shape if shape is not None else weight.shape)[0])
+
+
+def _set_mean_rows(matrices: list[Any], known: int, end: int, zero3: bool) -> None:
+    import contextlib
+
+    import torch
+
+    gather: Any = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(matrices, modifier_rank=0)
+    with gather, torch.no_grad():
+        for w in matrices:
+            w[known:end] = w[:known].float().mean(dim=0).to(w.dtype)
+
+
+def mask_padding_logits(model: Any, vocab: int) -> None:
+    """Logits of ids at or above ``vocab`` (rows that exist only to round the matrix up) become the
+    dtype's lowest value wherever this model computes logits: softmax gives them 0, so they take no
+    probability and get no gradient, and the loss is the one over the real vocabulary. (The fused
+    loss, Liger on GPU, never materialises logits and does include them; their rows start at the
+    mean, the least probable place for a row (Hewitt 2021).)"""
+    import torch
+
+    def hook(_module: Any, _args: Any, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if logits is not None and logits.shape[-1] > vocab:
+            logits[..., vocab:] = torch.finfo(logits.dtype).min
+        return output
+
+    model.register_forward_hook(hook)
+    model.ftcluster_vocab = vocab
+    # A saved model has no hook: its generation config keeps transformers' generate() off those ids.
+    gen = getattr(model, "generation_config", None)
+    rows = _rows(model.get_output_embeddings().weight) if model.get_output_embeddings() is not None else vocab
+    if gen is not None and rows > vocab:
+        gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(range(vocab, rows)))
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> list[int]:
@@ -186,21 +279,86 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
+def token_rows(model: Any, lora: Any) -> dict[str, list[int]]:
+    """peft's ``trainable_token_indices`` for the new token ids :func:`fit_embeddings` recorded:
+    {embedding module name: ids}, and the output layer's when it is untied and neither adapted by
+    LoRA nor in ``lora.modules_to_save`` (peft cannot wrap a LoRA layer in a token adapter; a LoRA
+    on lm_head gives each new row its own rank-r update). A tied output layer follows the embedding
+    (peft ties the token adapters). Modules in ``modules_to_save`` train in full instead."""
+    import re
+
+    ids = list(getattr(model, "ftcluster_new_token_ids", []))
+    if not ids:
+        return {}
+
+    def name_of(module: Any) -> str:
+        return next(n for n, m in model.named_modules() if m is module)
+
+    def named(name: str, names: list[str]) -> bool:
+        return any(name == n or name.endswith("." + n) for n in names)
+
+    rows: dict[str, list[int]] = {}
+    emb = name_of(model.get_input_embeddings())
+    if not named(emb, list(lora.modules_to_save)):
+        rows[emb.rsplit(".", 1)[-1]] = ids
+    out = model.get_output_embeddings()
+    if out is None or model.config.tie_word_embeddings:
+        return rows
+    head = name_of(out)
+    t = lora.target_modules
+    adapted = (named(head, list(t)) if not isinstance(t, str)
+               else t != "all-linear" and re.fullmatch(t, head) is not None)
+    if not adapted and not named(head, list(lora.modules_to_save)):
+        rows[head.rsplit(".", 1)[-1]] = ids
+    return rows
+
+
 def apply_lora(model: Any, lora: Any, seed: int):
-    """Wrap ``model`` with a peft LoRA adapter (seeded A init); only adapter weights train."""
+    """Wrap ``model`` with a peft LoRA adapter (seeded A init); only adapter weights train, plus the
+    rows of new tokens (:func:`token_rows`) and ``lora.modules_to_save``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    rows = token_rows(model, lora)
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                     bias="none", task_type="CAUSAL_LM")
+                     bias="none", task_type="CAUSAL_LM", modules_to_save=list(lora.modules_to_save) or None,
+                     trainable_token_indices=rows or None)
     torch.manual_seed(seed + 1)
     try:
         peft_model = get_peft_model(model, cfg)
     except ValueError as exc:  # e.g. a target module name that the model does not have
         raise TrainError(f"lora.target_modules: {str(exc).splitlines()[0]}") from exc
+    if rows:
+        log.info("LoRA: the %d new token ids train their own rows of %s (peft trainable_token_indices)",
+                 len(next(iter(rows.values()))), " and ".join(rows))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)", lora.r, lora.alpha, target,
              f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return peft_model
+
+
+def load_adapter(base: Any, folder: Path, tokenizer: Any):
+    """``PeftModel.from_pretrained(base, folder)`` once the base has a row for every token of the
+    adapter's tokenizer (``tokenizer``, saved in ``folder``): an adapter trained with added tokens
+    on a base that lacks them is refused in one line, instead of peft's shape errors or an index
+    past the embedding at the first new token."""
+    from peft import PeftModel
+
+    rows = base.get_input_embeddings().weight.shape[0]
+    need = len(tokenizer)
+    try:
+        cfg = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    indices = cfg.get("trainable_token_indices") or []
+    for ids in (indices.values() if isinstance(indices, dict) else [indices]):
+        need = max([need, *(int(i) + 1 for i in ids)])
+    if rows < need:
+        vocab = sorted(((i, t) for t, i in tokenizer.get_vocab().items() if i >= rows))
+        missing = ", ".join(t for _, t in vocab[:8]) + (" ..." if len(vocab) > 8 else "")
+        raise TrainError(f"{folder}: the adapter was trained with a vocabulary of {need} tokens, the base model has "
+                         f"{rows} embeddings (missing: {missing or 'ids ' + str(rows) + '+'}); load it on the base "
+                         "it was trained on, resized to its tokenizer (ftcluster sample does), or use its merged model")
+    return PeftModel.from_pretrained(base, str(folder))

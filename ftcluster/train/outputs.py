@@ -34,14 +34,29 @@ class Outputs:
                  work_dir: Path, model_fingerprint: str):
         self.spec, self.ctx, self.engine, self.tokenizer, self.ckpt = spec, ctx, engine, tokenizer, ckpt
         self.work_dir, self.model_fingerprint = work_dir, model_fingerprint
+        self._tokenizer_meta: dict[str, Any] | None = None
 
     def meta(self, state: TrainState, eval_loss: float | None) -> dict[str, Any]:
         from .model import model_source
 
         return {"base_model": model_source(self.spec), "base_config_sha256": self.model_fingerprint,
+                "tokenizer": self.tokenizer_meta(),
                 "step": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss,
                 "eval_loss": eval_loss, "training": self.spec.model_dump(mode="json"),
                 "ftcluster_version": __version__}
+
+    def tokenizer_meta(self) -> dict[str, Any]:
+        """The vocabulary the artifacts were trained with: its size, the size before the spec's added
+        tokens (``ftcluster sample`` rebuilds the base's rows from it), those tokens and the fingerprint."""
+        if self._tokenizer_meta is None:
+            from ..corpus.format import tokenizer_fingerprint
+
+            tok = self.tokenizer
+            base = getattr(tok, "ftcluster_base_vocab", len(tok))
+            added = [t for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if i >= base]
+            self._tokenizer_meta = {"vocab": len(tok), "base_vocab": base, "added": added,
+                                    "sha256": tokenizer_fingerprint(tok)}
+        return self._tokenizer_meta
 
     def after_checkpoint(self, state: TrainState, eval_loss: float | None) -> None:
         """LoRA: publish the adapter of the checkpoint just saved (collective)."""

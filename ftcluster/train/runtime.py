@@ -55,7 +55,7 @@ class Trainer:
         from .engines import build_engine
         from .outputs import Outputs
         from .state import RngState, seed_everything
-        from .tokenizer import load_or_train_tokenizer
+        from .tokenizer import TokenizerPart, load_or_train_tokenizer
 
         spec, ctx = self.spec, self.ctx
         self.startup_boundary("joining the other processes")
@@ -97,7 +97,7 @@ class Trainer:
         identity = RunIdentity(engine=self.engine.kind, model_fingerprint=fingerprint, method=spec.method,
                                total_steps=self.total_steps, every_steps=out.checkpoint_every_steps, every_s=every_s)
         self.ckpt = CheckpointManager(spec, ctx, self.work_dir, identity, parts={
-            "train": self.state, "engine": self.engine, "data": self.data.train, "rng": RngState(ctx.device)})
+            "train": self.state, "tokenizer": TokenizerPart(self.tokenizer), "engine": self.engine, "data": self.data.train, "rng": RngState(ctx.device)})
         self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint)
         if self.ckpt.load():
             self.resumed_step = self.state.step

@@ -64,17 +64,20 @@ def load(folder: Path, whole: bool, device: Any) -> tuple[Any, Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # saved by the run, as trained
     if tokenizer.pad_token is None:  # as the runtime set it (train.tokenizer); not always saved
         tokenizer.pad_token = tokenizer.eos_token
+    base_vocab = (meta.get("tokenizer") or {}).get("base_vocab")
+    if base_vocab is not None:  # the size before tokenizer.add_tokens: the base model's rows are rebuilt as trained
+        tokenizer.ftcluster_base_vocab = int(base_vocab)
     if spec.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHAT_TEMPLATE
     dtype = compute_dtype(spec.training.precision, device)
     if whole:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
     else:
-        from peft import PeftModel
+        from .model import load_adapter
 
         cache = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         base = load_base_model(spec, tokenizer, dtype, device, cache)
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = load_adapter(base, folder, tokenizer)
     model.eval()
     return model, tokenizer, spec
 

@@ -4,6 +4,12 @@ Training (``tokenizer.train_vocab_size``, or a ``random_init`` model without a t
 a byte-level BPE with ``tokenizers`` on the training texts. It is deterministic, done once per
 node under a file lock and cached under ``cache_dir/bpe-<hash>`` keyed by the texts, the vocab
 size and the format, so every rank and every node gets the same ids without a download.
+
+Domain terms (``tokenizer.add_tokens``) and special tokens (``tokenizer.add_special_tokens``) are
+added last, in the spec's order, to whichever tokenizer that is (:func:`extend`): training and
+``prepare-data`` call :func:`load_or_train_tokenizer`, so both tokenize with the same ids, and
+:func:`ftcluster.corpus.format.tokenizer_fingerprint` tells a corpus prepared with another
+tokenizer apart (and a checkpoint trained with another: :class:`TokenizerPart`).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def load_or_train_tokenizer(spec: Any, cache_dir: Path) -> Any:
         tok = _from_hub(m.hub_id, m.revision, m.trust_remote_code, "model.hub_id")
     else:
         tok = train_tokenizer(spec, m.random_init.vocab_size, cache_dir)
-    return _finish(tok, spec.data.format)
+    return extend(_finish(tok, spec.data.format), t, m.storage_options)
 
 
 def _from_folder(folder: Path, where: str) -> Any:
@@ -84,6 +90,66 @@ def _finish(tok: Any, fmt: str) -> Any:
         tok.chat_template = CHAT_TEMPLATE
         log.info("tokenizer: no chat template; using ftcluster's simple <|role|> template")
     return tok
+
+
+# ----------------------------------------------------------------------------- added tokens
+
+
+def spec_terms(tokenizer_spec: Any, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """``tokenizer.add_tokens`` as a list: the spec's list, or the terms file read here (the loader
+    put a file it could see into the spec already; this one is on the machine the job runs on, or
+    at a URI read with ``storage_options``)."""
+    from ..spec.terms import FIELD, TermsFileError, parse_terms, read_terms
+    from ..storage.uri import fs_and_path, is_local
+
+    terms = tokenizer_spec.add_tokens
+    if not isinstance(terms, str):
+        return list(terms)
+    try:
+        if is_local(terms):
+            return read_terms(terms)
+        fs, path = fs_and_path(terms, storage_options)
+        return parse_terms(fs.cat_file(path).decode("utf-8"))
+    except TermsFileError as exc:
+        raise TrainError(f"{FIELD}: {exc}; give a file of one term per line or a list of terms") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainError(f"{FIELD}: {terms}: cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def extend(tok: Any, tokenizer_spec: Any, storage_options: dict[str, Any] | None = None) -> Any:
+    """``tok`` with the spec's terms and special tokens added, in order; tokens the vocabulary holds
+    already are not added again (logged). Sets ``tok.ftcluster_base_vocab``: its size without the
+    spec's tokens, also when ``tok`` was saved with them already (a prepared corpus's tokenizer, an
+    adapter's): the ids at its end that the spec lists do not count."""
+    terms, specials = spec_terms(tokenizer_spec, storage_options), list(tokenizer_spec.add_special_tokens)
+    tok.ftcluster_base_vocab = _size_without(tok, set(terms) | set(specials))
+    if not terms and not specials:
+        return tok
+    vocab = tok.get_vocab()
+    for what, items, special in (("tokenizer.add_tokens", terms, False),
+                                 ("tokenizer.add_special_tokens", specials, True)):
+        new = [t for t in dict.fromkeys(items) if t not in vocab]  # first occurrence, spec order
+        present = [t for t in dict.fromkeys(items) if t in vocab]
+        if present:
+            log.info("%s: %d already in the vocabulary, not added again: %s", what, len(present),
+                     ", ".join(present[:10]) + (" ..." if len(present) > 10 else ""))
+        if new:
+            tok.add_tokens(new, special_tokens=special)
+            vocab = tok.get_vocab()
+    log.info("tokenizer: %d tokens added by the spec (vocabulary %d -> %d)", len(tok) - tok.ftcluster_base_vocab,
+             tok.ftcluster_base_vocab, len(tok))
+    return tok
+
+
+def _size_without(tok: Any, listed: set[str]) -> int:
+    """``len(tok)`` less the added tokens at its end that ``listed`` names."""
+    size = len(tok)
+    if not listed:
+        return size
+    by_id = {i: t for t, i in tok.get_added_vocab().items()}
+    while size > 0 and by_id.get(size - 1) in listed:
+        size -= 1
+    return size
 
 
 # ----------------------------------------------------------------------------- training
@@ -159,5 +225,49 @@ def _train_into(folder: Path, texts: list[str], vocab_size: int, specials: list[
 
 
 def load_tokenizer_folder(folder: Path, spec: Any, where: str) -> Any:
-    """A saved tokenizer folder, finished for ``spec`` as :func:`load_or_train_tokenizer` finishes one."""
-    return _finish(_from_folder(Path(folder), where), spec.data.format)
+    """A saved tokenizer folder, finished for ``spec`` as :func:`load_or_train_tokenizer` finishes one
+    (the spec's added tokens too: a corpus prepared with them holds them already)."""
+    tok = _finish(_from_folder(Path(folder), where), spec.data.format)
+    t = getattr(spec, "tokenizer", None)  # a spec's data section alone (tests) has no additions
+    return tok if t is None else extend(tok, t, spec.model.storage_options)
+
+
+# ----------------------------------------------------------------------------- in checkpoints
+
+
+class TokenizerPart:
+    """The run's tokenizer as a checkpoint part (``checkpoints/step-N/tokenizer/``): every checkpoint
+    carries the vocabulary its weights were trained with, added tokens included. On resume the
+    saved one must be the run's (the same fingerprint): rows trained for one set of ids mean
+    nothing under another. A checkpoint written before tokenizers were saved loads as before."""
+
+    resharding = "global"  # rank 0 saves it, the same on every rank: resumes on any number of processes
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+
+    def save(self, folder: Path, rank: int, writer: Any = None) -> None:
+        if rank != 0:
+            return
+        if writer is not None:
+            writer.write("tokenizer", lambda: self.tok.save_pretrained(str(folder)))
+        else:
+            self.tok.save_pretrained(str(folder))
+
+    def load(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from ..corpus.format import tokenizer_fingerprint
+
+        if not (folder / "tokenizer_config.json").exists():
+            return  # rank 0 alone writes it; an older checkpoint has none
+        saved = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # The runtime sets pad and the chat template after loading (_finish); compare like with like.
+        if saved.pad_token is None and self.tok.pad_token == self.tok.eos_token:
+            saved.pad_token = saved.eos_token
+        if tokenizer_fingerprint(saved) != tokenizer_fingerprint(self.tok):
+            extra = sorted(set(saved.get_vocab()) ^ set(self.tok.get_vocab()))
+            raise TrainError(f"output.uri: the checkpoint in {folder.parent.name} was trained with another tokenizer "
+                             f"({len(saved)} tokens; this run has {len(self.tok)}"
+                             + (f"; differing: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "")
+                             + "); keep tokenizer.add_tokens as it was, or write to a new output.uri")

@@ -187,7 +187,8 @@ class Evaluator:
         base = w.shape.total_params()
         r, targets, dropout = lora_cfg
         self.lora_w = _replace(w, lora_r=r, lora_targets=targets, lora_dropout=dropout)
-        c = count_lora(w.shape, r, targets if isinstance(targets, str) else list(targets), w.modules_to_save)
+        c = count_lora(w.shape, r, targets if isinstance(targets, str) else list(targets), w.modules_to_save,
+                       w.added_tokens)
         adapter = (base + c.trainable, c.trainable, c.adapter, c.saved_copies)
         self.counts = {name: (base, base, 0, 0) if m.trains == "all" else adapter for name, m in MEMORY_MODELS.items()}
 

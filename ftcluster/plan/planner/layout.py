@@ -22,6 +22,7 @@ class Workload:
     lora_targets: str | tuple[str, ...] = "all-linear"
     lora_dropout: float = 0.05
     modules_to_save: tuple[str, ...] = ()
+    added_tokens: int = 0  # tokenizer.add_tokens + add_special_tokens: LoRA trains their rows
     # DeepSpeed settings (used by method='full' layouts)
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True

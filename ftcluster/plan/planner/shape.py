@@ -16,6 +16,7 @@ from typing import Any
 
 from ...errors import FtclusterError
 from ...spec.schema import PRESETS
+from ...spec.terms import added_count
 from ...storage.uri import is_local, local_path
 
 # The random-init presets' shapes: the spec's own table (ftcluster.spec.schema.PRESETS, torch-free).
@@ -113,10 +114,11 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class LoraCount:
-    trainable: int  # adapter weights plus modules_to_save copies
+    trainable: int  # adapter weights plus modules_to_save copies plus new tokens' rows
     adapter: int  # LoRA A/B weights only
     saved_copies: int  # trainable copies of modules_to_save
     targets: tuple[str, ...]  # module names that got an adapter, per layer or global (lm_head, embed_tokens)
+    token_rows: int = 0  # rows of added tokens trained through peft's trainable_token_indices
 
 
 def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> tuple[str, ...]:
@@ -136,8 +138,10 @@ def lora_targets(shape: ModelShape, target_modules: str | list[str]) -> tuple[st
 
 
 def count_lora(shape: ModelShape, r: int, target_modules: str | list[str],
-               modules_to_save: list[str] | tuple[str, ...] = ()) -> LoraCount:
-    """Trainable parameters of a peft LoRA model (bias='none')."""
+               modules_to_save: list[str] | tuple[str, ...] = (), added_tokens: int = 0) -> LoraCount:
+    """Trainable parameters of a peft LoRA model (bias='none'). ``added_tokens`` train their own rows
+    of the embedding and of an untied output layer that is neither adapted nor in ``modules_to_save``
+    (the runtime's ``train.model.token_rows``); a module in ``modules_to_save`` trains in full instead."""
     targets = lora_targets(shape, target_modules)
     dims = shape.linear_dims()
     adapter = 0
@@ -155,7 +159,26 @@ def count_lora(shape: ModelShape, r: int, target_modules: str | list[str],
             copies += shape.embedding_params
         else:
             raise FtclusterError(f"modules_to_save: the planner counts lm_head and embed_tokens only (got {m!r})")
-    return LoraCount(adapter + copies, adapter, copies, targets)
+    rows = 0
+    if added_tokens:
+        rows += 0 if "embed_tokens" in modules_to_save else added_tokens * shape.hidden_size
+        if not (shape.tie_word_embeddings or "lm_head" in targets or "lm_head" in modules_to_save):
+            rows += added_tokens * shape.hidden_size
+    return LoraCount(adapter + copies + rows, adapter, copies, targets, rows)
+
+
+PAD_MULTIPLE = 64  # the runtime's (train.model.PAD_MULTIPLE): embedding rows come in multiples of 64
+
+
+def with_added_tokens(shape: ModelShape, added: int) -> ModelShape:
+    """``shape`` with its embedding (and output) matrices grown for ``added`` tokens, as the runtime
+    grows them: vocabulary + added, rounded up to a multiple of 64. An upper bound: terms the
+    tokenizer holds already, and spare rows a model has beyond its tokenizer, are not known here."""
+    if added <= 0:
+        return shape
+    rows = -(-(shape.vocab_size + added) // PAD_MULTIPLE) * PAD_MULTIPLE
+    return replace(shape, vocab_size=rows,
+                   notes=shape.notes + (f"vocabulary {shape.vocab_size:,} + {added} added tokens: {rows:,} rows",))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -246,6 +269,11 @@ def spec_shape(spec: Any, *, network: bool = False) -> ModelShape | None:
     Order: random_init; the model folder's config.json (a remote one only with ``network``);
     a public model recognised by name.
     """
+    shape = _base_shape(spec, network)
+    return None if shape is None else with_added_tokens(shape, added_count(spec.tokenizer))
+
+
+def _base_shape(spec: Any, network: bool) -> ModelShape | None:
     m = spec.model
     if m.random_init is not None:
         return shape_from_random_init(m.random_init)

@@ -161,16 +161,16 @@ class PlainEngine:
         writer thread (training goes on); otherwise now, from the live weights."""
         if rank != 0:
             return
-        # Whole embedding matrices go into the adapter only if the tokenizer grew them;
-        # a LoRA on lm_head leaves the base weights untouched (peft would save them anyway).
-        resized = getattr(self.module.get_base_model(), "ftcluster_resized_embeddings", False)
+        # New tokens' rows are in the adapter (peft's token adapter), and modules_to_save in full; the
+        # whole embedding matrices never are: that would be gigabytes, and the base they load on is
+        # resized and mean-initialised the same way (model.fit_embeddings).
         captured, self._captured = self._captured, None
-        if writer is not None and writer.deferred and captured is not None and not resized:
-            # peft picks the adapter's entries (lora_*, modules_to_save) from the state_dict given
+        if writer is not None and writer.deferred and captured is not None:
+            # peft picks the adapter's entries (lora_*, token rows, modules_to_save) from the state_dict given
             writer.write("adapter", lambda: self.module.save_pretrained(
                 str(folder), safe_serialization=True, save_embedding_layers=False, state_dict=captured))
             return
-        self.module.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=resized)
+        self.module.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
 
     def export_merged(self, folder: Path, rank: int) -> None:
         """Base weights with the adapter merged in (a plain HF model). Call last: it merges in place."""
