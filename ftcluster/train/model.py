@@ -198,9 +198,9 @@ def _set_mean_rows(matrices: list[Any], known: int, end: int, zero3: bool) -> No
 def mask_padding_logits(model: Any, vocab: int) -> None:
     """Logits of ids at or above ``vocab`` (rows that exist only to round the matrix up) become the
     dtype's lowest value wherever this model computes logits: softmax gives them 0, so they take no
-    probability and get no gradient, and the loss is the one over the real vocabulary. (The fused
-    loss, Liger on GPU, never materialises logits and does include them; their rows start at the
-    mean, the least probable place for a row (Hewitt 2021).)"""
+    probability and get no gradient, and the loss is the one over the real vocabulary. The fused
+    loss (Liger on GPU) never materialises logits, so it is not used on such a model
+    (:func:`.speedups.apply_fused_kernels`)."""
     import torch
 
     def hook(_module: Any, _args: Any, output: Any) -> Any:

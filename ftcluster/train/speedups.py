@@ -62,6 +62,13 @@ def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not decisions.fused_ce_on(device.type == "cuda", model_type, os.environ):
         return False
+    vocab, out = getattr(model, "ftcluster_vocab", None), model.get_output_embeddings()
+    if vocab is not None and out is not None and out.weight.shape[0] > vocab:
+        # The fused loss never materialises logits, so the padding rows that round the matrix up to
+        # a multiple of 64 (model.mask_padding_logits) would take part in its softmax: another loss.
+        log.info("fused linear cross-entropy off: the output layer has %d padding rows above the vocabulary "
+                 "(%d tokens) that only the plain loss masks", out.weight.shape[0] - vocab, vocab)
+        return False
     noisy = logging.getLogger(LIGER_REGISTRY_LOGGER)
     if not any(isinstance(f, _OptionalBackendNoise) for f in noisy.filters):
         noisy.addFilter(_OptionalBackendNoise())

@@ -444,3 +444,20 @@ def test_a_model_grown_before_keeps_its_trained_rows_and_only_newer_terms_are_ne
     assert torch.equal(more.get_input_embeddings().weight[320:323], trained)
     known = more.get_input_embeddings().weight[:323]  # the model knows the three it was trained on too
     assert torch.allclose(more.get_input_embeddings().weight[323], known.mean(0))
+
+
+def test_the_fused_loss_is_not_used_on_a_model_with_padding_rows(monkeypatch, caplog):
+    """Liger's fused loss never materialises logits, so it cannot mask the rows that only round the
+    vocabulary up to 64: such a model trains with the plain loss (the same loss as without padding)."""
+    import logging
+    from types import SimpleNamespace
+
+    from ftcluster.train import speedups
+
+    monkeypatch.setattr(speedups.decisions, "fused_ce_on", lambda *a: True)
+    out = SimpleNamespace(weight=torch.zeros(384, 4))
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama"), ftcluster_vocab=323,
+                            get_output_embeddings=lambda: out)
+    with caplog.at_level(logging.INFO, logger="ftcluster.train"):
+        assert speedups.apply_fused_kernels(model, torch.device("cuda")) is False
+    assert "fused linear cross-entropy off: the output layer has 61 padding rows" in caplog.text
