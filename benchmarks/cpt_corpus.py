@@ -70,7 +70,7 @@ def main() -> int:
     text = (ROOT / "examples/cpt-domain.yaml").read_text()
     text = text.replace("cpt/domain_terms.txt", str(ROOT / "examples/cpt/domain_terms.txt"))
     text = text.replace("file://../out/cpt/corpus", str(corpus)).replace("../out/cpt/raw", str(raw))
-    text = text.replace("shard_tokens: 1048576", "shard_tokens: 33554432")
+    text = text.replace("shard_tokens: 1048576", "shard_tokens: 4194304")  # the default, not the example's small shards
     spec.write_text(text)
     env = {**os.environ, "FTCLUSTER_CACHE": str(work / "cache"), "FTCLUSTER_HOME": str(work / "home"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
