@@ -122,6 +122,7 @@ def main() -> int:
 
     results = args.results_dir.resolve()
     work = (args.work_dir or results / "work").resolve()
+    results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     text = work / "corpus.jsonl"
     if not text.exists():
