@@ -97,8 +97,8 @@ def inline_terms(spec: Any, doc: Any, here: bool) -> Problem | None:
     try:
         spec.tokenizer.add_tokens = read_terms(local)
     except TermsFileError as exc:
-        if exc.line is not None:
-            return Problem(exc.path, exc.line, None, FIELD, exc.message)
+        if exc.line is not None:  # located in the terms file, named as the missing-file case names it
+            return Problem(os.path.abspath(os.path.expanduser(local)), exc.line, None, FIELD, exc.message)
         return problem_at(doc, ("tokenizer", "add_tokens"),
                           f"{os.path.abspath(os.path.expanduser(local))}: {exc.message}; give a file of one "
                           "term per line (relative to the spec file's folder) or a list of terms")

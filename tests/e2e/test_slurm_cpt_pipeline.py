@@ -5,6 +5,7 @@ pre-training streaming that corpus on 2 nodes, then two LoRA adapters on the mod
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,8 +44,10 @@ def test_prepare_then_continual_pretraining_then_adapters(tmp_path):
     assert "2 process(es) on 2 node(s)" in logs and "full run 'cpt-domain'" in logs
     final = committed(tmp_path / "out" / "cpt-domain", "final")
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(final["files"])
-    base = str(tmp_path / "out" / "cpt-domain" / "final")
+    base = tmp_path / "out" / "cpt-domain" / "final"
     for variant in ("qa", "chat"):
         adapter = committed(tmp_path / "out" / "cpt-adapters" / variant, "adapter")
         assert "adapter_model.safetensors" in adapter["files"]
-        assert adapter["meta"]["base_model"].rstrip("/").endswith(base.rstrip("/")), adapter["meta"]["base_model"]
+        # the base as the stage's spec names it: relative to the submission directory when that is shorter
+        named = adapter["meta"]["base_model"].removeprefix("file://")
+        assert Path(os.path.normpath(ROOT / named)) == base, adapter["meta"]["base_model"]
