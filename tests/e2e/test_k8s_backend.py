@@ -377,6 +377,22 @@ def test_missing_crd_says_what_to_install(crdless_server, monkeypatch, tmp_path)
     assert checks["CRDs"].status == "fail" and "Kubeflow Trainer v2" in checks["CRDs"].fix + checks["CRDs"].result
 
 
+def test_prepare_data_submit_creates_its_indexed_job(make_backend, standin, ns):
+    """`ftcluster prepare-data --submit` on Kubernetes: the batch/v1 indexed Job, as rendered, through the
+    built-in-API client (the stand-in here: the test server serves CRDs only); the Role must grant it."""
+    from ftcluster.plan.prepare import compile_prepare
+    from ftcluster.render.kube import prepare_job
+    from ftcluster.spec.loader import load_spec_text
+    from tests.unit.render.test_render_prepare import KUBE
+
+    spec = load_spec_text(KUBE.replace("namespace: ml", f"namespace: {ns}"), "cpt.yaml")
+    b = make_backend()
+    st = b.schedule_prepare(b.prepare_dryrun(compile_prepare(spec)))
+    ((query, body),) = standin.jobs
+    assert body == prepare_job(compile_prepare(spec)) and body["spec"]["completionMode"] == "Indexed"
+    assert query["fieldValidation"] == "Strict" and st.job_id == f"{ns}/cpt-prepare"
+
+
 # --------------------------------------------------------------------------- doctor and RBAC
 
 

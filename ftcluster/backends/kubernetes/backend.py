@@ -125,13 +125,13 @@ class KubernetesBackend(Backend):
     def schedule_prepare(self, req: SubmitRequest) -> RunStatus:
         """Create the prepare Job (batch/v1, field validation Strict). No run folder: ``ftcluster status``
         follows Kubeflow jobs only; follow it with ``kubectl get job`` (the status's message says how).
-        Needs ``create`` on ``batch/jobs``, which the least-privilege Role in manifests/team does not grant
-        (docs/data.md)."""
+        Needs ``create`` on ``batch/jobs`` (granted by the Role in manifests/team). A built-in API, so
+        through ``conn.core`` (the same client as ``conn.api`` outside tests)."""
         from kubernetes import client
 
         conn, ns, name = self._conn(), req.meta["namespace"], req.meta["name"]
         try:
-            client.BatchV1Api(conn.api).create_namespaced_job(ns, cast(Any, self._body(req)), field_validation="Strict",
+            client.BatchV1Api(conn.core).create_namespaced_job(ns, cast(Any, self._body(req)), field_validation="Strict",
                                                               field_manager="ftcluster", _request_timeout=TIMEOUT)
         except Exception as exc:
             raise api_error(exc, conn, "create", resource="jobs.batch", namespace=ns, name=name) from None

@@ -31,6 +31,7 @@ PERMISSIONS = {
     ("", "pods"): ("list",),  # find the pod of a rank by the operator's labels
     ("", "pods/log"): ("get",),
     ("kueue.x-k8s.io", "localqueues"): ("get",),  # doctor: the queue label names an existing LocalQueue
+    ("batch", "jobs"): ("create",),  # prepare-data --submit: the indexed Job that tokenizes a corpus
 }
 
 
@@ -64,8 +65,8 @@ KINDS = {
 
 @dataclass
 class Connection:
-    """Clients for one cluster. ``core`` serves core/v1 (pods, logs) and authorization; it is the
-    same ApiClient as ``api`` except in tests, where core/v1 comes from a stand-in."""
+    """Clients for one cluster. ``core`` serves the built-in APIs (core/v1 pods and logs, batch/v1 jobs) and
+    authorization; it is the same ApiClient as ``api`` except in tests, where those come from a stand-in."""
 
     api: Any
     core: Any
