@@ -289,18 +289,13 @@ class StreamingCorpus:
 
     def _row(self, ids: np.ndarray, a: int, doc_starts: np.ndarray) -> dict[str, np.ndarray]:
         L = self.seq_len
-        lo, hi = np.searchsorted(doc_starts, [a + 1, a + L])
-        cuts = doc_starts[lo:hi] - a  # documents starting inside the block (not at its first token)
-        seg_start = np.zeros(L, dtype=np.int64)
-        if len(cuts):
-            marks = np.zeros(L, dtype=np.int64)
-            marks[cuts] = cuts
-            seg_start = np.maximum.accumulate(marks)
-        pos = np.arange(L, dtype=np.int64) - seg_start
+        lo, hi = np.searchsorted(doc_starts, [a, a + L])
+        starts = doc_starts[lo:hi] - a  # the documents starting in the block (0: one starts with it)
+        marks = np.zeros(L, dtype=np.int64)
+        marks[starts] = starts
+        pos = np.arange(L, dtype=np.int64) - np.maximum.accumulate(marks)  # 0 at the block and document starts
         labels = ids.copy()
-        labels[cuts] = IGNORE_INDEX
-        if np.searchsorted(doc_starts, a) < len(doc_starts) and doc_starts[np.searchsorted(doc_starts, a)] == a:
-            labels[0] = IGNORE_INDEX
+        labels[starts] = IGNORE_INDEX
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": np.ones(L, dtype=np.int64)}
 
 
