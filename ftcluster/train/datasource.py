@@ -8,6 +8,7 @@ has epochs, one without is a stream, trained for ``training.max_steps``. :class:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import TrainError
 from .distributed import DistContext
+
+log = logging.getLogger("ftcluster.train")
 
 
 @runtime_checkable
@@ -49,6 +52,12 @@ class Data:
     def batches_per_epoch(self) -> int | None:
         return epoch_length(self.train)
 
+    def close(self) -> None:
+        """Stop what the training source runs in the background (a stream's reader thread)."""
+        close = getattr(self.train, "close", None)
+        if close is not None:
+            close()
+
 
 def build_data(spec: Any, tokenizer: Any, ctx: DistContext, streamed: bool = False) -> Data:
     """The run's data: a prepared corpus streamed (``streamed``), else records read, tokenized and packed."""
@@ -57,15 +66,14 @@ def build_data(spec: Any, tokenizer: Any, ctx: DistContext, streamed: bool = Fal
     from . import data as D
 
     ds = spec.data
-    train_source = streamed_source(spec, tokenizer, ctx) if streamed else None
 
     def examples(uri: str, fmt: str | None = None):
         recs = D.load_records(uri, ds.file_format, ds.storage_options)
         spec_for = ds if fmt is None else ds.model_copy(update={"format": fmt})
         return D.build_examples(recs, tokenizer, spec_for)
 
-    if train_source is not None:
-        loader: Any = train_source
+    if streamed:
+        loader: Any = streamed_source(spec, tokenizer, ctx)
     else:
         train = D.PackedDataset(examples(ds.train), ds.seq_len, ds.packing, tokenizer.pad_token_id)
         loader = D.ShardedBatches(train, spec.training.micro_batch_size, ctx.rank, ctx.world_size,
@@ -99,6 +107,8 @@ def streamed_source(spec: Any, tokenizer: Any, ctx: DistContext) -> DataSource:
     source = StreamingCorpus(ds.train, ds.storage_options, ds.seq_len, spec.training.micro_batch_size, ctx.rank,
                              ctx.world_size, spec.training.seed)
     check_tokenizer(source.manifest, tokenizer, ds.train)
+    log.info("data: streaming %s: %s tokens in %d shards", ds.train, f"{source.manifest.tokens:,}",
+             len(source.manifest.shards))
     return source
 
 

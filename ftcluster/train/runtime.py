@@ -73,13 +73,7 @@ class Trainer:
         self.startup_boundary("loading the tokenizer")
         began = time.monotonic()
         self.data = build_data(spec, self.tokenizer, ctx, streams)
-        self.data_ready_s = time.monotonic() - began
-        if streams:
-            m = self.data.train.manifest  # type: ignore[attr-defined]
-            log.info("data: streaming %s: %s tokens in %d shards; ready in %.2f s", spec.data.train, f"{m.tokens:,}",
-                     len(m.shards), self.data_ready_s)
-        else:
-            log.info("data: read, tokenized and packed in %.2f s", self.data_ready_s)
+        log.info("data: %s in %.2f s", "ready" if streams else "read, tokenized and packed", time.monotonic() - began)
         self.startup_boundary("loading the data")
         self.total_steps = total_steps_for(spec, self.data.batches_per_epoch)
         dtype = M.compute_dtype(spec.training.precision, ctx.device)
@@ -97,7 +91,8 @@ class Trainer:
         identity = RunIdentity(engine=self.engine.kind, model_fingerprint=fingerprint, method=spec.method,
                                total_steps=self.total_steps, every_steps=out.checkpoint_every_steps, every_s=every_s)
         self.ckpt = CheckpointManager(spec, ctx, self.work_dir, identity, parts={
-            "train": self.state, "tokenizer": TokenizerPart(self.tokenizer), "engine": self.engine, "data": self.data.train, "rng": RngState(ctx.device)})
+            "train": self.state, "tokenizer": TokenizerPart(self.tokenizer), "engine": self.engine,
+            "data": self.data.train, "rng": RngState(ctx.device)})
         self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint)
         if self.ckpt.load():
             self.resumed_step = self.state.step
@@ -233,9 +228,8 @@ class Trainer:
     def _shutdown(self) -> None:
         import torch.distributed as dist
 
-        close = getattr(getattr(getattr(self, "data", None), "train", None), "close", None)
-        if close is not None:
-            close()  # a streaming source's reader thread
+        if hasattr(self, "data"):
+            self.data.close()
         if dist.is_initialized():
             self.ctx.barrier()
             dist.destroy_process_group()
