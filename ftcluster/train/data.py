@@ -128,8 +128,13 @@ def file_records(fs: Any, path: str, fmt: str, shown: str, text_field: str = "te
         raise TrainError(f"{shown}: cannot read as {fmt}: {one_line(exc)}") from exc
 
 
+def _opened(fs: Any, path: str, fh: Any, **how: Any) -> Any:
+    """``fh`` as a context that leaves it open (its owner closes it), else ``path`` opened ``how``."""
+    return contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb", **how)
+
+
 def _read_jsonl(fs: Any, path: str, shown: str, fh: Any = None) -> Iterator[dict[str, Any]]:
-    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb", compression="infer")) as fh:
+    with _opened(fs, path, fh, compression="infer") as fh:
         for lineno, raw in enumerate(fh, 1):
             line = raw.strip()
             if not line:
@@ -146,13 +151,13 @@ def _read_jsonl(fs: Any, path: str, shown: str, fh: Any = None) -> Iterator[dict
 def _read_parquet(fs: Any, path: str, shown: str, fh: Any = None) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb")) as fh:
+    with _opened(fs, path, fh) as fh:
         for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
 
 
 def _read_text(fs: Any, path: str, shown: str, fh: Any = None) -> str:
-    with (contextlib.nullcontext(fh) if fh is not None else fs.open(path, "rb", compression="infer")) as fh:
+    with _opened(fs, path, fh, compression="infer") as fh:
         data = fh.read()
     try:
         return data.decode("utf-8")
