@@ -69,3 +69,19 @@ def tokenized_corpus(uri: Path, docs: list[str], vocab: int = 512, shard_tokens:
                  sources=[], created_by="tests.support.corpora")
     put_bytes(fs, f"{root}/{MANIFEST}", m.to_json())
     return m.tokens
+
+
+def prepared_stand_in(example: Path, tmp: Path) -> list[str]:
+    """``--set`` arguments that let an example validate here: a local streamed corpus must be prepared
+    before submission (the refusal itself: tests/unit/preflight/test_preflight_paths.py), so one that
+    streams from a local corpus gets a synthetic prepared corpus in ``tmp``; any other example none."""
+    text = example.read_text()
+    if "prepare:" not in text or "backend: local" not in text:
+        return []
+    from ftcluster.corpus.format import has_manifest
+    from ftcluster.corpus.synthetic import write_synthetic
+
+    corpus = tmp / "corpus"
+    if not has_manifest(str(corpus)):
+        write_synthetic(str(corpus), 100_000, vocab=512)
+    return ["--set", f"data.train={corpus}"]

@@ -208,16 +208,9 @@ def test_unknown_run_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_examples_validate(example, tmp_path):
-    args = ["validate", f"examples/{example}"]
-    text = (ROOT / "examples" / example).read_text()
-    if "prepare:" in text and "backend: local" in text:
-        # A local streamed corpus must be prepared before submission: validate it with one that is
-        # (the refusal itself: tests/unit/preflight/test_preflight_paths.py).
-        from ftcluster.corpus.synthetic import write_synthetic
+    from tests.support.corpora import prepared_stand_in
 
-        write_synthetic(str(tmp_path / "corpus"), 100_000, vocab=512)
-        args += ["--set", f"data.train={tmp_path / 'corpus'}"]
-    ftc(*args, check=True)
+    ftc("validate", f"examples/{example}", *prepared_stand_in(ROOT / "examples" / example, tmp_path), check=True)
 
 
 def test_spec_reference_doc_in_sync():

@@ -230,16 +230,10 @@ def test_guard_does_not_guess_unknown_shapes_or_gpus():
 
 @pytest.mark.slow
 def test_every_example_validates_and_fits(tmp_path):
-    from ftcluster.corpus.synthetic import write_synthetic
+    from tests.support.corpora import prepared_stand_in
 
-    corpus = tmp_path / "corpus"
-    write_synthetic(str(corpus), 100_000, vocab=512)
     for f in sorted((ROOT / "examples").glob("*.yaml")):
-        args = ["validate", str(f.relative_to(ROOT))]
-        if "prepare:" in f.read_text() and "backend: local" in f.read_text():
-            # a streamed local corpus must be prepared first (test_a_streamed_corpus_must_be_prepared...)
-            args += ["--set", f"data.train={corpus}"]
-        res = ftc(*args)
+        res = ftc("validate", str(f.relative_to(ROOT)), *prepared_stand_in(f, tmp_path))
         assert res.returncode == 0, res.stderr
 
 
