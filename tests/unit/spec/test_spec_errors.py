@@ -170,3 +170,27 @@ def test_checkpointing_share_outside_0_to_1_is_one_located_line(tmp_path, value,
     (msg,) = problems(GOOD + f"training:\n  gradient_checkpointing: {value}\n", tmp_path)
     line = len(textwrap.dedent(GOOD).splitlines()) + 2
     assert msg.split(f"{tmp_path}/")[1] == f"job.yaml:{line}:3: {expected}", msg
+
+
+def test_the_continual_pretraining_options_refuse_wrong_values_in_one_located_line(tmp_path):
+    """data.prepare, data.streaming, tokenizer.add_special_tokens and lora.modules_to_save (#20): each wrong
+    value is one problem at its own line and field, saying what is accepted."""
+    text = GOOD.replace("  seq_len: 128\n", "  seq_len: 128\n  format: text\n"
+                        "  prepare: {source: raw, shard_tokens: 10, tasks: 0, file_format: csv}\n"
+                        "  streaming: maybe\n")
+    text += "tokenizer: {add_special_tokens: case}\nlora: {modules_to_save: embed_tokens}\n"
+    msgs = problems(text, tmp_path)
+    path = f"{tmp_path}/job.yaml"
+    assert len(msgs) == 6, msgs
+    expect = {"data.prepare.shard_tokens": (":9:", "greater than or equal to 1024"),
+              "data.prepare.tasks": (":9:", "greater than or equal to 1"),
+              "data.prepare.file_format": (":9:", "expected one of auto, jsonl, parquet, text (got 'csv')"),
+              "data.streaming": (":10:", "expected true or false (got 'maybe')"),
+              "tokenizer.add_special_tokens": (":13:", "expected a list, e.g. [a, b] or one `- item` line per item"),
+              "lora.modules_to_save": (":14:", "expected a list, e.g. [a, b] or one `- item` line per item")}
+    for field, (line, says) in expect.items():
+        (msg,) = [m for m in msgs if f" {field}: " in m]
+        assert msg.startswith(path + line) and says in msg, msg
+    (msg,) = problems(GOOD.replace("  seq_len: 128\n", "  seq_len: 128\n  prepare: {source: raw}\n"), tmp_path)
+    assert msg.startswith(f"{path}:") and "a prepared (streamed) corpus is plain text" in msg \
+        and "set data.format: text" in msg
