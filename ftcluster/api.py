@@ -38,7 +38,7 @@ __all__ = ["EXIT_CODES", "load_spec", "load", "backend_overrides", "with_backend
            "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note",
            "submit", "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster",
            "cluster_backends", "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source",
-           "sample_command", "write_files", "prepare_load", "prepare_command", "prepare_summary", "prepare_dryrun",
+           "sample_command", "artifact_source", "merge_command", "write_files", "prepare_load", "prepare_command", "prepare_summary", "prepare_dryrun",
            "prepare_schedule",
            "plan", "schema"]
 
@@ -545,23 +545,39 @@ def run_output(run_ref: str) -> dict[str, Any]:
             "single": bool(uri) and not st.tasks and rec.get("single", True) is not False}
 
 
-def sample_command(run_or_uri: str, prompt: str, input_text: str = "", max_new_tokens: int = 64,
-                   temperature: float = 0.0) -> list[str]:
+def sample_command(run_or_uri: str | None, prompt: str, input_text: str = "", max_new_tokens: int = 64,
+                   temperature: float = 0.0, adapters: list[str] | None = None, base: str | None = None,
+                   force: bool = False) -> list[str]:
     """The command ``ftcluster sample`` runs (``python -m ftcluster.train.sample URI ...``: the core never
     imports torch, so the model runs in a process of its own); FtclusterError naming the fix when this
-    Python lacks the training extra."""
+    Python lacks the training extra. ``adapters`` (``NAME=REF`` or ``REF``, REF a run id, path or URI):
+    compare them on one base instead of sampling ``run_or_uri``."""
     import importlib.util
     import json
     import sys
 
-    uri, options = sample_source(run_or_uri)
+    if bool(run_or_uri) == bool(adapters):
+        raise UsageError("give a RUN_OR_URI to sample, or one --adapter or more to compare (not both)")
+    options: dict[str, Any] = {}
+    target: list[str] = []
+    if adapters:
+        for ref in adapters:
+            name, sep, where = ref.partition("=")
+            named = bool(sep) and "/" not in name and ":" not in name
+            uri, opts = artifact_source(where if named else ref)
+            options = options or opts
+            target += ["--adapter", f"{name}={uri}" if named else uri]
+    if run_or_uri:
+        uri, options = sample_source(run_or_uri)
+        target.insert(0, uri)
     missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
     if missing:
         raise FtclusterError(f"ftcluster sample runs the model here and needs {', '.join(missing)}: "
                              "pip install 'ftcluster[train]'")
-    return [sys.executable, "-m", "ftcluster.train.sample", uri, "--prompt", prompt, "--input", input_text,
+    extra = (["--base", artifact_source(base)[0]] if base else []) + (["--force"] if force else [])
+    return [sys.executable, "-m", "ftcluster.train.sample", *target, "--prompt", prompt, "--input", input_text,
             "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
-            "--storage-options", json.dumps(options)]
+            "--storage-options", json.dumps(options), *extra]
 
 
 def sample_source(run_or_uri: str) -> tuple[str, dict[str, Any]]:
@@ -577,6 +593,44 @@ def sample_source(run_or_uri: str) -> tuple[str, dict[str, Any]]:
         raise FtclusterError(f"run {run_or_uri} has several outputs (variants or stages); give one of their output "
                              f"URIs, e.g. {out['uri'] or '<output.uri>'}/<variant name>")
     return out["uri"], out["storage_options"]
+
+
+def artifact_source(ref: str) -> tuple[str, dict[str, Any]]:
+    """Where ``ref`` points, as (URI, storage options): a URI or path as it is, or a run id (its output
+    root: every variant's and stage's outputs are under it), optionally followed by ``/path`` inside it
+    (``RUN/qa/adapter``)."""
+    if "://" in ref or Path(ref).exists():
+        return (ref if "://" in ref else str(Path(ref).resolve())), {}
+    if ref.startswith(("/", ".", "~")):
+        raise FtclusterError(f"{ref}: no such file or folder")
+    run, _, rest = ref.partition("/")
+    try:
+        out = run_output(run)
+    except RunNotFoundError as err:
+        raise FtclusterError(f"{ref}: no such path, and {err}; give a URI, a path, or a run id") from None
+    if not out["uri"]:
+        raise FtclusterError(f"run {run} has no recorded output URI; give the output URI itself")
+    return (out["uri"].rstrip("/") + (f"/{rest}" if rest else "")), out["storage_options"]
+
+
+def merge_command(ref: str, output: str, base: str | None = None, force: bool = False, overwrite: bool = False,
+                  dtype: str | None = None) -> list[str]:
+    """The command ``ftcluster merge`` runs (``python -m ftcluster.train.merge_cmd``, a process of its own)."""
+    import importlib.util
+    import json
+    import sys
+
+    uri, options = artifact_source(ref)
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FtclusterError(f"ftcluster merge runs here and needs {', '.join(missing)}: pip install 'ftcluster[train]'")
+    out = output if "://" in output else str(Path(output).resolve())
+    argv = [sys.executable, "-m", "ftcluster.train.merge_cmd", uri, "-o", out, "--storage-options",
+            json.dumps(options)]
+    if base:
+        argv += ["--base", artifact_source(base)[0]]
+    return argv + (["--force"] if force else []) + (["--overwrite"] if overwrite else []) + (
+        ["--dtype", dtype] if dtype else [])
 
 
 def run_ids(prefix: str = "") -> list[str]:

@@ -547,18 +547,27 @@ def _report(checks) -> None:
 
 
 @cli.command()
-@click.argument("run_or_uri", metavar="RUN_OR_URI", shell_complete=_complete_run_or_uri)
+@click.argument("run_or_uri", metavar="[RUN_OR_URI]", required=False, shell_complete=_complete_run_or_uri)
 @click.option("--prompt", "-p", required=True, help="What to ask, written as in the training data.")
+@click.option("--adapter", "-a", "adapters", multiple=True, metavar="[NAME=]REF",
+              help="Compare adapters instead (repeatable): each answers on one base loaded once. REF: a run id, "
+                   "RUN/path inside its output, a path or a URI.")
+@click.option("--base", default=None, metavar="REF", help="Load the adapter(s) on this model folder instead of "
+              "the base their record names (checked: see --force).")
+@click.option("--force", is_flag=True, help="Load an adapter on a base it was not trained on (skips the lineage check).")
 @click.option("--input", "input_text", default="", help="data.format instruction: the record's input field.")
 @click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token.")
-def sample(run_or_uri: str, prompt: str, input_text: str, max_new_tokens: int, temperature: float) -> None:
-    """Try a trained model: complete PROMPT with a run's adapter or final model (needs ftcluster[train])."""
+def sample(run_or_uri: str | None, prompt: str, adapters: tuple[str, ...], base: str | None, force: bool,
+           input_text: str, max_new_tokens: int, temperature: float) -> None:
+    """Try a trained model: complete PROMPT with a run's adapter or final model, or compare adapters (needs
+    ftcluster[train])."""
     import subprocess
 
     from . import api
 
-    argv = api.sample_command(run_or_uri, prompt, input_text, max_new_tokens, temperature)
+    argv = api.sample_command(run_or_uri, prompt, input_text, max_new_tokens, temperature, list(adapters), base,
+                              force)
     sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
 
 
@@ -576,6 +585,12 @@ def schema(output: str | None, pipeline: bool) -> None:
         api.write_files(str(Path(output).parent or "."), {Path(output).name: text})
     else:
         click.echo(text, nl=False)
+
+
+from .ui.artifacts import adapters as _adapters_group, merge as _merge_command  # noqa: E402 - commands of their own module
+
+cli.add_command(_adapters_group)
+cli.add_command(_merge_command)
 
 
 def main() -> None:

@@ -339,7 +339,7 @@ def apply_lora(model: Any, lora: Any, seed: int):
     return peft_model
 
 
-def load_adapter(base: Any, folder: Path, tokenizer: Any):
+def load_adapter(base: Any, folder: Path, tokenizer: Any, adapter_name: str = "default"):
     """``PeftModel.from_pretrained(base, folder)`` once the base has a row for every token of the
     adapter's tokenizer (``tokenizer``, saved in ``folder``): an adapter trained with added tokens
     on a base that lacks them is refused in one line, instead of peft's shape errors or an index
@@ -361,4 +361,4 @@ def load_adapter(base: Any, folder: Path, tokenizer: Any):
         raise TrainError(f"{folder}: the adapter was trained with a vocabulary of {need} tokens, the base model has "
                          f"{rows} embeddings (missing: {missing or 'ids ' + str(rows) + '+'}); load it on the base "
                          "it was trained on, resized to its tokenizer (ftcluster sample does), or use its merged model")
-    return PeftModel.from_pretrained(base, str(folder))
+    return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from .. import __version__
 from ..plan.engines import engine_for
-from ..storage.layout import Artifact, artifact_name, step_adapter_name
+from ..storage.layout import META, Artifact, artifact_name, step_adapter_name
 from .checkpoint import CheckpointManager
 from .engines.base import Engine
 from .state import TrainState
@@ -31,19 +31,57 @@ def last_artifact(spec: Any) -> Artifact:
 
 class Outputs:
     def __init__(self, spec: Any, ctx: Any, engine: Engine, tokenizer: Any, ckpt: CheckpointManager,
-                 work_dir: Path, model_fingerprint: str):
+                 work_dir: Path, model_fingerprint: str, cache_dir: Path):
         self.spec, self.ctx, self.engine, self.tokenizer, self.ckpt = spec, ctx, engine, tokenizer, ckpt
-        self.work_dir, self.model_fingerprint = work_dir, model_fingerprint
+        self.work_dir, self.model_fingerprint, self.cache_dir = work_dir, model_fingerprint, cache_dir
         self._tokenizer_meta: dict[str, Any] | None = None
+        self._base_meta: dict[str, Any] | None = None
+        self._data_meta: dict[str, Any] | None = None
+        self._trainable_params: int | None = None
 
-    def meta(self, state: TrainState, eval_loss: float | None) -> dict[str, Any]:
-        from .model import model_source
+    def meta(self, state: TrainState, eval_loss: float | None, kind: str = "step_adapter",
+             general_after: float | None = None) -> dict[str, Any]:
+        """The artifact's record (:mod:`ftcluster.artifacts.record`), without its size (:meth:`_export` adds it
+        where the files are complete). Rank 0 (the base's and data's fingerprints are computed once here)."""
+        from ..artifacts.record import build_record, lora_section, public_uri
 
-        return {"base_model": model_source(self.spec), "base_config_sha256": self.model_fingerprint,
-                "tokenizer": self.tokenizer_meta(),
-                "step": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss,
-                "eval_loss": eval_loss, "training": self.spec.model_dump(mode="json"),
-                "ftcluster_version": __version__}
+        lora = None
+        if self.spec.method == "lora":
+            peft_config = getattr(self.engine.module, "peft_config", {}).get("default")
+            lora = lora_section(peft_config.to_dict()) if peft_config is not None else None
+        state_d = {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss,
+                   "eval_loss": eval_loss, "general_eval_before": state.general_eval_before,
+                   "general_eval_after": general_after}
+        merged_from = {"artifact": "adapter", "step": state.step} if kind == "merged" else None
+        return build_record(kind=kind, spec=self.spec, run={"uid": state.run_uid,
+                                                            "output_uri": public_uri(self.spec.output.uri)},
+                            base=self._base(), tokenizer=self.tokenizer_meta(), state=state_d, data=self._data(),
+                            trainable_params=self._trainable(), lora=lora, size_bytes=None, version=__version__,
+                            merged_from=merged_from)
+
+    def _base(self) -> dict[str, Any]:
+        if self._base_meta is None:
+            from .lineage import base_of_spec
+
+            self._base_meta = base_of_spec(self.spec, self.tokenizer, self.cache_dir)
+        return self._base_meta
+
+    def _data(self) -> dict[str, Any] | None:
+        if self._data_meta is None:
+            from ..artifacts.record import data_identity
+
+            try:
+                self._data_meta = data_identity(self.spec)
+            except Exception as exc:  # noqa: BLE001 - a record without the data's checksum beats a failed commit
+                log.warning("artifact record: could not fingerprint the training data (%s); recorded as unknown", exc)
+                self._data_meta = {"kind": "unknown", "sha256": None}
+        return self._data_meta
+
+    def _trainable(self) -> int:
+        if self._trainable_params is None:
+            self._trainable_params = sum(int(getattr(p, "ds_numel", p.numel()))
+                                         for p in self.engine.module.parameters() if p.requires_grad)
+        return self._trainable_params
 
     def tokenizer_meta(self) -> dict[str, Any]:
         """The vocabulary the artifacts were trained with: its size, the size before the spec's added
@@ -66,7 +104,7 @@ class Outputs:
             def export(folder: Path, rank: int) -> None:
                 self.engine.export(folder, rank, writer=writer)
 
-            self._export(step_adapter_name(state.step), export, self.meta(state, eval_loss), background=True)
+            self._export(step_adapter_name(state.step), export, lambda: self.meta(state, eval_loss), background=True)
 
     def ensure_step_adapter(self, state: TrainState) -> None:
         """LoRA, on resume: publish ``adapters/step-N`` of the checkpoint resumed from if it is missing
@@ -82,7 +120,7 @@ class Outputs:
         if not self.ckpt.is_published(name):
             log.info("checkpoint step %d has no %s/ (the run stopped before it was committed); exporting it "
                      "again", state.step, name)
-            self._export(name, self.engine.export, self.meta(state, None))
+            self._export(name, self.engine.export, lambda: self.meta(state, None))
 
     def publish_final(self, state: TrainState, eval_loss: float | None,
                       stop: Callable[[], bool] = lambda: False, general_after: float | None = None) -> bool:
@@ -93,18 +131,18 @@ class Outputs:
         ``stop`` is asked (collectively) before each export; False when it said stop: the exports
         already submitted still commit, the rest are left to a rerun.
         """
-        meta = {**self.meta(state, eval_loss), "general_eval_before": state.general_eval_before,
-                "general_eval_after": general_after}
         exports = {"merged": self.engine.export_merged}  # "adapter", "final": the engine's export
         for name in engine_for(self.spec).artifacts(self.spec):  # the engine's recipe, in commit order
             if stop():
                 return False
-            self._export(artifact_name(cast(Artifact, name)), exports.get(name, self.engine.export), meta)
+            self._export(artifact_name(cast(Artifact, name)), exports.get(name, self.engine.export),
+                         lambda name=name: self.meta(state, eval_loss, kind=name, general_after=general_after))
         return True
 
-    def _export(self, name: str, export: Any, meta: dict[str, Any], background: bool = False) -> None:
-        """``background`` (a step's adapter, asynchronous checkpoints): the tokenizer and the
-        weights the export queued are written on the checkpoint writer's thread, then published."""
+    def _export(self, name: str, export: Any, meta: Callable[[], dict[str, Any]], background: bool = False) -> None:
+        """``meta`` makes the record (rank 0 only). ``background`` (a step's adapter, asynchronous
+        checkpoints): the tokenizer and the weights the export queued are written on the checkpoint
+        writer's thread, then published; the record's size is then the manifest's to tell."""
         folder = self.work_dir / "export" / name.replace("/", "_")
         if self.ctx.local_rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
@@ -112,9 +150,12 @@ class Outputs:
         self.ctx.barrier()
         export(folder, self.ctx.rank)
         if self.ctx.is_main:
-            (folder / "ftcluster_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-            if background and self.ckpt.writer.deferred:
+            record = meta()
+            deferred = background and self.ckpt.writer.deferred
+            if deferred:
                 self.ckpt.writer.write("tokenizer", lambda: self.tokenizer.save_pretrained(str(folder)))
             else:
                 self.tokenizer.save_pretrained(str(folder))
-            self.ckpt.publish(name, folder, meta)
+                record["size_bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            (folder / META).write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+            self.ckpt.publish(name, folder, record)

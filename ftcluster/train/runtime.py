@@ -93,7 +93,8 @@ class Trainer:
         self.ckpt = CheckpointManager(spec, ctx, self.work_dir, identity, parts={
             "train": self.state, "tokenizer": TokenizerPart(self.tokenizer), "engine": self.engine,
             "data": self.data.train, "rng": RngState(ctx.device)})
-        self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint)
+        self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint,
+                               self.cache_dir)
         if self.ckpt.load():
             self.resumed_step = self.state.step
             log.info("resumed from checkpoint step %d (%s tokens seen)", self.state.step, f"{self.state.tokens_seen:,}")

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..artifacts.record import new_run_uid
+
 
 @runtime_checkable
 class Stateful(Protocol):
@@ -31,6 +33,7 @@ class TrainState:
     elapsed_before: float = 0.0  # training time of the earlier attempts (state.json's elapsed_s on resume)
     general_eval_before: float | None = None  # the forgetting baseline, measured before the first step
     last_loss: float | None = None  # the last logged train loss (meta of the checkpoint and its adapter)
+    run_uid: str = field(default_factory=new_run_uid)  # the run's id in its artifacts' records, kept on resume
     _t0: float | None = field(default=None, repr=False, compare=False)
 
     def start_clock(self) -> None:
@@ -43,12 +46,14 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed(),
-                "general_eval_before": self.general_eval_before, "last_loss": self.last_loss}
+                "general_eval_before": self.general_eval_before, "last_loss": self.last_loss,
+                "run_uid": self.run_uid}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.general_eval_before, self.last_loss = state.get("general_eval_before"), state.get("last_loss")
+        self.run_uid = state.get("run_uid") or self.run_uid  # a checkpoint from before run ids keeps this one
 
 
 class RngState:

@@ -49,5 +49,10 @@ def test_prepare_then_continual_pretraining_then_adapters(tmp_path):
         adapter = committed(tmp_path / "out" / "cpt-adapters" / variant, "adapter")
         assert "adapter_model.safetensors" in adapter["files"]
         # the base as the stage's spec names it: relative to the submission directory when that is shorter
-        named = adapter["meta"]["base_model"].removeprefix("file://")
-        assert Path(os.path.normpath(ROOT / named)) == base, adapter["meta"]["base_model"]
+        named = adapter["meta"]["base"]["source"].removeprefix("file://")
+        assert Path(os.path.normpath(ROOT / named)) == base, adapter["meta"]["base"]
+        # its lineage: the base is the continual pre-training's final model, known by that run's record
+        by = adapter["meta"]["base"]["produced_by"]
+        assert (by["name"], by["kind"], by["weights_sha256"]) == ("cpt-domain", "final",
+                                                                  adapter["meta"]["base"]["weights"]["sha256"])
+        assert adapter["meta"]["base"]["weights"]["kind"] == "manifest"

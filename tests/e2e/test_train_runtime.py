@@ -174,10 +174,13 @@ def test_quickstart_trains_and_leaves_a_loadable_adapter(tmp_path, cache_dir):
     assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json", "ftcluster_meta.json"} <= {
         p.name for p in adapter.iterdir()}
     meta = json.loads((adapter / "ftcluster_meta.json").read_text())
-    assert meta["step"] == steps and meta["base_model"] == "random_init:tiny"
+    assert meta["step"] == steps and meta["base"]["source"] == "random_init:tiny"
+    assert meta["format"] == "ftcluster.artifact/1" and meta["kind"] == "adapter"
     tok = AutoTokenizer.from_pretrained(str(adapter))
     base = M.load_base_model(spec, tok, torch.float32, torch.device("cpu"), cache_dir)
-    assert meta["base_config_sha256"] == M.config_fingerprint(base.config)
+    from ftcluster.train.lineage import base_of_spec
+
+    assert meta["base"] == base_of_spec(spec, tok, cache_dir)  # the same identity when loading it again
     init = M.apply_lora(M.load_base_model(spec, tok, torch.float32, torch.device("cpu"), cache_dir), spec.lora,
                         spec.training.seed)
     init_w = {n: p.detach().clone() for n, p in init.named_parameters() if "lora_" in n}

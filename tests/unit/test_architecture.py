@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2] / "ftcluster"
 #   storage   object storage (torch-free), beside the spec: doctor, pipelines and the trainer use it
 #   corpus    prepared corpora's format (token shards, manifest), torch-free: the planner counts their
 #             tokens, the trainer streams them, prepare-data writes them; uses storage
+#   artifacts trained artifacts' records (lineage), listings and serving checks, torch-free: the trainer
+#             writes records, the CLI lists and checks them; uses storage, corpus and the spec's secrets
 #   plan      the launch plan compiled from a spec, the payload, the Slurm request, the planner;
 #             preflight's rows and path checks
 #   train     the training runtime (beside the core: reads payloads, uses storage; nothing in the
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2] / "ftcluster"
 #   backends  submitting, watching and cancelling runs (local, slurm with ssh and submitit, kubernetes)
 #   api       the Python API, and the doctor (checks across backends)
 #   cli       the command line and what it shows
-LAYERS: dict[str, int] = {"base": 0, "spec": 1, "storage": 1, "corpus": 1, "plan": 2, "train": 2, "render": 3,
+LAYERS: dict[str, int] = {"base": 0, "spec": 1, "storage": 1, "corpus": 1, "artifacts": 1, "plan": 2, "train": 2, "render": 3,
                           "backends": 4, "api": 5, "cli": 6}
 LAYER_OF: dict[str, str] = {
     "ftcluster": "base",  # for __version__ only; see the module docstring
@@ -54,6 +56,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.spec": "spec",
     "ftcluster.storage": "storage",
     "ftcluster.corpus": "corpus",
+    "ftcluster.artifacts": "artifacts",
     "ftcluster.plan": "plan",
     "ftcluster.preflight": "plan",  # the doctor's rows and path checks: backends fill them...
     "ftcluster.preflight.doctor": "api",  # ...and the doctor collects them over the backends

@@ -1,0 +1,1 @@
+"""Trained artifacts as things to keep: their records and lineage, listings, and serving checks."""

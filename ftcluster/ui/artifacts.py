@@ -1,0 +1,88 @@
+"""``ftcluster adapters list|show|check`` and ``ftcluster merge``: trained artifacts as things to keep,
+compare, merge and serve (docs/adapters.md).
+
+``list``, ``show`` and ``check`` read only the small records, adapter configs and safetensors headers
+(torch-free, seconds on S3); ``merge`` runs the model code in a process of its own, like ``sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+
+
+@click.group()
+def adapters() -> None:
+    """List, inspect and check trained adapters and models (their lineage and metrics)."""
+
+
+@adapters.command(name="list")
+@click.argument("ref", metavar="RUN_OR_URI")
+@click.option("--steps", is_flag=True, help="Also each checkpoint's adapter (adapters/step-N).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: every entry with its whole record.")
+def list_cmd(ref: str, steps: bool, as_json: bool) -> None:
+    """Every adapter, merged and final model under a run's output or any prefix (a pipeline's, an array's, a
+    bucket folder of many runs), with its base, rank, step, tokens, eval loss, forgetting and size."""
+    from .. import api
+    from ..artifacts.registry import scan, table_rows
+    from .tables import table
+
+    uri, options = api.artifact_source(ref)
+    entries = scan(uri, options, steps=steps)
+    if as_json:
+        click.echo(json.dumps([e.row() for e in entries], indent=1, sort_keys=True, default=str))
+        return
+    if not entries:
+        click.echo(f"no committed adapter or model under {uri}" + ("" if steps else " (--steps: checkpoints' too)"),
+                   err=True)
+        return
+    headers, rows, legend = table_rows(entries)
+    click.echo(table(headers, rows), nl=False)
+    for line in legend:
+        click.echo(line)
+
+
+@adapters.command()
+@click.argument("ref", metavar="RUN_OR_URI")
+@click.option("--json", "as_json", is_flag=True, help="The record as it is stored.")
+def show(ref: str, as_json: bool) -> None:
+    """One artifact's record: its base and lineage, tokenizer, LoRA config, data, metrics. RUN_OR_URI: an
+    artifact folder, a run's output (its adapter, else its newest model) or RUN/path inside it."""
+    from .. import api
+    from ..artifacts.registry import read_one, scan, show_lines
+    from ..errors import FtclusterError
+
+    uri, options = api.artifact_source(ref)
+    try:
+        entry = read_one(uri, options)
+    except FtclusterError:
+        found = [e for e in scan(uri, options) if e.kind in ("adapter", "merged", "final")]
+        if len(found) != 1:
+            raise
+        entry = found[0]  # a run's output with one artifact: that one
+    if as_json:
+        click.echo(json.dumps(entry.record, indent=1, sort_keys=True, default=str))
+        return
+    for line in show_lines(entry):
+        click.echo(line)
+
+
+@click.command()
+@click.argument("ref", metavar="RUN_OR_URI")
+@click.option("--output", "-o", required=True, metavar="URI", help="Where to write the merged model (any fsspec store).")
+@click.option("--base", default=None, metavar="REF", help="The base model folder (default: the one the adapter's "
+              "record names; checked against its fingerprint).")
+@click.option("--force", is_flag=True, help="Merge into a base the adapter was not trained on (skips the lineage check).")
+@click.option("--overwrite", is_flag=True, help="Replace a merged model already committed at --output.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="The merged weights' dtype (default: the base's).")
+def merge(ref: str, output: str, base: str | None, force: bool, overwrite: bool, dtype: str | None) -> None:
+    """Merge an adapter into its base, shard by shard (memory: about one tensor, not the model), and commit the
+    merged model (safetensors, config, tokenizer, record) to --output (needs ftcluster[train])."""
+    from .. import api
+
+    argv = api.merge_command(ref, output, base, force, overwrite, dtype)
+    sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
