@@ -57,6 +57,7 @@ LAYER_OF: dict[str, str] = {
     "ftcluster.plan": "plan",
     "ftcluster.preflight": "plan",  # the doctor's rows and path checks: backends fill them...
     "ftcluster.preflight.doctor": "api",  # ...and the doctor collects them over the backends
+    "ftcluster.artifacts": "plan",  # published adapters/artifacts read back (serving checks), torch-free
     "ftcluster.train": "train",
     "ftcluster.render": "render",
     "ftcluster.backends": "backends",
