@@ -587,7 +587,8 @@ def schema(output: str | None, pipeline: bool) -> None:
         click.echo(text, nl=False)
 
 
-from .ui.artifacts import adapters as _adapters_group, merge as _merge_command  # noqa: E402 - commands of their own module
+from .ui.artifacts import adapters as _adapters_group  # noqa: E402 - commands of their own module
+from .ui.artifacts import merge as _merge_command  # noqa: E402
 
 cli.add_command(_adapters_group)
 cli.add_command(_merge_command)

@@ -165,6 +165,20 @@ def build_record(*, kind: str, spec: Any, run: dict[str, Any], base: dict[str, A
     return rec
 
 
+def merged_record(adapter: dict[str, Any], base: dict[str, Any], *, adapter_uri: str, size_bytes: int,
+                  version: str) -> dict[str, Any]:
+    """The record of a model merged by ``ftcluster merge``: the adapter's (its training, data, metrics),
+    kind ``merged``, on ``base`` (the base merged into: the adapter's own unless ``--force``), with the
+    adapter's lineage under ``merged_from``."""
+    run = adapter.get("run") or {}
+    rec = {**adapter, "format": RECORD_FORMAT, "kind": "merged", "base": base, "size_bytes": size_bytes,
+           "ftcluster_version": version,
+           "merged_from": {"adapter_uri": _public(adapter_uri), "adapter_run_uid": run.get("uid"),
+                           "adapter_kind": adapter.get("kind"), "step": adapter.get("step"),
+                           "adapter_base_fingerprint": base_fingerprint(adapter)}}
+    return rec
+
+
 def lora_section(adapter_config: dict[str, Any]) -> dict[str, Any]:
     """The record's ``lora`` section from a saved ``adapter_config.json``."""
     rows = adapter_config.get("trainable_token_indices") or {}
@@ -188,6 +202,14 @@ def masked(data: Any) -> Any:
             node = node[key]
         node[path[-1]] = "<masked>"
     return out
+
+
+def path_label(path: str) -> str:
+    """A base folder's path or URI as a record keeps it: a remote URI as it is; a local path (this
+    machine's, meaningless on another) as ``local:<folder name>``."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    return "local:" + (path.removeprefix("file://").rstrip("/").rsplit("/", 1)[-1] or path)
 
 
 def public_uri(uri: str | None) -> str | None:

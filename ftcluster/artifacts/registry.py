@@ -28,7 +28,7 @@ class Entry:
     uri: str
     kind: str  # adapter | step_adapter | merged | final
     record: dict[str, Any]
-    size_bytes: int | None
+    size_bytes: int | None  # the record's (its files), else the manifest's total (a step adapter's record has none)
     created_unix: float | None
 
     def row(self) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def scan(uri: str, storage_options: dict[str, Any] | None = None, *, steps: bool
             continue
         rel = folder[len(root) + 1:] if folder != root else "."
         out.append(Entry(rel, uri.rstrip("/") + ("" if rel == "." else "/" + rel), kind, record,
-                         man.get("total_bytes"), man.get("created_unix")))
+                         record.get("size_bytes") or man.get("total_bytes"), man.get("created_unix")))
     return out
 
 
@@ -107,7 +107,8 @@ def read_one(uri: str, storage_options: dict[str, Any] | None = None) -> Entry:
     if kind is None:
         raise FtclusterError(f"{uri}: a committed checkpoint, not an adapter or model; its adapter is "
                              f"{uri.rstrip('/').rsplit('/', 2)[0]}/{ADAPTERS}/{root.rsplit('/', 1)[-1]}")
-    return Entry(".", uri.rstrip("/"), kind, record, man.get("total_bytes"), man.get("created_unix"))
+    return Entry(".", uri.rstrip("/"), kind, record, record.get("size_bytes") or man.get("total_bytes"),
+                 man.get("created_unix"))
 
 
 def table_rows(entries: list[Entry]) -> tuple[list[str], list[list[str]], list[str]]:

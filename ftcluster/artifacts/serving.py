@@ -38,7 +38,7 @@ LORAX_LLAMA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 # vllm/lora/peft_helper.py#L90-L101: the init_lora_weights strings that leave a plain LoRA once saved
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "ftcluster_meta.json")
-MERGE = "serve the merged model instead (lora.merge_at_end: true writes <output.uri>/merged)"
+MERGE = "serve its merged model instead (ftcluster merge ADAPTER -o URI)"
 VLLM = "https://github.com/vllm-project/vllm/blob/v0.34.0/"
 LORAX = "https://github.com/predibase/lorax/blob/a7394ba386ece427d5a6125b419aa38b46d966dc/"
 

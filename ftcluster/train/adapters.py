@@ -56,7 +56,8 @@ def fetch_adapter(uri: str, storage_options: dict[str, Any] | None = None, name:
 
     cat = Catalog(uri, storage_options)
     folder_uri = uri.rstrip("/")
-    if not cat.fs.exists(f"{cat.paths.root}/manifest.json"):  # not an adapter folder itself: a run's output
+    here = cat.paths.root
+    if not (cat.fs.exists(f"{here}/manifest.json") or cat.fs.exists(f"{here}/adapter_config.json")):  # a run's output
         steps = cat.step_adapters()
         if cat.is_committed("adapter"):
             folder_uri = f"{cat.uri}/adapter"
@@ -121,7 +122,7 @@ class AdapterSet:
             items.append(item)
         first = items[0]
         spec = spec_from_dict(first.record["training"])
-        tokenizer = _tokenizer(first)
+        tokenizer = adapter_tokenizer(first.folder, first.record)
         cache = cache_root()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = compute_dtype(spec.training.precision, dev)
@@ -200,22 +201,25 @@ class AdapterSet:
 
     def complete(self, prompt: str, *, inp: str = "", max_new_tokens: int = 64, temperature: float = 0.0) -> str:
         """The active adapter's completion of ``prompt``, formatted as its run's data format trained it."""
-        from .sample import format_prompt, generate
+        from .generation import format_prompt, generate
 
         ids = format_prompt(self.tokenizer, self.spec.data.format, prompt, inp)
         return generate(self.model, self.tokenizer, ids, max_new_tokens, temperature, self.spec.training.seed)
 
 
-def _tokenizer(item: Adapter) -> Any:
+def adapter_tokenizer(folder: Path, record: dict[str, Any]) -> Any:
+    """The tokenizer an adapter was trained with (saved in its folder), set up as training had it: the pad
+    token, the vocabulary size before the spec's added tokens (the base's rows are rebuilt from it), the
+    chat template."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(item.folder), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    base_vocab = (item.record.get("tokenizer") or {}).get("base_vocab")
+    base_vocab = (record.get("tokenizer") or {}).get("base_vocab")
     if base_vocab is not None:  # the size before tokenizer.add_tokens: the base's rows are rebuilt as trained
         tok.ftcluster_base_vocab = int(base_vocab)
-    spec_format = ((item.record.get("training") or {}).get("data") or {}).get("format")
+    spec_format = ((record.get("training") or {}).get("data") or {}).get("format")
     if spec_format == "chat" and not getattr(tok, "chat_template", None):
         from .tokenizer import CHAT_TEMPLATE
 

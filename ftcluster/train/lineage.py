@@ -20,6 +20,7 @@ from ..artifacts.record import (
     base_fingerprint,
     base_identity,
     base_source,
+    path_label,
     short,
     version_of,
     weights_identity,
@@ -41,7 +42,7 @@ def base_of_spec(spec: Any, tokenizer: Any, cache_dir: Path) -> dict[str, Any]:
         from ..storage.fetch import fetch_dir
 
         folder = fetch_dir(m.path, m.storage_options, cache_dir / "models")
-        return base_of_folder(folder, model_source(spec), cache_dir)
+        return base_of_folder(folder, m.path, cache_dir)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(m.hub_id, revision=m.revision, trust_remote_code=m.trust_remote_code)
@@ -51,13 +52,14 @@ def base_of_spec(spec: Any, tokenizer: Any, cache_dir: Path) -> dict[str, Any]:
 
 
 def base_of_folder(folder: Path, source: str, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The ``base`` section of a model folder (a Hugging Face save, or an ftcluster ``final/``/``merged/``)."""
+    """The ``base`` section of a model folder (a Hugging Face save, or an ftcluster ``final/``/``merged/``);
+    ``source``: its path or URI as given (a local one is kept as ``local:<name>``, :func:`path_label`)."""
     from transformers import AutoConfig
 
     from .model import config_fingerprint
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    return base_identity(source, config_fingerprint(config),
+    return base_identity(path_label(source), config_fingerprint(config),
                          weights_identity(folder, cache_dir / "fingerprints" if cache_dir else None))
 
 

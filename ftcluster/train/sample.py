@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import FtclusterError, TrainError
 from ..storage.layout import ADAPTERS, META
+from .generation import format_prompt, generate
 
 
 def find_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, bool]:
@@ -33,19 +34,6 @@ def find_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> tu
         return item.uri, item.whole_model
     raise TrainError(f"{uri}: no trained model or adapter there yet (looked for merged/, final/, adapter/ and "
                      f"{ADAPTERS}/step-N/ with a manifest); wait for the run's first checkpoint or check the URI")
-
-
-def format_prompt(tokenizer: Any, fmt: str, prompt: str, inp: str = "") -> list[int]:
-    """Token ids of ``prompt`` as the run's data format presented prompts in training (ftcluster.train.data)."""
-    from .data import instruction_prompt
-
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    if fmt == "chat":  # the template renders bos itself, as in data.chat_pieces
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = instruction_prompt(prompt, inp) if fmt == "instruction" else prompt
-    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def load(folder: Path, device: Any) -> tuple[Any, Any, Any]:
@@ -70,22 +58,6 @@ def load(folder: Path, device: Any) -> tuple[Any, Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
     model.eval()
     return model, tokenizer, spec
-
-
-def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> str:
-    import torch
-
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def sample(uri: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -70,6 +70,40 @@ def show(ref: str, as_json: bool) -> None:
         click.echo(line)
 
 
+@adapters.command()
+@click.argument("ref", metavar="RUN_OR_URI")
+@click.option("--for", "engines", multiple=True, type=click.Choice(["vllm", "lorax"]), default=("vllm",),
+              show_default=True, help="The serving engine (repeatable).")
+@click.option("--max-lora-rank", type=int, default=None,
+              help="vLLM: the server's --max-lora-rank, when known (a higher rank is then an error).")
+def check(ref: str, engines: tuple[str, ...], max_lora_rank: int | None) -> None:
+    """Whether an adapter loads in a serving engine as it is, and if not why and what to do (rules read from
+    vLLM's and LoRAX's source; docs/adapters.md). RUN_OR_URI: an adapter folder, or a run's output (its
+    adapter/, or every adapter under it). Exit 1 when one will not load."""
+    from .. import api
+    from ..artifacts.registry import read_one, scan
+    from ..artifacts.serving import check_adapter_uri
+    from ..errors import FtclusterError
+
+    uri, options = api.artifact_source(ref)
+    try:
+        targets = [read_one(uri, options).uri]
+    except FtclusterError:
+        targets = [e.uri for e in scan(uri, options) if e.kind == "adapter"]
+        if not targets:
+            raise
+    bad = False
+    for target in targets:
+        if len(targets) > 1:
+            click.echo(f"{target}:")
+        for engine in engines:
+            verdict = check_adapter_uri(target, engine, storage_options=options, max_lora_rank=max_lora_rank)
+            bad |= not verdict.loads
+            for line in verdict.lines():
+                click.echo(("  " if len(targets) > 1 else "") + line)
+    sys.exit(1 if bad else 0)
+
+
 @click.command()
 @click.argument("ref", metavar="RUN_OR_URI")
 @click.option("--output", "-o", required=True, metavar="URI", help="Where to write the merged model (any fsspec store).")

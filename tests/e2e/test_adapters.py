@@ -154,7 +154,7 @@ def test_adapters_list_fits_80_columns_and_names_the_base(trained):
     assert names == ["capitals/adapter", "spelling/adapter", "sums/adapter"]
     fp = record(trained, "sums")["base"]["fingerprint"][:8]
     assert all(line.split()[1] == fp for line in lines[1:4])
-    assert lines[4] == f"base {fp}: {trained['base']}"  # one legend line per base
+    assert lines[4] == f"base {fp}: local:base"  # one legend line per base; no path of this machine
     steps = cli("adapters", "list", str(trained["root"]), "--steps", "--json", cache=trained["cache"])
     rows = json.loads(steps.stdout)
     assert sorted(r["name"] for r in rows if r["kind"] == "step_adapter") == sorted(
@@ -185,12 +185,27 @@ def test_adapters_list_on_s3_reads_records_only(trained, s3):  # noqa: F811 - py
         for p in adapter(trained, name).iterdir():
             if p.suffix != ".safetensors":  # no weights there: listing must not need them
                 fs.put_file(str(p), f"{s3.bucket}/runs/{name}/adapter/{p.name}")
-    env = {**s3.env, "FTCLUSTER_S3_ENDPOINT": s3.endpoint} if hasattr(s3, "env") else {}
     from ftcluster.artifacts.registry import scan
 
     entries = scan(f"s3://{s3.bucket}/runs", s3.storage_options)
-    assert [e.name for e in entries] == [f"{n}/adapter" for n in SKILLS], env
+    assert [e.name for e in entries] == [f"{n}/adapter" for n in SKILLS]
     assert [e.record for e in entries] == [record(trained, n) for n in SKILLS]
+
+
+def test_adapters_check_says_which_engine_takes_each(trained, tmp_path):
+    import shutil
+
+    res = cli("adapters", "check", str(trained["root"]), "--for", "vllm", "--for", "lorax", cache=trained["cache"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("  vllm: loads\n") == 3 and res.stdout.count("  lorax: loads\n") == 3
+    odd = tmp_path / "odd" / "adapter"
+    shutil.copytree(adapter(trained, "sums"), odd)
+    cfg = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**cfg, "r": 128}))
+    res = cli("adapters", "check", str(odd), cache=trained["cache"])
+    assert res.returncode == 0 and res.stdout.startswith("vllm: loads with --max-lora-rank 128"), res.stdout
+    res = cli("adapters", "check", str(odd), "--max-lora-rank", "64", cache=trained["cache"])
+    assert res.returncode == 1 and "error: LoRA rank 128" in res.stdout, res.stdout
 
 
 # --------------------------------------------------------------------------- hot-swap and merge

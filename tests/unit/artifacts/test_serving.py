@@ -29,7 +29,7 @@ pytest.importorskip("peft")
 
 pytestmark = pytest.mark.train
 ADDED = ["habeas corpus", "res judicata"]
-MERGE = "serve the merged model instead (lora.merge_at_end: true writes <output.uri>/merged)"
+MERGE = "serve its merged model instead (ftcluster merge ADAPTER -o URI)"
 
 
 def save_adapter(folder: Path, added: list[str] | None = None, **lora: Any) -> Path:
