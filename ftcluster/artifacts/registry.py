@@ -77,7 +77,7 @@ def scan(uri: str, storage_options: dict[str, Any] | None = None, *, steps: bool
         man = _parse(data)
         if man is None:
             continue
-        record = man.get("meta") if isinstance(man.get("meta"), dict) else {}
+        record = _record(man)
         kind = kind_of(folder, record)
         if kind is None or (kind == "step_adapter" and not steps):
             continue
@@ -102,7 +102,7 @@ def read_one(uri: str, storage_options: dict[str, Any] | None = None) -> Entry:
         hint = (f"; it holds {len(found)}: {', '.join(e.name for e in found[:4])}{' ...' if len(found) > 4 else ''}"
                 if found else "; run `ftcluster adapters list` on its prefix to see what is there")
         raise FtclusterError(f"{uri}: no committed artifact here (no {MANIFEST}){hint}")
-    record = man.get("meta") if isinstance(man.get("meta"), dict) else {}
+    record = _record(man)
     kind = kind_of(root, record)
     if kind is None:
         raise FtclusterError(f"{uri}: a committed checkpoint, not an adapter or model; its adapter is "
@@ -132,7 +132,7 @@ def table_rows(entries: list[Entry]) -> tuple[list[str], list[list[str]], list[s
 def show_lines(entry: Entry) -> list[str]:
     """``adapters show``: the record as labelled lines (``--json`` prints it whole)."""
     rec = entry.record
-    base = rec.get("base") if isinstance(rec.get("base"), dict) else {}
+    base: dict[str, Any] = rec["base"] if isinstance(rec.get("base"), dict) else {}
     tok = rec.get("tokenizer") or {}
     lora = rec.get("lora") or {}
     data = rec.get("data") or {}
@@ -176,13 +176,20 @@ def show_lines(entry: Entry) -> list[str]:
 
 
 def human_bytes(n: int | None) -> str:
+    """``1.3MB``: decimal units, as object stores bill them."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n = n / 1000  # type: ignore[assignment]
-    return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return f"{size:.1f}TB"
+
+
+def _record(man: dict[str, Any]) -> dict[str, Any]:
+    meta = man.get("meta")
+    return meta if isinstance(meta, dict) else {}
 
 
 def _parse(data: Any) -> dict[str, Any] | None:

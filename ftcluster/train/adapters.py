@@ -95,6 +95,7 @@ class AdapterSet:
         self.model, self.tokenizer, self.spec, self.base = model, tokenizer, spec, base
         self.adapters: dict[str, Adapter] = {a.name: a for a in adapters}
         self.force = force
+        self.given_base: str | None = None  # the base as the caller named it (base=), for messages
 
     # -- building ------------------------------------------------------------------
     @classmethod
@@ -137,13 +138,14 @@ class AdapterSet:
             identity = base_of_spec(spec, tokenizer, cache)
         model = load_base_model(spec, tokenizer, dtype, dev, cache)
         for item in items:
-            check(item.record, identity, force=force, what=item.uri)
+            check(item.record, identity, force=force, what=item.uri, given=base)
             _same_tokenizer(first, item)
         peft_model = load_adapter(model, first.folder, tokenizer, adapter_name=first.name)
         for item in items[1:]:
             peft_model.load_adapter(str(item.folder), adapter_name=item.name)
         peft_model.eval()
         out = cls(peft_model, tokenizer, spec, identity, items, force)
+        out.given_base = base
         out.use(first.name)
         log.info("base %s (%s) with %d adapter(s): %s", short(identity["fingerprint"]), identity["source"],
                  len(items), ", ".join(out.names))
@@ -172,7 +174,7 @@ class AdapterSet:
         if name in self.adapters:
             raise TrainError(f"an adapter named {name!r} is loaded already; unload it first or pick another name")
         item = fetch_adapter(uri, storage_options, name)
-        check(item.record, self.base, force=self.force, what=item.uri)
+        check(item.record, self.base, force=self.force, what=item.uri, given=self.given_base)
         _same_tokenizer(next(iter(self.adapters.values())), item)
         self.model.load_adapter(str(item.folder), adapter_name=name)
         self.adapters[name] = item

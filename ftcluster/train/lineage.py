@@ -63,20 +63,23 @@ def base_of_folder(folder: Path, source: str, cache_dir: Path | None = None) -> 
                          weights_identity(folder, cache_dir / "fingerprints" if cache_dir else None))
 
 
-def check(record: dict[str, Any], base: dict[str, Any], *, force: bool, what: str) -> None:
+def check(record: dict[str, Any], base: dict[str, Any], *, force: bool, what: str, given: str | None = None) -> None:
     """Refuse ``what`` (an adapter, by its URI) on ``base`` when its record names another base
     (:class:`LineageError`, one line naming both and the way out); with ``force``, a warning line
-    saying what was skipped. A record too old to know its base's weights is a warning, not a refusal."""
+    saying what was skipped. A record too old to know its base's weights is a warning, not a refusal.
+    ``given``: the base as the user named it (``--base``), for the message."""
     trained_on = base_fingerprint(record)
     if version_of(record) == 0 or trained_on is None:
-        log.warning("%s: its record predates lineage (ftcluster_meta.json without 'format'): not checked that "
-                    "%s is the base it was trained on", what, base.get("source"))
+        why = ("its record predates lineage (ftcluster_meta.json without 'format')" if version_of(record) == 0
+               else "its record has no base fingerprint (it could not be computed when it was trained)")
+        log.warning("%s: %s: not checked that %s is the base it was trained on", what, why,
+                    given or base.get("source"))
         return
     if trained_on == base["fingerprint"]:
         return
     differs = ("architecture" if record["base"].get("config_sha256") != base.get("config_sha256") else "weights")
     line = (f"{what}: trained on base {short(trained_on)} ({base_source(record)}), not on base "
-            f"{short(base['fingerprint'])} ({base_source({'base': base})}): their {differs} differ")
+            f"{short(base['fingerprint'])} ({given or base_source({'base': base})}): their {differs} differ")
     if not force:
         raise LineageError(f"{line}; load it on the base it was trained on (--base), or pass --force to skip "
                            "this check")

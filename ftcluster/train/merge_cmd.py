@@ -79,7 +79,7 @@ def merge(uri: str, output: str, *, base: str | None = None, force: bool = False
     with tempfile.TemporaryDirectory(prefix="ftcluster-merge-", dir=os.environ.get("FTCLUSTER_LOCAL_DIR")) as tmp:
         work = Path(tmp)
         folder, identity = _base_folder(adapter.record, adapter.folder, base, storage_options, cache, work)
-        check(adapter.record, identity, force=force, what=adapter.uri)
+        check(adapter.record, identity, force=force, what=adapter.uri, given=base)
         staging = work / "merged"
         info = merge_folder(folder, adapter.folder, staging, dtype=dtype)
         for f in adapter.folder.iterdir():  # the tokenizer the adapter was trained with

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,14 +36,21 @@ class Outputs:
         self.spec, self.ctx, self.engine, self.tokenizer, self.ckpt = spec, ctx, engine, tokenizer, ckpt
         self.work_dir, self.model_fingerprint, self.cache_dir = work_dir, model_fingerprint, cache_dir
         self._tokenizer_meta: dict[str, Any] | None = None
-        self._base_meta: dict[str, Any] | None = None
-        self._data_meta: dict[str, Any] | None = None
         self._trainable_params: int | None = None
+        # The base's and the data's fingerprints (rank 0): hashing a base's weight files that ftcluster did not
+        # commit reads them once (tens of seconds for an 8B model, then remembered per node), so it runs beside
+        # training from the start instead of stalling every rank at the first checkpoint.
+        self._identities: Future[tuple[dict[str, Any], dict[str, Any]]] | None = None
+        if ctx.is_main:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="ftcluster-fingerprint")
+            self._identities = pool.submit(self._fingerprints)
+            pool.shutdown(wait=False)
 
     def meta(self, state: TrainState, eval_loss: float | None, kind: str = "step_adapter",
              general_after: float | None = None) -> dict[str, Any]:
         """The artifact's record (:mod:`ftcluster.artifacts.record`), without its size (:meth:`_export` adds it
-        where the files are complete). Rank 0 (the base's and data's fingerprints are computed once here)."""
+        where the files are complete). Rank 0 (the base's and data's fingerprints: computed in the background
+        since set-up, waited for here)."""
         from ..artifacts.record import build_record, lora_section, public_uri
 
         lora = None
@@ -59,23 +67,35 @@ class Outputs:
                             trainable_params=self._trainable(), lora=lora, size_bytes=None, version=__version__,
                             merged_from=merged_from)
 
+    def _fingerprints(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        from ..artifacts.record import data_identity
+        from .lineage import base_of_spec
+
+        try:
+            base = base_of_spec(self.spec, self.tokenizer, self.cache_dir)
+        except Exception as exc:  # noqa: BLE001 - as above: the artifact commits, its lineage says unknown
+            from ..artifacts.record import path_label
+            from .model import model_source
+
+            log.warning("artifact record: could not fingerprint the base model (%s); its lineage is recorded as "
+                        "unknown", exc)
+            m = self.spec.model
+            base = {"source": path_label(m.path) if m.path else model_source(self.spec), "fingerprint": None,
+                    "config_sha256": None}
+        try:
+            data = data_identity(self.spec)
+        except Exception as exc:  # noqa: BLE001 - a record without the data's checksum beats a failed commit
+            log.warning("artifact record: could not fingerprint the training data (%s); recorded as unknown", exc)
+            data = {"kind": "unknown", "sha256": None}
+        return base, data
+
     def _base(self) -> dict[str, Any]:
-        if self._base_meta is None:
-            from .lineage import base_of_spec
+        assert self._identities is not None, "records are made on rank 0"
+        return self._identities.result()[0]
 
-            self._base_meta = base_of_spec(self.spec, self.tokenizer, self.cache_dir)
-        return self._base_meta
-
-    def _data(self) -> dict[str, Any] | None:
-        if self._data_meta is None:
-            from ..artifacts.record import data_identity
-
-            try:
-                self._data_meta = data_identity(self.spec)
-            except Exception as exc:  # noqa: BLE001 - a record without the data's checksum beats a failed commit
-                log.warning("artifact record: could not fingerprint the training data (%s); recorded as unknown", exc)
-                self._data_meta = {"kind": "unknown", "sha256": None}
-        return self._data_meta
+    def _data(self) -> dict[str, Any]:
+        assert self._identities is not None, "records are made on rank 0"
+        return self._identities.result()[1]
 
     def _trainable(self) -> int:
         if self._trainable_params is None:

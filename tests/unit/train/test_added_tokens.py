@@ -309,7 +309,7 @@ def test_added_tokens_round_trip_through_a_runs_checkpoint_adapter_and_merged_mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftcluster.plan.launch import compile_plan
-    from ftcluster.train import runtime, sample
+    from ftcluster.train import runtime
 
     out = tmp_path / "out"
 
@@ -346,7 +346,10 @@ def test_added_tokens_round_trip_through_a_runs_checkpoint_adapter_and_merged_mo
     assert meta["tokenizer"]["added"] == TERMS + ["<|case|>"] and meta["tokenizer"]["base_vocab"] == 320
     # The adapter alone on the rebuilt base gives the merged model's logits.
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
-    adapted, tok, _ = sample.load(out / "adapter", False, CPU)
+    from ftcluster.train.adapters import AdapterSet
+
+    loaded = AdapterSet.load([str(out / "adapter")], device="cpu")  # the base rebuilt and grown, lineage checked
+    adapted, tok = loaded.model, loaded.tokenizer
     ids = ids_batch(tok, rows=1)["input_ids"]
     with torch.no_grad():
         a, m = adapted(input_ids=ids).logits[..., :len(tok)], merged(input_ids=ids).logits[..., :len(tok)]

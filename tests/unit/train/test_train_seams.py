@@ -199,7 +199,8 @@ def test_the_runs_parts_keep_the_checkpoint_layout(tmp_path):
     folder = tmp_path / "out" / "checkpoints" / "step-00000002"
     shared = json.loads((folder / "state.json").read_text())
     assert set(shared) == {"step", "tokens_seen", "world_size", "engine", "model_fingerprint", "total_steps",
-                           "general_eval_before", "elapsed_s", "last_loss", "ftcluster_version"}
+                           "general_eval_before", "elapsed_s", "last_loss", "ftcluster_version", "run_uid"}
+    assert shared["run_uid"] == state.run_uid  # the run's id in its records, kept across resumes
     assert shared["engine"] == "plain" and shared["step"] == 2 and shared["elapsed_s"] >= 5.0
     rank_file = torch.load(folder / "rank-00000.pt", weights_only=False)
     assert set(rank_file) == {"data", "step", "rng"} and rank_file["data"]["index"] == 1
@@ -304,3 +305,17 @@ def test_steps_come_from_max_steps_or_the_epochs_of_a_sized_source():
     with pytest.raises(TrainError, match="training.max_steps: the training data is a stream"):
         total_steps_for(spec, epoch_length(Stream()))
     assert total_steps_for(lora_spec(max_steps=3), None) == 3
+
+
+def test_a_resumed_run_keeps_its_run_id_and_an_old_checkpoint_gets_one():
+    """The run id in every artifact's record is made once and comes back with the checkpoint."""
+    first = TrainState(step=3)
+    resumed = TrainState()
+    assert resumed.run_uid != first.run_uid
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.run_uid == first.run_uid
+    older = {k: v for k, v in first.state_dict().items() if k != "run_uid"}  # written before run ids
+    again = TrainState()
+    mine = again.run_uid
+    again.load_state_dict(older)
+    assert again.run_uid == mine and again.step == 3
