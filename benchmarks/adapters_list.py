@@ -40,8 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def record(i: int) -> dict:
-    return {"format": "ftcluster.artifact/1", "kind": "adapter", "name": f"run{i:04d}", "run": {"uid": f"{i:016x}"},
+def record(i: int, kind: str = "adapter") -> dict:
+    return {"format": "ftcluster.artifact/1", "kind": kind, "name": f"run{i:04d}", "run": {"uid": f"{i:016x}"},
             "base": {"source": "s3://models/llama-8b", "fingerprint": f"{i % 3:064x}", "config_sha256": "c",
                      "weights": {"kind": "manifest", "sha256": "w"}},
             "tokenizer": {"vocab": 128256, "base_vocab": 128256, "added": [], "sha256": "t" * 64},
@@ -63,13 +63,16 @@ def populate(fs, bucket: str, runs: int) -> int:
         files = {f"{root}/adapter/adapter_model.safetensors": weights, f"{root}/adapter/adapter_config.json": small,
                  f"{root}/adapter/tokenizer.json": small, f"{root}/adapter/tokenizer_config.json": small,
                  f"{root}/adapter/ftcluster_meta.json": rec, f"{root}/adapter/manifest.json": man}
+        step_rec = json.dumps(record(i, "step_adapter")).encode()
+        step_man = json.dumps({"format": "ftcluster.manifest/1", "kind": "artifact", "meta": record(i, "step_adapter"),
+                               "total_bytes": 4_000_000, "created_unix": 1.0, "files": {}}).encode()
         for step in (200, 400):
             for sub in ("adapters", "checkpoints"):
                 d = f"{root}/{sub}/step-{step:08d}"
                 files.update({f"{d}/a.safetensors": b"w" * 1000, f"{d}/b.json": small, f"{d}/c.json": small,
-                              f"{d}/manifest.json": man if sub == "adapters" else b'{"files": {}}'})
+                              f"{d}/manifest.json": step_man if sub == "adapters" else b'{"files": {}}'})
                 if sub == "adapters":
-                    files[f"{d}/ftcluster_meta.json"] = rec
+                    files[f"{d}/ftcluster_meta.json"] = step_rec
         fs.pipe(files)
         weight_bytes += len(weights) + 2000
     return weight_bytes
@@ -97,7 +100,10 @@ def main() -> int:
                 time.sleep(0.1)
         opts = {"client_kwargs": {"endpoint_url": endpoint}}
         fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("bench")
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name=ENV["AWS_DEFAULT_REGION"]).create_bucket(
+            Bucket="bench", CreateBucketConfiguration={"LocationConstraint": ENV["AWS_DEFAULT_REGION"]})
         t0 = time.time()
         weight_bytes = populate(fs, "bench", args.runs)
         print(f"wrote {args.runs} runs ({weight_bytes / 1e9:.2f} GB of weights) in {time.time() - t0:.0f} s")

@@ -13,10 +13,10 @@ A and B), then runs three child processes:
 
 The limit is ``RLIMIT_AS`` (address space), set in each child's ``preexec_fn``: this host's
 memory cgroup belongs to the machinery that runs it (cgroup v1, not ours to write) and
-``RLIMIT_DATA`` does not cover file mappings, which is how transformers reads safetensors. torch
-reserves address space when imported, so the limit is the address space the imports take
-(measured first, in a child that only imports: ``VmPeak``) plus ``--limit-gib``. Each child reports
-its peak resident memory (``VmHWM`` of /proc/self/status) at its end.
+``RLIMIT_DATA`` does not cover file mappings, which is how transformers reads safetensors. The limit
+covers the whole process (``--limit-gib``, default 1.5 GiB), imports included: torch reserves address
+space when imported (measured first, in a child that only imports: ``VmPeak``), so what is left for the
+merge is less than that. Each child reports its peak resident memory (``VmHWM`` of /proc/self/status) at its end.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def main() -> int:
         child(sys.argv[2:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit-gib", type=float, default=1.5, help="memory the merge may use beyond the imports")
+    ap.add_argument("--limit-gib", type=float, default=1.5,
+                    help="RLIMIT_AS of each limited child: the whole process, imports included")
     ap.add_argument("--layers", type=int, default=14, help="decoder layers (14: 3.17 GiB of fp32 weights)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--markdown", type=Path, default=None, help="append the result section to this file")
@@ -209,7 +210,10 @@ def main() -> int:
         base, adapter, size = build(work, args.layers, args.rank)
         built = time.perf_counter() - t0
         imports = run_child(["import"], None)
-        limit = imports["peak_vm"] + int(args.limit_gib * GiB)
+        limit = int(args.limit_gib * GiB)
+        if limit < imports["peak_vm"] + GiB // 4:
+            raise SystemExit(f"--limit-gib {args.limit_gib}: the imports alone take {gib(imports['peak_vm'])} of "
+                             "address space; give at least 0.25 GiB more")
         print(f"base {gib(size)} of fp32 weights in {len(list(base.glob('*.safetensors')))} shards (built in "
               f"{built:.0f} s); the imports take {gib(imports['peak_vm'])} of address space, "
               f"{gib(imports['peak_rss'])} resident; RLIMIT_AS = {gib(limit)}", flush=True)
@@ -245,9 +249,9 @@ def main() -> int:
             f"A random Llama ({args.layers} layers, hidden 2048, MLP 5632, vocabulary 32000, untied): **{gib(size)} of "
             f"fp32 weights** in 1 GiB shards, with a peft LoRA adapter (r {args.rank} on all seven Linear "
             "projections of every layer, random A and B). Each merge runs in a child process; the limit is "
-            f"`RLIMIT_AS` set in its `preexec_fn`: the address space the imports take (torch, transformers, "
-            f"peft and ftcluster: {gib(imports['peak_vm'])} VmPeak, {gib(imports['peak_rss'])} resident) plus "
-            f"{args.limit_gib:g} GiB, less than half the weights. (RLIMIT_AS because this host's memory cgroup "
+            f"`RLIMIT_AS` set in its `preexec_fn` on the whole process: {gib(limit)}, the weights are "
+            f"{size / limit:.2f}x it; the imports alone take {gib(imports['peak_vm'])} of it (torch, transformers, "
+            f"peft and ftcluster: VmPeak; {gib(imports['peak_rss'])} resident). (RLIMIT_AS because this host's memory cgroup "
             "is cgroup v1 and the sandbox's own; RLIMIT_DATA would not count file mappings, which is how "
             "transformers reads safetensors.)", "",
             *table, "",

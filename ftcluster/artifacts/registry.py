@@ -68,6 +68,8 @@ def scan(uri: str, storage_options: dict[str, Any] | None = None, *, steps: bool
     present = set(paths)
     folders = sorted(p[: -len(MANIFEST) - 1] for p in present
                      if p.endswith("/" + MANIFEST) and f"{p[: -len(MANIFEST)]}{META}" in present)
+    if not steps:  # a checkpoint's adapter is known by its place: its manifest is not even read
+        folders = [f for f in folders if kind_of(f, {}) != "step_adapter"]
     if not folders:
         return []
     blobs = fs.cat([f"{f}/{MANIFEST}" for f in folders], on_error="return")
