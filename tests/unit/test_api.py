@@ -196,3 +196,18 @@ def test_plan_and_schema_are_the_clis():
     assert len(one) == 1 and one[0].name == "quickstart"
     for pipeline, name in ((False, "ftcluster.schema.json"), (True, "ftcluster-pipeline.schema.json")):
         assert api.schema(pipeline) == json.loads((ROOT / "docs" / name).read_text())
+
+
+def test_artifact_source_takes_runs_with_several_outputs_and_paths_inside(ftc_home, tmp_path):
+    """``adapters list|show|check``, ``merge`` and ``sample --adapter``: a run id gives its output root (an array's
+    or pipeline's too: every output is under it), ``RUN/path`` a folder inside it; paths and URIs as they are."""
+    assert api.artifact_source("s3://b/x/adapter") == ("s3://b/x/adapter", {})
+    assert api.artifact_source(str(tmp_path)) == (str(tmp_path.resolve()), {})
+    rec = {"uri": "s3://b/job/", "storage_options": {"anon": True}, "max_steps": 7, "single": False}
+    run = _run_folder(ftc_home, "slurm", rec)
+    assert api.artifact_source(run) == ("s3://b/job", {"anon": True})
+    assert api.artifact_source(f"{run}/qa/adapter") == ("s3://b/job/qa/adapter", {"anon": True})
+    with pytest.raises(FtclusterError, match=r"^/no/such/folder: no such file or folder$"):
+        api.artifact_source("/no/such/folder")
+    with pytest.raises(FtclusterError, match="no-such-run/adapter: no such path, and .*give a URI, a path, or a run id"):
+        api.artifact_source("no-such-run/adapter")

@@ -181,6 +181,25 @@ def test_sample_without_torch_is_one_line_with_the_fix(tmp_path, monkeypatch):
         "error: ftcluster sample runs the model here and needs torch: pip install 'ftcluster[train]'"]
 
 
+def test_merge_without_torch_and_sample_given_both_or_neither(tmp_path, monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from ftcluster.cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    res = CliRunner().invoke(cli, ["merge", f"file://{tmp_path}", "-o", f"file://{tmp_path}/merged"])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "error: ftcluster merge runs here and needs torch: pip install 'ftcluster[train]'"]
+    for args in (["sample", "-p", "hi"], ["sample", f"file://{tmp_path}", "-p", "hi", "--adapter", str(tmp_path)]):
+        res = CliRunner().invoke(cli, args, prog_name="ftcluster")
+        assert res.exit_code == 2 and res.output.strip().splitlines() == [
+            "error: give a RUN_OR_URI to sample, or one --adapter or more to compare (not both)",
+            "try 'ftcluster sample --help'"], res.output
+
+
 @pytest.mark.train
 @pytest.mark.slow
 def test_sample_a_tiny_quickstart_run(tmp_path):
