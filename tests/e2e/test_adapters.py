@@ -233,6 +233,27 @@ def test_merge_writes_a_committed_model_with_its_lineage(trained, merged):
     assert man["meta"] == rec
 
 
+def test_merge_commits_to_s3_and_show_reads_it_back(trained, merged, s3):  # noqa: F811 - pytest fixture
+    """``-o s3://...``: the same files, committed by the commit protocol (manifest last); read back by ``show``."""
+    import fsspec
+
+    env = {"AWS_ENDPOINT_URL_S3": s3.endpoint_url}
+    res = cli("merge", str(adapter(trained, "capitals")), "-o", f"s3://{s3.bucket}/models/capitals", cache=trained["cache"],
+              env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    man = json.loads(fs.cat_file(f"{s3.bucket}/models/capitals/manifest.json"))
+    local = {p.name for p in merged["capitals"].iterdir()} - {"manifest.json"}
+    assert set(man["files"]) == local and man["meta"]["kind"] == "merged"
+    for name, info in man["files"].items():
+        assert fs.size(f"{s3.bucket}/models/capitals/{name}") == info["size"]
+    show = cli("adapters", "show", f"s3://{s3.bucket}/models/capitals", "--json", cache=trained["cache"], env=env)
+    assert json.loads(show.stdout) == man["meta"]
+    again = cli("merge", str(adapter(trained, "capitals")), "-o", f"s3://{s3.bucket}/models/capitals",
+                cache=trained["cache"], env=env)
+    assert again.returncode == 1 and "a committed model is there already; pass --overwrite" in again.stderr
+
+
 def test_one_base_many_adapters_switch_like_their_merged_models(trained, merged):
     """Loaded together on one base, each adapter (switched to) computes its own merged model's logits; the
     three differ from each other, and unloading one leaves the others as they were."""
