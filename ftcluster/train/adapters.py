@@ -136,10 +136,10 @@ class AdapterSet:
             identity = base_of_folder(folder, base, cache)
         else:
             identity = base_of_spec(spec, tokenizer, cache)
-        model = load_base_model(spec, tokenizer, dtype, dev, cache)
-        for item in items:
+        for item in items:  # before the base is loaded: a refusal costs no model load
             check(item.record, identity, force=force, what=item.uri, given=base)
             _same_tokenizer(first, item)
+        model = load_base_model(spec, tokenizer, dtype, dev, cache)
         peft_model = load_adapter(model, first.folder, tokenizer, adapter_name=first.name)
         for item in items[1:]:
             peft_model.load_adapter(str(item.folder), adapter_name=item.name)
