@@ -56,3 +56,10 @@ def test_prepare_then_continual_pretraining_then_adapters(tmp_path):
                                                                   adapter["meta"]["base"]["weights"]["sha256"])
         assert adapter["meta"]["base"]["weights"] == {k: v for k, v in weights_identity(base).items()
                                                       if k != "produced_by"}
+    # The pipeline's run lists its artifacts with their lineage: both adapters on the CPT's final model.
+    run_id = json.loads(ftc("list", "--json", home=tmp_path / "home").stdout)[-1]["run_id"]
+    listed = ftc("adapters", "list", run_id, home=tmp_path / "home").stdout
+    names = [line.split()[0] for line in listed.splitlines()[1:] if not line.startswith("base ")]
+    assert names == ["cpt-adapters/chat/adapter", "cpt-adapters/qa/adapter", "cpt-domain/final"], listed
+    bases = {line.split()[1] for line in listed.splitlines()[1:3]}
+    assert len(bases) == 1 and f"base {bases.pop()}: local:final (from run cpt-domain@20)" in listed, listed
