@@ -114,8 +114,11 @@ def check(ref: str, engines: tuple[str, ...], max_lora_rank: int | None) -> None
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="The merged weights' dtype (default: the base's).")
 def merge(ref: str, output: str, base: str | None, force: bool, overwrite: bool, dtype: str | None) -> None:
-    """Merge an adapter into its base, shard by shard (memory: about one tensor, not the model), and commit the
-    merged model (safetensors, config, tokenizer, record) to --output (needs ftcluster[train])."""
+    """Merge an adapter into its base tensor by tensor (memory: about one tensor) and commit the merged model to
+    --output (needs ftcluster[train]).
+
+    The output holds safetensors in the base's shard layout, the config, the adapter's tokenizer and the record;
+    it is committed with its manifest last, so a reader never sees half a model."""
     from .. import api
 
     argv = api.merge_command(ref, output, base, force, overwrite, dtype)
