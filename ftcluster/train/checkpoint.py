@@ -430,9 +430,12 @@ class CheckpointManager:
 
         A part says otherwise with ``resharding``: ``"global"`` (its state is the same on every rank,
         e.g. a stream's global position, or is replicated, e.g. LoRA's rank-0 weights and optimizer),
-        or ``"fresh"`` (per-rank state a new rank may start afresh, e.g. the random generators)."""
+        ``"fresh"`` (per-rank state a new rank may start afresh, e.g. the random generators), or
+        ``"self"`` (a folder part whose ``load`` reads a checkpoint of any number of processes itself:
+        a sharded engine that reshards, e.g. torch.distributed.checkpoint)."""
         parts = {**self.folders, **self.per_rank}
-        return [name for name, part in parts.items() if getattr(part, "resharding", None) not in ("global", "fresh")]
+        return [name for name, part in parts.items()
+                if getattr(part, "resharding", None) not in ("global", "fresh", "self")]
 
     def _load_rank_state(self, folder: Path, rank: int | None = None) -> dict[str, Any]:
         import torch
