@@ -31,12 +31,19 @@ MFU = {("lora", False): 0.49, ("full", False): 0.69, ("lora", True): 0.63, ("ful
 GEMM_HALF_DIM = 1750
 CE_BYTES_PER_LOGIT = {False: 40,  # fp32 upcast, log_softmax, its backward and the 16-bit casts, read + written
                       True: 10}  # Liger: 16-bit chunk written, read by the kernel, gradient written in place, read twice
-# Share of the link bandwidth that ZeRO-3's per-module all-gathers and reduce-scatters (20-100
-# MB each, issued from hooks between kernels) reach: ~30 GB/s of the H200's 370, partly hidden
-# behind compute (OVERLAP). Refit from 0.13 on the runs without checkpointing, where less compute
-# hides it (8B ZeRO-3 mb2 runs at 0.81 s with or without the recompute). The least certain
-# constants here; re-measure them on 8-GPU nodes.
-ZERO3_LINK_EFFICIENCY = 0.08
+# ZeRO-3's all-gathers and reduce-scatters pass two stages in series, so their rates add as
+# resistances (zero3_gbps): the network, at NCCL's bus efficiency for large messages (ring
+# all-gather/reduce-scatter of 100 MB-2 GB reach ~80 % of the bus bandwidth in nccl-tests), and
+# DeepSpeed's own path (copying each rank's partition into the flat gather buffer and back out,
+# issued from module hooks between kernels), which does not get faster with the link. Fitted on
+# one H200 node: the 8B ZeRO-3 runs move their weights at ~30 GB/s (0.08 of the 370 GB/s NVLink
+# bus; 0.81 s per step with or without the recompute, so the gathers set the step), which with
+# NVLink at 0.8 x 370 leaves 32.9 GB/s for DeepSpeed's path. Across nodes the slower link then
+# matters too: 45 GB/s per GPU x 0.8 in series with 32.9 gives ~17 GB/s, against the ~3.6 GB/s that
+# scaling the single-node share (0.08) down to the inter-node link gave before (a 70B step on 8
+# nodes predicted at 950 s). Not yet measured on more than one node (docs/planner.md, Limits).
+NCCL_BUS_EFFICIENCY = 0.8
+ZERO3_ENGINE_GBPS = 32.9
 # Seconds per ZeRO-3 all-gather that compute does not hide (NCCL launch, the hook's wait):
 # why 1B on 2 GPUs, whose gathers are small, pays about as much as 8B (0.13 s per step).
 ZERO3_GATHER_LATENCY_S = 0.35e-3
@@ -95,6 +102,14 @@ def _bus_gbps(gpu: Gpu, lay: Layout) -> float:
     return min(gpu.link_gbps, INTER_NODE_GBPS) if lay.nodes > 1 else gpu.link_gbps
 
 
+def zero3_gbps(gpu: Gpu, lay: Layout) -> float:
+    """GB/s per GPU at which ZeRO-3 moves the weights and gradients: the network (the NVLink bus in
+    a node, the slower inter-node link across nodes) at NCCL_BUS_EFFICIENCY, in series with
+    DeepSpeed's own gather path (ZERO3_ENGINE_GBPS)."""
+    net = _bus_gbps(gpu, lay) * NCCL_BUS_EFFICIENCY
+    return 1.0 / (1.0 / net + 1.0 / ZERO3_ENGINE_GBPS)
+
+
 def comm_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int,
                  keep: bool = False) -> tuple[float, float]:
     """(per micro-batch, per optimizer step) seconds of collective traffic on the slowest link.
@@ -115,7 +130,7 @@ def comm_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int
         return 0.0, 2 * ring * 4 * trainable / bw
     stage = lay.zero_stage or 0
     if stage == 3:
-        return (2 if keep else 3) * ring * a * params / (bw * ZERO3_LINK_EFFICIENCY), 0.0
+        return (2 if keep else 3) * ring * a * params / (zero3_gbps(gpu, lay) * 1e9), 0.0
     if stage in (1, 2):
         return ring * a * params / bw, ring * a * params / bw
     return 0.0, 2 * ring * a * params / bw

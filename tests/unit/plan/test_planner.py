@@ -493,3 +493,20 @@ def test_a_corpus_not_prepared_yet_is_estimated_from_its_source(tmp_path):
     text = text.replace("train: x.jsonl", f"train: {tmp_path / 'corpus'}, prepare: {{source: {src}}}")
     p = build_plan(load_spec_text(text, "x.yaml"), network=False)
     assert p.data.how.endswith("of data.prepare.source (not prepared yet)") and 20_000 < p.data.tokens < 30_000
+
+
+def test_zero3_collectives_pass_the_network_and_deepspeeds_path_in_series():
+    """One H200 node keeps the measured 8B rate (0.08 of NVLink's 370 GB/s); across nodes the slower link joins
+    the series: slower than either stage alone, and far above the single-node share applied to the
+    inter-node link (the model that predicted a 70B step on 8 nodes at 950 s)."""
+    from ftcluster.plan.planner import speed
+    from ftcluster.plan.planner.gpus import INTER_NODE_GBPS, load_gpus
+    from ftcluster.plan.planner.layout import Layout
+
+    h200 = load_gpus()["h200"]
+    one = Layout("full", 1, 8, 2, 1, 1.0, 3)
+    assert speed.zero3_gbps(h200, one) == pytest.approx(0.08 * h200.link_gbps, rel=0.01)
+    two = one.with_(nodes=2)
+    net = INTER_NODE_GBPS * speed.NCCL_BUS_EFFICIENCY
+    assert speed.zero3_gbps(h200, two) < min(net, speed.ZERO3_ENGINE_GBPS)
+    assert speed.zero3_gbps(h200, two) > 4 * 0.08 * INTER_NODE_GBPS
