@@ -539,10 +539,30 @@ def run_output(run_ref: str) -> dict[str, Any]:
     """
     run_dir = find_run(run_ref)
     st = load_status(run_dir)
-    rec = read_outputs(run_dir) or {}
+    rec = read_outputs(run_dir) or _stages_outputs(run_dir) or {}
     uri = rec.get("uri") or st.output_uri
     return {"uri": uri, "storage_options": rec.get("storage_options") or {}, "max_steps": rec.get("max_steps"),
             "single": bool(uri) and not st.tasks and rec.get("single", True) is not False}
+
+
+def _stages_outputs(run_dir: Path) -> dict[str, Any] | None:
+    """A pipeline's outputs: its stages record theirs in their own folders (``<run folder>/<stage>``);
+    ``uri`` is their common root (None when they share no store), ``single`` False."""
+    import posixpath
+    from urllib.parse import urlsplit
+
+    stages = [r for d in sorted(Path(run_dir).iterdir()) if d.is_dir() and (r := read_outputs(d)) and r.get("uri")]
+    if not stages:
+        return None
+    parts = [urlsplit(r["uri"]) for r in stages]
+    where = {(p.scheme, p.netloc) for p in parts}
+    root = None
+    if len(where) == 1:
+        (scheme, netloc), = where
+        path = posixpath.commonpath([p.path or "/" for p in parts])
+        root = f"{scheme}://{netloc}{path}" if scheme else path
+    return {"uri": root, "storage_options": stages[0].get("storage_options") or {}, "max_steps": None,
+            "single": False}
 
 
 def sample_command(run_or_uri: str | None, prompt: str, input_text: str = "", max_new_tokens: int = 64,

@@ -211,3 +211,15 @@ def test_artifact_source_takes_runs_with_several_outputs_and_paths_inside(ftc_ho
         api.artifact_source("/no/such/folder")
     with pytest.raises(FtclusterError, match="no-such-run/adapter: no such path, and .*give a URI, a path, or a run id"):
         api.artifact_source("no-such-run/adapter")
+
+
+def test_a_pipelines_outputs_are_its_stages_common_root(ftc_home):
+    """A pipeline records no outputs of its own; each stage does in ``<run folder>/<stage>``: ``adapters list RUN``
+    lists under their common root."""
+    rec = {"storage_options": {}, "max_steps": 5, "single": True}
+    run = _run_folder(ftc_home, "pipeline", None, tasks=[{"name": "cpt", "state": "SUCCEEDED"}])
+    for stage, uri in (("cpt", "file:///data/out/cpt-domain"), ("qa", "file:///data/out/cpt-adapters/qa")):
+        (ftc_home / "runs" / run / stage).mkdir()
+        (ftc_home / "runs" / run / stage / "outputs.json").write_text(json.dumps({**rec, "uri": uri}))
+    assert api.run_output(run)["uri"] == "file:///data/out" and api.run_output(run)["single"] is False
+    assert api.artifact_source(f"{run}/cpt-domain/final") == ("file:///data/out/cpt-domain/final", {})
