@@ -184,11 +184,22 @@ def lora_main(argv: list[str]) -> int:
     return 0
 
 
-def run_plain(c: dict, liger: bool, args, results: Path) -> dict:
-    tag = f"{c['name']}.{'liger' if liger else 'plain'}"
+FSDP_STACKS = {"fsdp": [], "fsdp-liger": ["--liger"], "fsdp-compile": ["--compile"]}  # fsdp_baseline.py's flags
+
+
+def run_plain(c: dict, stack: str, args, results: Path) -> dict:
+    """A baseline: ``plain``/``liger`` (ds_baseline.py or lora_baseline.py, Liger applied first) or an
+    ``fsdp*`` stack (fsdp_baseline.py: plain FSDP2, torchtitan's recipe, with its own --liger/--compile)."""
+    liger = stack == "liger"
+    tag = f"{c['name']}.{stack}"
     me = str(Path(__file__).resolve())
     lig = ["--liger"] if liger else []
-    if c["method"] == "lora":
+    if stack in FSDP_STACKS:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={c['gpus']}", me,
+               "_wrap", str(args.baselines / "fsdp_baseline.py"), *FSDP_STACKS[stack],
+               *(["--no-ckpt"] if c["grad_ckpt"] is False else []), "--bs", str(c["mb"]), "--seq", str(c["seq"]),
+               "--layers", str(SHAPES[c["shape"]][0]), "--steps", str(args.plain_steps)]
+    elif c["method"] == "lora":
         cmd = [sys.executable, me, "_lora", *lig, str(args.baselines), str(c["mb"]), "0" if c["grad_ckpt"] is False else "1",
                str(c["seq"]), str(args.plain_steps)]
     else:
@@ -205,7 +216,7 @@ def run_plain(c: dict, liger: bool, args, results: Path) -> dict:
     with log.open("w") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
     text = log.read_text()
-    res = {"case": c["name"], "stack": "plain+liger" if liger else "plain", "exit_code": rc,
+    res = {"case": c["name"], "stack": "plain+liger" if liger else stack, "exit_code": rc,
            "wall_s": round(time.monotonic() - t0, 1)}
     m = re.findall(r"^RESULT (\{.*\})$", text, re.M)
     if rc != 0 or not m:
@@ -445,7 +456,8 @@ def main() -> int:
     ap.add_argument("results_dir", type=Path)
     ap.add_argument("--baselines", type=Path, default=ROOT.parent / "shared" / "baselines")
     ap.add_argument("--cases", default="z3-mb2,lora-mb8")
-    ap.add_argument("--only", default="plain,liger,ft", help="stacks to run: plain, liger, ft")
+    ap.add_argument("--only", default="plain,liger,ft",
+                    help="stacks to run: plain, liger, fsdp, fsdp-liger, fsdp-compile (fsdp_baseline.py), ft")
     ap.add_argument("--steps", type=int, default=14, help="ftcluster optimizer steps (checkpoint cases add 6)")
     ap.add_argument("--warmup", type=int, default=4, help="ftcluster steps left out of the throughput")
     ap.add_argument("--plain-steps", type=int, default=6, help="timed steps of a baseline (after its 2-3 warm-ups)")
@@ -497,7 +509,7 @@ def main() -> int:
     rows: list[dict] = []
     for name in [n for n in args.cases.split(",") if n]:
         c = case(name)
-        todo = [s for s in ("plain", "liger", "ft") if s in stacks and (c["only"] is None or s in c["only"])]
+        todo = [s for s in ("plain", "liger", *FSDP_STACKS, "ft") if s in stacks and (c["only"] is None or s in c["only"])]
         for s in todo:
             if s == "ft":
                 runs = [(v, ov) for v, ov in variants] if not c["data"] else [
@@ -510,7 +522,7 @@ def main() -> int:
                         fh.write(json.dumps(plan_record(c, rows[-1], ov, env_note)) + "\n")
                     print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error", "step_times")}), flush=True)
             else:
-                rows.append(run_plain(c, s == "liger", args, results))
+                rows.append(run_plain(c, s, args, results))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error", "raw")}), flush=True)
             if "error" in rows[-1]:
                 print(rows[-1]["error"], file=sys.stderr, flush=True)
