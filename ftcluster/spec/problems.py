@@ -21,6 +21,8 @@ _PATH_PART = re.compile(r"\[(\d+)\]|([^.\[]+)")
 _METHOD_ONLY = {
     "lora": "LoRA options apply only to method: lora; remove the `lora` section or set method: lora",
     "deepspeed": "DeepSpeed/ZeRO options apply only to method: full (LoRA runs on one GPU, or data parallel, without ZeRO); remove the `deepspeed` section or set method: full",
+    "fsdp": "FSDP options apply only to method: full with engine: fsdp (LoRA runs data parallel); remove the `fsdp` section or set method: full",
+    "engine": "engine chooses how a full fine-tune trains (deepspeed or fsdp); remove it or set method: full",
 }
 
 
