@@ -330,7 +330,7 @@ class DeepSpeedSpec(_Model):
 
 
 class FsdpSpec(_Model):
-    """PyTorch FSDP2 settings for full fine-tuning (``engine: fsdp``)."""
+    """PyTorch FSDP2 settings for full fine-tuning (`engine: fsdp`)."""
 
     reshard_after_forward: bool = Field(True, description="Free each decoder layer's gathered parameters after its forward and gather them again in backward (ZeRO-3-like: least memory). `false` keeps them gathered from forward to backward (ZeRO-2-like: fewer all-gathers, a whole unsharded model's worth of parameters at the peak).")
     cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer state in host memory and step the optimizer on the CPU (torch's CPUOffloadPolicy): the least GPU memory, slower steps.")
