@@ -149,6 +149,21 @@ def _ds_spec_file(tmp: Path) -> Path:
     return p
 
 
+def test_fsdp_with_compiled_layers_and_checkpointing_trains_the_same_steps(reference, tmp_path, cache_dir,
+                                                                             monkeypatch):
+    """training.compile (regional, before fully_shard) and gradient checkpointing of every layer (inside
+    FSDP's per-layer hooks) change how a step runs, not what it computes."""
+    monkeypatch.setenv("FTCLUSTER_COMPILE_BACKEND", "aot_eager")  # inductor would build C++ on this CPU
+    ref_out, _, _ = reference
+    out = tmp_path / "out"
+    sets = fsdp_overrides(out, "training.compile=true", "training.gradient_checkpointing=true")
+    rc, log = finish(launch(write_payload(tmp_path, "compiled", sets, base=fsdp_spec_file(tmp_path)), 2, cache_dir,
+                            tmp_path))
+    assert rc == 0, log[-3000:]
+    assert "2 decoder layers compiled (torch.compile, backend aot_eager)" in log
+    assert worst(curve(out), curve(ref_out)) <= SAME_BATCHES_TOL
+
+
 # --------------------------------------------------------------------------- (c) stop on one rank, resume
 
 

@@ -255,6 +255,7 @@ def test_an_fsdp_job_gets_its_recipe_and_no_deepspeed_anywhere():
     assert "cpt-llama-8b: FSDP2 full fine-tune, 2 node(s)" in script
     assert "zero_stage" not in script and "DeepSpeed" not in script.replace("DeepSpeed config every rank", "")
     assert "'deepspeed'" not in probe_code(8, spec) and "'deepspeed'" in probe_code(8, _full())
+    assert plan.speedups.zero3_keep is False and launch.compile_plan(_full()).speedups.zero3_keep is True
 
 
 def test_the_planner_models_fsdp_as_the_zero_stage_it_matches_and_advises_fsdp_flags():
