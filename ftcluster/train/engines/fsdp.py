@@ -63,8 +63,10 @@ def shard_model(model: Any, fsdp: Any, dtype: Any, ctx: Any) -> int:
     # reduce_dtype fp32: gradients are summed in full precision whatever the compute dtype
     # (torchtitan's default mixed_precision_reduce = float32).
     kw: dict[str, Any] = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
-    if fsdp.cpu_offload:
+    if fsdp.cpu_offload and ctx.device.type == "cuda":
         kw["offload_policy"] = CPUOffloadPolicy()
+    elif fsdp.cpu_offload:  # CPUOffloadPolicy needs an accelerator to move the shards to and from
+        log.info("fsdp.cpu_offload: running on CPU, where the sharded state is in host memory already")
     layers = M.decoder_layers(model)
     if not layers:
         raise TrainError("engine: fsdp shards per decoder layer, and this model has none that transformers marks "
@@ -103,7 +105,7 @@ class FsdpEngine:
         self.device = ctx.device
         self.world_size = ctx.world_size
         self.params = [p for p in model.parameters() if p.requires_grad]
-        offload = spec.fsdp.cpu_offload
+        offload = spec.fsdp.cpu_offload and self.device.type == "cuda"
         # fused: one kernel over the shards on GPU; with CPU offload the step runs on the host.
         self.optimizer = torch.optim.AdamW(self.params, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
                                            weight_decay=tr.weight_decay,
