@@ -44,6 +44,9 @@ class EngineRecipe:
     # What the planner needs from the engine's spec section: keyword values of the planner's Layout
     # (zero_stage, offload_optimizer, offload_params) and Workload (lora_r, lora_targets, ...).
     planner_settings: Callable[[Any], dict[str, Any]] = lambda spec: {}
+    # The ``--set`` flags that turn the spec's engine section into a planner Layout's settings (the
+    # planner's advice); None: the section has none (LoRA's layouts differ in resources only).
+    layout_flags: Callable[[Any, Any], list[str]] | None = None
 
     @property
     def planner_model(self) -> str:
@@ -72,13 +75,19 @@ def register(recipe: EngineRecipe) -> EngineRecipe:
 
 
 def engine_for(spec: Any) -> EngineRecipe:
-    """The engine that trains ``spec``: the one registered for its method (one per method today; a
-    spec field will choose when a method has several)."""
+    """The engine that trains ``spec``: the one its ``engine`` field names (``method: full``:
+    deepspeed or fsdp), else the one registered for its method."""
+    name = getattr(spec, "engine", None)
+    if name is not None:
+        recipe = ENGINES.get(name)
+        if recipe is None or recipe.method != spec.method:
+            raise ValueError(f"no training engine {name!r} for method {spec.method!r}")
+        return recipe
     return engine_for_method(spec.method)
 
 
 def engine_for_method(method: str) -> EngineRecipe:
-    """The engine registered for ``method``."""
+    """The first engine registered for ``method`` (its default: ``full`` -> deepspeed)."""
     for recipe in ENGINES.values():
         if recipe.method == method:
             return recipe
@@ -104,6 +113,41 @@ def _deepspeed_planner(spec: Any) -> dict[str, Any]:
             "overlap_comm": ds.overlap_comm}
 
 
+def _fsdp_planner(spec: Any) -> dict[str, Any]:
+    # The planner models FSDP2 as the ZeRO stage it matches (its own FSDP memory model is a later
+    # step of #22): resharding after forward frees each layer's gathered parameters as ZeRO-3 does,
+    # keeping them until backward is ZeRO-2's peak; CPUOffloadPolicy moves the sharded parameters,
+    # gradients and optimizer state to the host (ZeRO-3's parameter and optimizer offload).
+    f = spec.fsdp
+    return {"zero_stage": 3 if f.reshard_after_forward else 2, "offload_optimizer": f.cpu_offload,
+            "offload_params": f.cpu_offload and f.reshard_after_forward, "overlap_comm": True}
+
+
+def _fsdp_flags(spec: Any, layout: Any) -> list[str]:
+    """``--set`` flags that give an fsdp job the planner's ``layout`` (modelled as a ZeRO stage):
+    stage 3 reshards after forward; stages 0-2 do not (FSDP without resharding needs no more memory
+    than ZeRO-0/1/2); any offload is FSDP's CPU offload."""
+    f, out = spec.fsdp, []
+    reshard = (layout.zero_stage or 0) == 3
+    offload = bool(layout.offload_optimizer or layout.offload_params)
+    if reshard != f.reshard_after_forward:
+        out.append(f"fsdp.reshard_after_forward={str(reshard).lower()}")
+    if offload != f.cpu_offload:
+        out.append(f"fsdp.cpu_offload={str(offload).lower()}")
+    return out
+
+
+def _deepspeed_flags(spec: Any, layout: Any) -> list[str]:
+    """``--set`` flags that give a DeepSpeed job the planner's ``layout``: its ZeRO stage and offload."""
+    ds, out = spec.deepspeed, []
+    if layout.zero_stage != ds.zero_stage:
+        out.append(f"deepspeed.zero_stage={layout.zero_stage}")
+    for key, on in (("offload_optimizer", layout.offload_optimizer), ("offload_params", layout.offload_params)):
+        if on != (getattr(ds, key) != "none"):
+            out.append(f"deepspeed.{key}={'cpu' if on else 'none'}")
+    return out
+
+
 def _deepspeed_extra(spec: Any) -> dict[str, Any]:
     return {"deepspeed": ds_config.resolved_deepspeed_config(spec)}
 
@@ -118,4 +162,9 @@ register(EngineRecipe(
     artifacts=lambda spec: ("final",), plan_extra=_deepspeed_extra,
     description="full fine-tuning with DeepSpeed ZeRO 0-3",
     memory_model="full", label="DeepSpeed full fine-tune", runtime_modules=("deepspeed",),
-    planner_settings=_deepspeed_planner))
+    planner_settings=_deepspeed_planner, layout_flags=_deepspeed_flags))
+register(EngineRecipe(
+    name="fsdp", method="full", section="fsdp", checkpoint_kind="fsdp",
+    artifacts=lambda spec: ("final",), plan_extra=lambda spec: {"deepspeed": None},
+    description="full fine-tuning with PyTorch FSDP2 (fully_shard per decoder layer, torch.distributed.checkpoint)",
+    memory_model="full", label="FSDP2 full fine-tune", planner_settings=_fsdp_planner, layout_flags=_fsdp_flags))

@@ -107,12 +107,15 @@ def decide(spec: Any, environ: Mapping[str, str] | None = None) -> Speedups:
     env = spec_environ(spec) if environ is None else environ
     gpu = spec.resources.gpus_per_node > 0
     ds = getattr(spec, "deepspeed", None)
+    # FSDP2 keeps or frees gathered parameters by fsdp.reshard_after_forward itself: DeepSpeed's keep
+    # does not apply (and the planner, which models an fsdp job as ZeRO-3, must not count it).
+    fsdp = getattr(spec, "engine", None) == "fsdp"
     compile = bool(getattr(spec.training, "compile", False))
     return Speedups(
         fused_ce=fused_ce_on(gpu, FUSED_CE_MODEL_TYPES[0], env),
         liger_kernels=liger_kernels_on(compile),
         varlen=varlen_on(gpu, spec.model.attn_implementation, env),
-        zero3_keep=zero3_keep_on(gpu, env) and not (ds is not None and ds.config_file),
+        zero3_keep=zero3_keep_on(gpu, env) and not fsdp and not (ds is not None and ds.config_file),
         compile=compile,
         nccl_proto=nccl_proto(gpu, spec.world_size, env),
     )

@@ -63,12 +63,13 @@ def within(fn: Callable[[], Any], timeout: float) -> tuple[Any, BaseException | 
     return result.get("value"), result.get("error")
 
 
-def probe_code(nproc: int, method: str) -> str:
-    """Python run where the job runs: /dev/shm, the next job's rendezvous port, packages."""
-    from ..plan.engines import engine_for_method
+def probe_code(nproc: int, spec: Any) -> str:
+    """Python run where the job runs: /dev/shm, the next job's rendezvous port, packages (the
+    common ones and the runtime modules of ``spec``'s engine recipe: DeepSpeed for a DeepSpeed job)."""
+    from ..plan.engines import engine_for
     from ..plan.launch import PORT_BASE, PORT_SPAN
 
-    mods = ["torch", "transformers", "peft", "s3fs", *engine_for_method(method).runtime_modules]
+    mods = ["torch", "transformers", "peft", "s3fs", *engine_for(spec).runtime_modules]
     return "\n".join([
         "import importlib.util as u, json, os, socket",
         "o = {}",

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .schema import DeepSpeedSpec, LoraJob
+from .schema import DeepSpeedSpec, FsdpSpec, FullJob, LoraJob
 
 
 def _type_name(tp: Any) -> str:
@@ -81,7 +81,8 @@ def render_markdown() -> str:
     out = ["# Job spec reference", "",
            "Generated from the pydantic models by `python -m ftcluster.spec.docgen`; do not edit by hand.",
            "The same descriptions feed `ftcluster schema` (JSON Schema for editors). Unknown keys are errors.",
-           "", "`method: lora` takes a `lora:` section; `method: full` takes a `deepspeed:` section. The rest is shared.",
+           "", "`method: lora` takes a `lora:` section; `method: full` takes `engine` and the section of that engine: `deepspeed:`",
+           "(the default) or `fsdp:`. The rest is shared.",
            "", "Relative local paths (`data.*`, `data.prepare.source`, `model.path`, `tokenizer.path`, `tokenizer.add_tokens` as a file, `output.uri` as a path or `file://`,",
            "`deepspeed.nvme_path`, `local.runs_dir`, `local.python`) are relative to the spec file's folder, like",
            "`deepspeed.config_file`, wherever you run ftcluster from; values given with `--set` are relative to the",
@@ -90,8 +91,12 @@ def render_markdown() -> str:
            "`slurm.login`) the paths name files there and are kept as written."]
     out.append("\n## method: lora")
     _section(LoraJob, "", out, set())
-    out.append("\n## method: full (only the sections that differ)")
+    out.append("\n## method: full (only the fields that differ)")
+    engine = FullJob.model_fields["engine"]
+    out += ["", "| field | type | default | description |", "|---|---|---|---|",
+            f"| `engine` | `deepspeed` or `fsdp` | `{engine.default}` | {engine.description} |"]
     _section(DeepSpeedSpec, "deepspeed.", out, set())
+    _section(FsdpSpec, "fsdp.", out, set())
     return "\n".join(out) + "\n"
 
 

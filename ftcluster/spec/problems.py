@@ -21,6 +21,8 @@ _PATH_PART = re.compile(r"\[(\d+)\]|([^.\[]+)")
 _METHOD_ONLY = {
     "lora": "LoRA options apply only to method: lora; remove the `lora` section or set method: lora",
     "deepspeed": "DeepSpeed/ZeRO options apply only to method: full (LoRA runs on one GPU, or data parallel, without ZeRO); remove the `deepspeed` section or set method: full",
+    "fsdp": "FSDP options apply only to method: full with engine: fsdp (LoRA runs data parallel); remove the `fsdp` section or set method: full",
+    "engine": "engine chooses how a full fine-tune trains (deepspeed or fsdp); remove it or set method: full",
 }
 
 
@@ -207,7 +209,10 @@ def dotted_path(path: tuple[Any, ...]) -> str:
 def problem_at(doc: LoadedDoc, path: tuple[Any, ...], msg: str) -> Problem:
     """A problem on field ``path`` of ``doc``, at its line and column (or at ``--set`` when an override set it)."""
     dotted = dotted_path(path)
-    if doc.is_overridden(path):
+    key = tuple(path)
+    # A section that only --set wrote (deepspeed.zero_stage=2 -> `deepspeed`) is the override's too.
+    set_inside = key not in doc.locations and any(tuple(o[:len(key)]) == key for o in doc.overridden)
+    if doc.is_overridden(path) or set_inside:
         return Problem("--set", None, None, dotted, msg)
     line, col = doc.locate(path)
     return Problem(doc.source, line, col, dotted, msg)

@@ -26,6 +26,7 @@ from pydantic import (
     PrivateAttr,
     TypeAdapter,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
@@ -265,7 +266,7 @@ class TrainingSpec(_Model):
     compile: bool = Field(
         False, description="Compile each decoder layer with torch.compile (regional compilation: one layer's "
         "graph serves them all): fuses the norms, activations, RoPE and LoRA's element-wise work. The first "
-        "steps pay the compilation (tens of seconds for an 8B model). LoRA and ZeRO stages 0-2; not with ZeRO-3.")
+        "steps pay the compilation (tens of seconds for an 8B model). LoRA, ZeRO stages 0-2 and FSDP; not with ZeRO-3.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision (CPU runs fall back to fp32).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
@@ -326,6 +327,13 @@ class DeepSpeedSpec(_Model):
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("nvme_path: nvme offload needs nvme_path (a fast local folder)")
         return self
+
+
+class FsdpSpec(_Model):
+    """PyTorch FSDP2 settings for full fine-tuning (`engine: fsdp`)."""
+
+    reshard_after_forward: bool = Field(True, description="Free each decoder layer's gathered parameters after its forward and gather them again in backward (ZeRO-3-like: least memory). `false` keeps them gathered from forward to backward (ZeRO-2-like: fewer all-gathers, a whole unsharded model's worth of parameters at the peak).")
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer state in host memory and step the optimizer on the CPU (torch's CPUOffloadPolicy): the least GPU memory, slower steps.")
 
 
 class ResourcesSpec(_Model):
@@ -701,23 +709,47 @@ class LoraJob(_JobBase):
 
     model_config = ConfigDict(defer_build=False)  # every job spec load validates with it
 
-    method: Literal["lora"] = Field(..., description="`lora` (adapters) or `full` (DeepSpeed full fine-tune).")
+    method: Literal["lora"] = Field(..., description="`lora` (adapters) or `full` (full fine-tune: DeepSpeed or FSDP2, see `engine`).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
 
 
 class FullJob(_JobBase):
-    """Full fine-tuning with DeepSpeed ZeRO, one or many nodes."""
+    """Full fine-tuning with DeepSpeed ZeRO or PyTorch FSDP2, one or many nodes."""
 
     model_config = ConfigDict(defer_build=False)  # every job spec load validates with it
 
-    method: Literal["full"] = Field(..., description="`lora` (adapters) or `full` (DeepSpeed full fine-tune).")
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    method: Literal["full"] = Field(..., description="`lora` (adapters) or `full` (full fine-tune: DeepSpeed or FSDP2, see `engine`).")
+    engine: Literal["deepspeed", "fsdp"] = Field("deepspeed", description="What trains the full model: `deepspeed` (ZeRO 0-3, settings in `deepspeed:`) or `fsdp` (PyTorch FSDP2's fully_shard, settings in `fsdp:`; resumes on another number of processes). docs/training.md compares them.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings (`engine: deepspeed`).")
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="FSDP2 settings (`engine: fsdp`).")
+
+    @model_validator(mode="after")
+    def _engine_section(self) -> FullJob:
+        # A section given for the other engine would be silently ignored: refuse it, as the
+        # discriminated union refuses a `lora` section on a full job (spec/problems.py).
+        given = self.model_fields_set
+        if self.engine == "fsdp" and "deepspeed" in given:
+            raise ValueError("deepspeed: DeepSpeed options apply only to engine: deepspeed; remove the `deepspeed` "
+                             "section or set engine: deepspeed")
+        if self.engine == "deepspeed" and "fsdp" in given:
+            raise ValueError("fsdp: FSDP options apply only to engine: fsdp; remove the `fsdp` section or set "
+                             "engine: fsdp")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_other_engine(self, handler: Any) -> Any:
+        # The dump (payloads, variants, pipelines' stages) is validated again: the section of the
+        # engine not in use is left out, so it does not read as given (_engine_section).
+        data = handler(self)
+        if isinstance(data, dict):
+            data.pop("fsdp" if self.engine == "deepspeed" else "deepspeed", None)
+        return data
 
     @model_validator(mode="after")
     def _compile_stage(self) -> FullJob:
-        if self.training.compile and self.deepspeed.zero_stage == 3:
+        if self.training.compile and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ValueError("training.compile: not supported with deepspeed.zero_stage 3 (its parameter gathers "
-                             "hook every module); use zero_stage 2 or compile: false")
+                             "hook every module); use zero_stage 2, engine: fsdp or compile: false")
         return self
 
 

@@ -31,6 +31,7 @@ ONE_SHAPE = "one array runs one shape; put variants that need a different one in
 FIXED: dict[str, str] = {
     "name": "a variant's job name is <name>-<variant>; rename the variant instead",
     "method": f"LoRA and full fine-tuning launch differently; {ONE_SHAPE}",
+    "engine": f"DeepSpeed and FSDP jobs launch differently; {ONE_SHAPE}",
     "backend": "all variants are submitted together, to one backend",
     "resources": f"every array task gets the same nodes, GPUs and time limit; {ONE_SHAPE}",
     "env": "the launch script sets one environment for every task; set env at the top level",

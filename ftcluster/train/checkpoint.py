@@ -14,6 +14,8 @@ Layout of one snapshot (a node-local folder, then ``{output.uri}/checkpoints/ste
                             "rng" (python, numpy, torch, cuda generators)}
     engine/                 PlainEngine: trainable.safetensors + optimizer.pt (rank 0)
                             DeepSpeedEngine: ds/ with every rank's ZeRO shards
+                            FsdpEngine: torch.distributed.checkpoint's __<rank>_0.distcp per rank,
+                            .metadata (rank 0) and scheduler.pt (rank 0)
     manifest.json           written by the store LAST: the checkpoint is committed only then
 
 Protocol (documented in docs/training.md):

@@ -179,7 +179,7 @@ class LocalBackend(Backend):
         python = spec.local.python or sys.executable
         fix = "set local.python to an interpreter with ftcluster[train]"
         try:
-            proc = subprocess.run([python, "-c", probe_code(r.nproc_per_node, spec.method)], capture_output=True,
+            proc = subprocess.run([python, "-c", probe_code(r.nproc_per_node, spec)], capture_output=True,
                                   text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return out + [Check("python", "fail", f"{python}: {exc}", fix)]

@@ -217,7 +217,7 @@ class SlurmPreflight:
     def probe_node(self) -> list[Check]:
         """One `srun -N1` on the partition running the probe with the job's setup and python."""
         s, spec = self.spec.slurm, self.spec
-        code = probe_code(spec.resources.nproc_per_node, spec.method)
+        code = probe_code(spec.resources.nproc_per_node, spec)
         argv, script = probe_command(spec, self.partition["PartitionName"], code)
         run = type(self.run)(login=self.run.login, timeout=max(self.run.timeout, 300))
         try:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...errors import FtclusterError
 from .. import speedups as speedup_rules
-from ..engines import ENGINES, engine_for
+from ..engines import ENGINES, engine_for, engine_for_method
 from ..facts import global_batch
 from ..speedups import Speedups
 from .data import DataEstimate, estimate_tokens, sequences
@@ -430,7 +430,6 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
 def set_flags(spec: Any, lay: Layout) -> list[str]:
     """``key=value`` overrides (``--set``) that turn ``spec``'s layout into ``lay``: only what differs,
     in spec order (method, resources, training, then the engine's section)."""
-    from ...spec.schema import DeepSpeedSpec
     from .layout import spec_value
 
     r, tr = spec.resources, spec.training
@@ -451,13 +450,22 @@ def set_flags(spec: Any, lay: Layout) -> list[str]:
         v = spec_value(lay.gradient_checkpointing)
         out.append(f"training.gradient_checkpointing={str(v).lower() if isinstance(v, bool) else f'{v:g}'}")
     if MEMORY_MODELS[lay.method].has_zero:
-        ds = getattr(spec, "deepspeed", None) or DeepSpeedSpec.model_validate({})
-        if lay.zero_stage != ds.zero_stage:
-            out.append(f"deepspeed.zero_stage={lay.zero_stage}")
-        for key, on in (("offload_optimizer", lay.offload_optimizer), ("offload_params", lay.offload_params)):
-            if on != (getattr(ds, key) != "none"):
-                out.append(f"deepspeed.{key}={'cpu' if on else 'none'}")
+        # The engine's own flags (deepspeed.* or fsdp.*); a LoRA spec moving to a full layout gets
+        # the default full engine's (DeepSpeed), on its default section.
+        recipe = engine_for(spec) if memory_model_of(spec) == lay.method else engine_for_method(lay.method)
+        target = spec if hasattr(spec, recipe.section or "") else _default_full(spec)
+        if recipe.layout_flags is not None:
+            out += recipe.layout_flags(target, lay)
     return out
+
+
+def _default_full(spec: Any) -> Any:
+    """An object with the default DeepSpeed section, for a LoRA spec's advice towards a full layout."""
+    from types import SimpleNamespace
+
+    from ...spec.schema import DeepSpeedSpec
+
+    return SimpleNamespace(deepspeed=DeepSpeedSpec.model_validate({}))
 
 
 def flags_text(flags: list[str]) -> str:

@@ -4,8 +4,9 @@
 kind, artifacts, what it adds to the payload); the recipe's ``builder`` names the module here
 (``ftcluster.train.engines.<name>``) whose ``build(inputs: EngineInputs) -> (engine, keep_alive)``
 constructs it. :mod:`.base` holds what they share (the :class:`~.base.Engine` protocol, the
-learning-rate schedule, the token cross entropy); :mod:`.lora` and :mod:`.deepspeed` are the two
-engines. Adding one is a module here plus one ``register`` call in ``plan/engines.py``.
+learning-rate schedule, the token cross entropy); :mod:`.lora`, :mod:`.deepspeed` and :mod:`.fsdp`
+are the engines (the last two train ``method: full``, chosen by the spec's ``engine``). Adding one
+is a module here plus one ``register`` call in ``plan/engines.py``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ schedule and the token cross entropy.
 An engine is a module under ``ftcluster/train/engines/`` named after its torch-free recipe in
 :mod:`ftcluster.plan.engines`, with a ``build(inputs) -> (engine, keep_alive)`` function
 (:func:`ftcluster.train.engines.build_engine` imports it): :mod:`.lora` (``PlainEngine``: LoRA or
-any small trainable subset, torch AdamW, DDP across processes) and :mod:`.deepspeed`
-(``DeepSpeedEngine``: full fine-tuning with DeepSpeed ZeRO 0-3). The loop never knows which one
-it drives.
+any small trainable subset, torch AdamW, DDP across processes), :mod:`.deepspeed`
+(``DeepSpeedEngine``: full fine-tuning with DeepSpeed ZeRO 0-3) and :mod:`.fsdp` (``FsdpEngine``:
+full fine-tuning with PyTorch FSDP2). The loop never knows which one it drives.
 
 Each takes one optimizer step from a list of micro-batches (:meth:`Engine.train_step`), measures
 loss (:meth:`Engine.eval_sums`), snapshots/restores its state to/from a local folder
@@ -33,7 +33,7 @@ log = logging.getLogger("ftcluster.train")
 
 
 class Engine(Protocol):
-    """What the loop, the checkpoint manager and the exports call; a new engine (e.g. FSDP2) implements it."""
+    """What the loop, the checkpoint manager and the exports call; every engine implements it."""
 
     kind: str  # its recipe's checkpoint_kind, recorded in checkpoints: a checkpoint resumes only into the same kind
     module: Any  # the underlying Hugging Face model (its config fingerprints checkpoints)

@@ -226,3 +226,44 @@ def test_a_backend_is_handed_the_plan_and_compiles_nothing_again(calls, example,
     again = b.submit_dryrun(plan, run_id=req.run_id)
     assert again.files == req.files
     assert not +calls, calls  # nothing computed again: every fact comes from the plan
+
+
+def _fsdp(**fsdp: Any):
+    """examples/full-slurm-2node.yaml with engine: fsdp in place of its deepspeed section."""
+    text = FULL.split("deepspeed:\n", 1)
+    rest = text[1].split("\n", 1)[1]  # the section's single line (zero_stage: 3) goes with it
+    section = "".join(f"  {k}: {str(v).lower()}\n" for k, v in fsdp.items())
+    return _full(text[0] + "engine: fsdp\n" + (f"fsdp:\n{section}" if section else "") + rest)
+
+
+def test_an_fsdp_job_gets_its_recipe_and_no_deepspeed_anywhere():
+    """engine: fsdp picks the fsdp recipe; the plan, the payload, the launch files and the doctor's
+    probe carry nothing of DeepSpeed (no config, no module to find)."""
+    from ftcluster.preflight.checks import probe_code
+
+    spec = _fsdp()
+    assert engines.engine_for(spec).name == "fsdp" and engines.engine_for(_full()).name == "deepspeed"
+    plan = launch.compile_plan(spec)
+    assert plan.engine == "fsdp" and plan.deepspeed is None and plan.artifacts == ("final",)
+    import json
+
+    payload = json.loads(plan.payload_json())
+    assert payload["deepspeed"] is None and payload["spec"]["engine"] == "fsdp"
+    assert "deepspeed" not in payload["spec"] and payload["spec"]["fsdp"] == {"reshard_after_forward": True,
+                                                                              "cpu_offload": False}
+    script = "\n".join(str(f) for f in render(spec, target="slurm").values())
+    assert "cpt-llama-8b: FSDP2 full fine-tune, 2 node(s)" in script
+    assert "zero_stage" not in script and "DeepSpeed" not in script.replace("DeepSpeed config every rank", "")
+    assert "'deepspeed'" not in probe_code(8, spec) and "'deepspeed'" in probe_code(8, _full())
+    assert plan.speedups.zero3_keep is False and launch.compile_plan(_full()).speedups.zero3_keep is True
+
+
+def test_the_planner_models_fsdp_as_the_zero_stage_it_matches_and_advises_fsdp_flags():
+    spec = _fsdp()
+    lay = advise.requested_layout(spec, "h200")
+    assert (lay.method, lay.zero_stage, lay.offload_optimizer, lay.offload_params) == ("full", 3, False, False)
+    lay2 = advise.requested_layout(_fsdp(reshard_after_forward=False, cpu_offload=True), "h200")
+    assert (lay2.zero_stage, lay2.offload_optimizer, lay2.offload_params) == (2, True, False)
+    flags = advise.set_flags(spec, lay2)
+    assert flags == ["fsdp.reshard_after_forward=false", "fsdp.cpu_offload=true"]
+    assert advise.set_flags(_full(), lay2) == ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"]

@@ -194,3 +194,30 @@ def test_the_continual_pretraining_options_refuse_wrong_values_in_one_located_li
     (msg,) = problems(GOOD.replace("  seq_len: 128\n", "  seq_len: 128\n  prepare: {source: raw}\n"), tmp_path)
     assert msg.startswith(f"{path}:") and "a prepared (streamed) corpus is plain text" in msg \
         and "set data.format: text" in msg
+
+
+FULL = GOOD.replace("method: lora", "method: full")
+
+
+def test_engine_sections_of_the_other_engine_are_one_located_line(tmp_path):
+    """engine: fsdp with a deepspeed section (or the default engine with an fsdp section) is refused at
+    the section's line, naming both ways out; the section of the engine in use loads."""
+    (msg,) = problems(FULL + "engine: fsdp\ndeepspeed:\n  zero_stage: 2\n", tmp_path)
+    assert msg.split(f"{tmp_path}/")[1] == ("job.yaml:11:1: deepspeed: DeepSpeed options apply only to engine: "
+                                            "deepspeed; remove the `deepspeed` section or set engine: deepspeed")
+    (msg,) = problems(FULL + "fsdp:\n  cpu_offload: true\n", tmp_path)
+    assert msg.split(f"{tmp_path}/")[1] == ("job.yaml:10:1: fsdp: FSDP options apply only to engine: fsdp; "
+                                            "remove the `fsdp` section or set engine: fsdp")
+    (msg,) = problems(FULL + "engine: fsdp\n", tmp_path, overrides=["deepspeed.zero_stage=2"])
+    assert msg == "--set: deepspeed: DeepSpeed options apply only to engine: deepspeed; remove the `deepspeed` " \
+                  "section or set engine: deepspeed"
+    (msg,) = problems(FULL + "engine: fsdp2\n", tmp_path)
+    assert ":10:1: engine: expected one of deepspeed, fsdp (got 'fsdp2'); did you mean 'fsdp'?" in msg
+    (msg,) = problems(GOOD + "engine: fsdp\n", tmp_path)
+    assert ":10:1: engine:" in msg and "set method: full" in msg
+    (msg,) = problems(FULL + "engine: fsdp\nfsdp:\n  reshard: false\n", tmp_path)
+    assert ":12:3: fsdp.reshard: unknown field 'reshard'; valid fields: cpu_offload, reshard_after_forward" in msg
+    spec = load_spec_text(FULL + "engine: fsdp\nfsdp:\n  reshard_after_forward: false\ntraining: {compile: true}\n",
+                          "ok.yaml")
+    assert spec.engine == "fsdp" and not spec.fsdp.reshard_after_forward and spec.training.compile
+    assert load_spec_text(FULL + "deepspeed: {zero_stage: 2}\n", "ok.yaml").engine == "deepspeed"

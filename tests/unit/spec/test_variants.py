@@ -239,3 +239,18 @@ def test_local_backend_stops_at_the_first_failed_variant(tmp_path):
     assert [(t["name"], t["state"]) for t in st["tasks"]] == [("r2", "SUCCEEDED"), ("r4", "FAILED"), ("r8", "CANCELLED")]
     table = _ftc("status", res.stdout.split()[1], env=env).stdout
     assert "  r4" in table and "exit code 3" in table
+
+
+def test_variants_cannot_change_the_full_engine(tmp_path):
+    """DeepSpeed and FSDP jobs launch differently (a DeepSpeed config, the doctor's probe): one array, one engine.
+    A variant may set the fields of the engine in use, not the other engine's."""
+    full = BASE.replace("method: lora", "method: full") + "engine: fsdp\n"
+    msgs = problems(full + "variants:\n  - name: ds\n    set: {engine: deepspeed}\n", tmp_path)
+    assert msgs == ["job.yaml:13:11: variants[0].set.engine: cannot vary within one array: DeepSpeed and FSDP jobs "
+                    "launch differently; one array runs one shape; put variants that need a different one in a "
+                    "separate job spec"]
+    msgs = problems(full + "variants:\n  - name: z2\n    set: {deepspeed.zero_stage: 2}\n", tmp_path)
+    assert len(msgs) == 1 and "deepspeed: DeepSpeed options apply only to engine: deepspeed" in msgs[0]
+    spec = load_spec_text(full + "variants:\n  - name: keep\n    set: {fsdp.reshard_after_forward: false}\n", "v.yaml")
+    (keep,) = resolve_variants(spec)
+    assert keep.engine == "fsdp" and keep.fsdp.reshard_after_forward is False

@@ -61,8 +61,9 @@ def test_each_registered_recipe_has_a_builder_whose_engine_writes_its_checkpoint
     assert classes[0].kind == recipe.checkpoint_kind
 
 
-def test_the_two_engines_keep_the_kinds_existing_checkpoints_record():
-    assert {r.name: r.checkpoint_kind for r in ENGINES.values()} == {"lora": "plain", "deepspeed": "deepspeed"}
+def test_the_engines_keep_the_kinds_existing_checkpoints_record():
+    assert {r.name: r.checkpoint_kind for r in ENGINES.values()} == {"lora": "plain", "deepspeed": "deepspeed",
+                                                                     "fsdp": "fsdp"}
 
 
 def test_build_engine_builds_the_lora_engine_from_its_recipe():

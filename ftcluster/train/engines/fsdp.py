@@ -1,0 +1,279 @@
+"""The FSDP2 engine: :class:`FsdpEngine` (full fine-tuning with PyTorch's ``fully_shard``: every
+decoder layer and the root sharded over all processes, torch AdamW over the sharded parameters,
+torch.distributed.checkpoint for resumable state) and its ``build``. Recipe: ``fsdp`` in
+:mod:`ftcluster.plan.engines` (checkpoint kind "fsdp").
+
+The wrapping follows torchtitan's ``parallelize_llama`` (torchtitan/models/llama3/infra/parallelize.py,
+``apply_fsdp``): regional ``torch.compile`` on each block first, then ``fully_shard`` per decoder
+layer and once at the root (embeddings, final norm, output layer: a tied output layer stays in the
+root group with the embedding it shares), a ``MixedPrecisionPolicy`` that computes in the spec's
+precision and reduces gradients in fp32, and an optional ``CPUOffloadPolicy``.
+
+Checkpoints are DCP's (torch.distributed.checkpoint): every rank writes its own
+``__<rank>_<n>.distcp`` file(s) into the folder the checkpoint manager gives it and the coordinator
+(rank 0) writes ``.metadata``. On several nodes each node's folder holds its ranks' files (rank 0's
+adds the metadata); the manager uploads every node's part into one step folder, and a resume
+downloads the whole merged folder on every node, which is the layout ``dcp.load`` reads. DCP
+reshards on load, so a checkpoint resumes on any number of processes (``resharding = "self"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ...errors import TrainError
+from ...plan.engines import ENGINES
+from ..asyncsave import CheckpointWriter
+from . import base  # base.token_ce_sum through the module: a probe may wrap it (benchmarks/ds_probe.py)
+from .base import EngineInputs, LrLambda, model_flags
+
+log = logging.getLogger("ftcluster.train")
+
+RECIPE = ENGINES["fsdp"]
+SCHEDULER = "scheduler.pt"  # the LR schedule's state, beside DCP's files (rank 0)
+
+
+def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
+    """The model sharded with FSDP2 (compiled layers when ``training.compile``); nothing to keep alive."""
+    import torch
+
+    from .. import model as M
+
+    spec, ctx = inputs.spec, inputs.ctx
+    # fp32 parameters: they are the optimizer's master weights (DeepSpeed keeps an fp32 copy of the
+    # bf16 module; FSDP2 shards the fp32 parameters and casts to param_dtype for compute). The
+    # whole model is built on the device before it is sharded (meta-device init is a later step).
+    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, ctx.device, inputs.cache_dir)
+    if spec.training.compile:
+        M.compile_layers(model)  # before fully_shard, per block, as torchtitan's apply_compile
+    shard_model(model, spec.fsdp, inputs.dtype, ctx)
+    return FsdpEngine(model, spec, ctx, inputs.total_steps), None
+
+
+def shard_model(model: Any, fsdp: Any, dtype: Any, ctx: Any) -> int:
+    """``fully_shard`` each decoder layer, then the root (collective); returns the number of layers."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from .. import model as M
+
+    mesh = _mesh(ctx)
+    # reduce_dtype fp32: gradients are summed in full precision whatever the compute dtype
+    # (torchtitan's default mixed_precision_reduce = float32).
+    kw: dict[str, Any] = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+    if fsdp.cpu_offload and ctx.device.type == "cuda":
+        kw["offload_policy"] = CPUOffloadPolicy()
+    elif fsdp.cpu_offload:  # CPUOffloadPolicy needs an accelerator to move the shards to and from
+        log.info("fsdp.cpu_offload: running on CPU, where the sharded state is in host memory already")
+    layers = M.decoder_layers(model)
+    if not layers:
+        raise TrainError("engine: fsdp shards per decoder layer, and this model has none that transformers marks "
+                         "(GradientCheckpointingLayer); use engine: deepspeed")
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are gathered again at once by backward: resharding them after
+        # forward only costs an all-gather (torchtitan's parallelize_llama does the same).
+        reshard = fsdp.reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    fully_shard(model, reshard_after_forward=fsdp.reshard_after_forward, **kw)
+    return len(layers)
+
+
+def _mesh(ctx: Any) -> Any:
+    """A 1-D device mesh over every process (FSDP's data-parallel dimension)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not torch.distributed.is_initialized():  # one process without torchrun's environment
+        raise TrainError("engine: fsdp needs torch.distributed; start the run with ftcluster (torchrun)")
+    return init_device_mesh(ctx.device.type, (ctx.world_size,))
+
+
+class FsdpEngine:
+    """Full fine-tuning with FSDP2; the model's parameters are DTensors sharded over all ranks."""
+
+    kind = RECIPE.checkpoint_kind  # "fsdp"
+    resharding = "self"  # torch.distributed.checkpoint reshards on load (checkpoint.py)
+
+    def __init__(self, model: Any, spec: Any, ctx: Any, total_steps: int):
+        import torch
+        import torch.distributed as dist
+
+        tr = spec.training
+        self.module = model
+        self.device = ctx.device
+        self.world_size = ctx.world_size
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        offload = spec.fsdp.cpu_offload and self.device.type == "cuda"
+        # fused: one kernel over the shards on GPU; with CPU offload the step runs on the host.
+        self.optimizer = torch.optim.AdamW(self.params, lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
+                                           weight_decay=tr.weight_decay,
+                                           fused=self.device.type == "cuda" and not offload)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LrLambda(tr.lr_schedule, tr.warmup_steps, total_steps))
+        self.max_grad_norm = tr.max_grad_norm
+        self.fused_ce, self.varlen = model_flags(model)
+        self.offload = offload
+        # DCP's collectives run on a gloo group of their own: an asynchronous save plans and writes
+        # on a background thread while training uses the default group (torchtitan's checkpointer
+        # does the same: components/checkpoint.py, "pg = dist.new_group(backend='gloo')").
+        self.ckpt_group = dist.new_group(backend="gloo")
+        self._pending: Any = None  # the last asynchronous DCP save's future
+        self._stager: Any = None  # DCP's stager, kept: it reuses its (pinned) host copies from one save to the next
+
+    # ------------------------------------------------------------------ step
+    @property
+    def grad_accum_scale(self) -> int:
+        """FSDP's reduce-scatter averages gradients over ranks: the loop multiplies the loss scale by this."""
+        return self.world_size
+
+    def train_step(self, micro_batches: list[dict[str, Any]], scale: float):
+        """One optimizer step; gradients are reduced only after the last micro-batch."""
+        import torch
+
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            # No reduce-scatter on the accumulation micro-batches: the unsharded gradients add up
+            # locally (torch docs, FSDPModule.set_requires_gradient_sync).
+            self.module.set_requires_gradient_sync(i == n - 1)
+            ce, _ = base.token_ce_sum(self.module, mb, self.device, fused=self.fused_ce, varlen=self.varlen)
+            (ce * scale).backward()
+            total += ce.detach()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def _clip(self) -> Any:
+        """Clip to ``training.max_grad_norm`` (0: only measure), over the sharded gradients' global
+        norm, as torchtitan's ``clip_grad_norm_`` (torchtitan/distributed/utils.py): the DTensor
+        norm is made whole before the clip."""
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+        return norm.detach()
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def eval_sums(self, batch: dict[str, Any]):
+        import torch
+
+        self.module.eval()
+        with torch.no_grad():
+            ce, n = base.token_ce_sum(self.module, batch, self.device, varlen=self.varlen)
+        self.module.train()
+        return ce, n
+
+    # ------------------------------------------------------------------ state
+    def checkpoint_bytes(self, rank: int) -> int:
+        """0: nothing for the checkpoint writer to pin ahead. DCP's stager copies the shards (12 bytes
+        a parameter over the ranks: fp32 weights and two Adam moments) into host buffers of its own,
+        pinned at the first save and reused after (:meth:`save`); an arena reserved by the writer
+        would sit unused beside them."""
+        return 0
+
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """Every rank writes its shards with DCP (collective); rank 0 adds the LR schedule.
+
+        A deferring ``writer``: ``dcp.async_save`` stages the shards into host memory here (DCP's
+        stager copies every tensor, so training may go on changing them) and plans and writes on
+        DCP's thread over :attr:`ckpt_group`; the writer's thread waits for it before this rank's
+        "written" marker, so the manager commits only complete folders, as with DeepSpeed.
+        """
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        writer = writer or CheckpointWriter(deferred=False)
+        self._wait_pending()
+        state = self._state()
+        if writer.deferred:
+            fut = dcp.async_save(state, checkpoint_id=str(folder), process_group=self.ckpt_group,
+                                 async_stager=self._staging())
+            upload = getattr(fut, "upload_completion", fut)  # an AsyncSaveResponse with async staging
+            self._pending = upload
+            writer.write("engine/dcp", upload.result)
+        else:
+            dcp.save(state, checkpoint_id=str(folder), process_group=self.ckpt_group)
+        if rank == 0:
+            sched = writer.capture(self.scheduler.state_dict())
+            writer.write(SCHEDULER, lambda: torch.save(sched, folder / SCHEDULER))
+
+    def _staging(self) -> Any:
+        """DCP's stager for this run: copies on the training thread (``async_save`` returns once the
+        state is in host memory), pinned and non-blocking from a GPU. One stager for the whole run:
+        it keeps a host copy per source storage and refills it at the next save, as the checkpoint
+        writer reuses its buffers (one save in flight: :meth:`_wait_pending`)."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def _wait_pending(self) -> None:
+        """One DCP save in flight (the manager waits for the writer first; this is belt and braces)."""
+        if self._pending is not None:
+            self._pending.exception()
+            self._pending = None
+
+    def load(self, folder: Path) -> None:
+        """Read a DCP checkpoint of any number of processes into this run's shards (collective)."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (folder / ".metadata").is_file():
+            raise TrainError(f"{folder}: no torch.distributed.checkpoint metadata; the checkpoint was written by "
+                             "another engine or is incomplete; use a new output.uri")
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(folder), process_group=self.ckpt_group)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER, map_location="cpu", weights_only=False))
+
+    # ------------------------------------------------------------------ export
+    def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
+        """A consolidated Hugging Face model (safetensors) written by rank 0 (collective: the full
+        state dict is gathered to rank 0's host memory, shard by shard)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return
+        self.module.save_pretrained(str(folder), state_dict=full, safe_serialization=True, max_shard_size="5GB")
+        _plain_architecture(folder, self.module)
+
+    def export_merged(self, folder: Path, rank: int) -> None:  # pragma: no cover - not a LoRA engine
+        raise NotImplementedError
+
+
+def _plain_architecture(folder: Path, model: Any) -> None:
+    """``config.json`` names the model's own class: fully_shard swapped it for ``FSDP<Class>``, and
+    ``save_pretrained`` records the class it sees (serving engines such as vLLM read that name)."""
+    import json
+
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["architectures"] = [plain.__name__]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
