@@ -258,6 +258,8 @@ def spec_dict(c: dict, data: Path, out: Path, steps: int, overrides: dict) -> di
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     else:
         spec["deepspeed"] = {"zero_stage": c["stage"]}
+    if overrides.get("engine", "deepspeed") != "deepspeed":
+        spec.pop("deepspeed", None)  # another engine's section would be refused
     for dotted, value in overrides.items():
         node = spec
         *path, last = dotted.split(".")
