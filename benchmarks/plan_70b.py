@@ -26,9 +26,24 @@ from ftcluster.plan.planner.advise import Evaluator, requested_layout, workload_
 from ftcluster.plan.planner.gpus import load_gpus  # noqa: E402
 from ftcluster.plan.planner.layout import checkpointing_label  # noqa: E402
 from ftcluster.plan.planner.shape import spec_shape  # noqa: E402
-from ftcluster.spec.loader import load_spec  # noqa: E402
+from ftcluster.spec.loader import load_spec, load_spec_text  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "full-70b-slurm.yaml"
+ENGINES = ("deepspeed", "fsdp")
+
+
+def load(engine: str, overrides: list[str]):
+    """The example's spec on ``engine``: the FSDP2 one without the deepspeed section (each engine has its own)."""
+    if engine == "deepspeed":
+        return load_spec(EXAMPLE, overrides=overrides)
+    import json
+
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc.pop("deepspeed", None)
+    doc["engine"] = "fsdp"
+    return load_spec_text(json.dumps(doc), str(EXAMPLE), overrides=overrides)
 GPUS = ("a100-80g", "h100", "h200")
 NODES = (1, 2, 4)
 GiB = 2**30
@@ -38,6 +53,8 @@ def how(o) -> str:
     lay = o.layout
     off = "+offload(" + ",".join(n for n, on in (("opt", lay.offload_optimizer), ("params", lay.offload_params))
                                  if on) + ")" if lay.offload_optimizer or lay.offload_params else ""
+    if lay.engine == "fsdp":  # FSDP2 as the planner models it: resharding after forward is ZeRO-3's memory
+        return ("FSDP2" if lay.zero_stage == 3 else "FSDP2 no-reshard") + ("+cpu-offload" if off else "")
     return f"ZeRO-{lay.zero_stage}{off}"
 
 
@@ -62,35 +79,41 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true")
     ap.parse_args()
-    print("| GPU | nodes | what | ZeRO | mb x acc | ckpt | GiB/GPU | step s | tok/s/GPU | $/1M tok | fits |")
+    print("| GPU | nodes | what | layout | mb x acc | ckpt | GiB/GPU | step s | tok/s/GPU | $/1M tok | fits |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for gpu in GPUS:
         for nodes in NODES:
-            spec = load_spec(EXAMPLE, overrides=[f"resources.gpu_type={gpu}", f"resources.nodes={nodes}"])
-            ev, launch = evaluator(spec, gpu)
-            req = requested_layout(spec, gpu, launch.recipe.planner_model)
-            opts = [o for o in ev.options("full", req) if o.layout.nodes == nodes and o.layout.gpus_per_node == 8]
-            fitting = [o for o in opts if o.fits]
-            if fitting:
-                print(row(gpu, nodes, min(fitting, key=lambda o: o.step_time_s), "**fastest that fits**"))
-            else:
-                print(f"| {gpu} | {nodes}x8 | **nothing fits** | | | | | | | | |")
-            for stage in (0, 1, 2, 3):
-                same = [o for o in opts if o.layout.zero_stage == stage]
-                fit = [o for o in same if o.fits]
-                best = min(fit, key=lambda o: o.step_time_s) if fit else min(same, key=lambda o: o.memory.total)
-                print(row(gpu, nodes, best, f"best ZeRO-{stage}" if fit else f"ZeRO-{stage}, smallest"))
+            for engine in ENGINES:
+                spec = load(engine, [f"resources.gpu_type={gpu}", f"resources.nodes={nodes}"])
+                ev, launch = evaluator(spec, gpu)
+                req = requested_layout(spec, gpu, launch.recipe.planner_model)
+                opts = [o for o in ev.options("full", req) if o.layout.nodes == nodes and o.layout.gpus_per_node == 8]
+                if engine == "fsdp":  # FSDP2 has two layouts: resharding after forward (ZeRO-3's memory) or not
+                    opts = [o for o in opts if o.layout.zero_stage in (2, 3)]
+                fitting = [o for o in opts if o.fits]
+                if fitting:
+                    print(row(gpu, nodes, min(fitting, key=lambda o: o.step_time_s), f"**{engine}: fastest**"))
+                else:
+                    print(f"| {gpu} | {nodes}x8 | **{engine}: nothing fits** | | | | | | | | |")
+                if engine == "fsdp":
+                    continue
+                for stage in (0, 1, 2):
+                    same = [o for o in opts if o.layout.zero_stage == stage]
+                    fit = [o for o in same if o.fits]
+                    best = min(fit, key=lambda o: o.step_time_s) if fit else min(same, key=lambda o: o.memory.total)
+                    print(row(gpu, nodes, best, f"best ZeRO-{stage}" if fit else f"ZeRO-{stage}, smallest"))
     # Beside torchtitan's published run: 64 A100, local batch 1, seq 8192, full AC (their FSDP2; here ZeRO-3).
-    spec = load_spec(EXAMPLE, overrides=["resources.gpu_type=a100-80g", "resources.nodes=8", "data.seq_len=8192",
-                                         "training.micro_batch_size=1", "training.gradient_accumulation_steps=1",
-                                         "training.gradient_checkpointing=true",
-                                         "model.attn_implementation=flash_attention_2"])
-    ev, launch = evaluator(spec, "a100-80g")
-    o = ev.evaluate(requested_layout(spec, "a100-80g", launch.recipe.planner_model))
     print()
-    print(f"torchtitan, Llama 3 70B, 64 A100-80GB, FSDP2, mb 1, seq 8192, full AC: 331 tok/s/GPU, 24.7 s/step "
-          f"(published); planner for DeepSpeed ZeRO-3 in that layout: {o.step_time_s:.1f} s/step, "
-          f"{o.tokens_per_step / o.step_time_s / 64:,.0f} tok/s/GPU, {o.memory.total / GiB:.1f} GiB/GPU")
+    print("torchtitan, Llama 3 70B, 64 A100-80GB, FSDP2, mb 1, seq 8192, full AC: 331 tok/s/GPU, 24.7 s/step "
+          "(published); the planner in that layout:")
+    for engine in ENGINES:
+        spec = load(engine, ["resources.gpu_type=a100-80g", "resources.nodes=8", "data.seq_len=8192",
+                             "training.micro_batch_size=1", "training.gradient_accumulation_steps=1",
+                             "training.gradient_checkpointing=true", "model.attn_implementation=flash_attention_2"])
+        ev, launch = evaluator(spec, "a100-80g")
+        o = ev.evaluate(requested_layout(spec, "a100-80g", launch.recipe.planner_model))
+        print(f"  {engine}: {o.step_time_s:.1f} s/step, {o.tokens_per_step / o.step_time_s / 64:,.0f} tok/s/GPU, "
+              f"{o.memory.total / GiB:.1f} GiB/GPU")
     return 0
 
 

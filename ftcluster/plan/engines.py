@@ -120,7 +120,7 @@ def _fsdp_planner(spec: Any) -> dict[str, Any]:
     # gradients and optimizer state to the host (ZeRO-3's parameter and optimizer offload).
     f = spec.fsdp
     return {"zero_stage": 3 if f.reshard_after_forward else 2, "offload_optimizer": f.cpu_offload,
-            "offload_params": f.cpu_offload and f.reshard_after_forward, "overlap_comm": True}
+            "offload_params": f.cpu_offload and f.reshard_after_forward, "overlap_comm": True, "engine": "fsdp"}
 
 
 def _fsdp_flags(spec: Any, layout: Any) -> list[str]:

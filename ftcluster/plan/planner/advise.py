@@ -243,7 +243,8 @@ class Evaluator:
                 accum = max(1, round(gb / (mb * world)))
                 for ckpt in (True, False):
                     for stage, off_o, off_p in zero:
-                        out.append(Layout(method, nodes, gpn, mb, accum, ckpt, stage, off_o, off_p, self.gpu.name))
+                        out.append(Layout(method, nodes, gpn, mb, accum, ckpt, stage, off_o, off_p, self.gpu.name,
+                                          req.engine if method == req.method else "deepspeed"))
         return out
 
 

@@ -52,6 +52,7 @@ class Layout:
     offload_optimizer: bool = False
     offload_params: bool = False
     gpu: str = "h200"
+    engine: str = "deepspeed"  # full only: which engine moves the shards (speed.zero3_gbps): deepspeed | fsdp
 
     @property
     def world(self) -> int:

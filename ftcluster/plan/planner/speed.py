@@ -105,8 +105,14 @@ def _bus_gbps(gpu: Gpu, lay: Layout) -> float:
 def zero3_gbps(gpu: Gpu, lay: Layout) -> float:
     """GB/s per GPU at which ZeRO-3 moves the weights and gradients: the network (the NVLink bus in
     a node, the slower inter-node link across nodes) at NCCL_BUS_EFFICIENCY, in series with
-    DeepSpeed's own gather path (ZERO3_ENGINE_GBPS)."""
+    DeepSpeed's own gather path (ZERO3_ENGINE_GBPS). FSDP2 gathers each layer's parameters with one
+    all-gather into a buffer it allocates once, and copies in and out with fused kernels at HBM
+    speed (torch's FSDP2 design notes; torchtitan's 70B runs are compute-bound at 51.7 % MFU on 64
+    A100), so it is modelled at the network's rate alone: an assumption until measured on several
+    GPUs (docs/planner.md, Limits)."""
     net = _bus_gbps(gpu, lay) * NCCL_BUS_EFFICIENCY
+    if lay.engine == "fsdp":
+        return net
     return 1.0 / (1.0 / net + 1.0 / ZERO3_ENGINE_GBPS)
 
 
@@ -144,7 +150,9 @@ def zero3_gather_seconds(w: Workload, lay: Layout, keep: bool = False) -> float:
     plain path: ZeRO-3 0.323 s against ZeRO-2 0.325 s)."""
     if lay.method != "full" or (lay.zero_stage or 0) != 3 or lay.world == 1:
         return 0.0
-    modules = MODULES_PER_LAYER * w.shape.num_hidden_layers + 2
+    # FSDP2 (fully_shard per decoder layer and at the root) gathers a layer's parameters at once.
+    per_layer = 1 if lay.engine == "fsdp" else MODULES_PER_LAYER
+    modules = per_layer * w.shape.num_hidden_layers + 2
     return (1 if keep else 2) * modules * ZERO3_GATHER_LATENCY_S
 
 

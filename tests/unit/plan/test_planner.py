@@ -510,3 +510,34 @@ def test_zero3_collectives_pass_the_network_and_deepspeeds_path_in_series():
     net = INTER_NODE_GBPS * speed.NCCL_BUS_EFFICIENCY
     assert speed.zero3_gbps(h200, two) < min(net, speed.ZERO3_ENGINE_GBPS)
     assert speed.zero3_gbps(h200, two) > 4 * 0.08 * INTER_NODE_GBPS
+
+
+def test_fsdp2_is_planned_at_the_networks_rate_and_gathers_per_layer():
+    """An fsdp job's layouts carry the engine: its collectives skip DeepSpeed's gather path, and it gathers once
+    per decoder layer, not per module; its plan is at most as slow as the same layout on DeepSpeed."""
+    import json
+
+    import yaml
+
+    from ftcluster.plan.planner import speed
+    from ftcluster.plan.planner.advise import build_plan, workload_of
+    from ftcluster.plan.planner.gpus import load_gpus
+    from ftcluster.spec.loader import load_spec_text
+
+    doc = yaml.safe_load((ROOT / "examples" / "full-70b-slurm.yaml").read_text())
+    ds = build_plan(load_spec_text(json.dumps(doc), "ds"), network=False)
+    doc.pop("deepspeed")
+    doc["engine"] = "fsdp"
+    fs_spec = load_spec_text(json.dumps(doc), "fsdp")
+    fs = build_plan(fs_spec, network=False)
+    assert fs.requested.layout.engine == "fsdp" and ds.requested.layout.engine == "deepspeed"
+    assert fs.requested.memory.total == ds.requested.memory.total  # ZeRO-3's memory when it reshards
+    assert fs.requested.step_time_s < ds.requested.step_time_s
+    h200 = load_gpus()["h200"]
+    lay = fs.requested.layout
+    assert speed.zero3_gbps(h200, lay) == pytest.approx(45.0 * speed.NCCL_BUS_EFFICIENCY)
+    w = workload_of(fs_spec, fs.shape)
+    assert speed.zero3_gather_seconds(w, lay) == pytest.approx(2 * (fs.shape.num_hidden_layers + 2)
+                                                               * speed.ZERO3_GATHER_LATENCY_S)
+    assert speed.zero3_gather_seconds(w, lay.with_(engine="deepspeed")) == pytest.approx(
+        2 * (speed.MODULES_PER_LAYER * fs.shape.num_hidden_layers + 2) * speed.ZERO3_GATHER_LATENCY_S)
