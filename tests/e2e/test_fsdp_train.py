@@ -117,6 +117,24 @@ def test_fsdp_two_processes_export_a_consolidated_model(reference, cache_dir):
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "scheduler.pt"} <= {p.name for p in ckpt.iterdir()}
 
 
+def test_fsdp_tied_embeddings_export_one_shared_matrix(tmp_path, cache_dir):
+    """A tied output layer stays in the root FSDP group with its embedding (Llama-3.2-1B's shape ties
+    them): the export is a tied model again, and it is the one that gave the reported eval loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, spec_file = tmp_path / "out", fsdp_spec_file(tmp_path)
+    sets = [f"output.uri={out.as_uri()}", "training.max_steps=4", "output.checkpoint_every_steps=2",
+            "model.random_init.tie_word_embeddings=true"]
+    rc, log = finish(launch(write_payload(tmp_path, "tied", sets, base=spec_file), 2, cache_dir, tmp_path))
+    assert rc == 0, log[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    got = eval_loss_of(model, load_spec(spec_file, overrides=sets), tok)
+    assert got == pytest.approx(records(out, "summary")[0]["eval_loss"], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- (b) the same losses as ZeRO-2 and 1 process
 
 
