@@ -53,9 +53,7 @@ def how(o) -> str:
     lay = o.layout
     off = "+offload(" + ",".join(n for n, on in (("opt", lay.offload_optimizer), ("params", lay.offload_params))
                                  if on) + ")" if lay.offload_optimizer or lay.offload_params else ""
-    if lay.engine == "fsdp":  # FSDP2 as the planner models it: resharding after forward is ZeRO-3's memory
-        return ("FSDP2" if lay.zero_stage == 3 else "FSDP2 no-reshard") + ("+cpu-offload" if off else "")
-    return f"ZeRO-{lay.zero_stage}{off}"
+    return lay.engine_label() + ("+cpu-offload" if off and lay.engine == "fsdp" else off if off else "")
 
 
 def row(gpu: str, nodes: int, o, label: str) -> str:

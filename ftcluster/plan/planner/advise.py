@@ -233,6 +233,8 @@ class Evaluator:
         if (req.nodes, req.gpus_per_node) not in worlds:
             worlds.append((req.nodes, req.gpus_per_node))
         zero = MEMORY_MODELS[method].zero_choices
+        if method == req.method and req.engine == "fsdp":  # FSDP2 shards everything: ZeRO-3 or ZeRO-2's memory
+            zero = tuple(z for z in zero if z[0] in (2, 3))
         out = []
         gb = self.w.global_batch
         for nodes, gpn in worlds:
@@ -414,8 +416,9 @@ def _curate(req: Option, every: dict[str, list[Option]], ev: Evaluator) -> list[
             accum = max(1, round(lay.micro_batch_size * lay.gradient_accumulation_steps / mb))
             variations.append(lay.with_(micro_batch_size=mb, gradient_accumulation_steps=accum))
     if MEMORY_MODELS[lay.method].has_zero:
+        stages = (2, 3) if lay.engine == "fsdp" else (0, 1, 2, 3)  # FSDP2: resharding or not
         variations += [lay.with_(zero_stage=s, offload_optimizer=False, offload_params=False)
-                       for s in (0, 1, 2, 3) if s != lay.zero_stage]
+                       for s in stages if s != lay.zero_stage]
     chosen += [ev.evaluate(v) for v in variations]
     rec = pick(every[lay.method], lay)
     if rec is not None:

@@ -61,9 +61,16 @@ class Layout:
     def with_(self, **kw: Any) -> Layout:
         return replace(self, **kw)
 
+    def engine_label(self) -> str:
+        """How the full fine-tuning engine shards: ``ZeRO-3`` (DeepSpeed), ``FSDP2`` (resharding after forward,
+        ZeRO-3's memory) or ``FSDP2 no-reshard`` (ZeRO-2's)."""
+        if self.engine == "fsdp":
+            return "FSDP2" if (self.zero_stage or 0) == 3 else "FSDP2 no-reshard"
+        return f"ZeRO-{self.zero_stage}"
+
     def describe(self) -> str:
         """'full ZeRO-3, 2x8 h200, micro-batch 2 x accumulation 4, checkpointing on'."""
-        how = "LoRA" if self.method == "lora" else f"full ZeRO-{self.zero_stage}"
+        how = "LoRA" if self.method == "lora" else f"full {self.engine_label()}"
         if self.offload_optimizer or self.offload_params:
             how += " + CPU offload (" + ", ".join(
                 n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on) + ")"

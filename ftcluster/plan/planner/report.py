@@ -100,7 +100,7 @@ def print_plan(p: Plan, console: Any = None) -> None:
         t.add_column(col, justify="left" if col in ("", "method") else "right")
     for i, o in enumerate(p.alternatives or [p.requested]):
         lay = o.layout
-        how = "LoRA" if lay.method == "lora" else f"ZeRO-{lay.zero_stage}" + ("+off" if lay.offload_optimizer else "")
+        how = "LoRA" if lay.method == "lora" else lay.engine_label() + ("+off" if lay.offload_optimizer else "")
         mark = "spec" if i == 0 else ("best" if p.recommendation is not None and lay == p.recommendation.layout else "")
         t.add_row(mark, how, f"{lay.nodes}x{lay.gpus_per_node}", f"{lay.micro_batch_size}x{lay.gradient_accumulation_steps}",
                   checkpointing_label(lay.gradient_checkpointing, short=True), f"{gib(o.memory.total)}/{gib(o.usable)}",
