@@ -74,12 +74,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ftc-cache")
 
 
-def two(stage: int) -> list[str]:
-    return [f"deepspeed.zero_stage={stage}", "resources.procs_per_node=2", "training.gradient_accumulation_steps=1"]
+def two(stage: int, offload: tuple[str, ...] = ()) -> list[str]:
+    return [f"deepspeed.zero_stage={stage}", *offload, "resources.procs_per_node=2",
+            "training.gradient_accumulation_steps=1"]
 
 
-def one(stage: int) -> list[str]:
-    return [f"deepspeed.zero_stage={stage}", "resources.procs_per_node=1", "training.gradient_accumulation_steps=2"]
+def one(stage: int, offload: tuple[str, ...] = ()) -> list[str]:
+    return [f"deepspeed.zero_stage={stage}", *offload, "resources.procs_per_node=1",
+            "training.gradient_accumulation_steps=2"]
+
+
+OFFLOAD = ("deepspeed.offload_optimizer=cpu",)
+OFFLOAD3 = ("deepspeed.offload_optimizer=cpu", "deepspeed.offload_params=cpu")
 
 
 def stop_after(payload: Path, nproc: int, out: Path, step: int, cache: Path, tmp: Path) -> tuple[int, str]:
@@ -94,8 +100,9 @@ def stop_after(payload: Path, nproc: int, out: Path, step: int, cache: Path, tmp
     return stopped, log
 
 
-@pytest.mark.parametrize("stage", [2, 3, 1])
-def test_zero_run_resumes_on_one_process_then_on_two(tmp_path, corpus, cache_dir, stage):
+@pytest.mark.parametrize(("stage", "offload"), [(2, ()), (3, ()), (1, ()), (2, OFFLOAD), (3, OFFLOAD3)],
+                         ids=["zero2", "zero3", "zero1", "zero2-offload", "zero3-offload"])
+def test_zero_run_resumes_on_one_process_then_on_two(tmp_path, corpus, cache_dir, stage, offload):
     spec = tmp_path / "full.yaml"
     spec.write_text(SPEC.replace("CORPUS", str(corpus)))
     ref, out = tmp_path / "ref", tmp_path / "run"
@@ -103,20 +110,23 @@ def test_zero_run_resumes_on_one_process_then_on_two(tmp_path, corpus, cache_dir
     def payload(name: str, out: Path, sets: list[str]) -> Path:
         return write_payload(tmp_path, name, [*sets, f"output.uri={out.as_uri()}"], base=spec)
 
-    rc, log = finish(launch(payload("ref", ref, two(stage)), 2, cache_dir, tmp_path), timeout=900)
+    rc, log = finish(launch(payload("ref", ref, two(stage, offload)), 2, cache_dir, tmp_path), timeout=900)
     assert rc == 0, log[-3000:]
 
     rng = random.Random()
-    first, _ = stop_after(payload("run2", out, two(stage)), 2, out, rng.randint(2, 5), cache_dir, tmp_path)
-    second, log1 = stop_after(payload("run1", out, one(stage)), 1, out, first + rng.randint(2, 5), cache_dir,
+    first, _ = stop_after(payload("run2", out, two(stage, offload)), 2, out, rng.randint(2, 5), cache_dir, tmp_path)
+    second, log1 = stop_after(payload("run1", out, one(stage, offload)), 1, out, first + rng.randint(2, 5), cache_dir,
                               tmp_path)
     assert f"resuming checkpoint step {first} of 2 process(es) on 1; global batch unchanged: 4 sequences" in log1
     assert f"DeepSpeed ZeRO-{stage} checkpoint of 2 processes converted to a universal checkpoint for 1" in log1
-    rc, log2 = finish(launch(payload("run2b", out, two(stage)), 2, cache_dir, tmp_path), timeout=900)
+    rc, log2 = finish(launch(payload("run2b", out, two(stage, offload)), 2, cache_dir, tmp_path), timeout=900)
     assert rc == 0, log2[-3000:]
     assert f"resuming checkpoint step {second} of 1 process(es) on 2" in log2
     assert f"DeepSpeed ZeRO-{stage} checkpoint of 1 processes converted to a universal checkpoint for 2" in log2
 
+    for line in (log1 + log2).splitlines():
+        if "converted to a universal checkpoint" in line:
+            print(line.split("] ")[-1].strip())
     got, want = curve(out), curve(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)

@@ -141,35 +141,49 @@ def to_universal(ds_folder: Path, out_folder: Path) -> dict[str, float]:
     DeepSpeed's own converter, in a child process (its memory is measured apart from training's, and
     its worker pool forks a clean interpreter, not a rank with live process groups).
 
-    The converter (deepspeed/checkpoint/ds_to_universal.py, ``main``) reassembles every parameter's
+    The converter (DeepSpeed 0.19.8 deepspeed/checkpoint/ds_to_universal.py:1156 ``main``) reassembles every parameter's
     fp32 master weight and Adam moments from the per-rank flat partitions into
     ``out_folder/zero/<param name>/{fp32,exp_avg,exp_avg_sq}.pt`` plus ``zero/optimizer_state.pt``
     (ZeRO-1/2: ``_extract_zero_shard_files`` then ``_merge_tp_slice_files``; ZeRO-3:
     ``_extract_zero_shard_files_stage3`` then ``_merge_zero3_slice_files``) and copies the
     ``*model_states.pt`` files (module, LR scheduler, step counters). ``--inject_missing_state``:
     a plain Hugging Face module records no ``universal_checkpoint_info`` (only AutoTP/Megatron
-    models do), which ``_check_for_required_state`` otherwise asserts for ZeRO-1/2.
-    Returns seconds and the child's peak resident memory (bytes)."""
-    import resource
+    models do), which ``_check_for_required_state`` (:1086) otherwise asserts for ZeRO-1/2;
+    ``_inject_missing_state`` (:1079) adds just the version key.
+    Returns seconds and the converter's peak resident memory (bytes; its largest process)."""
     import subprocess
     import sys
     import time
 
     cpus = os.cpu_count() or 1
     workers = int(os.environ.get("FTCLUSTER_DS_CONVERT_WORKERS", str(min(4, cpus))))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
-           "--output_folder", str(out_folder), "--inject_missing_state",
-           "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, min(2, workers)))]
+    cmd = [sys.executable, "-c", _CONVERT, "--input_folder", str(ds_folder), "--output_folder", str(out_folder),
+           "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, min(2, workers)))]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t0 = time.monotonic()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - t0
     if res.returncode != 0:
-        tail = (res.stdout + res.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        lines = [x for x in (res.stdout + res.stderr).strip().splitlines() if not x.startswith(_PEAK)]
         raise TrainError(f"{ds_folder}: converting the DeepSpeed checkpoint to a universal one failed "
-                         f"(exit {res.returncode}): {tail[0]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux; the largest child so far
-    return {"seconds": seconds, "peak_rss_bytes": float(peak)}
+                         f"(exit {res.returncode}): {(lines or ['(no output)'])[-1]}")
+    peaks = [int(x.split()[1]) for x in res.stderr.splitlines() if x.startswith(_PEAK)]
+    return {"seconds": seconds, "peak_rss_bytes": float(peaks[-1] * 1024 if peaks else 0)}  # ru_maxrss: kB
+
+
+_PEAK = "FTCLUSTER_CONVERTER_PEAK_RSS_KB"
+# The converter run as its own __main__, then the peak resident memory of its largest process
+# (itself or one of its workers: ru_maxrss of RUSAGE_SELF and RUSAGE_CHILDREN), on stderr.
+_CONVERT = f"""
+import resource, runpy, sys
+sys.argv[0] = "ds_to_universal"
+try:
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+finally:
+    r = resource.getrusage
+    print("{_PEAK}", max(r(resource.RUSAGE_SELF).ru_maxrss, r(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)
+"""
 
 
 class DeepSpeedEngine:
@@ -309,19 +323,28 @@ class DeepSpeedEngine:
         local rank 0: the restored checkpoint is node-local and every node downloaded all of it), then
         every rank loads its new partition from it (collective).
 
-        DeepSpeed 0.19 (deepspeed/runtime/engine.py): ``load_checkpoint`` with the config's
-        ``checkpoint.load_universal`` (``DeepSpeedConfig.load_universal_checkpoint``, read through
-        ``engine.load_universal_checkpoint()`` at each use, not at initialize) globs the
-        ``*model_states.pt`` with pp_rank 0 (``_get_all_ckpt_names``), maps this rank onto the
-        saved ones (``_load_checkpoint``: ``checkpoint_mp_rank * len(ckpt_list) // ...``), skips
-        the dp-world-size check of ``_load_zero_checkpoint`` and hands the ZeRO optimizer the
-        folder: ZeRO-1/2 ``DeepSpeedZeroOptimizer._load_universal_checkpoint`` ->
-        ``load_hp_checkpoint_state_from_checkpoint_dir`` (runtime/base_optimizer.py) slices each
-        parameter's fp32/exp_avg/exp_avg_sq to this rank's fragment
-        (checkpoint/universal_checkpoint.py ``load_hp_checkpoint_state``), then
-        ``optimizer.update_lp_params()`` refreshes the module; ZeRO-3
-        ``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``
-        (runtime/zero/stage3.py) fills the flat fp32 partition and copies it into the 16-bit one.
+        What this relies on, in DeepSpeed 0.19.8 (line numbers of that release; the e2e test
+        tests/e2e/test_ds_reshard.py fails if a later one changes the behaviour):
+
+        - runtime/config.py:549: ``checkpoint.load_universal`` is read into
+          ``DeepSpeedConfig.load_universal_checkpoint``, and runtime/engine.py:1712
+          ``load_universal_checkpoint()`` reads that attribute at every use (not once at
+          ``initialize``), so switching it on for this one ``load_checkpoint`` call is enough.
+        - runtime/engine.py:4383 ``_get_all_ckpt_names`` globs the ``*model_states.pt`` files with
+          pp rank 0; :4589 ``_load_checkpoint`` maps this rank onto one of the saved ones
+          (``checkpoint_mp_rank * len(ckpt_list) // checkpoint_mp_world_size``) for the module, LR
+          scheduler and step counters; :4733 ``_load_zero_checkpoint`` skips its
+          dp-world-size check and hands the optimizer the folder instead of per-rank shards.
+        - ZeRO-1/2: runtime/zero/stage_1_and_2.py:3664 ``_load_universal_checkpoint`` ->
+          runtime/base_optimizer.py:332 ``load_hp_checkpoint_state_from_checkpoint_dir`` reads
+          ``zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt`` and keeps this rank's fragment
+          (checkpoint/universal_checkpoint.py:236 ``load_hp_checkpoint_state``); then
+          runtime/engine.py:4488 ``optimizer.update_lp_params()`` refreshes the module's weights.
+        - ZeRO-3: runtime/zero/stage3.py:3647 ``_load_universal_checkpoint`` -> :3653
+          ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` fills the flat fp32 partition
+          and the moments, and copies the fp32 partition into the 16-bit one.
+        - The converter: checkpoint/ds_to_universal.py:1156 ``main`` (see :func:`to_universal`);
+          it writes ``latest_universal`` beside the tag's folder (:1372), unused here (the tag is given).
         """
         import json
         import shutil
