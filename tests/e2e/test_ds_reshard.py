@@ -145,3 +145,47 @@ def test_zero_run_resumes_on_one_process_then_on_two(tmp_path, corpus, cache_dir
         a, b = model(input_ids=ids).logits, refm(input_ids=ids).logits
     assert torch.isfinite(a).all()
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), float((a - b).abs().max())
+
+
+def test_one_process_resumes_on_two_nodes_each_converting_its_own_copy(tmp_path, corpus, cache_dir):
+    """Several nodes: the restored checkpoint is node-local (each node downloads all of it), so each
+    node's local rank 0 converts its own copy; node 1 (its own FTCLUSTER_LOCAL_DIR) could not load
+    otherwise. 1 process (2 accumulation steps) -> 2 nodes x 1 process (ZeRO-3), against a
+    2-process reference; tolerance as above."""
+    import subprocess
+    import sys
+
+    from tests.e2e.test_train_runtime import ROOT, _free_port
+
+    spec = tmp_path / "full.yaml"
+    spec.write_text(SPEC.replace("CORPUS", str(corpus)))
+    ref, out = tmp_path / "ref", tmp_path / "run"
+
+    def payload(name: str, out: Path, sets: list[str]) -> Path:
+        return write_payload(tmp_path, name, [*sets, f"output.uri={out.as_uri()}"], base=spec)
+
+    rc, log = finish(launch(payload("ref", ref, two(3)), 2, cache_dir, tmp_path), timeout=900)
+    assert rc == 0, log[-3000:]
+    first, _ = stop_after(payload("run1", out, one(3)), 1, out, random.Random().randint(3, 8), cache_dir, tmp_path)
+
+    nodes = payload("run2n", out, ["resources.nodes=2", *two(3)[:1], "resources.procs_per_node=1",
+                                   "training.gradient_accumulation_steps=1"])
+    port, procs = _free_port(), []
+    for node in (0, 1):
+        env = {**os.environ, "FTCLUSTER_CACHE": str(cache_dir), "FTCLUSTER_LOCAL_DIR": str(tmp_path / f"disk{node}"),
+               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+        cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={nodes.stem}",
+               "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(nodes)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    res = [finish(p, timeout=900) for p in procs]
+    both = res[0][1] + res[1][1]
+    assert [rc for rc, _ in res] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
+    assert f"resuming checkpoint step {first} of 1 process(es) on 2; global batch unchanged: 4 sequences" in both
+    assert "DeepSpeed ZeRO-3 checkpoint of 1 processes converted to a universal checkpoint for 2" in both
+    got, want = curve(out), curve(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"ZeRO-3 1 -> 2 nodes (stop after step {first}): worst relative loss difference {worst:.2e}")
+    assert worst <= RESHARD_TOL, f"the 1 -> 2-node loss curve differs by {worst:.2e} (relative)"
