@@ -9,7 +9,7 @@ things are stored is :mod:`ftcluster.storage`'s business.
 
 Layout of one snapshot (a node-local folder, then ``{output.uri}/checkpoints/step-NNNNNNNN/``)::
 
-    state.json              step, tokens seen, world size, engine kind, forgetting baseline (rank 0)
+    state.json              step, tokens seen, world size, global batch, engine kind, forgetting baseline (rank 0)
     rank-00000.pt ...       per rank: {"step", and each Stateful part by name: "data" (data source position),
                             "rng" (python, numpy, torch, cuda generators)}
     engine/                 PlainEngine: trainable.safetensors + optimizer.pt (rank 0)
@@ -37,7 +37,10 @@ Protocol (documented in docs/training.md):
   save first waits for the previous checkpoint's writes (one in flight; the buffers are reused).
 * Resume: rank 0 asks the store for the newest *committed* checkpoint (a corrupt or
   half-uploaded one is skipped) and broadcasts its step; on every node local rank 0
-  downloads that step and all ranks load from the node-local copy.
+  downloads that step and all ranks load from the node-local copy. On another number of
+  processes only when every part can (``_fixed_world_parts``); the DeepSpeed engine's ``load``
+  then converts its ZeRO shards on each node's local rank 0 (docs/training.md, "Resume on another
+  number of GPUs").
 """
 
 from __future__ import annotations

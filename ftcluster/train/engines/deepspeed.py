@@ -372,12 +372,12 @@ class DeepSpeedEngine:
         if error:
             raise TrainError(error)
         cfg = self.engine._config
-        cfg.load_universal_checkpoint = True
+        before, cfg.load_universal_checkpoint = cfg.load_universal_checkpoint, True
         try:
             path, _ = self.engine.load_checkpoint(str(folder / "universal"), tag="ds", load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         finally:
-            cfg.load_universal_checkpoint = False
+            cfg.load_universal_checkpoint = before
         return path
 
     def export(self, folder: Path, rank: int, writer: CheckpointWriter | None = None) -> None:
