@@ -463,8 +463,11 @@ class ShardedBatches:
         size (W·B blocks a micro-step, now W'·B'): the position is a global one, ``index·W·B`` blocks of
         this epoch's permutation consumed, so the run continues at that block, regrouped (the same
         blocks follow in the same order, W'·B' at a time), provided W'·B' divides it: always when
-        the global batch W·B·accumulation is kept, as checkpoints fall on optimizer steps. An epoch
-        the old grouping had used up rolls over as it would have. What differs from an
+        W'·B' divides W·B (e.g. 16 -> 8 processes, the same micro-batch), and when the global
+        batch W·B·accumulation is kept and the epoch began on an optimizer step (checkpoints fall
+        on optimizer steps; an epoch whose micro-batches per rank are not a multiple of the
+        accumulation ends mid-step). An epoch the old grouping had used up rolls over as it would
+        have. What differs from an
         uninterrupted run on W processes: the epoch's end leaves out ``num_blocks mod W'·B'``
         blocks instead of ``num_blocks mod W·B``, so from the next epoch on the micro-batches
         hold other blocks (the permutation per epoch is the same)."""
