@@ -9,7 +9,7 @@ things are stored is :mod:`ftcluster.storage`'s business.
 
 Layout of one snapshot (a node-local folder, then ``{output.uri}/checkpoints/step-NNNNNNNN/``)::
 
-    state.json              step, tokens seen, world size, engine kind, forgetting baseline (rank 0)
+    state.json              step, tokens seen, world size, global batch, engine kind, forgetting baseline (rank 0)
     rank-00000.pt ...       per rank: {"step", and each Stateful part by name: "data" (data source position),
                             "rng" (python, numpy, torch, cuda generators)}
     engine/                 PlainEngine: trainable.safetensors + optimizer.pt (rank 0)
@@ -39,7 +39,10 @@ Protocol (documented in docs/training.md):
   save first waits for the previous checkpoint's writes (one in flight; the buffers are reused).
 * Resume: rank 0 asks the store for the newest *committed* checkpoint (a corrupt or
   half-uploaded one is skipped) and broadcasts its step; on every node local rank 0
-  downloads that step and all ranks load from the node-local copy.
+  downloads that step and all ranks load from the node-local copy. On another number of
+  processes only when every part can (``_fixed_world_parts``); the DeepSpeed engine's ``load``
+  then converts its ZeRO shards on each node's local rank 0 (docs/training.md, "Resume on another
+  number of GPUs").
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ class CheckpointManager:
         out = spec.output
         self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency,
                                      retry_max_s=out.final_upload_timeout)
-        self.ctx, self.work_dir, self.id = ctx, work_dir, identity
+        self.ctx, self.work_dir, self.id, self.spec = ctx, work_dir, identity, spec
         self._pending: list[Future] = []
         self._awaiting: list[_Awaiting] = []
         self._errors: list[str] = []
@@ -284,7 +287,8 @@ class CheckpointManager:
                     f"output.uri: checkpoint step {step} was written by {saved_world} processes, this run has "
                     f"{self.ctx.world_size}, and its {', '.join(fixed)} cannot change the number of processes; "
                     "resume with the same resources or write to a new output.uri")
-            log.info("resuming checkpoint step %d of %d process(es) on %d", step, saved_world, self.ctx.world_size)
+            log.info("resuming checkpoint step %d of %d process(es) on %d%s", step, saved_world, self.ctx.world_size,
+                     self._global_batch_note(shared))
         if shared["engine"] != self.id.engine or shared["model_fingerprint"] != self.id.model_fingerprint:
             raise TrainError(f"output.uri: checkpoint step {step} belongs to another model or method; "
                              "use a new output.uri for a changed spec")
@@ -302,6 +306,22 @@ class CheckpointManager:
         self.state.load_state_dict(shared)
         self._cleanup_restore()
         return True
+
+    def _global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step: micro-batch x accumulation x processes."""
+        tr = self.spec.training
+        return int(tr.micro_batch_size) * int(tr.gradient_accumulation_steps) * world_size
+
+    def _global_batch_note(self, shared: dict[str, Any]) -> str:
+        """What a resume on another number of processes does to the global batch (for the log line)."""
+        now = self._global_batch(self.ctx.world_size)
+        was = shared.get("global_batch")
+        if was is None:
+            return f"; global batch now {now} sequences (the checkpoint does not record its own)"
+        if int(was) == now:
+            return f"; global batch unchanged: {now} sequences"
+        return (f"; the global batch CHANGES from {was} to {now} sequences (micro-batch x accumulation x processes; "
+                "set training.gradient_accumulation_steps to keep it)")
 
     # -- save ------------------------------------------------------------------
     def _snapshot(self, step: int, train: dict[str, Any]) -> Path:
@@ -322,7 +342,7 @@ class CheckpointManager:
         if ctx.rank == 0:
             shared = {**train, "world_size": ctx.world_size, "engine": self.id.engine,
                       "model_fingerprint": self.id.model_fingerprint, "total_steps": self.id.total_steps,
-                      "ftcluster_version": __version__}
+                      "ftcluster_version": __version__, "global_batch": self._global_batch(ctx.world_size)}
             (folder / "state.json").write_text(json.dumps(shared, indent=1, sort_keys=True))
         if not self.writer.deferred:
             ctx.barrier()  # every file of every rank is on the node's disk (deferred: the markers say so)
@@ -434,9 +454,14 @@ class CheckpointManager:
         e.g. a stream's global position, or is replicated, e.g. LoRA's rank-0 weights and optimizer),
         ``"fresh"`` (per-rank state a new rank may start afresh, e.g. the random generators), or
         ``"self"`` (a folder part whose ``load`` reads a checkpoint of any number of processes itself:
-        a sharded engine that reshards, e.g. torch.distributed.checkpoint)."""
+        a sharded engine that reshards, e.g. torch.distributed.checkpoint, or the DeepSpeed engine's
+        universal checkpoint).
+
+        A part that cannot may say why in ``resharding_refusal`` (the DeepSpeed engine names its ZeRO
+        stage); the error shows it next to the part's name."""
         parts = {**self.folders, **self.per_rank}
-        return [name for name, part in parts.items()
+        return [f"{name} ({part.resharding_refusal})" if getattr(part, "resharding_refusal", None) else name
+                for name, part in parts.items()
                 if getattr(part, "resharding", None) not in ("global", "fresh", "self")]
 
     def _load_rank_state(self, folder: Path, rank: int | None = None) -> dict[str, Any]:

@@ -408,7 +408,10 @@ class ShardedBatches:
     ``perm[b*W*B:(b+1)*W*B]`` and rank ``r`` takes its ``r``-th slice of ``B`` (``W`` world size,
     ``B`` micro-batch size), so ranks are disjoint and the blocks that do not fill a global batch
     are left out of that epoch only. ``len()`` is the number of batches per epoch per rank.
+    Its position resumes on another number of processes (:meth:`load_state_dict`).
     """
+
+    resharding = "global"  # its position (epoch, index) is the same on every rank (checkpoint.py)
 
     def __init__(self, dataset: PackedDataset, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0):
@@ -456,12 +459,40 @@ class ShardedBatches:
                 "micro_batch_size": self.mbs, "num_blocks": len(self.dataset)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the checkpoint's position. Written by another number of processes or micro-batch
+        size (W·B blocks a micro-step, now W'·B'): the position is a global one, ``index·W·B`` blocks of
+        this epoch's permutation consumed, so the run continues at that block, regrouped (the same
+        blocks follow in the same order, W'·B' at a time), provided W'·B' divides it: always when
+        W'·B' divides W·B (e.g. 16 -> 8 processes, the same micro-batch), and when the global
+        batch W·B·accumulation is kept and the epoch began on an optimizer step (checkpoints fall
+        on optimizer steps; an epoch whose micro-batches per rank are not a multiple of the
+        accumulation ends mid-step). An epoch the old grouping had used up rolls over as it would
+        have. What differs from an
+        uninterrupted run on W processes: the epoch's end leaves out ``num_blocks mod W'·B'``
+        blocks instead of ``num_blocks mod W·B``, so from the next epoch on the micro-batches
+        hold other blocks (the permutation per epoch is the same)."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "micro_batch_size", "num_blocks"):
+        for key in ("seed", "num_blocks"):
             if key in state and state[key] != mine[key]:
                 raise TrainError(f"data: the checkpoint's data order has {key}={state[key]}, this run {mine[key]}; "
                                  "resume with the same data and settings, or write to a new output.uri")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        epoch, index = int(state["epoch"]), int(state["index"])
+        world, mbs = int(state.get("world_size", self.world_size)), int(state.get("micro_batch_size", self.mbs))
+        if (world, mbs) != (self.world_size, self.mbs):
+            per_old, per_new = world * mbs, self.world_size * self.mbs
+            if index >= len(self.dataset) // per_old:  # the old grouping's epoch is used up
+                epoch, consumed = epoch + 1, 0
+            else:
+                consumed = index * per_old
+            if consumed % per_new:
+                raise TrainError(f"data: the checkpoint's position, block {consumed} of epoch {epoch} (written by "
+                                 f"{world} process(es) x micro-batch {mbs}), is not a multiple of this run's "
+                                 f"{self.world_size} x {self.mbs}; keep the global batch (training."
+                                 "gradient_accumulation_steps) or write to a new output.uri")
+            index = consumed // per_new
+            log.info("data: resuming at block %d of epoch %d, written by %d process(es) x %d, read by %d x %d: the "
+                     "same blocks follow, regrouped", consumed, epoch, world, mbs, self.world_size, self.mbs)
+        self.epoch, self.index = epoch, index
 
 
 def eval_batches(dataset: PackedDataset, micro_batch_size: int) -> Iterator[dict[str, Any]]:

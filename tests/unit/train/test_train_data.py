@@ -339,13 +339,53 @@ def test_resumed_loader_yields_exactly_the_remaining_batches(packed, stop_after)
             assert (a[key] == b[key]).all()
 
 
-def test_resume_with_other_data_or_world_size_is_refused(packed):
+def test_resume_with_other_data_or_an_unreachable_position_is_refused(packed):
     state = D.ShardedBatches(packed, 4, 0, 2, seed=1).state_dict()
-    with pytest.raises(TrainError, match="world_size=2, this run 1"):
-        D.ShardedBatches(packed, 4, 0, 1, seed=1).load_state_dict(state)
     smaller = D.PackedDataset(synthetic_examples(100, 30), 32, packing=False)
     with pytest.raises(TrainError, match="num_blocks"):
         D.ShardedBatches(smaller, 4, 0, 2, seed=1).load_state_dict(state)
+    with pytest.raises(TrainError, match="seed=1, this run 2"):
+        D.ShardedBatches(packed, 4, 0, 2, seed=2).load_state_dict(state)
+    one = D.ShardedBatches(packed, 4, 0, 1, seed=1)
+    one.next_batch()  # 4 blocks in: 2 processes x 4 cannot continue there
+    with pytest.raises(TrainError, match=r"block 4 of epoch 0 \(written by 1 process\(es\) x micro-batch 4\), "
+                                         r"is not a multiple of this run's 2 x 4; keep the global batch"):
+        D.ShardedBatches(packed, 4, 1, 2, seed=1).load_state_dict(one.state_dict())
+
+
+def global_steps(loaders: list[D.ShardedBatches], micro_steps: int, count: int) -> list[list[int]]:
+    """The blocks of ``count`` optimizer steps (``micro_steps`` micro-batches on every rank), in order."""
+    steps = []
+    for _ in range(count):
+        batches = [[block_ids(sb.next_batch()) for sb in loaders] for _ in range(micro_steps)]
+        steps.append([i for micro in batches for rank in micro for i in rank])
+    return steps
+
+
+@pytest.mark.parametrize("stop_after", [3, 21, 49, 50])
+def test_a_position_resumes_on_another_number_of_processes_at_the_same_block(packed, stop_after):
+    """2 processes x micro-batch 4 (8 blocks an optimizer step), stopped after ``stop_after`` steps,
+    resumed on 1 process x 4 x 2 accumulation steps, then on 4 processes x 2: every optimizer step
+    holds the blocks of the uninterrupted 2-process run's, in its epoch; from the epoch after the
+    one resumed in, the left-out tail differs (num_blocks mod W·B), so the steps do too (stated in
+    ShardedBatches.load_state_dict)."""
+    n = len(packed)
+    assert n == 400  # no tail left out, for 8 blocks a micro-step as for 4: epochs line up (50 steps each)
+    two = [D.ShardedBatches(packed, 4, r, 2, seed=3) for r in range(2)]
+    ref = global_steps(two, 1, 70)  # into the second epoch
+    run = [D.ShardedBatches(packed, 4, r, 2, seed=3) for r in range(2)]
+    got = global_steps(run, 1, stop_after)
+    state = json.loads(json.dumps(run[0].state_dict()))
+    assert run[1].state_dict() == run[0].state_dict()  # "global": every rank holds the same position
+    one = D.ShardedBatches(packed, 4, 0, 1, seed=3)
+    one.load_state_dict(state)
+    got += global_steps([one], 2, 5)
+    four = [D.ShardedBatches(packed, 2, r, 4, seed=3) for r in range(4)]
+    state = json.loads(json.dumps(one.state_dict()))
+    for sb in four:
+        sb.load_state_dict(state)
+    got += global_steps(four, 1, 70 - len(got))
+    assert got == ref
 
 
 def test_too_little_data_for_one_batch_is_an_error():

@@ -200,7 +200,8 @@ def test_the_runs_parts_keep_the_checkpoint_layout(tmp_path):
     folder = tmp_path / "out" / "checkpoints" / "step-00000002"
     shared = json.loads((folder / "state.json").read_text())
     assert set(shared) == {"step", "tokens_seen", "world_size", "engine", "model_fingerprint", "total_steps",
-                           "general_eval_before", "elapsed_s", "last_loss", "ftcluster_version", "run_uid"}
+                           "general_eval_before", "elapsed_s", "last_loss", "ftcluster_version", "run_uid",
+                           "global_batch"}
     assert shared["run_uid"] == state.run_uid  # the run's id in its records, kept across resumes
     assert shared["engine"] == "plain" and shared["step"] == 2 and shared["elapsed_s"] >= 5.0
     rank_file = torch.load(folder / "rank-00000.pt", weights_only=False)
@@ -320,3 +321,95 @@ def test_a_resumed_run_keeps_its_run_id_and_an_old_checkpoint_gets_one():
     mine = again.run_uid
     again.load_state_dict(older)
     assert again.run_uid == mine and again.step == 3
+
+
+# --------------------------------------------------------------------------- another number of processes
+
+
+TWO = DistContext(rank=0, world_size=2, local_rank=0, local_world_size=2, node_rank=0, nnodes=1, device=CPU)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-process gloo group, so rank 0 of a DistContext that says 2 processes can run the manager's
+    collectives (broadcast, barrier) in this process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def saved_by_one_process(tmp_path: Path) -> None:
+    mgr = manager(tmp_path, {"train": TrainState(step=3), "engine": FolderPart("w"), "data": Counter(1),
+                             "rng": RngState(CPU)})
+    mgr.save(final=True)
+    mgr.wait()
+
+
+def manager_of_two(tmp_path: Path, parts: dict[str, Any]) -> CheckpointManager:
+    spec = lora_spec()
+    spec.output.uri = (tmp_path / "out").as_uri()
+    mgr = CheckpointManager(spec, TWO, tmp_path / "local2", RunIdentity("plain", "fp", "lora", 10), parts)
+    mgr.writer = CheckpointWriter(False, CPU)
+    return mgr
+
+
+def ds_engine(stage: int, **zero: Any) -> Any:
+    """A DeepSpeedEngine that declares what its ZeRO configuration allows, DeepSpeed not initialised."""
+    pytest.importorskip("deepspeed")
+    from ftcluster.train.engines import deepspeed as ds
+
+    eng = ds.DeepSpeedEngine.__new__(ds.DeepSpeedEngine)
+    eng.declare_resharding({"zero_optimization": {"stage": stage, **zero}})
+    eng.offloaded = True  # checkpoint_bytes (asked by the manager) is 0
+    return eng
+
+
+def test_a_zero_stage_without_resharding_is_refused_on_another_number_of_processes(tmp_path, one_rank_group):
+    saved_by_one_process(tmp_path)
+    parts = {"train": TrainState(), "engine": ds_engine(0), "data": GlobalCounter(), "rng": RngState(CPU)}
+    with pytest.raises(TrainError) as err:
+        manager_of_two(tmp_path, parts).load()
+    assert str(err.value) == (
+        "output.uri: checkpoint step 3 was written by 1 processes, this run has 2, and its engine (DeepSpeed ZeRO-0: "
+        "only ZeRO-1/2/3 checkpoints reshard, through DeepSpeed's universal checkpoint) cannot change the number "
+        "of processes; resume with the same resources or write to a new output.uri")
+    nvme = ds_engine(3, offload_optimizer={"device": "nvme"})
+    assert nvme.resharding is None and "NVMe offload" in nvme.resharding_refusal
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_1_to_3_and_the_runs_other_parts_reshard(tmp_path, stage):
+    """ZeRO-1/2/3 declare "self" (their load converts through a universal checkpoint: tests/e2e/
+    test_ds_reshard.py); the in-memory data source's position is global (tests/unit/train/
+    test_train_data.py), the random generators start afresh on a new rank."""
+    eng = ds_engine(stage, offload_optimizer={"device": "cpu"})
+    assert eng.resharding == "self" and eng.resharding_refusal is None
+    data = ShardedBatches(PackedDataset([([5] * 8, [5] * 8)] * 8, 8, False, 0), 2, rank=0, world_size=2)
+    parts = {"train": TrainState(), "engine": eng, "data": data, "rng": RngState(CPU)}
+    assert manager_of_two(tmp_path, parts)._fixed_world_parts() == []
+
+
+class GlobalCounter(Counter):
+    resharding = "global"
+
+
+class ReshardingFolder(FolderPart):
+    resharding = "self"
+
+
+def test_a_resume_on_another_number_of_processes_says_what_happens_to_the_global_batch(tmp_path, one_rank_group,
+                                                                                        caplog):
+    import logging
+
+    saved_by_one_process(tmp_path)  # micro-batch 2 x accumulation 1 x 1 process
+    parts = {"train": TrainState(), "engine": ReshardingFolder(), "data": GlobalCounter(), "rng": RngState(CPU)}
+    caplog.set_level(logging.INFO, logger="ftcluster.train")
+    assert manager_of_two(tmp_path, parts).load()
+    assert parts["engine"].value == "w" and parts["data"].n == 1 and parts["train"].step == 3
+    assert ("resuming checkpoint step 3 of 1 process(es) on 2; the global batch CHANGES from 2 to 4 sequences "
+            "(micro-batch x accumulation x processes; set training.gradient_accumulation_steps to keep it)"
+            ) in caplog.text
