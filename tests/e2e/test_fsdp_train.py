@@ -267,7 +267,7 @@ def test_fsdp_two_nodes_commit_parts_and_resume(tmp_path, cache_dir):
 def test_fsdp_resumes_on_another_number_of_processes(tmp_path, cache_dir):
     """2 processes to a stop, 1 process (twice the accumulation: the same global batch) to a later
     stop, 2 processes to the end: DCP reshards the model and optimizer each time and the streamed
-    corpus continues at the same block (the in-memory data source refuses a change of processes),
+    corpus continues at the same block (records read in memory do too, regrouped: test_ds_reshard.py),
     so the losses follow an uninterrupted 2-process run's within SAME_BATCHES_TOL."""
     from tests.e2e.test_stream_train import SPEC as STREAM_SPEC
     from tests.support.corpora import documents, tokenized_corpus
