@@ -186,6 +186,12 @@ def _added_tokens(config: Mapping[str, Any], meta: Mapping[str, Any] | None,
     return added
 
 
+def _unexpected_modules(kinds: dict[str, dict[str, tuple[int, ...]]], allowed: set[str] | frozenset[str]) -> list[str]:
+    """The modules the adapter's LoRA tensors (and LoRA embeddings) adapt that ``allowed`` lacks, sorted."""
+    lora_names = {**kinds.get("lora", {}), **kinds.get("lora_embedding", {})}
+    return sorted({_module(n) for n in lora_names} - set(allowed))
+
+
 def _short(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
@@ -262,8 +268,7 @@ def _vllm(config: Mapping[str, Any], kinds: dict[str, dict[str, tuple[int, ...]]
             f"retrain as a plain LoRA, or {MERGE}", "vllm/lora/utils.py#L222-L236")
     # vllm/lora/lora_model.py#L250-L286 (check_unexpected_modules): a LoRA on a module the model does not
     # wrap is refused; the expected set is that of worker_manager.py#L106-L118 for Llama-like models
-    lora_names = {**kinds.get("lora", {}), **kinds.get("lora_embedding", {})}
-    unexpected = sorted({_module(n) for n in lora_names} - VLLM_LLAMA_MODULES)
+    unexpected = _unexpected_modules(kinds, VLLM_LLAMA_MODULES)
     if unexpected:
         err(f"vLLM expects target modules in {', '.join(sorted(VLLM_LLAMA_MODULES))} but received "
             f"{', '.join(unexpected)}", "retrain with lora.target_modules among those",
@@ -312,8 +317,7 @@ def _lorax(config: Mapping[str, Any], kinds: dict[str, dict[str, tuple[int, ...]
     if odd:
         err(f"{len(odd)} tensor(s) that are not LoRA A/B ({_short(odd)}): {unused}",
             f"retrain as a plain LoRA, or {MERGE}", "server/lorax_server/models/model.py#L381-L398")
-    lora_names = {**kinds.get("lora", {}), **kinds.get("lora_embedding", {})}
-    unexpected = sorted({_module(n) for n in lora_names} - LORAX_LLAMA_MODULES)
+    unexpected = _unexpected_modules(kinds, LORAX_LLAMA_MODULES)
     if unexpected:
         err(f"LoRA on {', '.join(unexpected)}, which are not LoRAX adapter layers "
             f"({', '.join(sorted(LORAX_LLAMA_MODULES))}): {unused}",

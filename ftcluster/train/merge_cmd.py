@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -81,11 +80,7 @@ def merge(uri: str, output: str, *, base: str | None = None, force: bool = False
         folder, identity = _base_folder(adapter.record, adapter.folder, base, storage_options, cache, work)
         check(adapter.record, identity, force=force, what=adapter.uri, given=base)
         staging = work / "merged"
-        info = merge_folder(folder, adapter.folder, staging, dtype=dtype)
-        for f in adapter.folder.iterdir():  # the tokenizer the adapter was trained with
-            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",
-                                                  "chat_template")) and not (staging / f.name).exists():
-                shutil.copy2(f, staging / f.name)
+        info = merge_folder(folder, adapter.folder, staging, dtype=dtype)  # writes the adapter's tokenizer too
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         record = merged_record(adapter.record, identity, adapter_uri=adapter.uri, size_bytes=size, version=__version__)
         (staging / META).write_text(json.dumps(record, indent=1, sort_keys=True, default=str))

@@ -119,6 +119,18 @@ def _right_padded(mask: Any) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+def eval_ce_sum(module: Any, batch: dict[str, Any], device: Any, varlen: bool = False) -> tuple[Any, Any]:
+    """:meth:`Engine.eval_sums` of an engine that needs no autocast: ``module`` in eval mode, no
+    gradients, (sum of token CE, label tokens), then back to train mode."""
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        ce, n = token_ce_sum(module, batch, device, varlen=varlen)
+    module.train()
+    return ce, n
+
+
 def token_ce_sum(model: Any, batch: dict[str, Any], device: Any, fused: bool = False, varlen: bool = False):
     """Sum of next-token cross entropy over label tokens, and the number of those tokens.
 

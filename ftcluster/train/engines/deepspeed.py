@@ -265,13 +265,7 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def eval_sums(self, batch: dict[str, Any]):
-        import torch
-
-        self.engine.eval()
-        with torch.no_grad():
-            ce, n = base.token_ce_sum(self.engine, batch, self.device, varlen=self.varlen)
-        self.engine.train()
-        return ce, n
+        return base.eval_ce_sum(self.engine, batch, self.device, varlen=self.varlen)
 
     def checkpoint_bytes(self, rank: int) -> int:
         """ZeRO's fp32 master weights and two Adam moments (12 bytes a parameter), partitioned from

@@ -167,13 +167,7 @@ class FsdpEngine:
         return float(self.scheduler.get_last_lr()[0])
 
     def eval_sums(self, batch: dict[str, Any]):
-        import torch
-
-        self.module.eval()
-        with torch.no_grad():
-            ce, n = base.token_ce_sum(self.module, batch, self.device, varlen=self.varlen)
-        self.module.train()
-        return ce, n
+        return base.eval_ce_sum(self.module, batch, self.device, varlen=self.varlen)
 
     # ------------------------------------------------------------------ state
     def checkpoint_bytes(self, rank: int) -> int:
