@@ -39,6 +39,7 @@ from tests.e2e.test_train_runtime import (  # noqa: E402
     curve,
     finish,
     launch,
+    launch_two_nodes,
     records,
     wait_for_step,
     write_payload,
@@ -176,11 +177,6 @@ def test_one_process_resumes_on_two_nodes_each_converting_its_own_copy(tmp_path,
     node's local rank 0 converts its own copy; node 1 (its own FTCLUSTER_LOCAL_DIR) could not load
     otherwise. 1 process (2 accumulation steps) -> 2 nodes x 1 process (ZeRO-3), against a
     2-process reference; tolerance as above."""
-    import subprocess
-    import sys
-
-    from tests.e2e.test_train_runtime import _free_port
-
     spec = tmp_path / "full.yaml"
     spec.write_text(SPEC.replace("CORPUS", str(corpus)))
     ref, out = tmp_path / "ref", tmp_path / "run"
@@ -194,16 +190,7 @@ def test_one_process_resumes_on_two_nodes_each_converting_its_own_copy(tmp_path,
 
     nodes = payload("run2n", out, ["resources.nodes=2", "deepspeed.zero_stage=3", "resources.procs_per_node=1",
                                    "training.gradient_accumulation_steps=1"])
-    port, procs = _free_port(), []
-    for node in (0, 1):
-        env = {**os.environ, "FTCLUSTER_CACHE": str(cache_dir), "FTCLUSTER_LOCAL_DIR": str(tmp_path / f"disk{node}"),
-               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
-        cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={nodes.stem}",
-               "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(nodes)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    res = [finish(p, timeout=900) for p in procs]
+    res = [finish(p, timeout=900) for p in launch_two_nodes(nodes, cache_dir, tmp_path)]
     both = res[0][1] + res[1][1]
     assert [rc for rc, _ in res] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
     assert f"resuming checkpoint step {first} of 1 process(es) on 2; global batch unchanged: 4 sequences" in both

@@ -40,6 +40,7 @@ from tests.e2e.test_train_runtime import (  # noqa: E402
     finish,
     full_overrides,
     launch,
+    launch_two_nodes,
     records,
     wait_for_step,
     write_payload,
@@ -216,25 +217,11 @@ def test_fsdp_two_nodes_commit_parts_and_resume(tmp_path, cache_dir):
     """Two torchrun agents as two nodes with node-local folders: each node's folder holds its rank's
     DCP file (node 0's also .metadata), the committed step folder holds both, and a rerun after a
     stop on node 1 loads from that merged folder and replays the uninterrupted run."""
-    from tests.e2e.test_train_runtime import _free_port
-
     spec = fsdp_spec_file(tmp_path)
     common = ["resources.nodes=2", "resources.procs_per_node=1"]
 
     def two_nodes(payload: Path) -> list[subprocess.Popen]:
-        import sys
-
-        port = _free_port()
-        procs = []
-        for node in (0, 1):
-            env = {**os.environ, "FTCLUSTER_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
-                   "FTCLUSTER_LOCAL_DIR": str(tmp_path / f"disk{node}"), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
-            cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
-                   "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True))
-        return procs
+        return launch_two_nodes(payload, cache_dir, tmp_path)
 
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     ref = [finish(p) for p in two_nodes(write_payload(tmp_path, "ref", fsdp_overrides(ref_out, *common), base=spec))]

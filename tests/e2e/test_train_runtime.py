@@ -83,6 +83,21 @@ def launch(payload: Path, nproc: int, cache: Path, tmp: Path, **popen) -> subpro
                             start_new_session=True, **popen)
 
 
+def launch_two_nodes(payload: Path, cache: Path, tmp: Path) -> list[subprocess.Popen]:
+    """Two "nodes" on this host: a launcher each (one process), c10d rendezvous, a node-local folder each."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "FTCLUSTER_CACHE": str(cache), "FTCLUSTER_LOCAL_DIR": str(tmp / f"disk{node}"),
+               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+        cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
+               "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return procs
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -383,17 +398,7 @@ def test_two_nodes_zero3_commit_stop_and_resume(tmp_path, cache_dir):
               "output.checkpoint_every_steps=4", "output.keep_last=2"]
 
     def two_nodes(payload: Path) -> list[subprocess.Popen]:
-        port = _free_port()
-        procs = []
-        for node in (0, 1):
-            env = {**os.environ, "FTCLUSTER_CACHE": str(cache_dir), "FTCLUSTER_LOCAL_DIR": str(tmp_path / f"disk{node}"),
-                   "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
-            cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
-                   "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True))
-        return procs
+        return launch_two_nodes(payload, cache_dir, tmp_path)
 
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     ref = [finish(p) for p in two_nodes(write_payload(tmp_path, "ref", full_overrides(ref_out, 3, *common),
