@@ -217,6 +217,8 @@ def test_engine_sections_of_the_other_engine_are_one_located_line(tmp_path):
     assert ":10:1: engine:" in msg and "set method: full" in msg
     (msg,) = problems(FULL + "engine: fsdp\nfsdp:\n  reshard: false\n", tmp_path)
     assert ":12:3: fsdp.reshard: unknown field 'reshard'; valid fields: cpu_offload, reshard_after_forward" in msg
+    (msg,) = problems(FULL + "engine: fsdp\nfsdp:\n  cpu_offload: sometimes\n", tmp_path)
+    assert msg.endswith("job.yaml:12:3: fsdp.cpu_offload: expected true or false (got 'sometimes')"), msg
     spec = load_spec_text(FULL + "engine: fsdp\nfsdp:\n  reshard_after_forward: false\ntraining: {compile: true}\n",
                           "ok.yaml")
     assert spec.engine == "fsdp" and not spec.fsdp.reshard_after_forward and spec.training.compile
