@@ -274,6 +274,12 @@ class TrainingSpec(_Model):
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     log_every_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every_steps: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps (and at the end).")
+    hang_timeout: float = Field(
+        300, ge=5, le=86400, description="Seconds after which a rank that stopped making progress is named and the job "
+        "ends as an infrastructure fault (docs/lifecycle.md, \"Faults\"): a rank whose heartbeat stops (a stopped, "
+        "frozen or lost process) or that stays in one phase (a data read that never returns) while the others wait "
+        "for it. Far below NCCL's 30 minutes, above the longest silent phase of a step (a first compile, an eval, a "
+        "checkpoint snapshot); set-up, uploads and exports are exempt while the rank's heartbeat goes on.")
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -347,6 +353,11 @@ class ResourcesSpec(_Model):
     cpus_per_node: int | None = Field(None, ge=1, description="CPU cores per node.")
     memory: str | None = Field(None, description="Memory per node, e.g. 256G (Slurm) / converted to Gi for Kubernetes.")
     time_limit: str | None = Field(None, description="Wall-clock limit, [D-]HH:MM:SS.")
+    max_restarts: int = Field(
+        2, ge=0, le=100, description="Restarts from the last committed checkpoint after infrastructure faults (a lost "
+        "rank or node, a hung rank, a collective or NCCL/gloo error, a rank killed by a signal such as the OOM "
+        "killer): the local backend relaunches, Slurm requeues, Kubernetes' backoff limit. An error in the training "
+        "code or data is never retried; preemption does not count (docs/lifecycle.md, \"Faults\").")
 
     @field_validator("memory")
     @classmethod

@@ -65,7 +65,35 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(payload, stop)
 
-    return one_line_errors(body, f"error (rank {rank})")
+    return worker_errors(body, rank)
+
+
+def worker_errors(body: Callable[[], int], rank: str) -> int:
+    """``body()``, or a training process's failure: one line that says whether it is an infrastructure
+    fault (exit 170, restarted) or an error in the code or data (exit 1, not retried), naming the rank
+    and host that failed first (:func:`ftcluster.train.faults.exit_for`; docs/lifecycle.md)."""
+    from ..errors import FtclusterError
+    from .faults import exit_for
+
+    prefix = f"error (rank {rank})"
+    try:
+        return body()
+    except Exception as exc:  # noqa: BLE001 - every failure is classified
+        debug = os.environ.get("FTCLUSTER_DEBUG", "") not in ("", "0")
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        code, tail = exit_for(exc, int(rank))
+        if isinstance(exc, FtclusterError):
+            lines = str(exc).splitlines() or [type(exc).__name__]
+        else:
+            hint = "" if debug else " (set FTCLUSTER_DEBUG=1 for the traceback)"
+            lines = [f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{hint}"]
+        lines[-1] += tail
+        for text in lines:
+            print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+        return code
 
 
 def one_line_errors(body: Callable[[], int], prefix: str = "error") -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .faults import PROGRESS
+
 log = logging.getLogger("ftcluster.train")
 
 
@@ -126,7 +128,8 @@ class DistContext:
         import torch.distributed as dist
 
         if self.world_size > 1:
-            dist.barrier(group=self.ctl_group)
+            with PROGRESS.waiting_in("a barrier"):
+                dist.barrier(group=self.ctl_group)
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum small numbers over ranks on the CPU control group (no GPU sync)."""
@@ -136,14 +139,16 @@ class DistContext:
         if self.world_size == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.ctl_group)
+        with PROGRESS.waiting_in("an all-reduce"):
+            dist.all_reduce(t, group=self.ctl_group)
         return t.tolist()
 
     def all_sum_device(self, t: Any) -> Any:
         import torch.distributed as dist
 
         if self.world_size > 1:
-            dist.all_reduce(t)
+            with PROGRESS.waiting_in("an all-reduce"):
+                dist.all_reduce(t)
         return t
 
 
@@ -176,13 +181,40 @@ def init_distributed(spec: Any) -> DistContext:
         from .speedups import nccl_defaults
 
         nccl_defaults(use_cuda, world)
-        # Long timeout: a rank can wait at a barrier while another uploads a final checkpoint.
-        timeout = datetime.timedelta(seconds=float(env.get("FTCLUSTER_DIST_TIMEOUT_S", "3600")))
+        hang = float(spec.training.hang_timeout)
+        fault_env(env, hang)
+        timeout = datetime.timedelta(seconds=collective_timeout(env, hang))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
         if use_cuda:
             ctx.ctl_group = dist.new_group(backend="gloo", timeout=timeout)
     return ctx
+
+
+def collective_timeout(env: Mapping[str, str], hang_timeout: float) -> float:
+    """The process group's timeout: the backstop behind the watchdog (:mod:`.faults`), which names a
+    silent or stuck rank after ``training.hang_timeout``. It must outlast the waits the watchdog lets
+    pass (ranks at a barrier while one uploads the final checkpoint or downloads the base model), so it
+    is ``FTCLUSTER_DIST_TIMEOUT_S`` when set, else the larger of an hour and four hang timeouts."""
+    if env.get("FTCLUSTER_DIST_TIMEOUT_S"):
+        return float(env["FTCLUSTER_DIST_TIMEOUT_S"])
+    return max(3600.0, 4 * hang_timeout)
+
+
+def fault_env(env: Any, hang_timeout: float) -> None:
+    """NCCL's own fault handling, set from ``training.hang_timeout`` (a user's value stays): errors
+    and timeouts tear the process down (the launcher then reports the rank), NCCL's watchdog
+    heartbeat gives up after the hang timeout, and a timeout dumps the flight recorder (its last
+    collectives per rank) beside the run's log: the run folder on the local backend
+    (``FTCLUSTER_RUN_DIR``), else ``FTCLUSTER_FAULT_DIR`` or the node's temporary folder."""
+    import tempfile
+
+    where = env.get("FTCLUSTER_RUN_DIR") or env.get("FTCLUSTER_FAULT_DIR") or tempfile.gettempdir()
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    env.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(hang_timeout)))
+    env.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(Path(where) / "nccl-trace-rank-"))
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -22,6 +22,7 @@ exit 1) whatever the workers did. This wrapper runs torchrun's own ``main`` with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,8 +32,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from ..exitcodes import PREEMPTED_EXIT
+from ..exitcodes import FAULT_EXIT, PREEMPTED_EXIT
 from .lifeline import name_self_as_parent, tie_to_parent
 
 MARKER = "preempted"
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - ChildFailedError, SignalException: mapped below
         if (exit_dir / FINISHED).exists() and not (exit_dir / MARKER).exists():
             return 0  # a stop reached torchrun after the workers finished: the run is done
-        code = exit_code_for(exc, stop, (exit_dir / MARKER).exists())
+        code = exit_code_for(exc, stop, (exit_dir / MARKER).exists(), exit_dir)
         if code is None:
             raise
         return code
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(exit_dir, ignore_errors=True)
 
 
-def exit_code_for(exc: BaseException, stop: StopForwarder | None, preempted: bool) -> int | None:
+def exit_code_for(exc: BaseException, stop: StopForwarder | None, preempted: bool,
+                  exit_dir: Path | None = None) -> int | None:
     """The launcher's exit status for torchrun's exception (None: re-raise it, a launcher bug)."""
     kind = type(exc).__name__
     stop_signals = {int(s) for s in FORWARD}
@@ -204,6 +207,11 @@ def exit_code_for(exc: BaseException, stop: StopForwarder | None, preempted: boo
             return PREEMPTED_EXIT
         if isinstance(exc, KeyboardInterrupt):
             return 128 + int(signal.SIGINT)
+        if kind.startswith("Rendezvous") or "rendezvous" in kind.lower():  # a node never came, or its store went
+            from .faults import INFRA, Fault
+
+            return _report(Fault(INFRA, None, _host(), f"the rendezvous failed ({kind}: "
+                                 f"{(str(exc).splitlines() or [''])[0]}): a node did not join or was lost"))
         return None
     codes = [getattr(f, "exitcode", None) for f in (getattr(exc, "failures", None) or {}).values()]
     # Exits that a stop explains: saved and stopped (143), or ended by the forwarded signal (or
@@ -212,11 +220,63 @@ def exit_code_for(exc: BaseException, stop: StopForwarder | None, preempted: boo
     if preempted or (signalled and all(c in stopped_codes for c in codes)):
         return _stopped(f"stopped by {stop.name}" if signalled and stop else "stopped by a signal", preempted)
     if debugging():
-        return None
+        import traceback
+
+        traceback.print_exception(exc)
     # The failing rank already printed its one-line error; torchrun's traceback adds nothing.
-    print(f"ftcluster: training failed ({_failure_summary(exc)}); the rank's error is above "
-          "(FTCLUSTER_DEBUG=1 shows torchrun's report)", file=sys.stderr, flush=True)
-    return 1
+    return _report(first_failure(exc, exit_dir), _failure_summary(exc))
+
+
+def _host() -> str:
+    from .faults import host_name
+
+    return host_name()
+
+
+def first_failure(exc: BaseException, exit_dir: Path | None) -> Any:
+    """The job's first failure as this node saw it: what its workers recorded (their cause files: the
+    first failure of the whole job, agreed through the store), else the earliest of torchrun's
+    failures: a worker killed by a signal is an infrastructure fault (the OOM killer, a lost node, a
+    kill), any other exit an error of the code or data."""
+    from .faults import INFRA, USER, Fault, read_causes
+
+    failures = sorted((getattr(f, "timestamp", 0), rank, f) for rank, f in
+                      (getattr(exc, "failures", None) or {}).items())
+    causes = read_causes(exit_dir) if exit_dir is not None else {}
+    for _, rank, _f in failures:
+        if rank in causes:
+            return causes[rank]
+    if causes:
+        return causes[min(causes)]
+    if not failures:
+        return Fault(USER, None, _host(), "a worker failed")
+    _, rank, f = failures[0]
+    code = getattr(f, "exitcode", None)
+    if isinstance(code, int) and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        return Fault(INFRA, rank, _host(), f"killed by {name} (the OOM killer, a node failure or a kill)")
+    if code == FAULT_EXIT:
+        return Fault(INFRA, rank, _host(), f"exit code {code}")
+    return Fault(USER, rank, _host(), f"exit code {code}")
+
+
+def _report(fault: Any, summary: str = "") -> int:
+    """One line naming the first failure and what follows; the status, recorded for the supervisor."""
+    from .faults import INFRA, verdict
+
+    code = FAULT_EXIT if fault.kind == INFRA else 1
+    also = f" [{summary}]" if summary else ""
+    print(f"ftcluster: training failed: {fault.describe()}{also}; {verdict(fault.kind)} "
+          "(the failing rank's own error is above; FTCLUSTER_DEBUG=1 shows torchrun's report)",
+          file=sys.stderr, flush=True)
+    where = os.environ.get("FTCLUSTER_FAULT_FILE")
+    if where:
+        try:
+            Path(where).write_text(json.dumps({"code": code, "kind": fault.kind, "rank": fault.rank,
+                                               "host": fault.host, "what": fault.what}))
+        except OSError:
+            pass
+    return code
 
 
 def _stopped(what: str, saved: bool) -> int:

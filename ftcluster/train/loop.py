@@ -17,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..storage.testhook import signal_at
 from .datasource import DataSource
 from .engines.base import Engine
+from .faults import PROGRESS
 from .signals import StopFlag
 from .state import TrainState
 
@@ -175,7 +177,10 @@ def run_steps(lc: LoopContext) -> bool:
 
     while state.step < lc.total_steps:
         started = time.monotonic()
+        PROGRESS.enter("reading data", state.step + 1)
+        signal_at("data-read")  # test-only
         micro = [lc.data.next_batch() for _ in range(lc.grad_accum)]
+        PROGRESS.enter("the training step")
         n_labels = sum(count_label_tokens(b) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                        for b in micro)
@@ -193,12 +198,15 @@ def run_steps(lc: LoopContext) -> bool:
             flush()
         if lc.eval_every and state.step % lc.eval_every == 0 and not last:
             flush()
+            PROGRESS.enter("an evaluation")
             lc.evaluate()
         if stop:
             flush()
             log.info("stop requested (%s): saving step %d, then exiting", lc.stop.signal_name, state.step)
+            PROGRESS.enter("saving a checkpoint", exempt=True)
             lc.checkpoints.save(final=True)
             return True
+        PROGRESS.enter("checkpointing", exempt=True)  # a snapshot; uploads run in the background
         lc.checkpoints.maybe_save(time_due=bool(time_due), uploading=bool(uploading), before=flush)
     flush()
     return False

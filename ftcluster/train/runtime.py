@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import TrainError
 from ..storage.testhook import signal_at
 from .distributed import init_distributed, setup_logging
+from .faults import PROGRESS, start_watchdog
 from .signals import PREEMPTED_EXIT, StopFlag, Stopped
 from .state import TrainState
 
@@ -42,6 +43,9 @@ class Trainer:
             raise Stopped("before the process group was set up")
         self.ctx = init_distributed(self.spec)
         setup_logging(self.ctx.rank)
+        # Names a silent or stuck peer after training.hang_timeout (set-up is exempt while beating).
+        PROGRESS.enter("setting up", exempt=True)
+        self.watchdog = start_watchdog(self.ctx.rank, self.ctx.world_size, self.spec.training.hang_timeout)
         self.cache_dir = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         self.state = TrainState()
         self.resumed_step: int | None = None  # the step of the checkpoint resumed from
@@ -203,6 +207,7 @@ class Trainer:
         # committed, then exit 143 and a rerun (resumed at the last step) redoes the exports.
         # Past the last boundary the finish completes and exits 0 (docs/training.md).
         state = self.state
+        PROGRESS.enter("finishing (final checkpoint, evaluation, exports)", state.step, exempt=True)
         if self.resumed_step != state.step:  # else this very state is committed already
             self.saves.save(final=True)  # resumable: a rerun after a crash below only redoes the exports
         if self.stop_agreed():
@@ -229,10 +234,13 @@ class Trainer:
     def _shutdown(self) -> None:
         import torch.distributed as dist
 
+        PROGRESS.enter("shutting down", exempt=True)
         if hasattr(self, "data"):
             self.data.close()
         if dist.is_initialized():
             self.ctx.barrier()
+            if self.watchdog is not None:
+                self.watchdog.stop()
             dist.destroy_process_group()
 
 

@@ -85,6 +85,9 @@ def all_max(values: list[int], group: Any = None) -> list[int]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
+    from .faults import PROGRESS
+
     t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    with PROGRESS.waiting_in("the step's agreement"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [int(v) for v in t.tolist()]
