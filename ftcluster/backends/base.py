@@ -94,6 +94,10 @@ class RunStatus:
     # Parts of the run: the tasks of a job array (one per variant) or the stages of a pipeline,
     # each {"name", "job_id", "state", "message"} (docs/pipelines.md).
     tasks: list[dict[str, Any]] = field(default_factory=list)
+    # Restarts after infrastructure faults (resources.max_restarts) and each failed attempt's cause,
+    # {"attempt", "code", "kind", "rank", "host", "what"} (docs/lifecycle.md, "Faults").
+    restarts: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:

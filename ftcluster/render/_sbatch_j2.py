@@ -11,6 +11,7 @@ def root(context, missing=missing):
     l_0_summary = resolve('summary')
     l_0_directives = resolve('directives')
     l_0_requeue = resolve('requeue')
+    l_0_max_restarts = resolve('max_restarts')
     l_0_modules = resolve('modules')
     l_0_setup = resolve('setup')
     l_0_exports = resolve('exports')
@@ -57,7 +58,20 @@ def root(context, missing=missing):
     else:
         pass
         yield '    echo "ftcluster: stopped (status $1); slurm.requeue is false, so resubmit to resume from the last committed checkpoint"\n'
-    yield '  fi\n  exit "$1"\n}\ntrap \'ftc_forward USR2\' USR2\ntrap \'ftc_forward TERM\' TERM\n\n'
+    yield '  fi\n  # An infrastructure fault (status 170: a lost rank or node, a hung rank, a collective error; the\n  # launcher named the first failing rank and host above): requeue while resources.max_restarts\n  # allows. The count lives in the job\'s Comment, which a requeue keeps (SLURM_RESTART_COUNT also\n  # counts preemptions). An error of the code or data (status 1) is never requeued.\n  if [ "$1" -eq 170 ] && [ -z "$ftc_signal" ]; then\n'
+    if (undefined(name='requeue') if l_0_requeue is missing else l_0_requeue):
+        pass
+        yield '    ftc_faults=$( (scontrol show job -o "$SLURM_JOB_ID" || true) | sed -n \'s/.* Comment=ftcluster-fault-restarts=\\([0-9]*\\).*/\\1/p\')\n    ftc_faults=${ftc_faults:-0}\n    if [ "$ftc_faults" -lt '
+        yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
+        yield ' ]; then\n      trap - USR2 TERM\n      echo "ftcluster: infrastructure fault (status 170); requeueing job ${SLURM_JOB_ID}, fault restart $((ftc_faults + 1)) of at most '
+        yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
+        yield ' (resources.max_restarts); it resumes from the last committed checkpoint"\n      scontrol update JobId="$SLURM_JOB_ID" Comment="ftcluster-fault-restarts=$((ftc_faults + 1))" \\\n        || echo "ftcluster: could not record the fault restart in the job\'s Comment" >&2\n      scontrol requeue "$SLURM_JOB_ID" || echo "ftcluster: scontrol requeue refused (a cancelled job stays cancelled)" >&2\n    else\n      echo "ftcluster: infrastructure fault (status 170); not requeueing: resources.max_restarts='
+        yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
+        yield ' fault restart(s) spent" >&2\n    fi\n'
+    else:
+        pass
+        yield '    echo "ftcluster: infrastructure fault (status 170); slurm.requeue is false, so resubmit to resume from the last committed checkpoint"\n'
+    yield '  elif [ "$1" -eq 1 ]; then\n    echo "ftcluster: an error in the training code, data or settings (status 1; its line is above): not requeued" >&2\n  fi\n  exit "$1"\n}\ntrap \'ftc_forward USR2\' USR2\ntrap \'ftc_forward TERM\' TERM\n\n'
     if ((undefined(name='modules') if l_0_modules is missing else l_0_modules) or (undefined(name='setup') if l_0_setup is missing else l_0_setup)):
         pass
         yield '# ---- software environment --------------------------------------------------------------------\n# With `set +u`: module functions and venv/conda activate scripts often read unset variables.\nset +u\n'
@@ -118,7 +132,7 @@ def root(context, missing=missing):
     yield str((undefined(name='port_base') if l_0_port_base is missing else l_0_port_base))
     yield ' + SLURM_JOB_ID % '
     yield str((undefined(name='port_span') if l_0_port_span is missing else l_0_port_span))
-    yield '))}\nftc_rdzv_endpoint=${ftc_rdzv_host}:${ftc_rdzv_port}\necho "ftcluster: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}; rendezvous ${ftc_rdzv_endpoint}"\n\n# ---- launch: one task per node, each a torchrun with all of the node\'s ranks ----------------\nif [ -n "$ftc_signal" ]; then\n  ftc_finish 143  # signalled during setup: nothing to save yet\nfi\n'
+    yield '))}\nftc_rdzv_endpoint=${ftc_rdzv_host}:${ftc_rdzv_port}\necho "==> ftcluster: job ${SLURM_JOB_ID} attempt $((${SLURM_RESTART_COUNT:-0} + 1)) (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}; rendezvous ${ftc_rdzv_endpoint} <=="\n\n# ---- launch: one task per node, each a torchrun with all of the node\'s ranks ----------------\nif [ -n "$ftc_signal" ]; then\n  ftc_finish 143  # signalled during setup: nothing to save yet\nfi\n'
     if (undefined(name='launch_note') if l_0_launch_note is missing else l_0_launch_note):
         pass
         yield str((undefined(name='literal_note') if l_0_literal_note is missing else l_0_literal_note))
@@ -127,7 +141,7 @@ def root(context, missing=missing):
     yield ' &\nftc_step=$!\nftc_rc=0\nwait "$ftc_step" || ftc_rc=$?\nwhile kill -0 "$ftc_step" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait for the step\'s end\n  ftc_rc=0\n  wait "$ftc_step" || ftc_rc=$?\ndone\necho "ftcluster: training step exited with status ${ftc_rc}"\nftc_finish "$ftc_rc"\n'
 
 blocks = {}
-debug_info = '3=36&4=40&6=44&7=46&8=50&36=54&49=61&53=64&54=67&56=70&58=73&59=76&66=81&67=84&69=87&74=90&84=98&85=102&86=104&88=106&89=108&92=111&96=113&97=115&117=118&125=122&126=124&128=126'
+debug_info = '3=37&4=41&6=45&7=47&8=51&36=55&49=62&52=65&54=67&59=69&72=75&76=78&77=81&79=84&81=87&82=90&89=95&90=98&92=101&97=104&107=112&108=116&109=118&111=120&112=122&115=125&119=127&120=129&140=132&148=136&149=138&151=140'
 
 # Generated from templates/sbatch.sh.j2 by Jinja2: `python -m ftcluster.render.template > ftcluster/render/_sbatch_j2.py`.
 # Do not edit; edit the template and regenerate.

@@ -163,6 +163,7 @@ def template_variables(plan: Any, header: list[str]) -> dict[str, Any]:
         launch=launch,
         launch_note=any(len(_with_note(line)) > 1 for line in launch),
         requeue=sl.requeue,
+        max_restarts=spec.resources.max_restarts,
     )
 
 

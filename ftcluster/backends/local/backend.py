@@ -77,7 +77,8 @@ class LocalBackend(Backend):
             files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=1, sort_keys=True) + "\n"
         meta = {"name": spec.name, "spec_hash": plan.hash, "output_uri": plan.output_uri, "port": port,
                 # Variants run one after another in this run; each picks its payload by FTCLUSTER_VARIANT.
-                "steps": [{"name": v, "env": {"FTCLUSTER_VARIANT": v}} for v in plan.variants]}
+                "steps": [{"name": v, "env": {"FTCLUSTER_VARIANT": v}} for v in plan.variants],
+                "max_restarts": spec.resources.max_restarts}
         return SubmitRequest("local", run_id, run_dir, argv, files, dict(plan.env), os.getcwd(), meta)
 
     def schedule(self, req: SubmitRequest) -> RunStatus:
@@ -88,7 +89,8 @@ class LocalBackend(Backend):
             req.argv = [a.replace(f"127.0.0.1:{req.meta['port']}", f"127.0.0.1:{port}") for a in req.argv]
             req.files["launch.sh"] = _launch_script(req.argv, req.env, req.cwd or os.getcwd())
         with self.creating_run_folder(req):
-            launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd, "steps": req.meta.get("steps", [])}
+            launch = {"argv": req.argv, "env": req.env, "cwd": req.cwd, "steps": req.meta.get("steps", []),
+                      "max_restarts": req.meta.get("max_restarts", 0)}
             write_atomic(req.run_dir / "launch.json", json.dumps(launch, indent=1, sort_keys=True))
             status = RunStatus(req.run_id, "local", req.meta["name"], "PENDING", str(req.run_dir),
                                submitted_at=time.time(), spec_hash=req.meta["spec_hash"],

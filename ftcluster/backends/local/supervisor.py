@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from ...exitcodes import PREEMPTED_EXIT
+from ...exitcodes import FAULT_EXIT, PREEMPTED_EXIT
 from ..base import load_status, save_status
 from .proctree import RUN_ENV, cancel_grace_s, run_key, run_pids, signal_all, stop_all, wait_gone
 
@@ -47,22 +47,9 @@ def main(run_dir_arg: str) -> int:
                 break
             if step.get("name"):
                 log.write(f"==> {step['name']} (variant {n + 1}/{len(steps)}) <==\n".encode())
-            try:
-                proc = subprocess.Popen(launch["argv"], cwd=launch["cwd"], env={**env, **step.get("env", {})},
-                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-            except OSError as exc:
-                status = load_status(run_dir)
-                status.state, status.message, status.ended_at = "FAILED", f"could not start: {exc}", time.time()
-                save_status(run_dir, status)
+            rc = _attempts(launch, env, step, n, run_dir, log, current)
+            if rc is None:
                 return 1
-            current[:] = [proc]
-            (run_dir / "job.pid").write_text(str(proc.pid))
-            if (run_dir / "cancel-requested").exists():  # the cancel came while it was starting
-                _forward_cancel(current, run_dir)
-            _record(run_dir, n, "RUNNING", None)
-            rc = proc.wait()
-            _stop_leftovers(run_dir, log)
             _record(run_dir, n, "SUCCEEDED" if rc == 0 else "FAILED", rc)
             if rc != 0:
                 break
@@ -74,18 +61,86 @@ def main(run_dir_arg: str) -> int:
         status.state, status.message = "CANCELLED", "cancelled by the user"
     elif rc == 0:
         status.state, status.message = "SUCCEEDED", ""
+    elif rc == FAULT_EXIT:
+        status.state = "FAILED"
+        status.message = (f"{which}an infrastructure fault, after {status.restarts} restart(s) "
+                          f"(resources.max_restarts): {_fault_line(status.faults[-1]) if status.faults else ''}")
     elif rc == PREEMPTED_EXIT:
         status.state = "FAILED"
         status.message = f"{which}stopped by a signal after saving a checkpoint (exit {PREEMPTED_EXIT}); resubmit to resume"
     else:
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit code {rc}"
+        try:
+            fault = json.loads((run_dir / f"fault-{status.restarts}.json").read_text())
+        except (OSError, ValueError):
+            fault = None
+        if rc == 1 and fault:  # the launcher's verdict: an error of the code or data
+            how = f"{_fault_line(fault)}: an error in the training code, data or settings (exit 1), not retried"
         status.state, status.message = "FAILED", f"{which}{how}; see `ftcluster logs {status.run_id}`"
+    if status.restarts and status.state != "FAILED":
+        status.message = (f"{status.message}; " if status.message else "") + (
+            f"restarted {status.restarts} time(s) after infrastructure faults, first: "
+            f"{_fault_line(status.faults[0])}")
+    elif status.state == "FAILED" and rc == 1 and status.faults:
+        status.message += f" (after {status.restarts} restart(s) for infrastructure faults)"
     for task in status.tasks:
         if task["state"] == "PENDING":
             task["state"] = "CANCELLED"
             task["message"] = "not run: an earlier variant failed" if status.state == "FAILED" else "not run"
     save_status(run_dir, status)
     return 0
+
+
+def _attempts(launch: dict, env: dict[str, str], step: dict, n: int, run_dir: Path, log,
+              current: list[subprocess.Popen]) -> int | None:
+    """Run one step; after an infrastructure fault (the launcher's FAULT_EXIT) start it again, up to
+    ``resources.max_restarts`` times in the run: it resumes from the last committed checkpoint.
+    Returns the last attempt's status (None: it could not start)."""
+    budget = int(launch.get("max_restarts", 0))
+    while True:
+        status = load_status(run_dir)
+        attempt = status.restarts
+        fault_file = run_dir / f"fault-{attempt}.json"
+        fault_file.unlink(missing_ok=True)
+        if attempt:
+            log.write(f"==> attempt {attempt + 1} (restart {attempt} of at most {budget} after an infrastructure "
+                      f"fault; resuming from the last committed checkpoint) <==\n".encode())
+        step_env = {**env, **step.get("env", {}), "FTCLUSTER_RESTART_COUNT": str(attempt),
+                    "FTCLUSTER_FAULT_FILE": str(fault_file)}
+        try:
+            proc = subprocess.Popen(launch["argv"], cwd=launch["cwd"], env=step_env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            status.state, status.message, status.ended_at = "FAILED", f"could not start: {exc}", time.time()
+            save_status(run_dir, status)
+            return None
+        current[:] = [proc]
+        (run_dir / "job.pid").write_text(str(proc.pid))
+        if (run_dir / "cancel-requested").exists():  # the cancel came while it was starting
+            _forward_cancel(current, run_dir)
+        _record(run_dir, n, "RUNNING", None)
+        rc = proc.wait()
+        _stop_leftovers(run_dir, log)
+        if rc != FAULT_EXIT:
+            return rc
+        status = load_status(run_dir)
+        try:
+            fault = json.loads(fault_file.read_text())
+        except (OSError, ValueError):
+            fault = {"kind": "infrastructure", "what": f"exit code {rc}"}
+        status.faults.append({"attempt": attempt + 1, "code": rc, **fault})
+        if attempt >= budget or (run_dir / "cancel-requested").exists():
+            save_status(run_dir, status)
+            if attempt >= budget:
+                log.write(f"ftcluster: not restarting: resources.max_restarts={budget} restart(s) spent\n".encode())
+            return rc
+        status.restarts = attempt + 1
+        save_status(run_dir, status)
+
+
+def _fault_line(fault: dict) -> str:
+    who = f"rank {fault['rank']} on {fault.get('host', '?')}: " if fault.get("rank") is not None else ""
+    return f"{who}{fault.get('what', '')}"
 
 
 def _record(run_dir: Path, n: int, state: str, rc: int | None) -> None:

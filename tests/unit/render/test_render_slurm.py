@@ -258,6 +258,9 @@ if [ "$1 $2 $3" = "show node -o" ]; then  # NodeAddr: the address Slurm reaches 
   [ "${FAKE_NODEADDR-}" = fail ] && { echo "Node $4 not found" >&2; exit 1; }
   echo "NodeName=$4 Arch=x86_64 CPUTot=2 NodeAddr=${FAKE_NODEADDR:-10.1.0.1} NodeHostName=$4 State=ALLOCATED"
 fi
+if [ "$1 $2 $3" = "show job -o" ]; then  # the job's Comment holds the fault restarts so far
+  echo "JobId=$4 JobName=quickstart Comment=${FAKE_COMMENT:-(null)} Restarts=0 JobState=RUNNING"
+fi
 """,
     "module": """#!/bin/bash\necho "$*" >> "$FAKE_DIR/module.log"\n""",
 }
@@ -421,6 +424,30 @@ def test_requeue_decision_on_step_status(step_rc, requeue, want_requeue, tmp_pat
         assert "slurm.requeue is false" in res.stdout
 
 
+@pytest.mark.parametrize("comment, requeue, want", [
+    ("(null)", True, 1), ("ftcluster-fault-restarts=1", True, 2), ("ftcluster-fault-restarts=2", True, None),
+    ("(null)", False, None)])
+def test_infrastructure_fault_requeues_within_max_restarts(comment, requeue, want, tmp_path):
+    """Status 170 (a lost rank, a hang: ftcluster.exitcodes.FAULT_EXIT) requeues while the fault
+    restarts counted in the job's Comment are below resources.max_restarts (2 by default); status 1
+    (an error of the code or data) never does."""
+    from ftcluster.exitcodes import FAULT_EXIT
+
+    spec = load_spec(ROOT / "examples" / "quickstart.yaml", [f"slurm.requeue={str(requeue).lower()}"])
+    res = run_script(render(spec, "slurm")["quickstart.sbatch"], tmp_path,
+                     {"FAKE_STEP": str(FAULT_EXIT), "FAKE_COMMENT": comment})
+    assert res.returncode == FAULT_EXIT
+    log = (tmp_path / "scontrol.log").read_text()
+    assert ("requeue 4242" in log) is (want is not None), res.stdout + res.stderr
+    if want is not None:
+        assert f"update JobId=4242 Comment=ftcluster-fault-restarts={want}" in log
+        assert f"fault restart {want} of at most 2 (resources.max_restarts)" in res.stdout
+    elif requeue:
+        assert "resources.max_restarts=2 fault restart(s) spent" in res.stderr
+    res = run_script(render(spec, "slurm")["quickstart.sbatch"], tmp_path, {"FAKE_STEP": "1"})
+    assert "not requeued" in res.stderr and "requeue 4242" not in (tmp_path / "scontrol.log").read_text()[len(log):]
+
+
 @pytest.mark.parametrize("sig, want_requeue", [("USR2", True), ("TERM", False)])
 def test_trap_forwards_the_signal_to_the_step(sig, want_requeue, tmp_path):
     """USR2 (checkpoint, then requeue) and TERM (scancel or preemption: checkpoint; Slurm decides) both
@@ -461,6 +488,9 @@ def test_requeue_status_is_the_runtimes_preempted_exit():
     template spells it as a literal (passing it in would change the compiled template for nothing)."""
     text = (ROOT / "templates" / "sbatch.sh.j2").read_text()
     assert f'"$1" -eq {PREEMPTED_EXIT} ]' in text and f"ftc_finish {PREEMPTED_EXIT}  #" in text
+    from ftcluster.exitcodes import FAULT_EXIT
+
+    assert f'"$1" -eq {FAULT_EXIT} ]' in text
 
 
 def test_compiled_template_is_the_template_source():
