@@ -104,7 +104,14 @@ def _word(arg: str, variables: dict[str, str]) -> str:
 def launch_lines(plan: Any) -> list[str]:
     """The srun command, one option per line (joined with `` \\`` by the template)."""
     spec, sl = plan.spec, plan.spec.slurm
-    srun = ["srun", "--kill-on-bad-exit=1", "--nodes=" + str(plan.nnodes), "--ntasks-per-node=1", "--export=ALL"]
+    # Not --kill-on-bad-exit=1: it SIGKILLs the other nodes' launchers the moment one exits non-zero,
+    # and srun then returns their 137, which hides whether the first failure was a fault (170:
+    # requeue) or an error of the code or data (1: never). The other nodes learn of a failure within
+    # seconds (a collective error) or by the watchdog (training.hang_timeout) and exit with the job's
+    # verdict; --wait kills what is left after that (docs/lifecycle.md, "Faults").
+    wait = int(spec.training.hang_timeout) + 60
+    srun = ["srun", "--kill-on-bad-exit=0", f"--wait={wait}", "--nodes=" + str(plan.nnodes), "--ntasks-per-node=1",
+            "--export=ALL"]
     if spec.resources.cpus_per_node:  # Slurm 22.05+ srun no longer inherits --cpus-per-task from sbatch
         srun.append(f"--cpus-per-task={spec.resources.cpus_per_node}")
     lines = [" ".join(srun)]

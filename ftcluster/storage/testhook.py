@@ -10,6 +10,7 @@ need no timing-based sleeps. Unset in production (nothing happens then).
 * ``SIGSTOP`` to itself: a frozen rank (every thread stops, the heartbeat too);
 * ``HANG`` (no signal): the main thread blocks for good, as a data read that never returns, while
   the process and its heartbeat thread live on;
+* ``RAISE`` (no signal): a ``ValueError``, as a bad record or a bug in the loss would raise;
 * any other signal (a stop: SIGUSR2, SIGTERM) to its parent, the launcher (torchrun's agent),
   as a scheduler or ``ftcluster cancel`` would, and to itself, so the stop is seen at this very
   moment rather than after the agent's forwarding delay (the agent forwards it too; a second
@@ -62,6 +63,8 @@ def signal_at(boundary: str) -> None:
         import threading
 
         threading.Event().wait()
+    if sig_name == "RAISE":
+        raise ValueError(f"{ENV}={value}: a test's error in the training code")
     sig = signal.Signals[sig_name]
     if sig not in (signal.SIGKILL, signal.SIGSTOP):
         os.kill(os.getppid(), sig)

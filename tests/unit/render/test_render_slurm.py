@@ -354,7 +354,7 @@ def test_script_runs_the_planned_launch_line(tmp_path):
     expected_torchrun = plan.torchrun_args(rdzv_endpoint=f"10.1.0.1:{port}", rdzv_id="4242", python="/opt/my env/bin/python3",
                                            spec_arg=["--spec-env", "FTCLUSTER_PAYLOAD"], launcher="ftcluster.train.launch")
     assert srun_argv(tmp_path) == [
-        "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1", "--export=ALL",
+        "--kill-on-bad-exit=0", "--wait=360", "--nodes=2", "--ntasks-per-node=1", "--export=ALL",
         "--container-image=nvcr.io#nvidia/pytorch:24.01-py3", "--container-mounts=/data:/data:ro,/a b:/c",
         *expected_torchrun]
     assert json.loads((tmp_path / "payload.json").read_text()) == plan.payload
