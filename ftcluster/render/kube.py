@@ -24,6 +24,7 @@ from ..spec.kubenames import (
     HASH_LABEL,
     K8S_ENV,
     PYTORCHJOB_ONLY,
+    RUNTIME_MAX_RESTARTS,
     QUEUE_LABEL,
     RESERVED_ENV,
     RESERVED_MOUNTS,
@@ -35,6 +36,9 @@ from ..spec.kubenames import (
 
 DEFAULT_RUNTIME = "ftcluster-torch"
 PATCH_MANAGER = "ftcluster.dev/render"
+# The Job failure message of the runtime's pod failure policy rule for exit 1 (Kubernetes' job
+# controller: "Container node for pod NS/NAME failed with exit code 1 matching FailJob rule at index 1").
+USER_ERROR_MESSAGE = "failed with exit code 1 matching FailJob rule"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -85,7 +89,7 @@ def prepare_job(pp: Any) -> dict[str, Any]:
     pod["containers"][0]["name"] = "prepare"
     pod["restartPolicy"] = "Never"  # a failed index is retried by the Job (backoffLimit), not in place
     spec: dict[str, Any] = {"completionMode": "Indexed", "completions": pp.tasks, "parallelism": pp.tasks,
-                            "backoffLimit": k.backoff_limit,
+                            "backoffLimit": 10 if k.backoff_limit is None else k.backoff_limit,
                             "template": {"metadata": _pod_metadata(pp), "spec": pod}}
     if k.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
@@ -99,7 +103,10 @@ def pytorchjob(plan: LaunchPlan) -> dict[str, Any]:
     replicas = {"Master": {"replicas": 1, "restartPolicy": k.restart_policy, "template": template}}
     if plan.nnodes > 1:
         replicas["Worker"] = {"replicas": plan.nnodes - 1, "restartPolicy": k.restart_policy, "template": template}
-    run_policy: dict[str, Any] = {"backoffLimit": k.backoff_limit, "cleanPodPolicy": "Running"}
+    # restartPolicy ExitCode retries 128-255 (a preemption's 143, an infrastructure fault's 170) and
+    # never 1-127 (an error of the code or data); the retries are resources.max_restarts by default.
+    backoff = plan.spec.resources.max_restarts if k.backoff_limit is None else k.backoff_limit
+    run_policy: dict[str, Any] = {"backoffLimit": backoff, "cleanPodPolicy": "Running"}
     if k.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     if plan.spec.resources.time_limit_seconds:
@@ -164,9 +171,11 @@ def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
     (container ``node``) with a memory-backed ``/dev/shm``, gang restarts on failure.
 
     Job-independent on purpose: it is cluster-scoped and shared by every TrainJob. Restarts:
-    any failed pod fails its Job (backoffLimit 0) and JobSet recreates every node (at most 10
-    times); a pod stopped by a disruption (preemption, eviction, drain) fails its Job through the
-    pod failure policy, and that restart does not count against maxRestarts.
+    any failed pod fails its Job (backoffLimit 0) and JobSet recreates every node (at most
+    RUNTIME_MAX_RESTARTS times: an infrastructure fault's exit 170, docs/lifecycle.md); a pod that
+    exits 1 (an error of the code or data) fails the TrainJob at once (a restart would fail the same
+    way); a pod stopped by a disruption (preemption, eviction, drain) fails its Job through the pod
+    failure policy, and that restart does not count against maxRestarts.
     """
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
@@ -180,9 +189,12 @@ def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
             "mlPolicy": {"numNodes": 1, "torch": {}},
             "template": {"spec": {
                 "failurePolicy": {
-                    "maxRestarts": 10,
+                    "maxRestarts": RUNTIME_MAX_RESTARTS,
                     "restartStrategy": "Recreate",
-                    "rules": [{"name": "disruptedPod", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                    # First match wins: the Job's failure message names the pod failure policy's rule.
+                    "rules": [{"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+                               "onJobFailureMessagePatterns": [USER_ERROR_MESSAGE]},
+                              {"name": "disruptedPod", "action": "RestartJobSetAndIgnoreMaxRestarts",
                                "onJobFailureReasons": ["PodFailurePolicy"]}],
                 },
                 "replicatedJobs": [{
@@ -194,6 +206,8 @@ def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
                             "backoffLimit": 0,
                             "podFailurePolicy": {"rules": [
                                 {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                                {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In",
+                                                                      "values": [1]}},
                             ]},
                             "template": {"spec": {
                                 "restartPolicy": "Never",
@@ -231,7 +245,12 @@ def _trainjob_gaps(spec: Any) -> list[str]:
     """
     k = spec.kubernetes  # with kind: TrainJob these are spec errors (KubernetesSpec), so never set here
     gaps = [f for f in sorted(PYTORCHJOB_ONLY) if f in k.model_fields_set and getattr(k, f) is not None]
-    return [f"Not expressible in a TrainJob (kubernetes.{f}={getattr(k, f)}): {PYTORCHJOB_ONLY[f]}." for f in gaps]
+    notes = [f"Not expressible in a TrainJob (kubernetes.{f}={getattr(k, f)}): {PYTORCHJOB_ONLY[f]}." for f in gaps]
+    if spec.resources.max_restarts != RUNTIME_MAX_RESTARTS:
+        notes.append(f"Not expressible in a TrainJob (resources.max_restarts={spec.resources.max_restarts}): the "
+                     f"ClusterTrainingRuntime's failurePolicy.maxRestarts ({RUNTIME_MAX_RESTARTS}) applies to every "
+                     "TrainJob.")
+    return notes
 
 
 def _labels(plan: Any) -> dict[str, str]:

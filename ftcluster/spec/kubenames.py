@@ -17,6 +17,9 @@ SHM_PATH = "/dev/shm"
 SECRET_ENV_DIR = "/var/run/ftcluster/secret-env"  # TrainJob: one mounted Secret per env_from_secrets entry
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 HASH_LABEL = "ftcluster.dev/spec-hash"
+# The ClusterTrainingRuntime's failurePolicy.maxRestarts: shared by every TrainJob (a TrainJob cannot
+# patch it), so it is the default of resources.max_restarts (ftcluster.spec.schema.ResourcesSpec).
+RUNTIME_MAX_RESTARTS = 2
 OWN_LABELS = ("app.kubernetes.io/managed-by", "app.kubernetes.io/name", HASH_LABEL)  # set on every object
 
 # A stopped pod (preemption, Kueue eviction, drain) gets SIGTERM, then SIGKILL after the grace
@@ -31,7 +34,8 @@ RESERVED_ENV = frozenset({PAYLOAD_VAR, "PET_NNODES", "PET_NPROC_PER_NODE", "PET_
 # Fields of `kubernetes:` that TrainJob v1alpha1 cannot carry per job (they live in the runtime).
 PYTORCHJOB_ONLY = {
     "restart_policy": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy "
-                      "(ftcluster-torch: every node restarts together, at most 10 times)",
+                      f"(ftcluster-torch: every node restarts together after an infrastructure fault, at most "
+                      f"{RUNTIME_MAX_RESTARTS} times; exit 1 fails the TrainJob)",
     "backoff_limit": "restarts are set by the ClusterTrainingRuntime's JobSet failurePolicy.maxRestarts",
     "ttl_seconds_after_finished": "TrainJob has no TTL field",
     "priority_class": "TrainJob cannot set a Pod priorityClassName per job; set it in the runtime, "

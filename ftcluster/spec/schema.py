@@ -574,7 +574,7 @@ class KubernetesSpec(_Model):
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on the job and pods.")
     runtime: str = Field("ftcluster-torch", description="ClusterTrainingRuntime for TrainJob (ftcluster ships one with /dev/shm).")
     restart_policy: Literal["OnFailure", "Never", "ExitCode"] = Field("ExitCode", description="Pod restart policy; ExitCode retries the preemption exit code.")
-    backoff_limit: int = Field(10, ge=0, description="Retries before the job fails.")
+    backoff_limit: int | None = Field(None, ge=0, description="PyTorchJob retries before the job fails; unset: resources.max_restarts. With restart_policy ExitCode only exits 128-255 are retried (a preemption's 143, an infrastructure fault's 170), and a preemption's retry counts too: raise it where pods are often preempted.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished job after this many seconds.")
     disable_istio_sidecar: bool = Field(True, description="Add sidecar.istio.io/inject: 'false' (sidecars break rendezvous).")
 

@@ -243,18 +243,21 @@ def first_failure(exc: BaseException, exit_dir: Path | None) -> Any:
     failures = sorted((getattr(f, "timestamp", 0), rank, f) for rank, f in
                       (getattr(exc, "failures", None) or {}).items())
     causes = read_causes(exit_dir) if exit_dir is not None else {}
-    for _, rank, _f in failures:
-        if rank in causes:
-            return causes[rank]
-    if causes:
-        return causes[min(causes)]
+    recorded = next((causes[rank] for _, rank, _f in failures if rank in causes),
+                    causes[min(causes)] if causes else None)
+    # A rank of this node killed by a signal is seen here directly; its peers only inferred its loss.
+    killed = [(rank, f.exitcode) for _, rank, f in failures
+              if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0 and rank not in causes]
+    if recorded is not None and (recorded.kind == USER or not killed):
+        return recorded
+    if killed:
+        rank, code = killed[0]
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        return Fault(INFRA, rank, _host(), f"killed by {name} (the OOM killer, a node failure or a kill)")
     if not failures:
         return Fault(USER, None, _host(), "a worker failed")
     _, rank, f = failures[0]
     code = getattr(f, "exitcode", None)
-    if isinstance(code, int) and code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        return Fault(INFRA, rank, _host(), f"killed by {name} (the OOM killer, a node failure or a kill)")
     if code == FAULT_EXIT:
         return Fault(INFRA, rank, _host(), f"exit code {code}")
     return Fault(USER, rank, _host(), f"exit code {code}")

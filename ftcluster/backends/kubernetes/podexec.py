@@ -8,7 +8,13 @@ The rendered PyTorchJob and TrainJob containers run torchrun through this wrappe
    Training Operator's ``restartPolicy: ExitCode`` treats as a permanent failure (1-127) rather
    than a retryable one (128-255). The wrapper forwards the signal to torchrun, waits for it, and
    then exits with ``128 + signal`` (143 for SIGTERM), so a preempted replica is retried.
-2. ``--env-dir``: TrainJob (``trainer.kubeflow.org/v1alpha1``) has no ``envFrom``; ftcluster
+2. Faults. torchrun also exits 1 when a worker failed, whatever the cause. The workers record
+   their failure in ``FTCLUSTER_EXIT_DIR`` (set here: ``cause-RANK.json``, the job's first failure
+   as the ranks agreed it, ftcluster.train.faults); when it is an infrastructure fault (a lost
+   rank or node, a hung rank, a collective error) the wrapper exits 170 (FAULT_EXIT), which
+   ``restartPolicy: ExitCode`` retries up to ``runPolicy.backoffLimit``, while an error of the
+   code or data stays 1: permanent (docs/lifecycle.md, "Faults").
+3. ``--env-dir``: TrainJob (``trainer.kubeflow.org/v1alpha1``) has no ``envFrom``; ftcluster
    mounts each Secret named in ``kubernetes.env_from_secrets`` as a read-only volume and this
    wrapper exports every key in it as an environment variable, as ``envFrom`` would. As in
    Kubernetes, variables already set in the container's ``env`` win, and among Secrets the last
@@ -19,10 +25,15 @@ Standard library only: it runs before anything heavy is imported.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+
+from ...exitcodes import FAULT_EXIT
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -66,22 +77,44 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return dirs, command
 
 
-def exit_status(returncode: int, stop_signal: int | None) -> int:
+def exit_status(returncode: int, stop_signal: int | None, fault: bool = False) -> int:
     """The status the pod reports: 0 on success; 128+signal when the pod was told to stop
-    (or the command died of a signal); otherwise the command's own status."""
+    (or the command died of a signal); FAULT_EXIT when a worker recorded an infrastructure fault;
+    otherwise the command's own status."""
     if returncode == 0:
         return 0
     if stop_signal is not None:
         return 128 + stop_signal
     if returncode < 0:
         return 128 + (-returncode)
+    if fault:
+        return FAULT_EXIT
     return returncode
+
+
+def infrastructure_fault(exit_dir: str) -> bool:
+    """Whether a worker recorded the job's first failure as an infrastructure fault."""
+    try:
+        names = os.listdir(exit_dir)
+    except OSError:
+        return False
+    for name in names:
+        if name.startswith("cause-") and name.endswith(".json"):
+            try:
+                with open(os.path.join(exit_dir, name), encoding="utf-8") as fh:
+                    if json.load(fh).get("kind") == "infrastructure":
+                        return True
+            except (OSError, ValueError, AttributeError):
+                continue
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
     dirs, command = parse_args(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     env.update(secret_env(dirs, keep=set(env)))
+    own_dir = "FTCLUSTER_EXIT_DIR" not in env
+    exit_dir = env.setdefault("FTCLUSTER_EXIT_DIR", tempfile.mkdtemp(prefix="ftcluster-exit-"))
     received: list[int] = []
 
     def forward(signum, _frame):
@@ -94,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen(command, env=env)
     except OSError as exc:
         print(f"ftcluster.podexec: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        if own_dir:
+            shutil.rmtree(exit_dir, ignore_errors=True)
         return 127
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -103,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for old interpreters
             continue
-    return exit_status(rc, received[0] if received else None)
+    fault = infrastructure_fault(exit_dir)
+    if own_dir:
+        shutil.rmtree(exit_dir, ignore_errors=True)
+    return exit_status(rc, received[0] if received else None, fault)
 
 
 if __name__ == "__main__":

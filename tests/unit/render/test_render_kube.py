@@ -4,6 +4,7 @@ CRD schemas (tests/support/k8s_schema.py), plus targeted checks per feature and 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -183,7 +184,12 @@ def test_master_and_workers():
         assert torchrun[:3] == ["python3", "-m", "torch.distributed.run"]
         assert "--nproc-per-node=2" in torchrun and not any(a.startswith("--rdzv-endpoint") for a in torchrun)
         assert torchrun[-2:] == ["--spec-env", "FTCLUSTER_PAYLOAD"]
-    assert multi["runPolicy"] == {"backoffLimit": 10, "cleanPodPolicy": "Running"}
+    # retries are resources.max_restarts unless kubernetes.backoff_limit says otherwise
+    assert multi["runPolicy"] == {"backoffLimit": 2, "cleanPodPolicy": "Running"}
+    spec = _objects(render(_text(BASE, "resources.max_restarts=5"), "pytorchjob"))["PyTorchJob"]["spec"]
+    assert spec["runPolicy"]["backoffLimit"] == 5
+    spec = _objects(render(_text(BASE, "kubernetes.backoff_limit=7"), "pytorchjob"))["PyTorchJob"]["spec"]
+    assert spec["runPolicy"]["backoffLimit"] == 7
 
 
 def test_stopped_pods_get_time_to_checkpoint():
@@ -510,6 +516,20 @@ def test_podexec_exit_status():
     proc = _podexec("--bogus")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "usage: python3 -m ftcluster.podexec" in err
+
+
+@pytest.mark.parametrize("kind, want", [("infrastructure", 170), ("user", 1), (None, 1)])
+def test_podexec_reports_an_infrastructure_fault_as_170(tmp_path, kind, want):
+    """torchrun exits 1 for any failed worker; the worker's cause file (in the FTCLUSTER_EXIT_DIR that
+    podexec gives it) decides between 170 (retried by restartPolicy ExitCode) and 1 (permanent)."""
+    cause = "" if kind is None else json.dumps({"kind": kind, "rank": 1, "host": "n2", "what": "lost"})
+    code = ("import os, pathlib, sys\n"
+            f"c = {cause!r}\n"
+            "if c: (pathlib.Path(os.environ['FTCLUSTER_EXIT_DIR']) / 'cause-0.json').write_text(c)\n"
+            "sys.exit(1)\n")
+    proc = _podexec("--", sys.executable, "-c", code)
+    assert proc.wait(timeout=60) == want
+    assert exit_status(1, None, fault=True) == 170 and exit_status(1, 15, fault=True) == 143
 
 
 def _sigterm_after_start(cmd_prefix: list[str], tmp_path: Path) -> int:

@@ -364,7 +364,7 @@ def test_script_runs_the_planned_launch_line(tmp_path):
     assert (tmp_path / "module.log").read_text().splitlines() == [f"load {m}" for m in spec.slurm.modules]
     assert (tmp_path / "setup.txt").read_text() == "setup ran\n"
     assert "show hostnames node-[a-b]\nshow node -o node-a\n" in (tmp_path / "scontrol.log").read_text()
-    assert f"ftcluster: job 4242 restart 0 on node-[a-b]; rendezvous 10.1.0.1:{port}" in res.stdout
+    assert f"==> ftcluster: job 4242 attempt 1 (restart 0) on node-[a-b]; rendezvous 10.1.0.1:{port} <==" in res.stdout
     assert "requeue" not in (tmp_path / "scontrol.log").read_text()
 
 
@@ -747,7 +747,7 @@ def test_usr2_checkpoints_requeues_and_resumes(tmp_path):
     assert "ftcluster: got SIGUSR2; asking every rank to checkpoint and stop" in log
     assert "training step exited with status 143" in log
     assert f"ftcluster: requeueing job {job_id} (restart 0)" in log
-    assert f"ftcluster: job {job_id} restart 1 on n[1-2]" in log
+    assert f"ftcluster: job {job_id} attempt 2 (restart 1) on n[1-2]" in log
     assert log.rstrip().endswith("ftcluster: training step exited with status 0")
 
 
