@@ -182,6 +182,7 @@ class Watchdog:
         self.peers = {(rank + i) % world: _Peer() for i in range(1, n + 1)}
         self.started = clock()
         self.store_ok_at = self.started
+        self._own = (-1, self.started)  # this rank's progress counter and when it last changed (own clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -237,7 +238,9 @@ class Watchdog:
                              f"{rec['step']}, {rec['phase']}): the process is stopped, frozen or its host "
                              "unreachable (training.hang_timeout)")
         me = self.progress
-        if not (me.waiting and now - me.since > t and all(p.rec for p in self.peers.values())):
+        if me.seq != self._own[0]:
+            self._own = (me.seq, now)
+        if not (me.waiting and now - self._own[1] > t and all(p.rec for p in self.peers.values())):
             return None
         stuck = [(r, p) for r, p in self.peers.items()
                  if not p.rec["waiting"] and not p.rec["exempt"] and now - p.seq_at > t]  # type: ignore[index]
