@@ -32,7 +32,15 @@ from ..base import (
     write_atomic,
 )
 from .array import array_log_pattern, array_logs, refresh_array
-from .state import STATE_MAP, controller_unreachable, first_line, query_state, sbatch_job_id
+from .state import (
+    STATE_MAP,
+    controller_unreachable,
+    fault_restarts,
+    faults_in_log,
+    first_line,
+    query_state,
+    sbatch_job_id,
+)
 
 if TYPE_CHECKING:
     from ...preflight.checks import Check
@@ -213,10 +221,26 @@ class SlurmBackend(Backend):
         if info.exit_code is not None:
             st.returncode = info.exit_code
         st.started_at = st.started_at or info.started_at  # the first start, when the job was requeued
+        self._faults(st, extra, run)
         if st.terminal:
             st.ended_at = info.ended_at or time.time()
         save_status(run_dir, st)
         return st
+
+    def _faults(self, st: RunStatus, extra: dict[str, Any], run: Any) -> None:
+        """The fault restarts (the job's Comment) and, where the log is on this machine, each attempt's
+        first failure as the log names it (docs/lifecycle.md, "Faults")."""
+        restarts = fault_restarts(run, st.job_id or "")
+        if restarts is not None:
+            st.restarts = max(st.restarts, restarts)
+        log = Path(extra.get("log", ""))
+        if not extra.get("login") and extra.get("log") and log.is_file():
+            st.faults = faults_in_log(log.read_text(errors="replace"))
+        if st.restarts:
+            note = f"restarted {st.restarts} time(s) after infrastructure faults"
+            if st.faults:
+                note += f", first: {st.faults[0]['what']}"
+            st.message = f"{st.message}; {note}" if st.message else note
 
     def logs(self, run_ref: str, follow: bool = False) -> Iterator[str]:
         run_dir = self.run_folder(run_ref)

@@ -179,3 +179,34 @@ def query_tasks(run: Run, job_id: str) -> list[TaskRecord]:
         proc = run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,Start,End"], env=UTC)
         records = sacct_records(proc.stdout) if proc.returncode == 0 else []
     return records
+
+
+# --------------------------------------------------------------------------- faults (docs/lifecycle.md)
+
+FAULT_COMMENT = re.compile(r"(?:^|\s)Comment=ftcluster-fault-restarts=(\d+)")
+ATTEMPT_LINE = "==> ftcluster: job "
+FAILED_LINE = re.compile(r"^ftcluster: training failed: (.*?)(?: \[[^\]]*\])?; (an infrastructure fault|an error in the "
+                         r"training code)")
+
+
+def fault_restarts(run: Run, job_id: str) -> int | None:
+    """The requeues after infrastructure faults the sbatch script counted in the job's Comment."""
+    s = run(["scontrol", "show", "job", "-o", job_id], env=UTC)
+    if s.returncode != 0 or "JobState=" not in s.stdout:
+        return None
+    m = FAULT_COMMENT.search(s.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def faults_in_log(text: str) -> list[dict[str, object]]:
+    """Each attempt's first failure as its log names it (the output file is appended across requeues)."""
+    attempt, found = 0, {}
+    for line in text.splitlines():
+        if line.startswith(ATTEMPT_LINE):
+            attempt += 1
+            continue
+        m = FAILED_LINE.match(line)
+        if m and attempt not in found:
+            kind = "infrastructure" if m.group(2).startswith("an infrastructure") else "user"
+            found[attempt] = {"attempt": attempt, "kind": kind, "what": m.group(1)}
+    return list(found.values())

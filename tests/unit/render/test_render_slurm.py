@@ -448,6 +448,33 @@ def test_infrastructure_fault_requeues_within_max_restarts(comment, requeue, wan
     assert "not requeued" in res.stderr and "requeue 4242" not in (tmp_path / "scontrol.log").read_text()[len(log):]
 
 
+def test_status_reads_fault_restarts_and_each_attempt_s_cause():
+    """`ftcluster status` on Slurm: the fault restarts from the job's Comment, each attempt's first
+    failure from the appended output file (two nodes print a line each: the first counts)."""
+    from ftcluster.backends.slurm.state import fault_restarts, faults_in_log
+
+    log = "\n".join([
+        "==> ftcluster: job 7 attempt 1 (restart 0) on n[1-2]; rendezvous 127.0.0.1:20007 <==",
+        "step 3/40 | loss 6.1",
+        "ftcluster: training failed: rank 1 on n2: killed by SIGKILL (the OOM killer, a node failure or a kill) "
+        "[rank 1 exit code -9]; an infrastructure fault (exit 170): the job restarts ...",
+        "ftcluster: training failed: rank 1 on n2: lost (pid 9 stopped sending heartbeats); an infrastructure fault",
+        "==> ftcluster: job 7 attempt 2 (restart 1) on n[1-2]; rendezvous 127.0.0.1:20007 <==",
+        "ftcluster: training failed: rank 0 on n1: ValueError: bad record; an error in the training code, data ...",
+    ])
+    assert faults_in_log(log) == [
+        {"attempt": 1, "kind": "infrastructure",
+         "what": "rank 1 on n2: killed by SIGKILL (the OOM killer, a node failure or a kill)"},
+        {"attempt": 2, "kind": "user", "what": "rank 0 on n1: ValueError: bad record"}]
+
+    def run(out: str):
+        return lambda argv, env=None: subprocess.CompletedProcess(argv, 0, out, "")
+
+    assert fault_restarts(run("JobId=7 Comment=ftcluster-fault-restarts=2 JobState=PENDING"), "7") == 2
+    assert fault_restarts(run("JobId=7 Comment=(null) JobState=RUNNING"), "7") == 0
+    assert fault_restarts(run(""), "7") is None
+
+
 @pytest.mark.parametrize("sig, want_requeue", [("USR2", True), ("TERM", False)])
 def test_trap_forwards_the_signal_to_the_step(sig, want_requeue, tmp_path):
     """USR2 (checkpoint, then requeue) and TERM (scancel or preemption: checkpoint; Slurm decides) both
