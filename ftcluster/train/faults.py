@@ -302,6 +302,14 @@ def claim_first(store: Any, fault: Fault) -> Fault:
         return fault
 
 
+def store_answers(store: Any) -> bool:
+    try:
+        store.check([FIRST_KEY])
+        return True
+    except Exception:  # noqa: BLE001 - connection refused or reset, a timeout
+        return False
+
+
 def first_failure(store: Any) -> Fault | None:
     try:
         if not store.check([FIRST_KEY]):
@@ -369,6 +377,15 @@ def exit_for(exc: BaseException, rank: int) -> tuple[int, str]:
     if store is None:
         write_cause(rank, own)
         return (FAULT_EXIT if own.kind == INFRA else 1), f"; {verdict(own.kind)}"
+    if own.kind == INFRA and not store_answers(store):
+        # The store is gone with the launcher that hosted it: the first node's (torchrun's rendezvous
+        # rank 0 hosts the workers' store; its ranks are 0 .. LOCAL_WORLD_SIZE-1).
+        rec = dog.peers[0].rec if dog is not None and 0 in dog.peers else None
+        stands = Fault(INFRA, 0, (rec or {}).get("host", "the first node"),
+                       "lost with its node: the job's c10d store, which that node's launcher hosts, stopped "
+                       "answering (the node failed or its launcher was killed)")
+        write_cause(rank, stands)
+        return FAULT_EXIT, f", after {stands.describe()}; {verdict(INFRA)}"
     if own.kind == INFRA:
         # A collective failed: a peer may have failed first (and said why) or been lost (its beat stops).
         stands = first_failure(store)

@@ -174,3 +174,34 @@ def test_the_launcher_names_a_rank_it_saw_killed(tmp_path):
     (tmp_path / "cause-0.json").unlink()
     assert first_failure(failed(r0=1), tmp_path).kind == F.USER
     assert first_failure(failed(r0=FAULT_EXIT), tmp_path).kind == F.INFRA
+
+
+def test_a_lost_store_names_the_first_node(tmp_path):
+    """The workers' c10d store lives in the first node's launcher: when it stops answering after a
+    collective failed, the rank names that node's rank 0 (from the heartbeats it read) as lost."""
+    import datetime
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
+                               f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+                               "time.sleep(60)"])
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=20))
+        clock = Clock()
+        node0 = F.Watchdog(store, 0, 2, T, host="n1", clock=clock, progress=F.Progress())
+        me = F.Watchdog(store, 1, 2, T, host="n2", clock=clock, progress=F.Progress())
+        node0.check()
+        me.check()
+        F._state.update(store=store, watchdog=me)
+        server.kill()
+        server.wait()
+        code, tail = F.exit_for(RuntimeError("gloo: Connection reset by peer"), 1)
+    finally:
+        F._state.clear()
+        server.kill()
+    assert code == FAULT_EXIT and "rank 0 on n1: lost with its node: the job's c10d store" in tail
