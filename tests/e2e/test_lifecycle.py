@@ -82,7 +82,9 @@ def all_gone(pids: list[int], timeout: float = BOUND_S) -> None:
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("victim", ["launcher", "supervisor", "worker"])
 def test_sigkill_of_any_part_ends_the_whole_run(lifecycle, nproc, victim):
-    backend, run_dir = submit(lifecycle, nproc)
+    # No restart: a SIGKILLed worker is an infrastructure fault the supervisor would otherwise
+    # restart (tests/e2e/test_faults.py); here the run must end with every process gone.
+    backend, run_dir = submit(lifecycle, nproc, "resources.max_restarts=0")
     workers = workers_up(lifecycle, run_dir, nproc)
     supervisor = int((run_dir / "supervisor.pid").read_text())
     launcher = int((run_dir / "job.pid").read_text())

@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
+from ftcluster.exitcodes import FAULT_EXIT  # noqa: E402
 from ftcluster.storage.layout import ARTIFACTS, MANIFEST, parse_step_dir  # noqa: E402
 from tests.e2e.test_train_runtime import finish, full_overrides, full_spec_file, launch, write_payload  # noqa: E402
 
@@ -96,11 +97,11 @@ def assert_clean(rc: int, log: str, expected: int) -> None:
 LORA_CASES = [
     pytest.param("startup:SIGUSR2", 143, [], [], set(), id="startup-usr2"),
     pytest.param("setup:SIGTERM", 143, [], [], set(), id="setup-term", marks=pytest.mark.slow),
-    pytest.param("checkpoint-files:SIGKILL", 1, [], [], set(), id="ckpt-files-kill", marks=pytest.mark.slow),
+    pytest.param("checkpoint-files:SIGKILL", FAULT_EXIT, [], [], set(), id="ckpt-files-kill", marks=pytest.mark.slow),
     pytest.param("checkpoint-files:SIGUSR2", 143, None, None, set(), id="ckpt-files-usr2", marks=pytest.mark.slow),
-    pytest.param("checkpoint-committed:SIGKILL", 1, [EVERY], [], set(), id="ckpt-committed-kill"),
+    pytest.param("checkpoint-committed:SIGKILL", FAULT_EXIT, [EVERY], [], set(), id="ckpt-committed-kill"),
     pytest.param("final-export:SIGUSR2", 143, ALL, ALL, set(), id="final-export-usr2", marks=pytest.mark.slow),
-    pytest.param("final-export:SIGKILL", 1, None, None, set(), id="final-export-kill", marks=pytest.mark.slow),
+    pytest.param("final-export:SIGKILL", FAULT_EXIT, None, None, set(), id="final-export-kill", marks=pytest.mark.slow),
     pytest.param("final-committed:SIGUSR2", 0, ALL, ALL, {"adapter"}, id="final-committed-usr2"),
     pytest.param("final-committed:SIGTERM", 0, ALL, ALL, {"adapter"}, id="final-committed-term",
                  marks=pytest.mark.slow),
@@ -112,8 +113,8 @@ def test_lora_signal_at_boundary(tmp_path, cache_dir, monkeypatch, at, code, ckp
     out = tmp_path / "out"
     payload = write_payload(tmp_path, "run", lora_overrides(out))
     rc, log = run(payload, 1, cache_dir, tmp_path, monkeypatch, at)
-    if code == 1:  # a crash: torchrun reports the killed worker in one line
-        assert rc == 1 and "exit code -9" in log, log[-4000:]
+    if code == FAULT_EXIT:  # a crash: an infrastructure fault (exit 170), the killed worker named in one line
+        assert rc == FAULT_EXIT and "exit code -9" in log and "killed by SIGKILL" in log, log[-4000:]
     else:
         assert_clean(rc, log, code)
     got_ckpts, got_adapters, got_finals = store(out)
@@ -122,7 +123,7 @@ def test_lora_signal_at_boundary(tmp_path, cache_dir, monkeypatch, at, code, ckp
         assert got_ckpts == ckpts
     if adapters is not None:
         assert got_adapters == adapters
-    if code != 1:  # a clean stop leaves an adapter for every committed checkpoint
+    if code != FAULT_EXIT:  # a clean stop leaves an adapter for every committed checkpoint
         assert got_adapters == got_ckpts
     if at == "checkpoint-files:SIGUSR2":  # stopped at a later step, which committed too
         assert got_ckpts[0] == EVERY and len(got_ckpts) == 2 and "stop requested (SIGUSR2)" in log
@@ -137,7 +138,7 @@ def test_lora_signal_at_boundary(tmp_path, cache_dir, monkeypatch, at, code, ckp
 
 DS_CASES = [
     pytest.param("startup:SIGTERM:1", 143, [], set(), id="startup-term-rank1"),
-    pytest.param("checkpoint-files:SIGKILL", 1, [], set(), id="ckpt-files-kill"),
+    pytest.param("checkpoint-files:SIGKILL", FAULT_EXIT, [], set(), id="ckpt-files-kill"),
     pytest.param("checkpoint-files:SIGUSR2", 143, None, set(), id="ckpt-files-usr2"),
     pytest.param("final-export:SIGUSR2", 143, ALL, set(), id="final-export-usr2"),
     pytest.param("final-committed:SIGUSR2", 0, ALL, {"final"}, id="final-committed-usr2"),
@@ -153,8 +154,8 @@ def test_zero2_signal_at_boundary(tmp_path, cache_dir, monkeypatch, at, code, ck
              "data.general_eval=null"]
     payload = write_payload(tmp_path, "run", full_overrides(out, 2, *extra), base=full_spec_file(tmp_path))
     rc, log = run(payload, 2, cache_dir, tmp_path, monkeypatch, at)
-    if code == 1:
-        assert rc == 1 and "exit code -9" in log, log[-4000:]
+    if code == FAULT_EXIT:
+        assert rc == FAULT_EXIT and "exit code -9" in log, log[-4000:]
     else:
         assert_clean(rc, log, code)
     got_ckpts, got_adapters, got_finals = store(out)
@@ -244,7 +245,7 @@ def test_async_checkpoints_save_and_resume_as_sync_ones(tmp_path, cache_dir, mon
     monkeypatch.setenv("FTCLUSTER_ASYNC_CKPT", "1")
     run_payload = payload(out, "run")
     rc, log = run(run_payload, nproc, cache_dir, tmp_path, monkeypatch, "checkpoint-committed:SIGKILL")
-    assert rc == 1 and store(out)[0] == [EVERY], log[-4000:]
+    assert rc == FAULT_EXIT and store(out)[0] == [EVERY], log[-4000:]
     rc, log = run(run_payload, nproc, cache_dir, tmp_path, monkeypatch, None)
     assert_clean(rc, log, 0)
     assert f"resumed from checkpoint step {EVERY} " in log

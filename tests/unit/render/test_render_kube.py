@@ -368,6 +368,29 @@ def test_trainjob_fields_it_cannot_carry():
     assert "# Not expressible in a TrainJob (kubernetes.priority_class=batch-low)" in text.split("---")[0]
 
 
+def test_trainjob_restarts_are_the_runtime_s():
+    """The shared runtime restarts at most RUNTIME_MAX_RESTARTS times (the default of resources.max_restarts),
+    fails the TrainJob on exit 1 (an error of the code or data), and ignores disruptions; a spec asking for
+    another budget gets a header note, since a TrainJob cannot patch the runtime's failurePolicy."""
+    from ftcluster.render.kube import USER_ERROR_MESSAGE
+    from ftcluster.spec.kubenames import RUNTIME_MAX_RESTARTS
+    from ftcluster.spec.schema import ResourcesSpec
+
+    assert ResourcesSpec.model_fields["max_restarts"].default == RUNTIME_MAX_RESTARTS
+    policy = cluster_training_runtime()["spec"]["template"]["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == RUNTIME_MAX_RESTARTS
+    assert [r["name"] for r in policy["rules"]] == ["userError", "disruptedPod"]  # first match wins
+    job = cluster_training_runtime()["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    user_rule = job["podFailurePolicy"]["rules"][1]
+    assert user_rule["onExitCodes"] == {"containerName": "node", "operator": "In", "values": [1]}
+    # what Kubernetes' job controller writes for that rule, which the JobSet rule matches
+    assert USER_ERROR_MESSAGE in "Container node for pod ns/p failed with exit code 1 matching FailJob rule at index 1"
+    text = render(_spec("full-trainjob.yaml", "resources.max_restarts=5"), "trainjob")["knowledge-inject-1b.yaml"]
+    assert "# Not expressible in a TrainJob (resources.max_restarts=5)" in text.split("---")[0]
+    text = render(_spec("full-trainjob.yaml"), "trainjob")["knowledge-inject-1b.yaml"]
+    assert "max_restarts" not in text.split("---")[0]
+
+
 def test_variants_render_one_job_each_and_the_runtime_once():
     spec = _text(BASE + "variants:\n  - {name: r8, set: {lora.r: 8}}\n  - {name: r64, set: {lora.r: 64}}\n")
     for target in K8S_TARGETS:
