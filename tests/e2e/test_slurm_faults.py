@@ -108,6 +108,15 @@ def test_lost_rank_or_node_ends_fast_named_then_requeues_and_resumes(tmp_path, l
     logged = [int(s) for s in re.findall(r"step (\d+)/40 \|", after)]
     assert logged and logged[0] == int(resumed[-1]) + 1 and logged[-1] == steps
     assert "==> ftcluster: job" in log and "attempt 2 (restart 1)" in log
+    # the steps trained again after the resume have the losses the first attempt logged for them
+    first, second = log.split("attempt 2 (restart 1)", 1)
+    before = {int(k): float(v) for k, v in re.findall(r"step (\d+)/40 \| loss ([\d.]+)", first)}
+    again = {int(k): float(v) for k, v in re.findall(r"step (\d+)/40 \| loss ([\d.]+)", second)}
+    common = sorted(set(before) & set(again))
+    assert common and common[0] == int(resumed[-1]) + 1, (before, again)
+    assert all(again[k] == pytest.approx(before[k], rel=1e-3) for k in common), (before, again)
+    assert st["restarts"] == 1 and st["faults"] and "n2" in st["faults"][0]["what"], st
+    assert "restarted 1 time(s) after infrastructure faults" in st["message"], st
     committed(tmp_path / "out", "final")
 
 

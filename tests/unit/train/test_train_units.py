@@ -307,7 +307,8 @@ def test_launcher_maps_preemption_to_143(tmp_path, mode, expected):
                         str(script), mode], capture_output=True, text=True, timeout=120)
     assert r.returncode == expected, r.stderr[-2000:]
     if mode == "3":  # a failed worker: one summary line from the launcher, no torchrun traceback
-        assert "Traceback" not in r.stderr and "ftcluster: training failed (rank 0 exit code 3" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "ftcluster: training failed: rank 0 on " in r.stderr, r.stderr
+        assert "[rank 0 exit code 3" in r.stderr and "not retried" in r.stderr, r.stderr
 
 
 def test_stop_flag_survives_a_signal_inside_its_own_handler():
