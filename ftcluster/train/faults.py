@@ -43,7 +43,7 @@ WATCH_WINDOW = 32  # peers each rank watches (every rank is watched by this many
 # Words of torch.distributed / gloo / NCCL errors that a lost or hung peer causes.
 _INFRA_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "timeout",
                 "socket", "unhandled system error", "watchdog", "tcpstore", "c10d")
-_INFRA_TYPES = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "HangDetected")
+_INFRA_TYPES = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
 
 
 def host_name() -> str:
@@ -112,14 +112,12 @@ class Progress:
         self.waiting = False  # inside a collective: waiting for the other ranks
         self.exempt = True  # a phase that may take long (set-up, uploads, exports): bounded elsewhere
         self.seq = 0
-        self.since = time.monotonic()  # when the phase began
 
     def enter(self, phase: str, step: int | None = None, *, exempt: bool = False) -> None:
         self.phase, self.exempt, self.waiting = phase, exempt, False
         if step is not None:
             self.step = step
         self.seq += 1
-        self.since = time.monotonic()
 
     @contextmanager
     def waiting_in(self, what: str) -> Iterator[None]:
@@ -130,13 +128,11 @@ class Progress:
             return
         self.phase, self.waiting = f"{what} (in {outer[0]})", True
         self.seq += 1
-        self.since = time.monotonic()
         try:
             yield
         finally:
             self.phase, self.exempt, self.waiting = outer
             self.seq += 1
-            self.since = time.monotonic()
 
     def record(self, rank: int, host: str, beat: int) -> dict[str, Any]:
         return {"rank": rank, "host": host, "pid": os.getpid(), "beat": beat, "step": self.step,
@@ -144,10 +140,6 @@ class Progress:
 
 
 PROGRESS = Progress()
-
-
-class HangDetected(RuntimeError):
-    """The watchdog named a silent or stuck peer."""
 
 
 @dataclass
@@ -159,7 +151,7 @@ class _Peer:
     rec: dict[str, Any] | None = None
 
 
-def _plural(s: float) -> str:
+def _secs(s: float) -> str:
     return f"{s:.0f} s"
 
 
@@ -218,7 +210,7 @@ class Watchdog:
                 where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
                 return Fault(INFRA, None, where.split(":")[0],
                              f"the job's c10d store at {where} (hosted by the first node's launcher) has not "
-                             f"answered for {_plural(now - self.store_ok_at)} ({type(exc).__name__}): that node "
+                             f"answered for {_secs(now - self.store_ok_at)} ({type(exc).__name__}): that node "
                              "is probably lost")
             return None
         return self.judge(now)
@@ -228,13 +220,13 @@ class Watchdog:
         for r, p in self.peers.items():
             if p.rec is None:
                 if now - self.started > t:
-                    return Fault(INFRA, r, "?", f"never sent a heartbeat in {_plural(now - self.started)} "
+                    return Fault(INFRA, r, "?", f"never sent a heartbeat in {_secs(now - self.started)} "
                                  "(training.hang_timeout): the process is stopped, frozen or its host unreachable")
                 continue
             if now - p.beat_at > t:
                 rec = p.rec
                 return Fault(INFRA, r, rec["host"],
-                             f"pid {rec['pid']} has sent no heartbeat for {_plural(now - p.beat_at)} (last at step "
+                             f"pid {rec['pid']} has sent no heartbeat for {_secs(now - p.beat_at)} (last at step "
                              f"{rec['step']}, {rec['phase']}): the process is stopped, frozen or its host "
                              "unreachable (training.hang_timeout)")
         me = self.progress
@@ -249,10 +241,10 @@ class Watchdog:
             rec = p.rec or {}
             return Fault(INFRA, r, rec["host"],
                          f"pid {rec['pid']} has been stuck in {rec['phase']} at step {rec['step']} for "
-                         f"{_plural(now - p.seq_at)} while rank {self.rank} waits in {me.phase} (training.hang_timeout)")
+                         f"{_secs(now - p.seq_at)} while rank {self.rank} waits in {me.phase} (training.hang_timeout)")
         if all(p.rec["waiting"] and now - p.seq_at > t for p in self.peers.values()):  # type: ignore[index]
             return Fault(INFRA, self.rank, self.host,
-                         f"every rank has waited in a collective for over {_plural(t)} ({me.phase} at step "
+                         f"every rank has waited in a collective for over {_secs(t)} ({me.phase} at step "
                          f"{me.step}) and none is working: the collective does not complete (network or NCCL)")
         return None
 

@@ -110,7 +110,7 @@ def test_each_rank_watches_a_window_of_peers():
 @pytest.mark.parametrize("exc, kind", [
     (RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by peer"), F.INFRA),
     (dist.DistBackendError("NCCL communicator was aborted"), F.INFRA),
-    (F.HangDetected("rank 1"), F.INFRA),
+    (TimeoutError("c10d store get timed out"), F.INFRA),
     (ValueError("bad record on line 3"), F.USER),
     (KeyError("labels"), F.USER),
     (TrainError("data.train: no such file"), F.USER),
