@@ -243,10 +243,14 @@ def first_failure(exc: BaseException, exit_dir: Path | None) -> Any:
     failures = sorted((getattr(f, "timestamp", 0), rank, f) for rank, f in
                       (getattr(exc, "failures", None) or {}).items())
     causes = read_causes(exit_dir) if exit_dir is not None else {}
-    recorded = next((causes[rank] for _, rank, _f in failures if rank in causes),
-                    causes[min(causes)] if causes else None)
+    # torchrun records the failures it saw first, then (same list, later timestamps) the workers it
+    # stopped because of them: only the first are candidates for the job's first failure.
+    first = [(rank, f) for ts, rank, f in failures if ts == failures[0][0]] if failures else []
+    recorded = next((causes[rank] for rank, _f in first if rank in causes), None)
+    recorded = recorded or next((causes[rank] for _, rank, _f in failures if rank in causes),
+                                causes[min(causes)] if causes else None)
     # A rank of this node killed by a signal is seen here directly; its peers only inferred its loss.
-    killed = [(rank, f.exitcode) for _, rank, f in failures
+    killed = [(rank, f.exitcode) for rank, f in first
               if isinstance(getattr(f, "exitcode", None), int) and f.exitcode < 0 and rank not in causes]
     if recorded is not None and (recorded.kind == USER or not killed):
         return recorded

@@ -169,6 +169,10 @@ def test_the_launcher_names_a_rank_it_saw_killed(tmp_path):
 
     got = first_failure(failed(r1=-9, r0=FAULT_EXIT), tmp_path)
     assert got.kind == F.INFRA and got.rank == 1 and "killed by SIGKILL" in got.what
+    # a rank SIGKILLed by torchrun after the first failure (a stopped rank, 30 s later) is not the culprit
+    (tmp_path / "cause-0.json").write_text(F.Fault(F.INFRA, 1, "n1", "pid 9 has sent no heartbeat").to_json())
+    got = first_failure(failed(r0=FAULT_EXIT, r1=-9), tmp_path)
+    assert got.rank == 1 and "no heartbeat" in got.what
     (tmp_path / "cause-0.json").write_text(F.Fault(F.USER, 0, "n1", "ValueError: x").to_json())
     assert first_failure(failed(r1=-9, r0=1), tmp_path).kind == F.USER
     (tmp_path / "cause-0.json").unlink()
