@@ -395,6 +395,6 @@ def exit_for(exc: BaseException, rank: int) -> tuple[int, str]:
         stands = claim_first(store, own)
     write_cause(rank, stands)
     code = FAULT_EXIT if stands.kind == INFRA else 1
-    if stands == own:
+    if stands == own or (stands.kind, stands.what) == (own.kind, own.what):  # the same error on every rank
         return code, f"; {verdict(own.kind)}"
     return code, f", after the job's first failure, {stands.describe()}; {verdict(stands.kind)}"

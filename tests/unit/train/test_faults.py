@@ -209,3 +209,14 @@ def test_a_lost_store_names_the_first_node(tmp_path):
         F._state.clear()
         server.kill()
     assert code == FAULT_EXIT and "rank 0 on n1: lost with its node: the job's c10d store" in tail
+
+
+def test_the_same_error_on_every_rank_is_said_once():
+    store = dist.HashStore()
+    F.claim_first(store, F.Fault(F.USER, 0, "n1", "ValueError: bad record"))
+    F._state.update(store=store, watchdog=None)
+    try:
+        code, tail = F.exit_for(ValueError("bad record"), 1)
+    finally:
+        F._state.clear()
+    assert code == 1 and "after the job's first failure" not in tail and "not retried" in tail
