@@ -468,6 +468,10 @@ def _table(runs) -> None:
         rows.append([r.run_id, r.backend, r.job_id or "-", r.state, r.message])
         for task in r.tasks:  # the variants of a job array, the stages of a pipeline
             rows.append([f"  {task['name']}", "", task.get("job_id") or "-", task["state"], task.get("message", "")])
+        for f in r.faults:  # each failed attempt's cause (docs/lifecycle.md, "Faults")
+            who = f"rank {f['rank']} on {f.get('host', '?')}: " if f.get("rank") is not None else ""
+            kind = "FAULT" if f.get("kind") == "infrastructure" else "ERROR"
+            rows.append([f"  attempt {f.get('attempt', '?')}", "", "-", kind, f"{who}{f.get('what', '')}"])
     click.echo(table(["RUN", "BACKEND", "JOB", "STATE", "MESSAGE"], rows), nl=False)
 
 

@@ -129,6 +129,20 @@ def test_status_and_list_keep_run_ids_and_words_whole_at_80_columns(tmp_path):
         assert all(len(ln) <= 80 or any(r in ln for r, _ in runs) or "s3://" in ln for ln in lines), text
 
 
+def test_status_lists_each_failed_attempt_s_cause(tmp_path):
+    home = tmp_path / "home"
+    d = home / "runs" / "q-20260101-000000-ab0d"
+    d.mkdir(parents=True)
+    save_status(d, RunStatus("q-20260101-000000-ab0d", "local", "q", "SUCCEEDED", str(d), restarts=1,
+                             message="restarted 1 time(s) after infrastructure faults",
+                             faults=[{"attempt": 1, "code": 170, "kind": "infrastructure", "rank": 1, "host": "n2",
+                                      "what": "killed by SIGKILL"}]))
+    text = ftc("status", "q-20260101-000000-ab0d", env={"FTCLUSTER_HOME": str(home), "COLUMNS": "120"},
+               check=True).stdout
+    row = next(ln for ln in text.splitlines() if "attempt 1" in ln)
+    assert "FAULT" in row and "rank 1 on n2: killed by SIGKILL" in row, text
+
+
 def test_table_moves_a_narrow_column_to_detail_lines():
     rows = [["a" * 70, "ok", "all good and more words here"]]
     text = table(["CHECK", "", "RESULT"], rows, width=80, details=[["fix: set output.uri to a folder you can write"]])
