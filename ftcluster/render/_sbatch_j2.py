@@ -58,19 +58,19 @@ def root(context, missing=missing):
     else:
         pass
         yield '    echo "ftcluster: stopped (status $1); slurm.requeue is false, so resubmit to resume from the last committed checkpoint"\n'
-    yield '  fi\n  # An infrastructure fault (status 170: a lost rank or node, a hung rank, a collective error; the\n  # launcher named the first failing rank and host above): requeue while resources.max_restarts\n  # allows. The count lives in the job\'s Comment, which a requeue keeps (SLURM_RESTART_COUNT also\n  # counts preemptions). An error of the code or data (status 1) is never requeued.\n  if [ "$1" -eq 170 ] && [ -z "$ftc_signal" ]; then\n'
+    yield '  fi\n  # An infrastructure fault (status 170: a lost rank or node, a hung rank, a collective error; the\n  # launcher named the first failing rank and host above; or 137: a node\'s launcher was SIGKILLed,\n  # the node lost or the OOM killer, which srun reports over the other nodes\' 170): requeue while\n  # resources.max_restarts allows. The count lives in the job\'s Comment, which a requeue keeps\n  # (SLURM_RESTART_COUNT also counts preemptions). An error of the code or data (1) never requeues.\n  if { [ "$1" -eq 170 ] || [ "$1" -eq 137 ]; } && [ -z "$ftc_signal" ]; then\n'
     if (undefined(name='requeue') if l_0_requeue is missing else l_0_requeue):
         pass
         yield '    ftc_faults=$( (scontrol show job -o "$SLURM_JOB_ID" || true) | sed -n \'s/.* Comment=ftcluster-fault-restarts=\\([0-9]*\\).*/\\1/p\')\n    ftc_faults=${ftc_faults:-0}\n    if [ "$ftc_faults" -lt '
         yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
-        yield ' ]; then\n      trap - USR2 TERM\n      echo "ftcluster: infrastructure fault (status 170); requeueing job ${SLURM_JOB_ID}, fault restart $((ftc_faults + 1)) of at most '
+        yield ' ]; then\n      trap - USR2 TERM\n      echo "ftcluster: infrastructure fault (status $1); requeueing job ${SLURM_JOB_ID}, fault restart $((ftc_faults + 1)) of at most '
         yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
-        yield ' (resources.max_restarts); it resumes from the last committed checkpoint"\n      scontrol update JobId="$SLURM_JOB_ID" Comment="ftcluster-fault-restarts=$((ftc_faults + 1))" \\\n        || echo "ftcluster: could not record the fault restart in the job\'s Comment" >&2\n      scontrol requeue "$SLURM_JOB_ID" || echo "ftcluster: scontrol requeue refused (a cancelled job stays cancelled)" >&2\n    else\n      echo "ftcluster: infrastructure fault (status 170); not requeueing: resources.max_restarts='
+        yield ' (resources.max_restarts); it resumes from the last committed checkpoint"\n      scontrol update JobId="$SLURM_JOB_ID" Comment="ftcluster-fault-restarts=$((ftc_faults + 1))" \\\n        || echo "ftcluster: could not record the fault restart in the job\'s Comment" >&2\n      scontrol requeue "$SLURM_JOB_ID" || echo "ftcluster: scontrol requeue refused (a cancelled job stays cancelled)" >&2\n    else\n      echo "ftcluster: infrastructure fault (status $1); not requeueing: resources.max_restarts='
         yield str((undefined(name='max_restarts') if l_0_max_restarts is missing else l_0_max_restarts))
         yield ' fault restart(s) spent" >&2\n    fi\n'
     else:
         pass
-        yield '    echo "ftcluster: infrastructure fault (status 170); slurm.requeue is false, so resubmit to resume from the last committed checkpoint"\n'
+        yield '    echo "ftcluster: infrastructure fault (status $1); slurm.requeue is false, so resubmit to resume from the last committed checkpoint"\n'
     yield '  elif [ "$1" -eq 1 ]; then\n    echo "ftcluster: an error in the training code, data or settings (status 1; its line is above): not requeued" >&2\n  fi\n  exit "$1"\n}\ntrap \'ftc_forward USR2\' USR2\ntrap \'ftc_forward TERM\' TERM\n\n'
     if ((undefined(name='modules') if l_0_modules is missing else l_0_modules) or (undefined(name='setup') if l_0_setup is missing else l_0_setup)):
         pass
@@ -141,7 +141,7 @@ def root(context, missing=missing):
     yield ' &\nftc_step=$!\nftc_rc=0\nwait "$ftc_step" || ftc_rc=$?\nwhile kill -0 "$ftc_step" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait for the step\'s end\n  ftc_rc=0\n  wait "$ftc_step" || ftc_rc=$?\ndone\necho "ftcluster: training step exited with status ${ftc_rc}"\nftc_finish "$ftc_rc"\n'
 
 blocks = {}
-debug_info = '3=37&4=41&6=45&7=47&8=51&36=55&49=62&52=65&54=67&59=69&72=75&76=78&77=81&79=84&81=87&82=90&89=95&90=98&92=101&97=104&107=112&108=116&109=118&111=120&112=122&115=125&119=127&120=129&140=132&148=136&149=138&151=140'
+debug_info = '3=37&4=41&6=45&7=47&8=51&36=55&50=62&53=65&55=67&60=69&73=75&77=78&78=81&80=84&82=87&83=90&90=95&91=98&93=101&98=104&108=112&109=116&110=118&112=120&113=122&116=125&120=127&121=129&141=132&149=136&150=138&152=140'
 
 # Generated from templates/sbatch.sh.j2 by Jinja2: `python -m ftcluster.render.template > ftcluster/render/_sbatch_j2.py`.
 # Do not edit; edit the template and regenerate.

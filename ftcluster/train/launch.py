@@ -208,8 +208,13 @@ def exit_code_for(exc: BaseException, stop: StopForwarder | None, preempted: boo
         if isinstance(exc, KeyboardInterrupt):
             return 128 + int(signal.SIGINT)
         if kind.startswith("Rendezvous") or "rendezvous" in kind.lower():  # a node never came, or its store went
-            from .faults import INFRA, Fault
+            from .faults import INFRA, Fault, read_causes
 
+            # torchrun's agent lost the rendezvous store (hosted by a node now gone): what the workers
+            # recorded names that node better than the agent's error does
+            causes = read_causes(exit_dir) if exit_dir is not None else {}
+            if causes:
+                return _report(causes[min(causes)])
             return _report(Fault(INFRA, None, _host(), f"the rendezvous failed ({kind}: "
                                  f"{(str(exc).splitlines() or [''])[0]}): a node did not join or was lost"))
         return None

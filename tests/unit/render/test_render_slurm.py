@@ -424,19 +424,18 @@ def test_requeue_decision_on_step_status(step_rc, requeue, want_requeue, tmp_pat
         assert "slurm.requeue is false" in res.stdout
 
 
-@pytest.mark.parametrize("comment, requeue, want", [
-    ("(null)", True, 1), ("ftcluster-fault-restarts=1", True, 2), ("ftcluster-fault-restarts=2", True, None),
-    ("(null)", False, None)])
-def test_infrastructure_fault_requeues_within_max_restarts(comment, requeue, want, tmp_path):
-    """Status 170 (a lost rank, a hang: ftcluster.exitcodes.FAULT_EXIT) requeues while the fault
-    restarts counted in the job's Comment are below resources.max_restarts (2 by default); status 1
-    (an error of the code or data) never does."""
-    from ftcluster.exitcodes import FAULT_EXIT
-
+@pytest.mark.parametrize("comment, requeue, want, status", [
+    ("(null)", True, 1, 170), ("ftcluster-fault-restarts=1", True, 2, 170), ("ftcluster-fault-restarts=2", True, None, 170),
+    ("(null)", False, None, 170), ("(null)", True, 1, 137)])
+def test_infrastructure_fault_requeues_within_max_restarts(comment, requeue, want, status, tmp_path):
+    """Status 170 (a lost rank, a hang: ftcluster.exitcodes.FAULT_EXIT) and 137 (a node's launcher
+    SIGKILLed: srun reports it over the other nodes' 170) requeue while the fault restarts counted in
+    the job's Comment are below resources.max_restarts (2 by default); status 1 (an error of the code
+    or data) never does."""
     spec = load_spec(ROOT / "examples" / "quickstart.yaml", [f"slurm.requeue={str(requeue).lower()}"])
     res = run_script(render(spec, "slurm")["quickstart.sbatch"], tmp_path,
-                     {"FAKE_STEP": str(FAULT_EXIT), "FAKE_COMMENT": comment})
-    assert res.returncode == FAULT_EXIT
+                     {"FAKE_STEP": str(status), "FAKE_COMMENT": comment})
+    assert res.returncode == status
     log = (tmp_path / "scontrol.log").read_text()
     assert ("requeue 4242" in log) is (want is not None), res.stdout + res.stderr
     if want is not None:
