@@ -66,7 +66,9 @@ def slurm_request(spec: Any) -> SlurmRequest:
 
     sbatch = [
         opt("name", "job-name", spec.name),
-        opt("resources.nodes", "nodes", res.nodes),
+        # MIN-MAX: Slurm starts (and restarts a requeued job) with as many as it can give, at least MIN
+        opt("resources.nodes", "nodes", f"{res.min_nodes}-{res.nodes}"
+            if res.min_nodes is not None and res.min_nodes < res.nodes else res.nodes),
         opt("resources.nodes", "ntasks-per-node", 1),  # one torchrun per node starts every rank of it
         opt("slurm.signal_seconds", "signal", f"B:USR2@{sl.signal_seconds}"),
         opt("slurm.output", "open-mode", "append"),  # a requeued job appends to the same log

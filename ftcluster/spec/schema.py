@@ -340,6 +340,7 @@ class ResourcesSpec(_Model):
     """What each job asks the cluster for."""
 
     nodes: int = Field(1, ge=1, le=4096, description="Number of nodes.")
+    min_nodes: int | None = Field(None, ge=1, le=4096, description="Fewest nodes the job may run on (Slurm `--nodes=MIN-MAX`): a job requeued after preemption or a lost node goes on with the nodes it gets, resuming its checkpoint on the new number of processes, with the gradient accumulation raised to keep the global batch where it divides. Slurm only.")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs per node (0: CPU only).")
     procs_per_node: int | None = Field(None, ge=1, le=256, description="Training processes per node; defaults to gpus_per_node (1 on CPU).")
     gpu_type: str | None = Field(None, description="GPU model, e.g. h200; becomes the Slurm gres type (gpu:<type>:<n>); on Kubernetes set `kubernetes.node_selector` (GPU product labels differ per cluster).")
@@ -363,6 +364,13 @@ class ResourcesSpec(_Model):
             if not m or int(m.group(3)) > 59 or int(m.group(4)) > 59:
                 raise ValueError(f"write the time limit as [D-]HH:MM:SS, e.g. 12:00:00 or 2-00:00:00 (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _node_range(self) -> ResourcesSpec:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ValueError(f"min_nodes: {self.min_nodes} is more than nodes ({self.nodes}); set min_nodes at most "
+                             "nodes, or remove it")
+        return self
 
     @property
     def nproc_per_node(self) -> int:
@@ -744,6 +752,17 @@ class FullJob(_JobBase):
         if isinstance(data, dict):
             data.pop("fsdp" if self.engine == "deepspeed" else "deepspeed", None)
         return data
+
+    @model_validator(mode="after")
+    def _elastic(self) -> FullJob:
+        ds = self.deepspeed
+        if self.resources.min_nodes is None or self.resources.min_nodes == self.resources.nodes or self.engine != "deepspeed":
+            return self
+        if ds.zero_stage == 0 or "nvme" in (ds.offload_optimizer, ds.offload_params):
+            why = "zero_stage 0" if ds.zero_stage == 0 else "nvme offload"
+            raise ValueError(f"resources.min_nodes: a DeepSpeed checkpoint with {why} cannot resume on another number "
+                             "of processes; use zero_stage 1-3 without nvme offload, engine: fsdp, or remove min_nodes")
+        return self
 
     @model_validator(mode="after")
     def _compile_stage(self) -> FullJob:
