@@ -220,8 +220,7 @@ def test_requeue_onto_fewer_nodes_resumes_on_the_nodes_it_gets(tmp_path, engine)
     first = tmp_path / "out" / "checkpoints" / f"step-{every:08d}" / "manifest.json"
     try:
         wait_until("the first checkpoint", first.is_file, timeout=180)
-        assert "NodeList=n[1-2]" in subprocess.run(["scontrol", "show", "job", job], capture_output=True,
-                                                   text=True).stdout
+        assert f"job {job} restart 0 on n[1-2];" in log_text(tmp_path)
         subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=ftcluster-test"], check=True)
         subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True)
         wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1" and scontrol(job).get("JobState")
