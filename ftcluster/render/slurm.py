@@ -130,8 +130,12 @@ def launch_lines(plan: Any) -> list[str]:
 def _summary(plan: Any) -> str:
     spec = plan.spec
     kind = plan.recipe.label or plan.recipe.name
-    text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
-            f"= world size {plan.world_size}")
+    if plan.min_nodes:  # resources.min_nodes: as many nodes as Slurm gives, at least min_nodes
+        text = (f"{spec.name}: {kind}, {plan.min_nodes}-{plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
+                f"= world size {plan.min_nodes * plan.nproc_per_node}-{plan.world_size}")
+    else:
+        text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
+                f"= world size {plan.world_size}")
     if plan.variants:
         text += f"; job array of {len(plan.variants)} variants ({', '.join(plan.variants)})"
     return text
