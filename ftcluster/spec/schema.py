@@ -36,11 +36,6 @@ from .kubenames import env_problems, section_problems
 from .registry import field_of, is_spec_backend, lookup, spec_backends
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
-SECRET_OPTION_KEYS = {
-    "key", "secret", "token", "password", "session_token", "aws_access_key_id",
-    "aws_secret_access_key", "aws_session_token", "client_secret", "account_key", "sas_token",
-    "credentials", "connection_string",
-}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -88,6 +83,8 @@ def _empty_list() -> list[Any]:
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
+    from .secrets import fsspec_env_credential
+
     for name, value in env.items():
         if not ENV_NAME.match(name):
             raise ValueError(f"{name}: environment variable names use letters, digits and '_' and do not start with a digit")
@@ -96,20 +93,19 @@ def _check_env(env: dict[str, str]) -> dict[str, str]:
                 f"{name}: looks like a secret; never put secret values in a job spec. Reference it instead: "
                 "slurm.env_passthrough (taken from the submitting shell) or kubernetes.secret_env (a Kubernetes Secret)"
             )
+        problem = fsspec_env_credential(name, value)
+        if problem:
+            raise ValueError(problem)
     return env
 
 
-def _check_storage_options(opts: dict[str, Any], where: str = "") -> dict[str, Any]:
-    for key, value in opts.items():
-        if key.lower() in SECRET_OPTION_KEYS or SECRET_NAME.search(key):
-            raise ValueError(
-                f"{where}{key}: credentials must not be written in the spec (they would end up in scripts and manifests); "
-                "provide them through the environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a Kubernetes Secret via "
-                "kubernetes.secret_env, or an instance role)"
-            )
-        if isinstance(value, dict):
-            _check_storage_options(value, f"{where}{key}.")
-    return opts
+def _check_storage_options(opts: dict[str, Any], *uris: str | None) -> None:
+    """Refuse a credential among ``storage_options`` (by the option's name; ftcluster.spec.secrets
+    finds secret-looking values under any name), with the variable the store of ``uris`` reads instead."""
+    from .secrets import credential_options, protocols_of
+
+    for path, problem in credential_options(opts, protocols_of(*uris)):
+        raise ValueError(f"storage_options.{'.'.join(path)}: {problem}")
 
 
 # --------------------------------------------------------------------------- model
@@ -180,7 +176,7 @@ class ModelSpec(_Model):
             )
         if self.revision and not self.hub_id:
             raise ValueError("revision: only applies with hub_id")
-        _check_storage_options(self.storage_options)
+        _check_storage_options(self.storage_options, self.path)
         return self
 
 
@@ -235,10 +231,11 @@ class DataSpec(_Model):
     streaming: bool | None = Field(None, description="Stream `data.train` as a prepared corpus (token shards and a manifest.json written by `ftcluster prepare-data`): each process reads only its own blocks, in the background, and never holds the corpus; resume is exact. Default: stream when `data.train` holds a manifest.json. Prepared corpora are plain text (`format: text`).")
     prepare: PrepareSpec | None = Field(None, description="The raw corpus that `ftcluster prepare-data` tokenizes into `data.train` (a prepared corpus). See docs/data.md.")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_storage_options(v)
+    @model_validator(mode="after")
+    def _no_secrets(self) -> DataSpec:
+        _check_storage_options(self.storage_options, self.train, self.eval, self.general_eval,
+                               self.prepare.source if self.prepare else None)
+        return self
 
     @model_validator(mode="after")
     def _prepared_is_text(self) -> DataSpec:
@@ -389,10 +386,10 @@ class OutputSpec(_Model):
     upload_concurrency: int = Field(8, ge=1, le=128, description="Files uploaded at once.")
     final_upload_timeout: float = Field(600, gt=0, le=7 * 86400, description="Seconds the end of a run waits for the output store: the final checkpoint, adapters and model are retried through transient errors (timeouts, resets, throttling, 5xx) for this long, then the run fails. Also bounds reading the store on resume. Permanent errors (credentials, access denied, no bucket, bad endpoint) fail at once. Periodic checkpoints retry without end while training goes on.")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_storage_options(v)
+    @model_validator(mode="after")
+    def _no_secrets(self) -> OutputSpec:
+        _check_storage_options(self.storage_options, self.uri)
+        return self
 
 
 # sbatch options ftcluster writes itself (see ftcluster.plan.slurm_request), and the spec field that controls each.
