@@ -83,10 +83,10 @@ def resolved_deepspeed_config(spec: Any) -> dict[str, Any] | None:
         from .dsfile import file_problems, read_user_file, resolve_auto
 
         user = read_user_file(spec)
-        problems = file_problems(spec, user)
+        problems = file_problems(spec, user, deepspeed_config)
         if problems:
             raise SpecError(problems)
-        cfg = deep_merge(cfg, resolve_auto(user.data, spec))
+        cfg = deep_merge(cfg, resolve_auto(user.data, spec, deepspeed_config))
     return cfg
 
 

@@ -29,6 +29,7 @@ from .facts import global_batch
 
 AUTO = "auto"
 Key = tuple[str, ...]
+Generate = Callable[[Any], dict[str, Any]]  # ftcluster.plan.deepspeed.deepspeed_config (passed in: it imports us)
 
 
 @dataclass
@@ -151,8 +152,9 @@ def _why(rule: Rule) -> str:
     return "the loop and DeepSpeed would count different batches"
 
 
-def file_problems(spec: Any, user: UserFile) -> list[Problem]:
-    """Every key of the user's file that disagrees with the spec, or holds an "auto" ftcluster cannot fill."""
+def file_problems(spec: Any, user: UserFile, generate: Generate) -> list[Problem]:
+    """Every key of the user's file that disagrees with the spec, or holds an "auto" ftcluster cannot fill
+    (``generate``: :func:`ftcluster.plan.deepspeed.deepspeed_config`)."""
     out = []
     set_fields = spec.training.model_fields_set
     ruled = {r.key for r in RULES}
@@ -166,7 +168,7 @@ def file_problems(spec: Any, user: UserFile) -> list[Problem]:
         out.append(user.at(rule.key, f"{_show(value)} here, but {rule.field(spec)} ({_why(rule)}); remove the key from this file "
                      f"(ftcluster sets it from the spec), make it {_show(expected)} or \"auto\""
                      + ("" if not rule.explicit else f", or drop training.{'/'.join(rule.explicit)} from the spec")))
-    generated = _keys(_generated(spec, user.data))
+    generated = _keys(_generated(spec, user.data, generate))
     for key in _auto_keys(user.data):
         if key not in ruled and key not in generated:
             out.append(user.at(key, "\"auto\" is filled in only for the keys ftcluster sets from the spec (batch sizes, "
@@ -181,15 +183,13 @@ def _auto_keys(data: Any, key: Key = ()) -> list[Key]:
     return [key] if data == AUTO else []
 
 
-def _generated(spec: Any, user: dict[str, Any]) -> dict[str, Any]:
+def _generated(spec: Any, user: dict[str, Any], generate: Generate) -> dict[str, Any]:
     """The config ftcluster generates, for the ZeRO stage the file sets where it sets one (its stage-3
     keys then have ftcluster's values too)."""
-    from .deepspeed import deepspeed_config
-
     found, stage = _get(user, ("zero_optimization", "stage"))
     if found and stage in (0, 1, 2, 3) and stage != spec.deepspeed.zero_stage:
         spec = spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"zero_stage": stage})})
-    return deepspeed_config(spec)
+    return generate(spec)
 
 
 def _keys(d: dict[str, Any], key: Key = ()) -> set[Key]:
@@ -201,13 +201,13 @@ def _keys(d: dict[str, Any], key: Key = ()) -> set[Key]:
     return out
 
 
-def resolve_auto(user: dict[str, Any], spec: Any) -> dict[str, Any]:
+def resolve_auto(user: dict[str, Any], spec: Any, generate: Generate) -> dict[str, Any]:
     """The user's config with each ``"auto"`` replaced by the spec's value: what ftcluster generates for
     that key, or the training field a key of ``optimizer``/``scheduler`` stands for (:data:`RULES`)."""
     import copy
 
     out = copy.deepcopy(user)
-    generated = _generated(spec, user)
+    generated = _generated(spec, user, generate)
     rules = {r.key: r for r in RULES}
     for key in _auto_keys(out):
         found, value = _get(generated, key)
