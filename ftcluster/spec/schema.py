@@ -162,7 +162,7 @@ class ModelSpec(_Model):
     hub_id: str | None = Field(None, description="Hugging Face Hub model id. The only way a job reaches a model hub at run time.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when hub_id is used.")
     random_init: RandomInit | None = Field(None, description="Build a model with random weights from this architecture config (tests, benchmarks).")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `path` (never credentials).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `path` (never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder.")
 
@@ -227,7 +227,7 @@ class DataSpec(_Model):
     fields: DataFields = Field(default_factory=DataFields, description="Field names in the records.")
     seq_len: int = Field(2048, ge=8, le=1_048_576, description="Sequence length in tokens.")
     packing: bool = Field(True, description="Pack several examples into each sequence (positions restart per example).")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the data URIs (never credentials).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the data URIs (never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md).")
     streaming: bool | None = Field(None, description="Stream `data.train` as a prepared corpus (token shards and a manifest.json written by `ftcluster prepare-data`): each process reads only its own blocks, in the background, and never holds the corpus; resume is exact. Default: stream when `data.train` holds a manifest.json. Prepared corpora are plain text (`format: text`).")
     prepare: PrepareSpec | None = Field(None, description="The raw corpus that `ftcluster prepare-data` tokenizes into `data.train` (a prepared corpus). See docs/data.md.")
 
@@ -313,7 +313,7 @@ class DeepSpeedSpec(_Model):
     nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload. A relative path is relative to the spec file's folder.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient-reduction bucket.")
-    config_file: str | None = Field(None, description="A DeepSpeed JSON config merged over the generated one (read at render time, relative to the spec file).")
+    config_file: str | None = Field(None, description="A DeepSpeed JSON config merged over the generated one (read at validate and render time, relative to the spec file). Keys that the spec decides must agree with it or be \"auto\" (the spec's value): train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size, bf16/fp16.enabled; and gradient_clipping, optimizer lr/betas/weight_decay and scheduler warmup where training sets them. See docs/training.md.")
 
     @model_validator(mode="after")
     def _combos(self) -> DeepSpeedSpec:
@@ -382,7 +382,7 @@ class OutputSpec(_Model):
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     checkpoint_every_minutes: float | None = Field(30, gt=0, description="Save a resumable checkpoint every M minutes.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older committed ones are deleted.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output URI, e.g. {client_kwargs: {endpoint_url: ...}}; never credentials.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output URI, e.g. {client_kwargs: {endpoint_url: ...}}; never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md.")
     upload_concurrency: int = Field(8, ge=1, le=128, description="Files uploaded at once.")
     final_upload_timeout: float = Field(600, gt=0, le=7 * 86400, description="Seconds the end of a run waits for the output store: the final checkpoint, adapters and model are retried through transient errors (timeouts, resets, throttling, 5xx) for this long, then the run fails. Also bounds reading the store on resume. Permanent errors (credentials, access denied, no bucket, bad endpoint) fail at once. Periodic checkpoints retry without end while training goes on.")
 

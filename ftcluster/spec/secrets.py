@@ -276,6 +276,11 @@ def credential_options(opts: Any, protocols: frozenset[str] = frozenset(),
 def fix_for(path: tuple[Any, ...]) -> str:
     """How to pass this value by reference instead."""
     names = [p for p in path if isinstance(p, str)]
+    if "storage_options" in names:
+        options = names[names.index("storage_options") + 1:]
+        known = [(var, n) for n in options if (var := _credential_var(n, frozenset()))]
+        if known:  # an option whose store has its own variable (or FSSPEC_S3) for it
+            return _store_fix(*known[0])
     if any("storage_options" in p for p in names):
         return ("give the job credentials through its environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AZURE_STORAGE_*, GOOGLE_APPLICATION_CREDENTIALS: slurm.env_passthrough, kubernetes.secret_env or "

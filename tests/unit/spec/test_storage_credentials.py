@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+from pathlib import Path
+
 import pytest
 
 from ftcluster.errors import SpecError
@@ -19,6 +21,7 @@ from ftcluster.render import render
 from ftcluster.spec.loader import load_spec
 from tests.support.specs import TINY_LORA
 
+ROOT = Path(__file__).resolve().parents[3]
 # Low-entropy made-up values: the value screen (ftcluster.spec.secrets.secret_kind) lets them through,
 # so only the option's name can stop them.
 SSE_KEY = "my-own-32-byte-sse-c-key-abcdefg"
@@ -140,7 +143,8 @@ def test_fsspec_reads_an_sse_c_key_from_the_job_environment():
         print(sorted(fs.s3_additional_kwargs.items()))
         """)
     env = {"FSSPEC_S3": json.dumps({"s3_additional_kwargs": {"SSECustomerAlgorithm": "AES256",
-                                                             "SSECustomerKey": SSE_KEY}}), "PATH": "/usr/bin:/bin"}
+                                                             "SSECustomerKey": SSE_KEY}}), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([("SSECustomerAlgorithm", "AES256"), ("SSECustomerKey", SSE_KEY)])
