@@ -197,7 +197,10 @@ def _credential_var(name: str, protocols: frozenset[str]) -> str | None:
 
 def storage_credential(name: str, value: Any, protocols: frozenset[str] = frozenset()) -> str | None:
     """The problem line (without the field) for the storage option ``name``, or None when it holds no
-    credential. ``protocols``: those of the URIs the options apply to. Never quotes ``value``."""
+    credential. ``protocols``: those of the URIs the options apply to. Never quotes ``value``.
+    An empty option (null, "", true/false) holds none: nothing of it could leak."""
+    if value is None or value == "" or isinstance(value, bool):
+        return None
     if name.lower() == "token" and protocols & GCS_PROTOCOLS and isinstance(value, str) and (
             value in GCS_TOKEN_METHODS or _KEY_FILE.match(value)):
         return None

@@ -114,6 +114,11 @@ def test_a_key_file_path_is_a_reference_only_for_gcs(tmp_path):
     assert err is not None and "AWS_SESSION_TOKEN" in err
 
 
+def test_empty_credential_options_pass(tmp_path):
+    spec, err = load_or_problems(spec_text("output", "s3://b/r", "key: null\nsecret: ''\ntoken: null"), tmp_path)
+    assert err is None and spec is not None
+
+
 def test_endpoint_and_kms_options_pass(tmp_path):
     spec, err = load_or_problems(spec_text("output", "s3://b/r", (
         "client_kwargs: {endpoint_url: 'http://127.0.0.1:9000', region_name: eu-west-1}\n"
