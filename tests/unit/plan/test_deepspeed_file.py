@@ -144,3 +144,12 @@ def test_a_variant_that_changes_the_batch_is_checked(tmp_path):
     with pytest.raises(SpecError) as info:
         api.validate(path, plan_check=False)
     assert "train_micro_batch_size_per_gpu: 2 here, but training.micro_batch_size is 4" in str(info.value)
+
+
+def test_a_pipeline_stage_is_checked_with_its_own_values(tmp_path):
+    job(tmp_path, '{"gradient_accumulation_steps": 4}')  # agrees with job.yaml; the stage's `set` changes it
+    (tmp_path / "pipe.yaml").write_text("pipeline: p\nstages:\n  - name: full\n    spec: job.yaml\n"
+                                        "    set: {training.gradient_accumulation_steps: 2}\n")
+    with pytest.raises(SpecError) as info:
+        api.validate(str(tmp_path / "pipe.yaml"), plan_check=False)
+    assert "gradient_accumulation_steps: 4 here, but training.gradient_accumulation_steps is 2" in str(info.value)
