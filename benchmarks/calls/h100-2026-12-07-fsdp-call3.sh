@@ -5,6 +5,8 @@
 # And the DeepSpeed ZeRO-2 curve that fell behind FSDP2's in calls 1-2 (12.56 vs 12.41 at step 2 from the same
 # 12.595): does torch's AdamW update every element of ZeRO's 2.8-billion-element flat partition
 # (fused_adam_check.py), and does the ZeRO-2 run with the single-tensor AdamW on it follow FSDP2's curve?
+# (Run with commit 73d3e5d's code where the engine switched such groups to the single-tensor AdamW; the check
+# showed the fused kernel is correct, so that switch was reverted.)
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1

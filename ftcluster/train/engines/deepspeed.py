@@ -186,35 +186,6 @@ finally:
 """
 
 
-HUGE = 2**31  # elements: past this, 32-bit indexing kernels skip or corrupt the rest
-
-
-def unfuse_huge_tensors(ds_optimizer: Any) -> list[int]:
-    """Take torch's fused (and foreach) AdamW off every parameter group of the client optimizer that
-    holds a tensor of 2^31 elements or more; returns those groups' indices.
-
-    ZeRO-1/2 give the client optimizer one flat fp32 partition per group: on one GPU the 8B shape cut
-    to 8 layers is a single 2.8-billion-element tensor. MEASURING (benchmarks/fused_adam_check.py): whether
-    torch's multi-tensor kernels update the elements past 2^31; the single-tensor path (plain element-wise
-    ops, 64-bit indexing) updates all of them. ``FTCLUSTER_HUGE_ADAM`` (``single``,
-    ``foreach`` or ``fused``) overrides the choice, for measurements."""
-    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
-    impl = os.environ.get("FTCLUSTER_HUGE_ADAM", "single")
-    changed = []
-    for i, group in enumerate(getattr(inner, "param_groups", [])):
-        multi_tensor = bool(group.get("fused")) or group.get("foreach") is not False  # None: torch picks foreach
-        if not multi_tensor or impl == "fused":
-            continue
-        big = max((p.numel() for p in group["params"]), default=0)
-        if big >= HUGE:
-            group["fused"], group["foreach"] = False, impl == "foreach"
-            changed.append(i)
-            log.info("optimizer: parameter group %d holds a %s-element tensor (ZeRO's flat partition), past the "
-                     "2^31 that torch's fused AdamW kernel updates; stepping it with the %s AdamW", i,
-                     f"{big:,}", "foreach" if impl == "foreach" else "single-tensor")
-    return changed
-
-
 class DeepSpeedEngine:
     """Full fine-tuning with DeepSpeed ZeRO, configured by :func:`prepare_ds_config`'s output."""
 
@@ -260,7 +231,6 @@ class DeepSpeedEngine:
             model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
             lr_scheduler=sched, config=cfg, dist_init_required=False)
         self.module = self.engine.module
-        unfuse_huge_tensors(self.optimizer)
 
     def declare_resharding(self, cfg: dict[str, Any]) -> None:
         """For CheckpointManager.load: ``resharding = "self"`` (load() reads a checkpoint of another

@@ -92,28 +92,3 @@ def test_no_accelerator_warning_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Setting accelerator to CPU" not in res.stdout + res.stderr
 
-
-def test_groups_with_a_tensor_of_2_31_elements_leave_the_multi_tensor_adamw():
-    """ZeRO-1/2 hand the client AdamW one flat partition per group (2.8 billion elements for the 8B
-    shape cut to 8 layers on one GPU); such a group steps with the single-tensor AdamW, the others keep
-    their kernel (meta tensors: no memory)."""
-    import torch
-
-    from ftcluster.train.engines.deepspeed import HUGE, unfuse_huge_tensors
-
-    def opt(*sizes, **kw):
-        o = torch.optim.AdamW([torch.nn.Parameter(torch.empty(sizes[0], device="meta"))], **kw)
-        for n in sizes[1:]:
-            o.add_param_group({"params": [torch.nn.Parameter(torch.empty(n, device="meta"))]})
-        return o
-
-    class Zero:  # DeepSpeed's ZeRO optimizer keeps the client one as .optimizer
-        def __init__(self, inner):
-            self.optimizer = inner
-
-    o = opt(HUGE, HUGE - 1, 10)
-    assert unfuse_huge_tensors(Zero(o)) == [0]
-    assert (o.param_groups[0]["fused"], o.param_groups[0]["foreach"]) == (False, False)
-    assert o.param_groups[1]["foreach"] is None  # below 2^31: torch's own choice stays
-    o = opt(HUGE, foreach=False)
-    assert unfuse_huge_tensors(o) == []  # already single-tensor
