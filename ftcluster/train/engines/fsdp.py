@@ -9,6 +9,10 @@ layer and once at the root (embeddings, final norm, output layer: a tied output 
 root group with the embedding it shares), a ``MixedPrecisionPolicy`` that computes in the spec's
 precision and reduces gradients in fp32, and an optional ``CPUOffloadPolicy``.
 
+The model is built on the meta device on every rank and only the shards are allocated; rank 0
+alone builds the whole model and broadcasts it into the shards, unless a resume's checkpoint fills
+them (:func:`build`), so a rank never holds more than its shards on its device.
+
 Checkpoints are DCP's (torch.distributed.checkpoint): every rank writes its own
 ``__<rank>_<n>.distcp`` file(s) into the folder the checkpoint manager gives it and the coordinator
 (rank 0) writes ``.metadata``. On several nodes each node's folder holds its ranks' files (rank 0's
