@@ -73,7 +73,7 @@ def model_source(spec: Any) -> str:
 
 
 def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_dir: Path, *,
-                    zero3: bool = False, meta: bool = False):
+                    zero3: bool = False, meta: bool = False, load_dtype: Any = None):
     """The base causal LM on ``device`` (ZeRO-3: partitioned at construction by transformers'
     DeepSpeed integration, which the caller enables with an ``HfDeepSpeedConfig``).
 
@@ -81,7 +81,12 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     memory, no weights read): the architecture, grown embeddings, ties, config, generation config,
     attention kernel, checkpointing and hooks are the ones the full build gives. The FSDP2 engine
     builds it so on every rank, shards it, then fills the shards (:mod:`.engines.fsdp`). The
-    device-dependent switches (fused loss, varlen attention) are decided for ``device``."""
+    device-dependent switches (fused loss, varlen attention) are decided for ``device``.
+
+    ``load_dtype``: loaded weights (a path or hub id) are kept in this dtype instead of ``dtype``
+    (FSDP's rank 0 holds a bf16 checkpoint in bf16: :func:`.engines.fsdp.full_weights`); the
+    embedding matrices are cast to ``dtype`` first, so rows grown for new tokens are the mean
+    computed and stored in ``dtype``, as without it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,12 +115,17 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
             if meta:
                 model = _structure(where, m.trust_remote_code, kwargs)
             else:
-                model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=m.trust_remote_code, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=m.trust_remote_code,
+                                                             **{**kwargs, "dtype": load_dtype or dtype})
         except (OSError, ValueError) as exc:
             field = "model.path" if m.path else "model.hub_id"
             raise TrainError(f"{field}: could not load a causal LM from {where!r}: {str(exc).splitlines()[0]}") from exc
         if not zero3 and not meta:
             model.to(device)
+        if load_dtype is not None and load_dtype != dtype:
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if e is not None}.values():
+                emb.to(dtype)  # in place: a tied matrix stays one parameter
     fit_embeddings(model, tokenizer, zero3=zero3)
     model.config.use_cache = False
     if tokenizer.pad_token_id is not None:

@@ -40,7 +40,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def probe(payload: Path, out: Path, cache: Path, init: str = "") -> list[dict]:
-    """Both ranks' records of one 2-process build (``init``: FTCLUSTER_FSDP_INIT)."""
+    """Both ranks' records of one 2-process build (``init``: FTCLUSTER_FSDP_INIT); the log is
+    ``out/log.txt``."""
     out.mkdir(parents=True)
     env = {**os.environ, "FTCLUSTER_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT), "FTCLUSTER_FSDP_INIT": init,
@@ -50,6 +51,7 @@ def probe(payload: Path, out: Path, cache: Path, init: str = "") -> list[dict]:
            str(ROOT / "tests" / "support" / "fsdp_init_probe.py"), str(payload), str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    (out / "log.txt").write_text(res.stdout + res.stderr)
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -73,11 +75,15 @@ def test_only_rank_0_holds_the_whole_model_and_lets_it_go(tmp_path, cache_dir):
     assert every[1]["peak_growth"] / full > 1.0  # the bound would catch the every-rank build
     assert all(r["inv_freq_ok"] for r in meta + every)
     assert meta[0]["loss"] == meta[1]["loss"] == every[0]["loss"]
+    assert meta[0]["weights_sha256"] == every[0]["weights_sha256"]  # bit for bit the same weights
 
 
-def test_a_saved_tied_model_with_added_tokens_gets_the_every_rank_builds_weights(tmp_path, cache_dir):
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_a_saved_tied_model_with_added_tokens_gets_the_every_rank_builds_weights(stored, tmp_path, cache_dir):
     """model.path (safetensors read by rank 0 only), a tied embedding grown for added tokens: the
-    ranks' model has the same loss as the every-rank build's, and the tie holds after the sharding."""
+    ranks' model has the same loss as the every-rank build's, and the tie holds after the sharding.
+    A bf16 checkpoint stays bf16 in rank 0's memory (half the bytes) and still gives the every-rank
+    build's fp32 weights exactly (their upcast is exact; the grown rows are computed in fp32)."""
     from ftcluster.spec.loader import load_spec
     from ftcluster.train import model as M
     from ftcluster.train.tokenizer import load_or_train_tokenizer
@@ -86,13 +92,16 @@ def test_a_saved_tied_model_with_added_tokens_gets_the_every_rank_builds_weights
     base = tmp_path / "base"
     src = load_spec(spec_file, overrides=["model.random_init.tie_word_embeddings=true"])
     tok = load_or_train_tokenizer(src, cache_dir / "tokenizers")
-    M.load_base_model(src, tok, torch.float32, torch.device("cpu"), cache_dir).save_pretrained(str(base))
+    model = M.load_base_model(src, tok, torch.float32, torch.device("cpu"), cache_dir)
+    model.to(getattr(torch, stored)).save_pretrained(str(base))
     tok.save_pretrained(str(base))
     sets = [f"output.uri={(tmp_path / 'out').as_uri()}", "model.random_init=null", f"model.path={base}",
             "tokenizer.train_vocab_size=null", 'tokenizer.add_tokens=["habeas corpus", "res judicata"]']
     payload = write_payload(tmp_path, "saved", sets, base=spec_file)
     meta = probe(payload, tmp_path / "meta", cache_dir)
     every = probe(payload, tmp_path / "every", cache_dir, init="every-rank")
+    assert f"rank 0 holds the whole model in {stored}" in (tmp_path / "meta" / "log.txt").read_text()
     assert all(r["tied"] and r["inv_freq_ok"] for r in meta + every)
     assert meta[0]["full_bytes"] == every[0]["full_bytes"]
     assert meta[0]["loss"] == meta[1]["loss"] == every[0]["loss"]
+    assert meta[0]["weights_sha256"] == every[0]["weights_sha256"]  # bit for bit the same weights

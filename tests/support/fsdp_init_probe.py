@@ -4,7 +4,8 @@ write what it cost this rank's host memory into ``<out>/rank-<rank>.json`` (test
 Recorded: the model's full size in bytes (fp32 parameters), this rank's peak RSS growth over the
 build and the weight broadcast (``ru_maxrss``: the process's high-water mark), its resident memory
 after the broadcast (after ``malloc_trim``, so freed heap pages count as freed), its shard's bytes,
-whether the rotary ``inv_freq`` equals a fresh computation, and the loss of one fixed batch.
+whether the rotary ``inv_freq`` equals a fresh computation, the loss of one fixed batch, and (rank 0)
+the sha256 of the whole state dict gathered from the shards.
 
 Usage: python -m torch.distributed.run --nproc-per-node=2 tests/support/fsdp_init_probe.py PAYLOAD OUT
 """
@@ -12,6 +13,7 @@ Usage: python -m torch.distributed.run --nproc-per-node=2 tests/support/fsdp_ini
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import resource
@@ -29,9 +31,12 @@ def peak_bytes() -> int:
 
 
 def main(payload_path: str, out: str) -> None:
+    import logging
+
     import torch
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     from ftcluster.spec.loader import spec_from_dict
     from ftcluster.train import model as M
     from ftcluster.train.distributed import init_distributed
@@ -67,7 +72,13 @@ def main(payload_path: str, out: str) -> None:
     ids = torch.arange(64).reshape(1, 64) % len(tokenizer)
     with torch.no_grad():
         loss = float(model(input_ids=ids, labels=ids).loss)
-    rec = {"rank": ctx.rank, "full_bytes": full, "shard_bytes": shard, "peak_growth": peak_growth,
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    digest = hashlib.sha256()
+    for key in sorted(whole):  # rank 0 gets the tensors (collective), the others an empty dict
+        digest.update(key.encode() + str(whole[key].dtype).encode() + whole[key].numpy().tobytes())
+    rec = {"rank": ctx.rank, "weights_sha256": digest.hexdigest() if whole else None, "full_bytes": full, "shard_bytes": shard, "peak_growth": peak_growth,
            "resident_growth": after - before, "inv_freq_ok": bool(torch.equal(rotary.inv_freq.cpu(), fresh)),
            "loss": loss,
            "tied": model.lm_head.weight is model.model.embed_tokens.weight}

@@ -82,20 +82,50 @@ def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
 
 
 def full_weights(inputs: EngineInputs) -> dict[str, Any]:
-    """Rank 0's whole state dict, fp32: exactly the weights the every-rank build gives (the same
-    seed, init, loaded tensors and grown rows), from :func:`~..model.load_base_model` itself.
+    """Rank 0's whole state dict: exactly the weights the every-rank build gives (the same seed,
+    init, loaded tensors and grown rows), from :func:`~..model.load_base_model` itself.
+
     Loaded weights (``model.path``, a hub id) land in host memory, read tensor by tensor from the
-    memory-mapped safetensors files by transformers (the model once, in fp32: 4 bytes a parameter);
-    a ``random_init`` model is drawn on rank 0's device, as the other engines draw it, so its
-    weights equal theirs (same generator), and broadcast from there."""
+    memory-mapped safetensors files by transformers: the model once, in the dtype its files hold
+    when every floating tensor there is bf16 or fp16 (:func:`stored_dtype`: 2 bytes a parameter;
+    the shards' fp32 copy of each is exact, and the embeddings, grown rows included, are fp32 as in
+    the every-rank build), else in fp32. A ``random_init`` model is drawn on rank 0's device, as the
+    other engines draw it, so its weights equal theirs (same generator), and broadcast from there."""
     import torch
 
     from .. import model as M
 
     spec, ctx = inputs.spec, inputs.ctx
-    where = ctx.device if spec.model.random_init is not None else torch.device("cpu")
-    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, where, inputs.cache_dir)
+    if spec.model.random_init is not None:
+        where, load_dtype = ctx.device, None
+    else:
+        where, load_dtype = torch.device("cpu"), stored_dtype(spec, inputs.cache_dir)
+    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, where, inputs.cache_dir, load_dtype=load_dtype)
+    log.info("fsdp: rank 0 holds the whole model in %s (%.1f GB) to broadcast it", str(load_dtype or torch.float32)
+             .replace("torch.", ""), sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9)
     return model.state_dict()
+
+
+def stored_dtype(spec: Any, cache_dir: Path) -> Any:
+    """bf16 or fp16 when every floating tensor of ``model.path``'s safetensors files has that
+    dtype (read from the files' headers), else None (fp32; a hub id: its files are not local yet)."""
+    import torch
+
+    if not spec.model.path:
+        return None
+    from safetensors import safe_open
+
+    from ...storage.fetch import fetch_dir
+
+    folder = Path(fetch_dir(spec.model.path, spec.model.storage_options, cache_dir / "models"))
+    dtypes: set[Any] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is no dict
+                dtypes.add(fh.get_slice(key).get_dtype())
+    halves = {"BF16": torch.bfloat16, "F16": torch.float16}
+    floating = dtypes - {"I64", "I32", "I16", "I8", "U8", "BOOL"}
+    return halves[next(iter(floating))] if len(floating) == 1 and floating <= set(halves) else None
 
 
 def shard_model(model: Any, fsdp: Any, dtype: Any, ctx: Any) -> int:
