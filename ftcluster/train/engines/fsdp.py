@@ -75,10 +75,24 @@ def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
     shard_model(model, spec.fsdp, inputs.dtype, ctx)
     weights = None
     if not every_rank:
-        model.to_empty(device=ctx.device)  # this rank's shards, uninitialised; the buffers too
+        _allocate_shards(model, spec.fsdp.cpu_offload and ctx.device.type == "cuda", ctx.device)
         M.init_nonpersistent_buffers(model)
         weights = lambda: full_weights(inputs)  # noqa: E731 - called on rank 0 only
     return FsdpEngine(model, spec, ctx, inputs.total_steps, weights=weights), None
+
+
+def _allocate_shards(model: Any, offload: bool, device: Any) -> None:
+    """This rank's shards, uninitialised (``to_empty``): on ``device``, or in (pinned) host memory
+    with CPU offload, where FSDP keeps them; the buffers on ``device`` either way (torchtitan's
+    ``init_device`` and ``buffer_device``)."""
+    import torch
+
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload:
+        for mod in model.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf.to(device)
 
 
 def full_weights(inputs: EngineInputs) -> dict[str, Any]:
