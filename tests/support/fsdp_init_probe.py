@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def rss_bytes() -> int:
@@ -77,7 +78,8 @@ def main(payload_path: str, out: str) -> None:
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     digest = hashlib.sha256()
     for key in sorted(whole):  # rank 0 gets the tensors (collective), the others an empty dict
-        digest.update(key.encode() + str(whole[key].dtype).encode() + whole[key].numpy().tobytes())
+        t: Any = whole[key]
+        digest.update(key.encode() + str(t.dtype).encode() + t.numpy().tobytes())
     rec = {"rank": ctx.rank, "weights_sha256": digest.hexdigest() if whole else None, "full_bytes": full, "shard_bytes": shard, "peak_growth": peak_growth,
            "resident_growth": after - before, "inv_freq_ok": bool(torch.equal(rotary.inv_freq.cpu(), fresh)),
            "loss": loss,
