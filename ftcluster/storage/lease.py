@@ -218,9 +218,16 @@ class _Store:
 
 
 class _LocalStore(_Store):
-    """A local path: create by ``link()`` (atomic, fails if present); compare-and-swap under ``flock``."""
+    """A local path: create by ``link()`` (atomic, fails if present); compare-and-swap under ``flock``.
+
+    The lock is the output folder itself (a directory can be flocked on local filesystems), so nothing
+    is left behind; where that fails (NFS emulates flock with POSIX locks, which need a file open for
+    writing) the lock is ``.ftcluster/lease.lock``, a file that then stays: removing it could let two
+    processes hold "the" lock at once (one on the removed file, one on a new one).
+    """
 
     def __init__(self, root: str):
+        self.root = root
         self.path = os.path.join(root, LEASE)
         self.folder = os.path.dirname(self.path)
         self.lock_path = os.path.join(root, LEASE_LOCK)
@@ -230,9 +237,14 @@ class _LocalStore(_Store):
         import fcntl
 
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -258,13 +270,17 @@ class _LocalStore(_Store):
 
     def create(self, data: bytes) -> Any:
         os.makedirs(self.folder, exist_ok=True)
-        tmp = self._private(data)
+        try:
+            tmp = self._private(data)
+        except FileNotFoundError:  # .ftcluster/ removed by a release meanwhile: go again
+            raise _Conflict() from None
         try:
             os.link(tmp, self.path)  # the O_EXCL of a complete file: fails when a lease is there
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):
             raise _Conflict() from None
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return data
 
     def replace(self, data: bytes, version: Any) -> Any:
@@ -276,12 +292,12 @@ class _LocalStore(_Store):
         return data
 
     def delete(self, version: Any) -> None:
-        # The lock file stays: a process may be waiting on it, and a new file beside an unlinked one
-        # would let two processes hold "the" lock at once.
         with self._locked():
             if self._bytes() != version:
                 raise _Conflict()
             os.unlink(self.path)
+            with contextlib.suppress(OSError):  # only when empty (no lock file, no taker's file in it)
+                os.rmdir(self.folder)
 
 
 def _precondition_failed(exc: BaseException) -> bool:
