@@ -115,7 +115,7 @@ def holder_from_env(env: Mapping[str, str] | None = None, host: str | None = Non
     local runs inside one Slurm allocation still differ.
     """
     env = os.environ if env is None else env
-    host = host or socket.gethostname()
+    host = host or env.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's node name, where there is one
     pid = os.getpid() if pid is None else pid
     parts: list[str] = []
     run_id = env.get(RUN_ID_ENV) or None
@@ -176,7 +176,7 @@ class LeaseRecord:
     def who(self) -> str:
         """``run X (job J) on host H (pid P)``."""
         name = f"run {self.run_id}" if self.run_id else f"holder {self.holder}"
-        job = f" (job {self.job_id})" if self.job_id and self.job_id not in (self.run_id or "") else ""
+        job = f" (job {self.job_id})" if self.job_id and self.job_id != self.run_id else ""
         return f"{name}{job} on host {self.host} (pid {self.pid})"
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from ftcluster.errors import StorageError
 from ftcluster.storage.commit import CheckpointStore
+from ftcluster.storage.layout import LEASE, MANIFEST
 from ftcluster.storage.lease import (
     FORMAT,
     Holder,
@@ -25,7 +26,6 @@ from ftcluster.storage.lease import (
     read_lease,
     refusal,
 )
-from ftcluster.storage.layout import LEASE, MANIFEST
 from ftcluster.storage.retry import RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[3]
