@@ -313,3 +313,39 @@ def test_refusal_of_a_slurm_job_without_a_run_id_names_scancel():
     msg = refusal("s3://b/x", rec, now=160.0)
     assert "in use by holder slurm:hpc:812 (job 812) on host n1 (pid 3)" in msg and "(scancel 812)" in msg
     assert "in 240 s" in msg
+
+
+# ----------------------------------------------------------------------------- submit's check
+
+
+def test_submit_refuses_a_live_lease_of_another_run_before_submitting(tmp_path, s3):
+    from ftcluster import api
+    from ftcluster.spec.loader import load_spec
+
+    quickstart = ROOT / "examples" / "quickstart.yaml"
+    out = tmp_path / "out"
+    spec = load_spec(quickstart, [f"output.uri={out.as_uri()}"])
+    api.check_lease(spec)  # no lease: fine
+    clock = Clock(time.time())
+    Lease(out.as_uri(), {}, holder("running-1"), 60, clock=clock).acquire()
+    with pytest.raises(LeaseHeld, match=r"in use by run running-1 on host node1 .*ftcluster cancel running-1"):
+        api.check_lease(spec)
+    clock.now -= 61  # a lease that expired (its run crashed) does not stop a submit: the run takes it over
+    Lease(out.as_uri(), {}, holder("running-1"), 60, clock=clock).acquire()
+    api.check_lease(spec)
+    # A variant's own output.uri is checked too.
+    variants = "[{name: a, set: {lora.r: 2}}, {name: b, set: {lora.r: 4}}]"
+    with_variants = load_spec(quickstart, [f"output.uri={out.as_uri()}", f"variants={variants}"])
+    Lease((out / "b").as_uri(), {}, holder("variant-b"), 60).acquire()
+    with pytest.raises(LeaseHeld, match="variant-b"):
+        api.check_lease(with_variants)
+    # On S3, and with the store down the check gives way (quickly): the run decides.
+    remote = load_spec(quickstart, [f"output.uri={s3.uri('runs/q')}",
+                                    f"output.storage_options={json.dumps(s3.storage_options)}"])
+    Lease(s3.uri("runs/q"), s3.storage_options, holder("remote-1"), 60).acquire()
+    with pytest.raises(LeaseHeld, match="remote-1"):
+        api.check_lease(remote)
+    s3.stop()
+    t0 = time.monotonic()
+    api.check_lease(remote)
+    assert time.monotonic() - t0 < 30
