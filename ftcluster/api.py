@@ -341,6 +341,7 @@ def check_lease(spec: Any) -> None:
     from .backends.base import outputs_record
     from .plan.launch import compile_plan
     from .spec.pipeline import Pipeline
+    from .spec.relpaths import runs_here
     from .storage.lease import LeaseHeld, read_lease, refusal
     from .storage.uri import is_local
 
@@ -348,8 +349,8 @@ def check_lease(spec: Any) -> None:
         return
     for one in compile_plan(spec).resolved if spec.variants else (spec,):
         uri = outputs_record(one)["uri"]
-        if is_local(uri) and not Path(uri.removeprefix("file://")).is_absolute():
-            continue  # relative to a folder on the cluster, not here
+        if is_local(uri) and not (runs_here(one.backend, one) and Path(uri.removeprefix("file://")).is_absolute()):
+            continue  # a path on the cluster (behind slurm.login), not this machine's
         options = dict(one.output.storage_options or {})
         if uri.startswith(("s3://", "s3a://")):  # one quick attempt: the run retries, submit must not hang
             options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 1},
