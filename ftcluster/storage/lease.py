@@ -187,8 +187,9 @@ def _utc(t: float) -> str:
 def refusal(uri: str, rec: LeaseRecord, now: float | None = None) -> str:
     """The one line that refuses a second writer of ``uri``: who holds it, until when, what to do."""
     now = time.time() if now is None else now
-    stop = f"ftcluster cancel {rec.run_id}" if rec.run_id else (
-        f"scancel {rec.job_id}" if rec.holder.split("/")[-1].startswith("slurm:") and rec.job_id else "stop it")
+    stop = (f"ftcluster cancel {rec.run_id}" if rec.run_id else f"scancel {rec.job_id}" if "slurm:" in rec.holder
+            else f"delete its Kubernetes job, whose master is {rec.job_id}" if "kubernetes:" in rec.holder
+            else f"stop pid {rec.pid} on {rec.host}")
     left = max(0.0, rec.expires_unix - now)
     return (f"{uri}: output.uri is in use by {rec.who()} (its lease {uri.rstrip('/')}/{LEASE} was renewed "
             f"{max(0.0, now - rec.renewed_unix):.0f} s ago); one run writes one output.uri: stop that run "

@@ -349,3 +349,34 @@ def test_submit_refuses_a_live_lease_of_another_run_before_submitting(tmp_path, 
     t0 = time.monotonic()
     api.check_lease(remote)
     assert time.monotonic() - t0 < 30
+
+
+def test_other_stores_get_the_best_effort_lease(tmp_path):
+    """A store with no conditional writes (fsspec's memory:// stands in for gs:// and the like): create,
+    refuse, renew, take over after expiry, release, by write-and-read-back."""
+    import uuid
+
+    uri = f"memory://lease-{uuid.uuid4().hex[:8]}/out"
+    clock = Clock()
+    a = Lease(uri, {}, holder("a"), 10, clock=clock, retry_max_s=5, policy=FAST)
+    a.acquire()
+    with pytest.raises(LeaseHeld, match="in use by run a"):
+        Lease(uri, {}, holder("b"), 10, clock=clock, retry_max_s=5, policy=FAST).acquire()
+    clock.now += 5
+    a.renew()
+    clock.now += 11
+    b = Lease(uri, {}, holder("b"), 10, clock=clock, retry_max_s=5, policy=FAST)
+    b.acquire()
+    with pytest.raises(LeaseLost, match="taken by run b"):
+        a.check()
+    b.release()
+    assert read_lease(uri) is None
+
+
+def test_refusal_names_how_to_stop_a_kubernetes_or_hand_started_holder():
+    base = dict(token="t", run_id=None, host="h", pid=3, acquired_unix=100.0, renewed_unix=100.0,
+                expires_unix=400.0, ttl_s=300, ftcluster_version="0")
+    pod = LeaseRecord(holder="kubernetes:ml/bot-master-0", job_id="ml/bot-master-0", **base)
+    assert "(delete its Kubernetes job, whose master is ml/bot-master-0)" in refusal("s3://b/x", pod, 100.0)
+    by_hand = LeaseRecord(holder="process:h:7", job_id=None, **base)
+    assert "(stop pid 3 on h)" in refusal("s3://b/x", by_hand, 100.0)
