@@ -212,7 +212,7 @@ def test_two_submits_of_one_spec_one_trains(tmp_path):
     trains; the other's rank 0 finds the first's lease and the job fails with the one line naming that
     run, its job and node; the store holds the checkpoints of that one run."""
     home = tmp_path / "home"
-    sets = [*lab_sets(tmp_path), "--set", "training.max_steps=40", "--set", "output.checkpoint_every_steps=10",
+    sets = [*lab_sets(tmp_path), "--set", "training.max_steps=100", "--set", "output.checkpoint_every_steps=25",
             "--set", "output.keep_last=10", "--set", "data.general_eval=null"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTCLUSTER_RDZV_") and k != "FTCLUSTER_RUN_ID"}
     env["FTCLUSTER_HOME"] = str(home)
