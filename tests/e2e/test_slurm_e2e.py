@@ -208,7 +208,7 @@ IN_USE = re.compile(r"error \(rank 0\): \S+: output\.uri is in use by run (\S+) 
 
 
 def test_two_submits_of_one_spec_one_trains(tmp_path):
-    """Two ``ftcluster submit`` (two sbatch) of one spec at the same moment, one job per node: exactly one
+    """Two ``ftcluster submit`` (two sbatch) of one spec at the same moment, running at once: exactly one
     trains; the other's rank 0 finds the first's lease and the job fails with the one line naming that
     run, its job and node; the store holds the checkpoints of that one run."""
     home = tmp_path / "home"
