@@ -60,6 +60,8 @@ class LeaseHeld(StorageError):
 class LeaseLost(StorageError):
     """This run's lease was taken by another run, broken, or released: nothing more may be committed."""
 
+    found = False  # True where the loss was discovered (not a later check, not a release)
+
 
 class _Conflict(Exception):
     """A conditional write or delete found the lease changed (or, creating, present)."""
@@ -464,6 +466,8 @@ class Lease:
         self.confirmed = 0.0  # time.monotonic() of the last successful conditional write
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_lost: Callable[[str], None] | None = None
+        self._notified = False
 
     # -- taking --------------------------------------------------------------------
     def _new_record(self, now: float, acquired: float | None = None) -> LeaseRecord:
@@ -519,7 +523,17 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease by a conditional write; :class:`LeaseLost` if it is no longer ours, other errors
-        (an unreachable store) as they come."""
+        (an unreachable store) as they come. Finding it lost (here, in the renewing thread or in the commit
+        check) calls :meth:`keep_renewed`'s ``on_lost`` once."""
+        try:
+            self._renew()
+        except LeaseLost as exc:
+            if exc.found and self._on_lost is not None and not self._notified:
+                self._notified = True
+                self._on_lost(str(exc))
+            raise
+
+    def _renew(self) -> None:
         with self._lock:
             if self.lost:
                 raise LeaseLost(self.lost)
@@ -534,9 +548,11 @@ class Lease:
                 if rec is None or rec.token != self.record.token:
                     who = "deleted (broken by hand?)" if not present else (
                         "unreadable" if rec is None else f"taken by {rec.who()} at {_utc(rec.acquired_unix)}")
-                    raise self._lose(f"{self.uri}: this run lost its lease on output.uri: the lease was {who}; "
-                                     "stopping without committing anything more (the other run writes there now; "
-                                     "use another output.uri for this one)") from None
+                    lost = self._lose(f"{self.uri}: this run lost its lease on output.uri: the lease was {who}; "
+                                      "stopping without committing anything more (the other run writes there now; "
+                                      "use another output.uri for this one)")
+                    lost.found = True
+                    raise lost from None
                 # Ours after all (an earlier write landed though its answer was lost): write again on its version.
                 self._version = self._store.replace(new.to_bytes(), version)
             self.record, self.confirmed = new, time.monotonic()
@@ -548,15 +564,15 @@ class Lease:
 
     def keep_renewed(self, on_lost: Callable[[str], None]) -> None:
         """Renew every ``ttl/4`` in a daemon thread; on a store outage retry (backing off) and warn; when the
-        lease is lost call ``on_lost(one line)`` and stop."""
+        lease is found lost (by this thread or by the commit check) call ``on_lost(one line)`` once and stop."""
+        self._on_lost = on_lost
+
         def loop() -> None:
             failures, wait = 0, self.interval
             while not self._stop.wait(wait):
                 try:
                     self.renew()
-                except LeaseLost as exc:
-                    if not self._stop.is_set():
-                        on_lost(str(exc))
+                except LeaseLost:
                     return
                 except Exception as exc:  # noqa: BLE001 - the store is down or slow: retry, the run goes on
                     perm = classify(exc, self.where)

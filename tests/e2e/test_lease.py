@@ -81,14 +81,16 @@ def test_two_submits_of_one_spec_at_once_one_trains(tmp_path):
     assert sorted(codes) == [0, 1], results
     won = codes.index(0)
     winner = re.search(r"submitted (\S+)", results[won][0]).group(1)
-    loser = re.search(r"submitted (\S+)", results[1 - won][0]).group(1)
-    assert winner == holder != loser
+    assert winner == holder
     lost_log = "".join(results[1 - won])
     refused = [ln for ln in lost_log.splitlines() if IN_USE.search(ln)]
     assert refused and all(IN_USE.search(ln).group(1) == winner for ln in refused), lost_log[-3000:]
     assert "Traceback" not in lost_log and "committed" not in lost_log, lost_log[-3000:]
-    status = json.loads((home / "runs" / loser / "status.json").read_text())
-    assert status["state"] == "FAILED"
+    loser = re.search(r"submitted (\S+)", results[1 - won][0])
+    if loser:  # the usual case: both passed submit's check, the run that came second stopped at its start
+        assert json.loads((home / "runs" / loser.group(1) / "status.json").read_text())["state"] == "FAILED"
+    else:  # that submit was slow enough to find the lease already: refused before submitting
+        assert len(refused) == 1 and len(list((home / "runs").iterdir())) == 1, lost_log
 
     assert len(run_uids(out)) == 1  # every checkpoint and the adapter come from one run
     assert sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*")) == [10, 20, 30, 40]

@@ -220,7 +220,8 @@ def test_two_submits_of_one_spec_one_trains(tmp_path):
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs  # both submitted: neither lease existed yet
+    # Both submitted: neither lease existed yet (a job takes its lease seconds after sbatch, once it runs).
+    assert [p.returncode for p in procs] == [0, 0], outs
     jobs = [job_of(subprocess.CompletedProcess([], 0, o, e)) for o, e in outs]
 
     def ended(run: str) -> dict | None:

@@ -217,8 +217,10 @@ def test_a_commit_after_the_lease_was_lost_writes_no_manifest(where, tmp_path):
     """The commit guard: the manifest is the commit, and it is never written by a run that lost the lease."""
     clock = Clock()
     uri, opts = where
-    mine = lease(where, "slow", clock, ttl=10)
+    mine = lease(where, "slow", clock, ttl=60)
     mine.acquire()
+    lost: list[str] = []
+    mine.keep_renewed(lost.append)  # every 15 s: the commit check finds the loss first, and says so once
     store = CheckpointStore(uri, opts, retry_max_s=5, retry_base_s=0.01, retry_cap_s=0.05, guard=mine.check)
     snap = tmp_path / "snap"
     snap.mkdir()
@@ -226,7 +228,7 @@ def test_a_commit_after_the_lease_was_lost_writes_no_manifest(where, tmp_path):
     store.commit_async(1, snap, {"step": 1})
     store.wait()
     assert store.committed() == [1]
-    clock.now += 11  # it could not renew: expired, and another run took over
+    clock.now += 61  # it could not renew: expired, and another run took over
     lease(where, "other", clock).acquire()
     snap2 = tmp_path / "snap2"
     snap2.mkdir()
@@ -239,6 +241,11 @@ def test_a_commit_after_the_lease_was_lost_writes_no_manifest(where, tmp_path):
 
     fs, root = fs_and_path(uri, opts)
     assert not fs.exists(f"{root}/checkpoints/step-00000002/{MANIFEST}")
+    assert len(lost) == 1 and "lost its lease" in lost[0]
+    with pytest.raises(LeaseLost):
+        mine.check()
+    assert len(lost) == 1
+    mine.release()
     store.close()
 
 
