@@ -470,10 +470,10 @@ class Lease:
         self._notified = False
 
     # -- taking --------------------------------------------------------------------
-    def _new_record(self, now: float, acquired: float | None = None) -> LeaseRecord:
+    def _new_record(self, now: float) -> LeaseRecord:
         h = self.holder
         return LeaseRecord(holder=h.key, token=secrets.token_hex(8), run_id=h.run_id, job_id=h.job_id, host=h.host,
-                           pid=h.pid, acquired_unix=round(acquired or now, 3), renewed_unix=round(now, 3),
+                           pid=h.pid, acquired_unix=round(now, 3), renewed_unix=round(now, 3),
                            expires_unix=round(now + self.ttl, 3), ttl_s=self.ttl, ftcluster_version=__version__)
 
     def _try_take(self) -> LeaseRecord:
