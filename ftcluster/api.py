@@ -127,7 +127,7 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
              warn: Callable[[Problem], None] | None = None):
     """What ``ftcluster validate`` checks: load the job spec or pipeline at ``path`` (SpecError with every
     problem located), then the planner's memory check (unless ``plan_check`` is False), then a job's local
-    paths. Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`). The memory check's warnings
+    paths, then each ``deepspeed.config_file`` against the spec (:mod:`ftcluster.plan.dsfile`). Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`). The memory check's warnings
     (:func:`check_plan`) go to ``warn``; without one, to :func:`warnings.warn`."""
     from .spec.pipeline import Pipeline
 
@@ -143,6 +143,11 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
                 warnings.warn(str(w), stacklevel=2)
     if not isinstance(spec, Pipeline):
         check_paths(path, overrides, spec)
+    from .plan.deepspeed import config_file_problems
+
+    problems = config_file_problems(spec)
+    if problems:
+        raise SpecError(problems)
     return spec
 
 

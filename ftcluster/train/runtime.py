@@ -34,15 +34,20 @@ class Trainer:
     """State of one training process; :func:`run` is the entry."""
 
     def __init__(self, payload: dict[str, Any], stop: StopFlag):
+        from ..plan.payload import fit_to_world
         from ..spec.loader import spec_from_dict
 
         self.stop = stop
+        # resources.min_nodes: the job may have got fewer nodes than the spec asks for (Slurm MIN-MAX)
+        payload, fitted = fit_to_world(payload, int(os.environ.get("WORLD_SIZE") or 0))
         self.payload = payload
         self.spec = spec_from_dict(payload["spec"])
         if stop.local:
             raise Stopped("before the process group was set up")
         self.ctx = init_distributed(self.spec)
         setup_logging(self.ctx.rank)
+        if fitted:
+            (log.warning if "CHANGES" in fitted else log.info)("%s", fitted)
         self.cache_dir = Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
         self.state = TrainState()
         self.resumed_step: int | None = None  # the step of the checkpoint resumed from

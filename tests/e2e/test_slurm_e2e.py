@@ -202,6 +202,50 @@ def test_cancel_stops_a_run_cleanly(tmp_path):
     assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", info
 
 
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_requeue_onto_fewer_nodes_resumes_on_the_nodes_it_gets(tmp_path, engine):
+    """resources.min_nodes 1 of 2: preempted after a checkpoint while node n2 is drained, the requeued
+    job starts on n1 alone, resumes the 2-process checkpoint on 1 process (FSDP2: DCP reshards;
+    DeepSpeed ZeRO-3: the universal checkpoint) with twice the accumulation, the same global batch,
+    and finishes the planned steps."""
+    home = tmp_path / "home"
+    steps, every = 40, 10
+    text = textwrap.dedent(ZERO3.format(root=ROOT, tmp=tmp_path, steps=steps)).replace(
+        "nodes: 2,", "nodes: 2, min_nodes: 1,").replace("checkpoint_every_steps: 20", f"checkpoint_every_steps: {every}")
+    if engine == "fsdp":
+        text = text.replace("deepspeed: {zero_stage: 3}", "engine: fsdp")
+    job_file = tmp_path / "elastic.yaml"
+    job_file.write_text(text)
+    run, job = job_of(ftc("submit", str(job_file), *lab_sets(tmp_path, output_uri=False), home=home))
+    first = tmp_path / "out" / "checkpoints" / f"step-{every:08d}" / "manifest.json"
+    try:
+        wait_until("the first checkpoint", first.is_file, timeout=180)
+        assert f"job {job} restart 0 on n[1-2];" in log_text(tmp_path)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=ftcluster-test"], check=True)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True)
+        wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1" and scontrol(job).get("JobState")
+                   == "PENDING")
+        saved = int(re.search(r"stop requested \(\w+\): saving step (\d+)", log_text(tmp_path)).group(1))
+        time.sleep(2)  # see test_preempted_job_checkpoints_requeues_and_resumes
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+        st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
+            "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
+            timeout=240)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True)
+    log = log_text(tmp_path)
+    assert st["state"] == "SUCCEEDED", log[-3000:]
+    after = log.split("restart 1 on ", 1)[1]
+    assert after.startswith("n1;"), after[:200]  # the requeued job got n1 alone
+    assert "running on 1 of 2 nodes (resources.min_nodes 1): 1 process(es), gradient accumulation 2 instead of 1: " \
+           "the global batch stays 8 sequences" in after
+    assert f"resuming checkpoint step {saved} of 2 process(es) on 1; global batch unchanged: 8 sequences" in after
+    logged = [int(s) for s in re.findall(rf"step (\d+)/{steps} \|", after)]
+    assert logged and logged[0] > saved and logged[-1] == steps
+    assert f"done: step {steps}," in after
+    committed(tmp_path / "out", "final")
+
+
 # --------------------------------------------------------------------------- one writer per output.uri (issue #23)
 
 IN_USE = re.compile(r"error \(rank 0\): \S+: output\.uri is in use by run (\S+) \(job (\d+)\) on host (\S+) \(pid \d+\)")
