@@ -289,20 +289,41 @@ def test_two_submits_of_one_spec_one_trains(tmp_path):
     assert not (out / ".ftcluster").exists()  # the winner released it at its end
 
 
+def training_pids(job: str) -> list[int]:
+    """The launcher and workers of Slurm job ``job`` (the lab's nodes are this machine)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env and b"ftcluster.train" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
 def test_a_requeued_job_takes_its_own_lease_back_at_once(tmp_path):
-    """A job killed outright (SIGKILL: its lease stays, valid for 10 min here) and requeued keeps its
-    job id: it takes its own lease back without waiting for the expiry and resumes."""
+    """A job whose training processes are killed outright (SIGKILL, as by the OOM killer or a node crash: its
+    lease stays, valid for 5 min) and that is then requeued keeps its job id: it takes its own lease back
+    without waiting for the expiry and resumes."""
+    import signal
+
     home = tmp_path / "home"
-    run, job = job_of(ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=60",
+    run, job = job_of(ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=300",
                           "--set", "output.checkpoint_every_steps=10", "--set", "data.general_eval=null", home=home))
     out = tmp_path / "out"
     wait_until("a committed checkpoint", lambda: list((out / "checkpoints").glob("step-*/manifest.json")),
-               timeout=180)
+               timeout=180, every=0.1)
     lease = json.loads((out / ".ftcluster" / "lease.json").read_text())
     assert lease["run_id"] == run and lease["job_id"] == job
-    subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True)
-    wait_until("the job to die", lambda: scontrol(job).get("JobState") in ("FAILED", "CANCELLED", "COMPLETED"))
-    assert (out / ".ftcluster" / "lease.json").is_file()  # a crash leaves the lease
+    pids = training_pids(job)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until("the job to fail", lambda: scontrol(job).get("JobState") in ("FAILED", "CANCELLED", "COMPLETED"))
+    assert scontrol(job)["JobState"] == "FAILED" and "requeueing job" not in log_text(tmp_path)
+    assert json.loads((out / ".ftcluster" / "lease.json").read_text())["token"] == lease["token"]  # a crash leaves it
     time.sleep(2)  # see test_preempted_job_checkpoints_requeues_and_resumes: credentials are compared in seconds
     subprocess.run(["scontrol", "requeue", job], check=True)
     wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1")
