@@ -27,8 +27,6 @@ worker restarted by torchrun); anyone else waits for the expiry.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import secrets
@@ -36,18 +34,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import __version__
 from ..errors import StorageError
-from .layout import LEASE, LEASE_LOCK
+from .layout import LEASE
+from .leasestore import FORMAT, Conflict, LeaseRecord, read_lease, store_for
 from .retry import RetryPolicy, call, classify
-from .uri import fs_and_path, is_local, local_path, one_line
+from .uri import one_line
 
 log = logging.getLogger("ftcluster.storage")
 
-FORMAT = "ftcluster.lease/1"
+__all__ = ["FORMAT", "Holder", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "holder_from_env", "read_lease",
+           "refusal", "ttl_from_env"]
+
 TTL_ENV = "FTCLUSTER_LEASE_TTL_S"
 DEFAULT_TTL_S = 300.0  # 5 min: what a crash costs the next run at most; renewed every TTL/4 (75 s)
 RUN_ID_ENV = "FTCLUSTER_RUN_ID"  # set by the local and Slurm backends for every run they start
@@ -61,10 +62,6 @@ class LeaseLost(StorageError):
     """This run's lease was taken by another run, broken, or released: nothing more may be committed."""
 
     found = False  # True where the loss was discovered (not a later check, not a release)
-
-
-class _Conflict(Exception):
-    """A conditional write or delete found the lease changed (or, creating, present)."""
 
 
 def ttl_from_env(env: Mapping[str, str] | None = None) -> float:
@@ -138,50 +135,6 @@ def holder_from_env(env: Mapping[str, str] | None = None, host: str | None = Non
     return Holder("/".join(parts), run_id, job_id, host, pid)
 
 
-# ----------------------------------------------------------------------------- the record
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """The content of ``lease.json`` (no secrets: ids, host, pid, times, version)."""
-
-    holder: str
-    token: str  # random per taking: tells this process's lease from a restarted one of the same holder
-    run_id: str | None
-    job_id: str | None
-    host: str
-    pid: int
-    acquired_unix: float
-    renewed_unix: float
-    expires_unix: float
-    ttl_s: float
-    ftcluster_version: str
-    format: str = FORMAT
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_unix
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
-
-    @classmethod
-    def parse(cls, data: bytes) -> LeaseRecord | None:
-        """The record, or None for anything unreadable (treated as expired: it cannot name a holder)."""
-        try:
-            doc = json.loads(data)
-            if doc.get("format") != FORMAT:
-                return None
-            return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def who(self) -> str:
-        """``run X (job J) on host H (pid P)``."""
-        name = f"run {self.run_id}" if self.run_id else f"holder {self.holder}"
-        job = f" (job {self.job_id})" if self.job_id and self.job_id != self.run_id else ""
-        return f"{name}{job} on host {self.host} (pid {self.pid})"
-
-
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
@@ -198,242 +151,6 @@ def refusal(uri: str, rec: LeaseRecord, now: float | None = None) -> str:
             f"({stop}) and submit again, or write elsewhere (--fresh, or --set output.uri=...); if that run "
             f"crashed, its lease expires at {_utc(rec.expires_unix)} (in {left:.0f} s), then a new run takes it "
             f"over (or delete {uri.rstrip('/')}/{LEASE} once you are sure it is gone)")
-
-
-# ----------------------------------------------------------------------------- store access
-
-
-class _Store:
-    """Conditional access to one lease object. ``version`` is what a conditional write compares."""
-
-    def read(self) -> tuple[LeaseRecord | None, Any, bool]:
-        """(record or None, version, present)."""
-        raise NotImplementedError
-
-    def create(self, data: bytes) -> Any:
-        raise NotImplementedError
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        raise NotImplementedError
-
-    def delete(self, version: Any) -> None:
-        raise NotImplementedError
-
-
-class _LocalStore(_Store):
-    """A local path: create by ``link()`` (atomic, fails if present); compare-and-swap under ``flock``.
-
-    The lock is the output folder itself (a directory can be flocked on local filesystems), so nothing
-    is left behind; where that fails (NFS emulates flock with POSIX locks, which need a file open for
-    writing) the lock is ``.ftcluster/lease.lock``, a file that then stays: removing it could let two
-    processes hold "the" lock at once (one on the removed file, one on a new one).
-    """
-
-    def __init__(self, root: str):
-        self.root = root
-        self.path = os.path.join(root, LEASE)
-        self.folder = os.path.dirname(self.path)
-        self.lock_path = os.path.join(root, LEASE_LOCK)
-
-    @contextlib.contextmanager
-    def _locked(self):
-        import fcntl
-
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            os.close(fd)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
-
-    def _bytes(self) -> bytes | None:
-        try:
-            with open(self.path, "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
-
-    def read(self) -> tuple[LeaseRecord | None, Any, bool]:
-        data = self._bytes()
-        return (None if data is None else LeaseRecord.parse(data)), data, data is not None
-
-    def _private(self, data: bytes) -> str:
-        tmp = f"{self.path}.{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return tmp
-
-    def create(self, data: bytes) -> Any:
-        os.makedirs(self.folder, exist_ok=True)
-        try:
-            tmp = self._private(data)
-        except FileNotFoundError:  # .ftcluster/ removed by a release meanwhile: go again
-            raise _Conflict() from None
-        try:
-            os.link(tmp, self.path)  # the O_EXCL of a complete file: fails when a lease is there
-        except (FileExistsError, FileNotFoundError):
-            raise _Conflict() from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return data
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        with self._locked():
-            if self._bytes() != version:
-                raise _Conflict()
-            tmp = self._private(data)
-            os.replace(tmp, self.path)
-        return data
-
-    def delete(self, version: Any) -> None:
-        with self._locked():
-            if self._bytes() != version:
-                raise _Conflict()
-            os.unlink(self.path)
-            with contextlib.suppress(OSError):  # only when empty (no lock file, no taker's file in it)
-                os.rmdir(self.folder)
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    """S3 answered 412 PreconditionFailed (or 409 ConditionalRequestConflict: a concurrent conditional write)."""
-    if isinstance(exc, FileExistsError):  # s3fs's answer to a failed If-None-Match
-        return True
-    cur: BaseException | None = exc
-    for _ in range(8):
-        if cur is None:
-            break
-        resp = getattr(cur, "response", None)
-        if isinstance(resp, dict):
-            code = str((resp.get("Error") or {}).get("Code") or "")
-            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                return True
-        if "pre-conditions you specified did not hold" in str(cur):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def _missing_key(exc: BaseException) -> bool:
-    """A conditional write or delete of an object that is gone (404 NoSuchKey, not a missing bucket)."""
-    return isinstance(exc, FileNotFoundError) and "bucket" not in str(exc).lower()
-
-
-class _S3Store(_Store):
-    """S3 through s3fs: If-None-Match to create, If-Match on the ETag to replace and delete."""
-
-    def __init__(self, fs: Any, root: str):
-        self.fs = fs
-        self.path = f"{root}/{LEASE}"
-
-    def read(self) -> tuple[LeaseRecord | None, Any, bool]:
-        # The ETag first, then the body: if the object changes in between, a write conditional on that
-        # ETag fails, so a decision taken on a newer body is never written over an even newer one.
-        self.fs.invalidate_cache(self.path)
-        try:
-            etag = self.fs.info(self.path)["ETag"]
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError as exc:
-            if "bucket" in str(exc).lower():
-                raise
-            return None, None, False
-        return LeaseRecord.parse(data), etag, True
-
-    def _put(self, data: bytes, **cond: Any) -> Any:
-        try:
-            out = self.fs.pipe_file(self.path, data, **cond)
-        except Exception as exc:  # noqa: BLE001 - a failed condition is the answer, anything else is raised
-            if _precondition_failed(exc) or (_missing_key(exc) and "IfMatch" in cond):
-                raise _Conflict() from exc
-            raise
-        self.fs.invalidate_cache(self.path)
-        etag = out.get("ETag") if isinstance(out, dict) else None
-        if etag is None:  # an s3fs that does not return PutObject's answer: ask
-            etag = self.fs.info(self.path)["ETag"]
-        return etag
-
-    def create(self, data: bytes) -> Any:
-        return self._put(data, mode="create")
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        return self._put(data, IfMatch=version)
-
-    def delete(self, version: Any) -> None:
-        bucket, key, _ = self.fs.split_path(self.path)
-        try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
-        except Exception as exc:  # noqa: BLE001
-            if _precondition_failed(exc) or _missing_key(exc):
-                raise _Conflict() from exc
-            raise
-        self.fs.invalidate_cache(self.path)
-
-
-class _BestEffortStore(_Store):
-    """Any other fsspec store: write, then read back (docs: a race within one round trip can go unseen)."""
-
-    def __init__(self, fs: Any, root: str):
-        self.fs = fs
-        self.path = f"{root}/{LEASE}"
-
-    def read(self) -> tuple[LeaseRecord | None, Any, bool]:
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(self.path)
-        try:
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None, None, False
-        return LeaseRecord.parse(data), data, True
-
-    def _write_and_check(self, data: bytes) -> Any:
-        self.fs.pipe_file(self.path, data)
-        time.sleep(0.2)  # let a concurrent writer's PUT land before reading back
-        _, got, _ = self.read()
-        if got != data:
-            raise _Conflict()
-        return data
-
-    def create(self, data: bytes) -> Any:
-        if self.read()[2]:
-            raise _Conflict()
-        return self._write_and_check(data)
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        if self.read()[1] != version:
-            raise _Conflict()
-        return self._write_and_check(data)
-
-    def delete(self, version: Any) -> None:
-        if self.read()[1] != version:
-            raise _Conflict()
-        self.fs.rm_file(self.path)
-
-
-def _store_for(uri: str, storage_options: dict[str, Any] | None, fs: Any = None) -> _Store:
-    if is_local(uri) and fs is None:
-        return _LocalStore(str(local_path(uri)))
-    fs_, root = fs_and_path(uri, storage_options)
-    fs = fs if fs is not None else fs_
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "s3" in protocols or "s3a" in protocols:
-        return _S3Store(fs, root)
-    if "file" in protocols or "local" in protocols:
-        return _LocalStore(root)
-    return _BestEffortStore(fs, root)
-
-
-def read_lease(uri: str, storage_options: dict[str, Any] | None = None, *, fs: Any = None) -> LeaseRecord | None:
-    """The lease stored under ``uri`` (None: none, or unreadable); one attempt, errors raised as they come."""
-    return _store_for(uri, storage_options, fs).read()[0]
 
 
 # ----------------------------------------------------------------------------- the lease
@@ -458,7 +175,7 @@ class Lease:
         self.clock = clock
         self.retry_max_s = retry_max_s
         self.policy = policy or RetryPolicy(min(1.0, self.interval / 4), min(30.0, self.interval))
-        self._store = _store_for(uri, storage_options, fs)
+        self._store = store_for(uri, storage_options, fs)
         self._lock = threading.Lock()
         self.record: LeaseRecord | None = None
         self._version: Any = None
@@ -477,7 +194,7 @@ class Lease:
                            expires_unix=round(now + self.ttl, 3), ttl_s=self.ttl, ftcluster_version=__version__)
 
     def _try_take(self) -> LeaseRecord:
-        """One round: create, take over our own or an expired one, or raise LeaseHeld; _Conflict: go again."""
+        """One round: create, take over our own or an expired one, or raise LeaseHeld; Conflict: go again."""
         rec, version, present = self._store.read()
         now = self.clock()
         new = self._new_record(now)
@@ -503,7 +220,7 @@ class Lease:
             for _ in range(20):  # each conflict means someone else wrote meanwhile: read again
                 try:
                     return self._try_take()
-                except _Conflict:
+                except Conflict:
                     continue
             raise StorageError(f"{self.where}: the lease kept changing under 20 attempts to take it; is another "
                                "job restarting in a loop on this output.uri?")
@@ -543,7 +260,7 @@ class Lease:
             new = replace(self.record, renewed_unix=round(now, 3), expires_unix=round(now + self.ttl, 3))
             try:
                 self._version = self._store.replace(new.to_bytes(), self._version)
-            except _Conflict:
+            except Conflict:
                 rec, version, present = self._store.read()
                 if rec is None or rec.token != self.record.token:
                     who = "deleted (broken by hand?)" if not present else (
@@ -603,7 +320,7 @@ class Lease:
                 rec, version, _ = self._store.read()
                 if rec is not None and rec.token == token:
                     self._store.delete(version)
-            except _Conflict:
+            except Conflict:
                 pass
             except Exception as exc:  # noqa: BLE001 - it expires by itself
                 log.warning("could not release the lease %s (%s); it expires by itself at %s", self.where,
