@@ -7,7 +7,11 @@ checkpoint cost is measured by the cases that checkpoint every N steps), and
 attention, no block-diagonal mask), ``PROBE_BATCHES=1`` records every micro-batch's width and
 real/learned token counts (speed.py's fill fraction). (Liger-Kernel, once tried here with
 ``PROBE_LIGER=1``, is the runtime's own now: ``FTCLUSTER_FUSED_CE``, train/speedups.py.)
-``PROBE_PHASES=0`` turns the timing off.
+``PROBE_PHASES=0`` turns the timing off. ``PROBE_STEP_PROFILE=1`` profiles any torch training
+script (plain FSDP2 baseline or ftcluster's FSDP2 engine alike) from the end of optimizer step
+``PROBE_FROM`` (default 5) to the end of step ``PROBE_FROM + 2``, through torch's global optimizer
+step hook: rank 0 writes PROBE_OUT/TAG_profile.txt (CUDA and CPU time tables) and the two steps'
+wall time, CUDA kernel time and the share of the wall time the GPU sat idle.
 
     torchrun ... -m benchmarks.ds_probe SCRIPT.py [args]           # e.g. the plain ds_baseline.py
     python -m ftcluster.train.launch ... -m benchmarks.ds_probe -m ftcluster.train --spec payload.json
@@ -137,6 +141,42 @@ def _install() -> None:
     atexit.register(_dump_rows, st, out, tag)
 
 
+def _install_step_profile() -> None:
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    start = int(os.environ.get("PROBE_FROM", "5"))
+    out = os.environ.get("PROBE_OUT") or os.environ.get("OUT") or "/tmp"
+    tag = os.environ.get("PROBE_TAG", "probe")
+    st = {"n": 0, "prof": None, "t0": 0.0}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def hook(opt, args, kwargs) -> None:
+        st["n"] += 1
+        if st["n"] == start:
+            sync()
+            st["prof"] = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            st["prof"].__enter__()
+            st["t0"] = time.perf_counter()
+        elif st["n"] == start + 2 and st["prof"] is not None:
+            sync()
+            wall = time.perf_counter() - st["t0"]
+            st["prof"].__exit__(None, None, None)
+            if _rank() == 0:
+                _dump_profile(st["prof"], out, tag)
+                kernels = sum(e.self_device_time_total for e in st["prof"].key_averages()
+                              if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+                line = {"tag": tag, "steps": 2, "wall_s": round(wall, 4), "cuda_kernel_s": round(kernels, 4),
+                        "gpu_idle_share": round(1 - kernels / wall, 4)}
+                with open(os.path.join(out, f"{tag}_stepprof.json"), "w") as fh:
+                    json.dump(line, fh)
+                print("[probe] step profile", json.dumps(line), flush=True)
+            st["prof"] = None
+
+    register_optimizer_step_post_hook(hook)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -176,6 +216,8 @@ def main() -> None:
         _patch_ftcluster()
     if os.environ.get("PROBE_PHASES", "1") == "1":
         _install()
+    if os.environ.get("PROBE_STEP_PROFILE") == "1":
+        _install_step_profile()
     if args[0] == "-m":
         sys.argv = [args[1]] + args[2:]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

@@ -68,13 +68,24 @@ def varlen_of(run: dict) -> bool:
 def runtime_of(run: dict) -> str:
     """'current', 'plain' or 'probe' (see the module docstring)."""
     # The varlen switch is modelled on its own (varlen_of); it leaves the other speed-ups on.
-    over = {k: v for k, v in (run.get("overrides") or {}).items() if k != "env.FTCLUSTER_VARLEN"}
+    # The engine is modelled too (engine_of); compile is not (yet): a compiled run is a probe.
+    over = {k: v for k, v in (run.get("overrides") or {}).items()
+            if k not in ("env.FTCLUSTER_VARLEN", "engine", "fsdp.reshard_after_forward")}
     rt = str(run.get("runtime", ""))
     if over and not set(over) <= OFF_SWITCHES:
         return "probe"
     if over:
         return "plain" if all(str(v).lower() in ("0", "off", "auto") for v in over.values()) else "probe"
     return "current" if rt.startswith("train/speedups.py on") else "plain"
+
+
+def engine_of(run: dict) -> tuple[str, int | None]:
+    """(engine, the ZeRO stage the planner models it with): FSDP2 resharding after forward is
+    stage 3's memory, without it stage 2's (planner.layout.Layout.engine_label)."""
+    over = run.get("overrides") or {}
+    if over.get("engine") == "fsdp":
+        return "fsdp", 3 if over.get("fsdp.reshard_after_forward", True) else 2
+    return "deepspeed", None if run["method"] == "lora" else int(run.get("zero_stage") or 3)
 
 
 def predict(run: dict) -> tuple[float, float]:
@@ -96,8 +107,8 @@ def predict(run: dict) -> tuple[float, float]:
     nodes = int(run.get("nodes", 1))
     lay = Layout(method, nodes, int(run["gpus"]) // nodes, int(run["micro_batch_size"]),
                  int(run.get("gradient_accumulation_steps", 1)), float(run["gradient_checkpointing"]),
-                 None if method == "lora" else int(run.get("zero_stage") or 3),
-                 gpu=normalise(run.get("gpu_type") or run.get("device") or "h200"))
+                 engine_of(run)[1],
+                 gpu=normalise(run.get("gpu_type") or run.get("device") or "h200"), engine=engine_of(run)[0])
     gpu = load_gpus()[lay.gpu]
     total = shape.total_params()
     if method == "lora":
@@ -156,7 +167,9 @@ def load_runs(paths: list[Path]) -> list[dict]:
 def describe(r: dict) -> str:
     """'8B full Z3 2g mb2 2k ckpt' - the configuration in a table cell."""
     size = {"llama-3-8b": "8B", "llama-3.2-1b": "1B"}.get(r.get("preset") or "", r.get("preset") or "?")
-    how = "LoRA" if r["method"] == "lora" else f"full Z{r.get('zero_stage') or 3}"
+    engine, stage = engine_of(r)
+    how = "LoRA" if r["method"] == "lora" else (
+        ("full FSDP2" if stage == 3 else "full FSDP2 no-reshard") if engine == "fsdp" else f"full Z{stage}")
     seq = f"{r['seq_len'] // 1024}k" if r["seq_len"] % 1024 == 0 else str(r["seq_len"])
     return (f"{size} {how} {r['gpus']}g mb{r['micro_batch_size']} {seq} "
             f"{_ckpt(r['gradient_checkpointing'])}")

@@ -465,6 +465,7 @@ def main() -> int:
     ap.add_argument("--plain-steps", type=int, default=6, help="timed steps of a baseline (after its 2-3 warm-ups)")
     ap.add_argument("--ft-variants", default="", help="extra ftcluster runs per case: NAME:key=json;key=json,... (spec keys "
                     "dotted, e.g. data.packing=false; env.NAME=value sets an environment variable)")
+    ap.add_argument("--no-ft-base", action="store_true", help="run only the --ft-variants, not the case's own ftcluster run")
     ap.add_argument("--ft-env", action="append", default=[], help="KEY=VALUE for the ftcluster runs")
     ap.add_argument("--probe", action="store_true", help="ftcluster full runs under benchmarks/ds_probe.py")
     ap.add_argument("--timeout", type=int, default=900)
@@ -494,7 +495,7 @@ def main() -> int:
         if not path.exists():
             write_corpus(path, records=args.records, words_per_record=args.words)
         return path
-    variants = [("", {})]
+    variants = [] if args.no_ft_base else [("", {})]
     for v in filter(None, args.ft_variants.split(",")):
         name, _, kvs = v.partition(":")
         variants.append((name, {k: json.loads(x) for k, _, x in (p.partition("=") for p in kvs.split(";") if p)}))

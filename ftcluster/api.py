@@ -35,7 +35,7 @@ from .errors import BackendError, FtclusterError, Problem, RunNotFoundError, Spe
 from .spec.loader import load_spec
 
 __all__ = ["EXIT_CODES", "load_spec", "load", "backend_overrides", "with_backend", "validate", "summary", "check_plan", "check_paths",
-           "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "finished_note",
+           "check_submit", "render", "kustomized", "backend_for", "check_submit_options", "fresh_uri", "check_lease", "finished_note",
            "submit", "submit_dryrun", "schedule", "check_server", "server_dry_run", "status", "wait", "list_cluster",
            "cluster_backends", "logs", "cancel", "list_runs", "run_ids", "doctor", "run_output", "sample_source",
            "sample_command", "artifact_source", "merge_command", "write_files", "prepare_load", "prepare_command", "prepare_summary", "prepare_dryrun",
@@ -127,7 +127,7 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
              warn: Callable[[Problem], None] | None = None):
     """What ``ftcluster validate`` checks: load the job spec or pipeline at ``path`` (SpecError with every
     problem located), then the planner's memory check (unless ``plan_check`` is False), then a job's local
-    paths. Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`). The memory check's warnings
+    paths, then each ``deepspeed.config_file`` against the spec (:mod:`ftcluster.plan.dsfile`). Returns the spec (or :class:`~ftcluster.spec.pipeline.Pipeline`). The memory check's warnings
     (:func:`check_plan`) go to ``warn``; without one, to :func:`warnings.warn`."""
     from .spec.pipeline import Pipeline
 
@@ -143,6 +143,11 @@ def validate(path: str | Path, overrides: list[str] | None = None, plan_check: b
                 warnings.warn(str(w), stacklevel=2)
     if not isinstance(spec, Pipeline):
         check_paths(path, overrides, spec)
+    from .plan.deepspeed import config_file_problems
+
+    problems = config_file_problems(spec)
+    if problems:
+        raise SpecError(problems)
     return spec
 
 
@@ -332,6 +337,38 @@ def finished_note(spec: Any, path: str | None = None) -> str | None:
             "(a new output folder), or --set output.uri=<another folder>")
 
 
+def check_lease(spec: Any) -> None:
+    """Refuse, before anything is submitted, a job whose ``output.uri`` (or a variant's) holds the live lease of
+    another run (:mod:`ftcluster.storage.lease`): raises :class:`~ftcluster.storage.lease.LeaseHeld`, whose
+    message is the one line naming that run, its host and what to do. A free or expired lease passes, and so
+    does a store this machine cannot read (no credentials here, endpoint down: one short attempt): the run
+    itself takes the lease and refuses then. A pipeline's stages write one after another: not checked."""
+    from .backends.base import outputs_record
+    from .plan.launch import compile_plan
+    from .spec.pipeline import Pipeline
+    from .spec.relpaths import runs_here
+    from .storage.lease import LeaseHeld, read_lease, refusal
+    from .storage.uri import is_local
+
+    if isinstance(spec, Pipeline):
+        return
+    for one in compile_plan(spec).resolved if spec.variants else (spec,):
+        uri = outputs_record(one)["uri"]
+        if is_local(uri) and not (runs_here(one.backend, one) and Path(uri.removeprefix("file://")).is_absolute()):
+            continue  # a path on the cluster (behind slurm.login), not this machine's
+        options = dict(one.output.storage_options or {})
+        if uri.startswith(("s3://", "s3a://")):  # one quick attempt: the run retries, submit must not hang
+            options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 1},
+                                        **options.get("config_kwargs", {})}
+        try:
+            rec = read_lease(uri, options)
+        except Exception:  # noqa: BLE001 - unreadable from here: the run decides
+            continue
+        now = time.time()
+        if rec is not None and not rec.expired(now):
+            raise LeaseHeld(refusal(uri, rec, now))
+
+
 def submit_dryrun(spec: Any, backend: str | None = None, **options: Any) -> SubmitRequest:
     """What :func:`submit` would do, with no side effects; ``.describe()`` prints it. ``spec``: an object or a
     YAML path; ``backend``: as the override ``backend=NAME``."""
@@ -381,7 +418,7 @@ def server_dry_run(request: Any, **options: Any) -> str:
 def submit(spec: Any, backend: str | None = None, overrides: list[str] | None = None, **options: Any) -> RunStatus:
     """Submit a spec or pipeline (object or YAML path) to its backend; ``backend`` as the override
     ``backend=NAME``; ``overrides`` apply to a YAML path. It checks nothing first: ``ftcluster submit`` calls
-    :func:`check_submit` before it."""
+    :func:`check_submit` before it, and :func:`check_lease` (the output is free) right before scheduling."""
     spec = _spec(spec, overrides, backend)
     return schedule(submit_dryrun(spec, **options), **options)
 

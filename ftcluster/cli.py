@@ -283,6 +283,7 @@ def submit(job: str, backend: str | None, dry_run: bool, wait: bool, server: boo
     if note:  # a run would find nothing to do: submit nothing
         click.echo(note, err=True)
         return
+    api.check_lease(spec)  # another run writes output.uri now: one line, nothing submitted
     st = api.schedule(req, **options)
     click.echo(f"submitted {st.run_id} ({st.backend}{', job ' + st.job_id if st.job_id else ''}); run folder {st.run_dir}")
     if wait:

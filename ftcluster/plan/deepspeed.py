@@ -3,14 +3,13 @@
 :func:`resolved_deepspeed_config` is what the DeepSpeed engine recipe (:mod:`.engines`) contributes
 to the launch plan; :func:`ftcluster.plan.launch.compile_plan` calls it once per distinct spec (the
 job's, and each variant's) and every reader (payload, local backend, renderers) takes it from the
-plan. Pure but for reading ``deepspeed.config_file``.
+plan. Pure but for reading ``deepspeed.config_file`` (:mod:`.dsfile`: refused where it disagrees
+with the spec, "auto" filled in).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 from ..errors import Problem, SpecError
@@ -74,22 +73,6 @@ def deepspeed_config(spec: Any) -> dict[str, Any]:
     return cfg
 
 
-def _user_ds_file(spec: Any) -> dict[str, Any]:
-    path = Path(spec.deepspeed.config_file)
-    if not path.is_absolute() and spec._source_file and not spec._source_file.startswith("<"):
-        path = Path(spec._source_file).parent / path
-    src = spec._source_file or "<spec>"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: no such file; the path is relative to the spec file")]) from None
-    except (OSError, ValueError) as exc:
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: not a readable JSON file ({exc})")]) from None
-    if not isinstance(data, dict):
-        raise SpecError([Problem(src, None, None, "deepspeed.config_file", f"{path}: must hold a JSON object")])
-    return data
-
-
 def resolved_deepspeed_config(spec: Any) -> dict[str, Any] | None:
     """Generated DeepSpeed config with the user's file merged over it; None for a spec without a
     ``deepspeed`` section (LoRA). Prefer ``compile_plan(spec).deepspeed``: resolved once there."""
@@ -97,5 +80,30 @@ def resolved_deepspeed_config(spec: Any) -> dict[str, Any] | None:
         return None
     cfg = deepspeed_config(spec)
     if spec.deepspeed.config_file:
-        cfg = deep_merge(cfg, _user_ds_file(spec))
+        from .dsfile import file_problems, read_user_file, resolve_auto
+
+        user = read_user_file(spec)
+        problems = file_problems(spec, user, deepspeed_config)
+        if problems:
+            raise SpecError(problems)
+        cfg = deep_merge(cfg, resolve_auto(user.data, spec, deepspeed_config))
     return cfg
+
+
+def config_file_problems(spec: Any) -> list[Problem]:
+    """What ``validate`` refuses in the ``deepspeed.config_file`` of a job spec or pipeline: of the job,
+    each of its variants and each training stage (:mod:`.dsfile`); [] where there is none."""
+    from ..spec.pipeline import Pipeline
+    from ..spec.variants import resolve_variants
+
+    jobs = [st.spec for st in spec.stages if not st.prepares] if isinstance(spec, Pipeline) else [spec]
+    out: list[Problem] = []
+    for job in jobs:
+        for s in (job, *resolve_variants(job)):
+            if getattr(s, "deepspeed", None) is None or not s.deepspeed.config_file:
+                continue
+            try:
+                resolved_deepspeed_config(s)
+            except SpecError as exc:
+                out += [p for p in exc.problems if str(p) not in {str(q) for q in out}]
+    return out

@@ -84,6 +84,13 @@ class LaunchPlan:
         return self.nnodes * self.nproc_per_node
 
     @property
+    def min_nodes(self) -> int | None:
+        """The fewest nodes the job may run on (``resources.min_nodes``) when below :attr:`nnodes`, else None:
+        the node count is then known only when the job starts (``NNODES`` in :meth:`torchrun_args`)."""
+        m = self.spec.resources.min_nodes
+        return m if m is not None and m < self.nnodes else None
+
+    @property
     def recipe(self) -> EngineRecipe:
         """The training engine's recipe."""
         return ENGINES[self.engine]
@@ -126,11 +133,13 @@ class LaunchPlan:
         """The launch command as argv. With ``rdzv_endpoint`` None, torchrun takes the
         rendezvous from ``PET_*`` variables (set by the Kubeflow operators). ``launcher`` is the
         torchrun module: ``ftcluster.train.launch`` is torchrun that forwards SIGUSR2 and exits 143
-        after a checkpoint-and-stop (the Slurm script uses it to decide on requeueing)."""
+        after a checkpoint-and-stop (the Slurm script uses it to decide on requeueing). With
+        :attr:`min_nodes`, ``--nnodes`` is the placeholder ``@NNODES@``: the renderer puts the number of
+        nodes the job got there."""
         argv = [python, "-m", launcher]
         if rdzv_endpoint is not None:
             argv += [
-                f"--nnodes={self.nnodes}",
+                f"--nnodes={'@NNODES@' if self.min_nodes else self.nnodes}",
                 f"--nproc-per-node={self.nproc_per_node}",
                 "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={rdzv_endpoint}",

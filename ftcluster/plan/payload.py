@@ -96,3 +96,39 @@ def _variant_index(names: list[str], environ: Mapping[str, str]) -> int:
         return int(want)
     raise TrainError(f"{source}={want} names no variant of this job; use one of {', '.join(names)} "
                      f"or an index 0-{len(names) - 1}")
+
+
+def fit_to_world(payload: dict[str, Any], world: int) -> tuple[dict[str, Any], str | None]:
+    """The payload for the ``world`` processes a job with ``resources.min_nodes`` actually got, and a line
+    saying what changed (None when nothing did: the job got every node it asked for, has no min_nodes,
+    or ``world`` is 0: not launched by torchrun).
+
+    ``resources.nodes`` becomes the nodes the job runs on, and the gradient accumulation grows by
+    the factor the processes shrank (the planned world x accumulation over ``world``) where that
+    divides, so the global batch (micro-batch x accumulation x processes) and with it the learning
+    rate schedule's meaning stay as planned; where it does not divide the accumulation stays and the
+    line says the global batch changes. A DeepSpeed config's batch keys follow. Pure.
+    """
+    spec = payload["spec"]
+    res, tr = spec["resources"], spec["training"]
+    nproc = res.get("procs_per_node") or max(int(res.get("gpus_per_node") or 0), 1)
+    planned = int(res["nodes"]) * nproc
+    if not world or world == planned or res.get("min_nodes") is None:
+        return payload, None
+    if world % nproc:
+        raise TrainError(f"this job runs {world} processes, not a multiple of the {nproc} per node the spec sets "
+                         "(resources.procs_per_node / gpus_per_node); launch whole nodes")
+    nodes, accum, mb = world // nproc, int(tr["gradient_accumulation_steps"]), int(tr["micro_batch_size"])
+    kept = (planned * accum) % world == 0
+    new_accum = planned * accum // world if kept else accum
+    out = {**payload, "spec": {**spec, "resources": {**res, "nodes": nodes},
+                               "training": {**tr, "gradient_accumulation_steps": new_accum}}}
+    if payload.get("deepspeed"):
+        out["deepspeed"] = {**payload["deepspeed"], "gradient_accumulation_steps": new_accum,
+                            "train_batch_size": mb * new_accum * world}
+    where = f"running on {nodes} of {res['nodes']} nodes (resources.min_nodes {res['min_nodes']}): {world} process(es)"
+    if kept:
+        return out, (f"{where}, gradient accumulation {new_accum} instead of {accum}: the global batch stays "
+                     f"{mb * accum * planned} sequences")
+    return out, (f"{where}; the global batch CHANGES from {mb * accum * planned} to {mb * accum * world} sequences "
+                 f"({planned} x {accum} is not a multiple of {world}: choose nodes whose ratio divides the accumulation)")

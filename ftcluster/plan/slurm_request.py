@@ -66,8 +66,13 @@ def slurm_request(spec: Any) -> SlurmRequest:
 
     sbatch = [
         opt("name", "job-name", spec.name),
-        opt("resources.nodes", "nodes", res.nodes),
-        opt("resources.nodes", "ntasks-per-node", 1),  # one torchrun per node starts every rank of it
+        # MIN-MAX: Slurm starts (and restarts a requeued job) with as many as it can give, at least MIN.
+        # Not with --ntasks-per-node: that makes Slurm allocate MIN nodes even when MAX are idle (seen on
+        # 22.05); without it a job gets one task per node by default, and srun asks for one per node.
+        *([opt("resources.nodes", "nodes", f"{res.min_nodes}-{res.nodes}")]
+          if res.min_nodes is not None and res.min_nodes < res.nodes else
+          [opt("resources.nodes", "nodes", res.nodes),
+           opt("resources.nodes", "ntasks-per-node", 1)]),  # one torchrun per node starts every rank of it
         opt("slurm.signal_seconds", "signal", f"B:USR2@{sl.signal_seconds}"),
         opt("slurm.output", "open-mode", "append"),  # a requeued job appends to the same log
         opt("slurm.output", "output", slurm_output(sl.output, bool(spec.variants))),

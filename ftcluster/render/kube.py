@@ -48,6 +48,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 def render_pytorchjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
     """``<name>.yaml``: the PyTorchJob, payload included."""
     _require_image(plan.spec)
+    _require_fixed_nodes(plan.spec)
     return {f"{plan.name}.yaml": dump_yaml([pytorchjob(plan)], header)}
 
 
@@ -61,6 +62,7 @@ def render_trainjob(plan: LaunchPlan, header: list[str]) -> dict[str, str]:
     are an error, or a header note when a PyTorchJob spec is rendered as a TrainJob on purpose.
     """
     _require_image(plan.spec)
+    _require_fixed_nodes(plan.spec)
     notes = _trainjob_gaps(plan.spec)
     files = {}
     runtime = plan.spec.kubernetes.runtime
@@ -226,6 +228,14 @@ def cluster_training_runtime(name: str = DEFAULT_RUNTIME) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def _require_fixed_nodes(spec: Any) -> None:
+    if spec.resources.min_nodes is not None and spec.resources.min_nodes < spec.resources.nodes:
+        raise RenderError(
+            f"{spec._source_file or '<spec>'}: resources.min_nodes: Kubernetes targets start exactly resources.nodes "
+            "pods (the operators gang-schedule them); remove min_nodes, or use the Slurm backend for a job that may "
+            "run on fewer nodes")
 
 
 def _require_image(spec: Any) -> None:

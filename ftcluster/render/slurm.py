@@ -110,7 +110,9 @@ def launch_lines(plan: Any) -> list[str]:
     # seconds (a collective error) or by the watchdog (training.hang_timeout) and exit with the job's
     # verdict; --wait kills what is left after that (docs/lifecycle.md, "Faults").
     wait = int(spec.training.hang_timeout) + 60
-    srun = ["srun", "--kill-on-bad-exit=0", f"--wait={wait}", "--nodes=" + str(plan.nnodes), "--ntasks-per-node=1",
+    # With resources.min_nodes the job may get fewer nodes than it asks for: every count is the allocation's.
+    nodes = '"${SLURM_JOB_NUM_NODES}"' if plan.min_nodes else str(plan.nnodes)
+    srun = ["srun", "--kill-on-bad-exit=0", f"--wait={wait}", "--nodes=" + nodes, "--ntasks-per-node=1",
             "--export=ALL"]
     if spec.resources.cpus_per_node:  # Slurm 22.05+ srun no longer inherits --cpus-per-task from sbatch
         srun.append(f"--cpus-per-task={spec.resources.cpus_per_node}")
@@ -119,7 +121,8 @@ def launch_lines(plan: Any) -> list[str]:
     python = _one_line(spec, "slurm.python", sl.python)
     argv = plan.torchrun_args(rdzv_endpoint="@ENDPOINT@", rdzv_id="@JOB_ID@", python=python,
                               spec_arg=["--spec-env", PAYLOAD_VAR], launcher=LAUNCHER)
-    words = [_word(a, {"@ENDPOINT@": "ftc_rdzv_endpoint", "@JOB_ID@": "SLURM_JOB_ID"}) for a in argv]
+    words = [_word(a, {"@ENDPOINT@": "ftc_rdzv_endpoint", "@JOB_ID@": "SLURM_JOB_ID", "@NNODES@": "SLURM_JOB_NUM_NODES"})
+             for a in argv]
     lines.append(" ".join(words[:3]))  # python -m ftcluster.train.launch
     group: list[str] = []
     for w in words[3:]:
@@ -134,8 +137,12 @@ def launch_lines(plan: Any) -> list[str]:
 def _summary(plan: Any) -> str:
     spec = plan.spec
     kind = plan.recipe.label or plan.recipe.name
-    text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
-            f"= world size {plan.world_size}")
+    if plan.min_nodes:  # resources.min_nodes: as many nodes as Slurm gives, at least min_nodes
+        text = (f"{spec.name}: {kind}, {plan.min_nodes}-{plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
+                f"= world size {plan.min_nodes * plan.nproc_per_node}-{plan.world_size}")
+    else:
+        text = (f"{spec.name}: {kind}, {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
+                f"= world size {plan.world_size}")
     if plan.variants:
         text += f"; job array of {len(plan.variants)} variants ({', '.join(plan.variants)})"
     return text

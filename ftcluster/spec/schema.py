@@ -36,11 +36,6 @@ from .kubenames import env_problems, section_problems
 from .registry import field_of, is_spec_backend, lookup, spec_backends
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
-SECRET_OPTION_KEYS = {
-    "key", "secret", "token", "password", "session_token", "aws_access_key_id",
-    "aws_secret_access_key", "aws_session_token", "client_secret", "account_key", "sas_token",
-    "credentials", "connection_string",
-}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -88,6 +83,8 @@ def _empty_list() -> list[Any]:
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
+    from .secrets import fsspec_env_credential
+
     for name, value in env.items():
         if not ENV_NAME.match(name):
             raise ValueError(f"{name}: environment variable names use letters, digits and '_' and do not start with a digit")
@@ -96,20 +93,19 @@ def _check_env(env: dict[str, str]) -> dict[str, str]:
                 f"{name}: looks like a secret; never put secret values in a job spec. Reference it instead: "
                 "slurm.env_passthrough (taken from the submitting shell) or kubernetes.secret_env (a Kubernetes Secret)"
             )
+        problem = fsspec_env_credential(name, value)
+        if problem:
+            raise ValueError(problem)
     return env
 
 
-def _check_storage_options(opts: dict[str, Any], where: str = "") -> dict[str, Any]:
-    for key, value in opts.items():
-        if key.lower() in SECRET_OPTION_KEYS or SECRET_NAME.search(key):
-            raise ValueError(
-                f"{where}{key}: credentials must not be written in the spec (they would end up in scripts and manifests); "
-                "provide them through the environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a Kubernetes Secret via "
-                "kubernetes.secret_env, or an instance role)"
-            )
-        if isinstance(value, dict):
-            _check_storage_options(value, f"{where}{key}.")
-    return opts
+def _check_storage_options(opts: dict[str, Any], *uris: str | None) -> None:
+    """Refuse a credential among ``storage_options`` (by the option's name; ftcluster.spec.secrets
+    finds secret-looking values under any name), with the variable the store of ``uris`` reads instead."""
+    from .secrets import credential_options, protocols_of
+
+    for path, problem in credential_options(opts, protocols_of(*uris)):
+        raise ValueError(f"storage_options.{'.'.join(path)}: {problem}")
 
 
 # --------------------------------------------------------------------------- model
@@ -166,7 +162,7 @@ class ModelSpec(_Model):
     hub_id: str | None = Field(None, description="Hugging Face Hub model id. The only way a job reaches a model hub at run time.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when hub_id is used.")
     random_init: RandomInit | None = Field(None, description="Build a model with random weights from this architecture config (tests, benchmarks).")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `path` (never credentials).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `path` (never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder.")
 
@@ -180,7 +176,7 @@ class ModelSpec(_Model):
             )
         if self.revision and not self.hub_id:
             raise ValueError("revision: only applies with hub_id")
-        _check_storage_options(self.storage_options)
+        _check_storage_options(self.storage_options, self.path)
         return self
 
 
@@ -231,14 +227,15 @@ class DataSpec(_Model):
     fields: DataFields = Field(default_factory=DataFields, description="Field names in the records.")
     seq_len: int = Field(2048, ge=8, le=1_048_576, description="Sequence length in tokens.")
     packing: bool = Field(True, description="Pack several examples into each sequence (positions restart per example).")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the data URIs (never credentials).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the data URIs (never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md).")
     streaming: bool | None = Field(None, description="Stream `data.train` as a prepared corpus (token shards and a manifest.json written by `ftcluster prepare-data`): each process reads only its own blocks, in the background, and never holds the corpus; resume is exact. Default: stream when `data.train` holds a manifest.json. Prepared corpora are plain text (`format: text`).")
     prepare: PrepareSpec | None = Field(None, description="The raw corpus that `ftcluster prepare-data` tokenizes into `data.train` (a prepared corpus). See docs/data.md.")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_storage_options(v)
+    @model_validator(mode="after")
+    def _no_secrets(self) -> DataSpec:
+        _check_storage_options(self.storage_options, self.train, self.eval, self.general_eval,
+                               self.prepare.source if self.prepare else None)
+        return self
 
     @model_validator(mode="after")
     def _prepared_is_text(self) -> DataSpec:
@@ -322,7 +319,7 @@ class DeepSpeedSpec(_Model):
     nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload. A relative path is relative to the spec file's folder.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient-reduction bucket.")
-    config_file: str | None = Field(None, description="A DeepSpeed JSON config merged over the generated one (read at render time, relative to the spec file).")
+    config_file: str | None = Field(None, description="A DeepSpeed JSON config merged over the generated one (read at validate and render time, relative to the spec file). Keys that the spec decides must agree with it or be \"auto\" (the spec's value): train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size, bf16/fp16.enabled; and gradient_clipping, optimizer lr/betas/weight_decay and scheduler warmup where training sets them. See docs/training.md.")
 
     @model_validator(mode="after")
     def _combos(self) -> DeepSpeedSpec:
@@ -346,6 +343,7 @@ class ResourcesSpec(_Model):
     """What each job asks the cluster for."""
 
     nodes: int = Field(1, ge=1, le=4096, description="Number of nodes.")
+    min_nodes: int | None = Field(None, ge=1, le=4096, description="Fewest nodes the job may run on (Slurm `--nodes=MIN-MAX`): a job requeued after preemption or a lost node goes on with the nodes it gets, resuming its checkpoint on the new number of processes, with the gradient accumulation raised to keep the global batch where it divides. Slurm only.")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs per node (0: CPU only).")
     procs_per_node: int | None = Field(None, ge=1, le=256, description="Training processes per node; defaults to gpus_per_node (1 on CPU).")
     gpu_type: str | None = Field(None, description="GPU model, e.g. h200; becomes the Slurm gres type (gpu:<type>:<n>); on Kubernetes set `kubernetes.node_selector` (GPU product labels differ per cluster).")
@@ -375,6 +373,13 @@ class ResourcesSpec(_Model):
                 raise ValueError(f"write the time limit as [D-]HH:MM:SS, e.g. 12:00:00 or 2-00:00:00 (got {v!r})")
         return v
 
+    @model_validator(mode="after")
+    def _node_range(self) -> ResourcesSpec:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ValueError(f"min_nodes: {self.min_nodes} is more than nodes ({self.nodes}); set min_nodes at most "
+                             "nodes, or remove it")
+        return self
+
     @property
     def nproc_per_node(self) -> int:
         """Processes per node that torchrun starts."""
@@ -396,14 +401,14 @@ class OutputSpec(_Model):
     checkpoint_every_steps: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     checkpoint_every_minutes: float | None = Field(30, gt=0, description="Save a resumable checkpoint every M minutes.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older committed ones are deleted.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output URI, e.g. {client_kwargs: {endpoint_url: ...}}; never credentials.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output URI, e.g. {client_kwargs: {endpoint_url: ...}}; never credentials: options such as key, secret, token, account_key, sas_token or an SSE-C key are refused; the job reads them from its environment, see docs/storage.md.")
     upload_concurrency: int = Field(8, ge=1, le=128, description="Files uploaded at once.")
     final_upload_timeout: float = Field(600, gt=0, le=7 * 86400, description="Seconds the end of a run waits for the output store: the final checkpoint, adapters and model are retried through transient errors (timeouts, resets, throttling, 5xx) for this long, then the run fails. Also bounds reading the store on resume. Permanent errors (credentials, access denied, no bucket, bad endpoint) fail at once. Periodic checkpoints retry without end while training goes on.")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_storage_options(v)
+    @model_validator(mode="after")
+    def _no_secrets(self) -> OutputSpec:
+        _check_storage_options(self.storage_options, self.uri)
+        return self
 
 
 # sbatch options ftcluster writes itself (see ftcluster.plan.slurm_request), and the spec field that controls each.
@@ -755,6 +760,17 @@ class FullJob(_JobBase):
         if isinstance(data, dict):
             data.pop("fsdp" if self.engine == "deepspeed" else "deepspeed", None)
         return data
+
+    @model_validator(mode="after")
+    def _elastic(self) -> FullJob:
+        ds = self.deepspeed
+        if self.resources.min_nodes is None or self.resources.min_nodes == self.resources.nodes or self.engine != "deepspeed":
+            return self
+        if ds.zero_stage == 0 or "nvme" in (ds.offload_optimizer, ds.offload_params):
+            why = "zero_stage 0" if ds.zero_stage == 0 else "nvme offload"
+            raise ValueError(f"resources.min_nodes: a DeepSpeed checkpoint with {why} cannot resume on another number "
+                             "of processes; use zero_stage 1-3 without nvme offload, engine: fsdp, or remove min_nodes")
+        return self
 
     @model_validator(mode="after")
     def _compile_stage(self) -> FullJob:

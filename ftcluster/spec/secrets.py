@@ -143,9 +143,147 @@ def find_secrets(data: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[
             yield path, kind
 
 
+# ---------------------------------------------------------------- credentials in storage_options, by name
+#
+# fsspec stores take credentials as options; in a spec they would be copied into the sbatch script,
+# the manifests and the run folder. Each option that carries one (compared lower-case, at any depth:
+# client_kwargs, s3_additional_kwargs, headers), and what the job's environment should hold instead.
+# s3fs hands key/secret/token (username/password are its aliases) to botocore, which reads AWS_*;
+# adlfs reads AZURE_STORAGE_* itself (adlfs/spec.py, AzureBlobFileSystem.__init__); gcsfs takes
+# GOOGLE_APPLICATION_CREDENTIALS through google-auth. An SSE-C key has no variable of its own: fsspec
+# reads a whole protocol's options from FSSPEC_<PROTOCOL> (JSON; fsspec/config.py set_conf_env).
+_AWS_KEYS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+STORE_CREDENTIALS: dict[str, str] = {
+    "key": _AWS_KEYS, "username": _AWS_KEYS, "aws_access_key_id": _AWS_KEYS, "access_key": _AWS_KEYS,
+    "secret": "AWS_SECRET_ACCESS_KEY", "password": "AWS_SECRET_ACCESS_KEY",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "secret_key": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN", "session_token": "AWS_SESSION_TOKEN", "aws_session_token": "AWS_SESSION_TOKEN",
+    "account_key": "AZURE_STORAGE_ACCOUNT_KEY", "sas_token": "AZURE_STORAGE_SAS_TOKEN",
+    "connection_string": "AZURE_STORAGE_CONNECTION_STRING", "client_secret": "AZURE_STORAGE_CLIENT_SECRET",
+    "credential": "", "credentials": "",
+    # S3 server-side encryption with a customer key (boto3 params; the MD5 is derived from the key, and
+    # boto3 computes it itself, so it never needs writing either)
+    "ssecustomerkey": "FSSPEC_S3", "ssecustomerkeymd5": "FSSPEC_S3", "sse_customer_key": "FSSPEC_S3",
+    "copysourcessecustomerkey": "FSSPEC_S3", "copysourcessecustomerkeymd5": "FSSPEC_S3",
+    # HTTP headers (fsspec's http filesystem, client_kwargs.headers)
+    "authorization": "", "proxy-authorization": "", "cookie": "",
+    "x-amz-server-side-encryption-customer-key": "FSSPEC_S3",
+}
+# Any other option with one of these in its name holds a credential too.
+CREDENTIAL_OPTION = re.compile(r"SECRET|PASSW(OR)?D|TOKEN|CREDENTIAL|PRIVATE_?KEY|API_?KEY|ACCESS_?KEY|ACCOUNT_?KEY"
+                               r"|CUSTOMER_?KEY|SAS|CONNECTION_?STRING|AUTHORIZATION|COOKIE", re.I)
+# gcsfs' token: one of its methods, or the path of a key file (local or gs://), is a reference, not a credential.
+GCS_TOKEN_METHODS = frozenset({"google_default", "cache", "anon", "browser", "cloud"})
+GCS_PROTOCOLS = frozenset({"gs", "gcs"})
+_KEY_FILE = re.compile(r"^\S+\.json$", re.I)
+
+
+def protocols_of(*uris: str | None) -> frozenset[str]:
+    """The fsspec protocols of ``uris`` (``s3`` for s3://...; local paths have none)."""
+    return frozenset(u.split("://", 1)[0].lower() for u in uris if isinstance(u, str) and "://" in u)
+
+
+def _credential_var(name: str, protocols: frozenset[str]) -> str | None:
+    low = name.lower()
+    var = STORE_CREDENTIALS.get(low)
+    if low == "token" and protocols & GCS_PROTOCOLS:
+        return "GOOGLE_APPLICATION_CREDENTIALS"
+    if low in ("username", "password") and protocols and not protocols & {"s3", "s3a"}:
+        return ""  # sftp, ftp, smb, webdav: no standard variable
+    if var is None and CREDENTIAL_OPTION.search(name):
+        return ""
+    return var
+
+
+def storage_credential(name: str, value: Any, protocols: frozenset[str] = frozenset()) -> str | None:
+    """The problem line (without the field) for the storage option ``name``, or None when it holds no
+    credential. ``protocols``: those of the URIs the options apply to. Never quotes ``value``.
+    An empty option (null, "", true/false) holds none: nothing of it could leak."""
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    if name.lower() == "token" and protocols & GCS_PROTOCOLS and isinstance(value, str) and (
+            value in GCS_TOKEN_METHODS or _KEY_FILE.match(value)):
+        return None
+    var = _credential_var(name, protocols)
+    if var is None:
+        return None
+    return ("credentials must not be written in the spec (they would be copied into scripts, manifests and run "
+            f"folders); {_store_fix(var, name)}")
+
+
+_PASS = "slurm.env_passthrough: [{v}] (taken from the submitting shell) or kubernetes.secret_env (a Kubernetes Secret)"
+
+
+def _store_fix(var: str, name: str) -> str:
+    if var == "FSSPEC_S3":
+        return ("pass the whole s3_additional_kwargs (SSECustomerAlgorithm and SSECustomerKey) by reference in the job's "
+                "FSSPEC_S3 variable, JSON that fsspec reads at start-up, e.g. "
+                "FSSPEC_S3='{\"s3_additional_kwargs\": {\"SSECustomerAlgorithm\": \"AES256\", \"SSECustomerKey\": ...}}', "
+                f"through {_PASS.format(v='FSSPEC_S3')}; see docs/storage.md")
+    if var == "GOOGLE_APPLICATION_CREDENTIALS":
+        return ("point GOOGLE_APPLICATION_CREDENTIALS at a key file on the nodes (a mounted Kubernetes Secret, a "
+                f"shared path) through {_PASS.format(v='GOOGLE_APPLICATION_CREDENTIALS')}, or set token to a path "
+                "ending in .json or to google_default/cloud (workload identity, the node's service account)")
+    if name.lower() in ("authorization", "proxy-authorization", "cookie"):
+        return ("an authorization header cannot be passed by reference; give the store's credentials through the "
+                f"job's environment ({_PASS.format(v='...')}) or use a store that reads them from there")
+    if var.startswith("AWS_"):
+        names = ", ".join(var.split(" and "))
+        return (f"set {var} in the job's environment instead: {_PASS.format(v=names)}, or let botocore's own "
+                "chain find them (AWS_PROFILE, an instance role, IRSA)")
+    if var.startswith("AZURE_STORAGE_"):
+        v = var.split(" ", 1)[0]
+        return (f"set {var} in the job's environment instead (adlfs reads it): {_PASS.format(v=v)}, or use a "
+                "managed identity")
+    return ("give it to the job through its environment instead: " + _PASS.format(v="...")
+            + ", or the store's own credential chain (an instance role, workload identity)")
+
+
+def fsspec_env_credential(name: str, value: str) -> str | None:
+    """The problem with the environment variable ``name`` when it is fsspec configuration
+    (FSSPEC_<PROTOCOL> JSON, FSSPEC_<PROTOCOL>_<OPTION>) that holds a credential option; else None."""
+    import json
+
+    parts = name.split("_", 2)
+    if len(parts) < 2 or parts[0] != "FSSPEC" or not parts[1] or not isinstance(value, str) or not value:
+        return None
+    protocols = frozenset({parts[1].lower()})
+    if len(parts) == 3:
+        found = storage_credential(parts[2], value, protocols) is not None
+    else:
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return None
+        found = any(True for _ in credential_options(data, protocols))
+    if not found:
+        return None
+    return (f"{name}: fsspec configuration that holds a credential; never put its value in the spec. Reference it "
+            f"instead: slurm.env_passthrough: [{name}] (taken from the submitting shell) or kubernetes.secret_env "
+            "(a Kubernetes Secret)")
+
+
+def credential_options(opts: Any, protocols: frozenset[str] = frozenset(),
+                       where: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(option path, problem) of every credential among nested ``storage_options``."""
+    if not isinstance(opts, dict):
+        return
+    for key, value in opts.items():
+        problem = storage_credential(str(key), value, protocols)
+        if problem is not None:
+            yield where + (str(key),), problem
+        elif isinstance(value, dict):
+            yield from credential_options(value, protocols, where + (str(key),))
+
+
 def fix_for(path: tuple[Any, ...]) -> str:
     """How to pass this value by reference instead."""
     names = [p for p in path if isinstance(p, str)]
+    if "storage_options" in names:
+        options = names[names.index("storage_options") + 1:]
+        known = [(var, n) for n in options if (var := _credential_var(n, frozenset()))]
+        if known:  # an option whose store has its own variable (or FSSPEC_S3) for it
+            return _store_fix(*known[0])
     if any("storage_options" in p for p in names):
         return ("give the job credentials through its environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AZURE_STORAGE_*, GOOGLE_APPLICATION_CREDENTIALS: slurm.env_passthrough, kubernetes.secret_env or "

@@ -81,8 +81,12 @@ class CheckpointStore:
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, keep_last: int = 3,
                  concurrency: int = 8, retry_max_s: float = END_OF_RUN_S, *,
-                 fs: Any = None, retry_base_s: float = 1.0, retry_cap_s: float = 30.0):
+                 fs: Any = None, retry_base_s: float = 1.0, retry_cap_s: float = 30.0,
+                 guard: Callable[[], None] | None = None):
         self.uri = uri.rstrip("/")
+        # Called right before a manifest is written or removed (the run's output lease, storage/lease.py):
+        # raises LeaseLost (permanent: the job fails at once) once another run owns the output.
+        self.guard = guard
         fs_, root = fs_and_path(uri, storage_options)
         self.fs = fs if fs is not None else fs_
         self.paths = OutputLayout(root)  # fs paths
@@ -296,7 +300,7 @@ class CheckpointStore:
         else:
             files = scan_local(job.local_dir)
             # Uncommit first: re-saving the same step, or republishing an artifact, replaces it.
-            self._retry(job, manifest_path, lambda: rm_if_exists(self.fs, manifest_path))
+            self._retry(job, manifest_path, lambda: self._guarded(lambda: rm_if_exists(self.fs, manifest_path)))
             self._upload_all(job, files)
             if job.kind == "part":
                 shutil.rmtree(job.local_dir, ignore_errors=True)
@@ -307,7 +311,7 @@ class CheckpointStore:
         data = build_manifest(kind, job.step, job.meta, files)
         if kind == "checkpoint":
             signal_at("checkpoint-files")  # test-only (.testhook); a no-op unless its variable is set
-        self._retry(job, manifest_path, lambda: put_bytes(self.fs, manifest_path, data))
+        self._retry(job, manifest_path, lambda: self._guarded(lambda: put_bytes(self.fs, manifest_path, data)))
         if kind == "checkpoint":
             signal_at("checkpoint-committed")
         dt = time.monotonic() - t0
@@ -325,6 +329,13 @@ class CheckpointStore:
             shutil.rmtree(job.local_dir, ignore_errors=True)
         return {"uri": job.display, "step": job.step, "files": len(files), "manifest_files": files,
                 "bytes": total, "seconds": dt}
+
+    def _guarded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a manifest written or removed) once the guard passed: never a commit by a run that lost
+        the output's lease."""
+        if self.guard is not None:
+            self.guard()
+        return fn()
 
     def _upload_all(self, job: _Job, files: dict[str, dict[str, Any]]) -> None:
         """Upload every file, ``concurrency`` at a time; failed ones are retried in rounds with backoff.

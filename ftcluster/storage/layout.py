@@ -9,6 +9,7 @@
       adapter/ merged/ final/    the end-of-run artifacts
       (each folder above: committed by its manifest.json; adapters and artifacts carry ftcluster_meta.json)
       <variant name>/            a variant's own output.uri (job arrays)
+      .ftcluster/lease.json      the running writer's lease (storage/lease.py); .ftcluster/lease.lock on a local disk
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
 METRICS = "metrics.jsonl"
 MANIFEST = "manifest.json"
+LEASE = ".ftcluster/lease.json"  # one writer per output.uri (storage/lease.py)
+LEASE_LOCK = ".ftcluster/lease.lock"  # a local disk: the flock that serializes replacing the lease
 META = "ftcluster_meta.json"  # in each published adapter/artifact: the spec it trained with, step, eval loss
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
@@ -77,6 +80,10 @@ class OutputLayout:
 
     def step_adapter(self, step: int) -> str:
         return self._join(step_adapter_name(step))
+
+    @property
+    def lease(self) -> str:
+        return self._join(LEASE)
 
     @property
     def metrics(self) -> str:

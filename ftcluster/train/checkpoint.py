@@ -138,7 +138,7 @@ class CheckpointManager:
     """
 
     def __init__(self, spec: Any, ctx: Any, work_dir: Path, identity: RunIdentity,
-                 parts: Mapping[str, Stateful | SavesToFolder]):
+                 parts: Mapping[str, Stateful | SavesToFolder], lease: Any = None):
         state = parts.get(TRAIN)
         if not isinstance(state, TrainState):
             raise TypeError(f"parts[{TRAIN!r}] must be the run's TrainState, not {type(state).__name__}")
@@ -158,8 +158,10 @@ class CheckpointManager:
                 raise TypeError(f"checkpoint part {name!r}: a {type(part).__name__} is neither Stateful "
                                 "(state_dict/load_state_dict) nor saves into a folder (save/load)")
         out = spec.output
+        # ``lease`` (rank 0's, storage/lease.py): no manifest is written unless it is still this run's.
         self.store = CheckpointStore(out.uri, out.storage_options, out.keep_last, concurrency=out.upload_concurrency,
-                                     retry_max_s=out.final_upload_timeout)
+                                     retry_max_s=out.final_upload_timeout,
+                                     guard=None if lease is None else lease.check)
         self.ctx, self.work_dir, self.id, self.spec = ctx, work_dir, identity, spec
         self._pending: list[Future] = []
         self._awaiting: list[_Awaiting] = []

@@ -73,9 +73,20 @@ def model_source(spec: Any) -> str:
 
 
 def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_dir: Path, *,
-                    zero3: bool = False):
+                    zero3: bool = False, meta: bool = False, load_dtype: Any = None):
     """The base causal LM on ``device`` (ZeRO-3: partitioned at construction by transformers'
-    DeepSpeed integration, which the caller enables with an ``HfDeepSpeedConfig``)."""
+    DeepSpeed integration, which the caller enables with an ``HfDeepSpeedConfig``).
+
+    ``meta``: the same model's structure only, every parameter and buffer on the meta device (no
+    memory, no weights read): the architecture, grown embeddings, ties, config, generation config,
+    attention kernel, checkpointing and hooks are the ones the full build gives. The FSDP2 engine
+    builds it so on every rank, shards it, then fills the shards (:mod:`.engines.fsdp`). The
+    device-dependent switches (fused loss, varlen attention) are decided for ``device``.
+
+    ``load_dtype``: loaded weights (a path or hub id) are kept in this dtype instead of ``dtype``
+    (FSDP's rank 0 holds a bf16 checkpoint in bf16: :func:`.engines.fsdp.full_weights`); the
+    embedding matrices are cast to ``dtype`` first, so rows grown for new tokens are the mean
+    computed and stored in ``dtype``, as without it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +99,8 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
         if zero3:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
-            with torch.device(device):  # initialise in place: an 8B model never lands in host memory
+            # initialise in place: an 8B model never lands in host memory
+            with torch.device("meta" if meta else device):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         if m.path:
@@ -100,12 +112,20 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
             where = m.hub_id
             kwargs["revision"] = m.revision
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=m.trust_remote_code, **kwargs)
+            if meta:
+                model = _structure(where, m.trust_remote_code, kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=m.trust_remote_code,
+                                                             **{**kwargs, "dtype": load_dtype or dtype})
         except (OSError, ValueError) as exc:
             field = "model.path" if m.path else "model.hub_id"
             raise TrainError(f"{field}: could not load a causal LM from {where!r}: {str(exc).splitlines()[0]}") from exc
-        if not zero3:
+        if not zero3 and not meta:
             model.to(device)
+        if load_dtype is not None and load_dtype != dtype:
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                        if e is not None}.values():
+                emb.to(dtype)  # in place: a tied matrix stays one parameter
     fit_embeddings(model, tokenizer, zero3=zero3)
     model.config.use_cache = False
     if tokenizer.pad_token_id is not None:
@@ -120,6 +140,54 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     apply_varlen_attention(model, device)
     enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
+
+
+def _structure(where: str, trust_remote_code: bool, kwargs: dict[str, Any]):
+    """``from_pretrained(where)``'s model on the meta device: its config and generation config are
+    read (a few KB), no weight is. ``kwargs``: :func:`load_base_model`'s (dtype, attention kernel,
+    revision or local_files_only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    where_kw = {k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs}
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **where_kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 dtype=kwargs["dtype"], attn_implementation=kwargs["attn_implementation"])
+    model.config.name_or_path = where  # as from_pretrained records it
+    try:  # from_pretrained reads generation_config.json when there is one; the export writes it back
+        model.generation_config = GenerationConfig.from_pretrained(where, **where_kw)
+    except OSError:
+        pass
+    return model
+
+
+def init_nonpersistent_buffers(model: Any) -> list[str]:
+    """Compute the buffers no state dict carries (RoPE's ``inv_freq``, a scaled embedding's
+    ``embed_scale``) for a model whose storage was allocated empty (``to_empty`` after a meta-device
+    build): transformers' own ``_init_weights`` of each module that owns one, as its
+    ``from_pretrained`` does for a model it builds on the meta device. The RNG is left as it was
+    (a module's parameters may be drawn again here; the weights loaded next overwrite them).
+    Returns the buffers' names."""
+    import torch
+
+    names: list[str] = []
+    owners = [(name, mod) for name, mod in model.named_modules() if mod._non_persistent_buffers_set]
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for name, mod in owners:
+            bufs = {b: getattr(mod, b) for b in sorted(mod._non_persistent_buffers_set) if getattr(mod, b) is not None}
+            for buf in bufs.values():
+                if buf.is_floating_point():
+                    buf.fill_(float("nan"))  # what transformers leaves alone shows
+            model._init_weights(mod)
+            for b, buf in bufs.items():
+                full = f"{name}.{b}" if name else b
+                if buf.is_floating_point() and bool(torch.isnan(buf).any()):
+                    raise TrainError(f"engine: fsdp builds the model on the meta device, and transformers does not "
+                                     f"compute its buffer {full} ({type(mod).__name__}); use engine: deepspeed")
+                names.append(full)
+    return names
 
 
 PAD_MULTIPLE = 64  # embedding rows come in multiples of 64: tensor-core friendly shapes for the output matmul

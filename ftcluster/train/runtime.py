@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,20 @@ class Trainer:
     """State of one training process; :func:`run` is the entry."""
 
     def __init__(self, payload: dict[str, Any], stop: StopFlag):
+        from ..plan.payload import fit_to_world
         from ..spec.loader import spec_from_dict
 
         self.stop = stop
+        # resources.min_nodes: the job may have got fewer nodes than the spec asks for (Slurm MIN-MAX)
+        payload, fitted = fit_to_world(payload, int(os.environ.get("WORLD_SIZE") or 0))
         self.payload = payload
         self.spec = spec_from_dict(payload["spec"])
         if stop.local:
             raise Stopped("before the process group was set up")
         self.ctx = init_distributed(self.spec)
         setup_logging(self.ctx.rank)
+        if fitted:
+            (log.warning if "CHANGES" in fitted else log.info)("%s", fitted)
         # Names a silent or stuck peer after training.hang_timeout (set-up is exempt while beating).
         PROGRESS.enter("setting up", exempt=True)
         self.watchdog = start_watchdog(self.ctx.rank, self.ctx.world_size, self.spec.training.hang_timeout)
@@ -62,6 +68,7 @@ class Trainer:
         from .tokenizer import TokenizerPart, load_or_train_tokenizer
 
         spec, ctx = self.spec, self.ctx
+        self.lease = self._take_lease()  # first: a second writer of output.uri stops here (rank 0)
         self.startup_boundary("joining the other processes")
         seed_everything(spec.training.seed)
         log.info("ftcluster %s: %s run %r, %d process(es) on %d node(s), device %s", __version__, spec.method,
@@ -96,7 +103,7 @@ class Trainer:
                                total_steps=self.total_steps, every_steps=out.checkpoint_every_steps, every_s=every_s)
         self.ckpt = CheckpointManager(spec, ctx, self.work_dir, identity, parts={
             "train": self.state, "tokenizer": TokenizerPart(self.tokenizer), "engine": self.engine,
-            "data": self.data.train, "rng": RngState(ctx.device)})
+            "data": self.data.train, "rng": RngState(ctx.device)}, lease=self.lease)
         self.outputs = Outputs(spec, ctx, self.engine, self.tokenizer, self.ckpt, self.work_dir, fingerprint,
                                self.cache_dir)
         if self.ckpt.load():
@@ -107,6 +114,27 @@ class Trainer:
             self.outputs.ensure_step_adapter(self.state)
         signal_at("setup")  # test-only; a no-op unless FTCLUSTER_TEST_SIGNAL_AT is set
         self.startup_boundary("resuming" if self.resumed else "setting up")
+
+    # -- one writer per output.uri (storage/lease.py; docs/storage.md, "One writer per output") --------------
+    # Rank 0 holds the lease: it is the process that commits, it runs the same way under every backend
+    # (local, Slurm, Kubernetes), and it dies with the run, so a crashed run stops renewing.
+    def _take_lease(self) -> Any:
+        """Rank 0: take the output's lease (LeaseHeld: the one-line refusal) and keep it renewed."""
+        if self.ctx.rank != 0:
+            return None
+        from ..storage.lease import Lease
+
+        out = self.spec.output
+        lease = Lease(out.uri, out.storage_options, retry_max_s=out.final_upload_timeout)
+        lease.acquire()
+        lease.keep_renewed(_lease_lost)
+        return lease
+
+    def release_lease(self) -> None:
+        """After the run's last commit (finished, stopped or failed with an error): let the next run in now."""
+        lease = getattr(self, "lease", None)
+        if lease is not None:
+            lease.release()
 
     @property
     def resumed(self) -> bool:
@@ -258,13 +286,26 @@ def run(payload: dict[str, Any], stop: StopFlag | None = None) -> int:
 
     owned = stop is None
     stop = StopFlag().install() if stop is None else stop
+    trainer: Trainer | None = None
     try:
-        return Trainer(select_payload(payload, os.environ), stop).run()
+        trainer = Trainer(select_payload(payload, os.environ), stop)
+        return trainer.run()
     except Stopped as exc:
         mark_preempted()
         log.warning("stopped by %s %s, before the first step: nothing to save; exiting with %d",
                     stop.signal_name, exc, PREEMPTED_EXIT)
         return PREEMPTED_EXIT
     finally:
+        if trainer is not None:
+            trainer.release_lease()
         if owned:
             stop.uninstall()
+
+
+def _lease_lost(message: str) -> None:
+    """The renewing thread found the output's lease taken by another run: stop now, exit 1, commit nothing
+    more (a stop with a checkpoint would try to commit, and exit 143 would requeue on Slurm)."""
+    print(f"error (rank 0): {message}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)

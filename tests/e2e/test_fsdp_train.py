@@ -298,3 +298,48 @@ def test_fsdp_resumes_on_another_number_of_processes(tmp_path, cache_dir):
     assert want[24] < want[1] - 0.5  # it learns the corpus
     assert worst(got, want) <= SAME_BATCHES_TOL, f"the 2 -> 1 -> 2 curve differs by {worst(got, want):.2e}"
     assert max(abs(got[s] - want[s]) / want[s] for s in range(1, first + 1)) <= REL_TOL  # before any change
+
+
+# --------------------------------------------------------------------------- added tokens; a resume builds no full copy
+
+
+def test_fsdp_added_tokens_grow_train_and_export_and_a_resume_skips_rank_0s_copy(tmp_path, cache_dir):
+    """tokenizer.add_tokens with engine: fsdp: the meta-device build grows the embedding (515 tokens:
+    576 rows, a multiple of 64), rank 0 broadcasts the grown rows, the new rows train, and final/ holds the
+    grown matrix. A resume takes its weights from the DCP checkpoint: rank 0 builds no full copy."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    terms = ["habeas corpus", "res judicata", "Varnholt rule"]
+    out, spec_file = tmp_path / "out", fsdp_spec_file(tmp_path)
+    sets = [*fsdp_overrides(out), "training.max_steps=12", "output.checkpoint_every_steps=2",
+            f"tokenizer.add_tokens={terms}".replace("'", '"')]
+    payload = write_payload(tmp_path, "terms", sets, base=spec_file)
+    proc = launch(payload, 2, cache_dir, tmp_path)
+    wait_for_step(proc, out, 3)
+    os.kill(proc.pid, signal.SIGUSR2)
+    rc, first = finish(proc)
+    assert rc == 143, first[-3000:]
+    assert "broadcast into every rank's shards" in first and "growing the embedding and output matrices to 576" in first
+    stopped = records(out, "preempted")[-1]["step"]
+    rc, log = finish(launch(payload, 2, cache_dir, tmp_path))
+    assert rc == 0, log[-3000:]
+    assert f"resumed from checkpoint step {stopped} " in log
+    assert "broadcast into every rank's shards" not in log  # the checkpoint filled the shards
+    final = out / "final"
+    tok = AutoTokenizer.from_pretrained(str(final))
+    assert len(tok) == 515 and tok.convert_tokens_to_ids("Varnholt rule") == 514
+    with safe_open(str(final / "model.safetensors"), "pt") as fh:
+        emb, head = fh.get_tensor("model.embed_tokens.weight"), fh.get_tensor("lm_head.weight")
+    assert emb.shape[0] == head.shape[0] == 576
+    for w in (emb, head):
+        assert torch.equal(w[515:], w[515].expand(61, -1))  # padding rows: one value, never trained
+    # The data never holds the terms: their output rows still learn (their logits are pushed down).
+    assert not torch.allclose(head[512:515], head[515].expand(3, -1))
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    assert model.config.ftcluster_vocab == 515
+    from ftcluster.train.model import mask_padding_logits
+
+    mask_padding_logits(model, 515)  # as the run (and ftcluster sample) computes its losses
+    spec = load_spec(spec_file, overrides=sets)
+    assert eval_loss_of(model, spec, tok) == pytest.approx(records(out, "summary")[0]["eval_loss"], rel=1e-4)

@@ -200,3 +200,140 @@ def test_cancel_stops_a_run_cleanly(tmp_path):
     time.sleep(3)  # a requeue would show by now
     info = scontrol(job)
     assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", info
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_requeue_onto_fewer_nodes_resumes_on_the_nodes_it_gets(tmp_path, engine):
+    """resources.min_nodes 1 of 2: preempted after a checkpoint while node n2 is drained, the requeued
+    job starts on n1 alone, resumes the 2-process checkpoint on 1 process (FSDP2: DCP reshards;
+    DeepSpeed ZeRO-3: the universal checkpoint) with twice the accumulation, the same global batch,
+    and finishes the planned steps."""
+    home = tmp_path / "home"
+    steps, every = 40, 10
+    text = textwrap.dedent(ZERO3.format(root=ROOT, tmp=tmp_path, steps=steps)).replace(
+        "nodes: 2,", "nodes: 2, min_nodes: 1,").replace("checkpoint_every_steps: 20", f"checkpoint_every_steps: {every}")
+    if engine == "fsdp":
+        text = text.replace("deepspeed: {zero_stage: 3}", "engine: fsdp")
+    job_file = tmp_path / "elastic.yaml"
+    job_file.write_text(text)
+    run, job = job_of(ftc("submit", str(job_file), *lab_sets(tmp_path, output_uri=False), home=home))
+    first = tmp_path / "out" / "checkpoints" / f"step-{every:08d}" / "manifest.json"
+    try:
+        wait_until("the first checkpoint", first.is_file, timeout=180)
+        assert f"job {job} attempt 1 (restart 0) on n[1-2];" in log_text(tmp_path)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=ftcluster-test"], check=True)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True)
+        wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1" and scontrol(job).get("JobState")
+                   == "PENDING")
+        saved = int(re.search(r"stop requested \(\w+\): saving step (\d+)", log_text(tmp_path)).group(1))
+        time.sleep(2)  # see test_preempted_job_checkpoints_requeues_and_resumes
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+        st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
+            "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
+            timeout=240)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True)
+    log = log_text(tmp_path)
+    assert st["state"] == "SUCCEEDED", log[-3000:]
+    after = log.split("(restart 1) on ", 1)[1]
+    assert after.startswith("n1;"), after[:200]  # the requeued job got n1 alone
+    assert "running on 1 of 2 nodes (resources.min_nodes 1): 1 process(es), gradient accumulation 2 instead of 1: " \
+           "the global batch stays 8 sequences" in after
+    assert f"resuming checkpoint step {saved} of 2 process(es) on 1; global batch unchanged: 8 sequences" in after
+    logged = [int(s) for s in re.findall(rf"step (\d+)/{steps} \|", after)]
+    assert logged and logged[0] > saved and logged[-1] == steps
+    assert f"done: step {steps}," in after
+    committed(tmp_path / "out", "final")
+
+
+# --------------------------------------------------------------------------- one writer per output.uri (issue #23)
+
+IN_USE = re.compile(r"error \(rank 0\): \S+: output\.uri is in use by run (\S+) \(job (\d+)\) on host (\S+) \(pid \d+\)")
+
+
+def test_two_submits_of_one_spec_one_trains(tmp_path):
+    """Two ``ftcluster submit`` (two sbatch) of one spec at the same moment, running at once: exactly one
+    trains; the other's rank 0 finds the first's lease and the job fails with the one line naming that
+    run, its job and node; the store holds the checkpoints of that one run."""
+    home = tmp_path / "home"
+    sets = [*lab_sets(tmp_path), "--set", "training.max_steps=100", "--set", "output.checkpoint_every_steps=25",
+            "--set", "output.keep_last=10", "--set", "data.general_eval=null"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTCLUSTER_RDZV_") and k != "FTCLUSTER_RUN_ID"}
+    env["FTCLUSTER_HOME"] = str(home)
+    procs = [subprocess.Popen([sys.executable, "-m", "ftcluster.cli", "submit", "examples/quickstart.yaml", *sets],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    # Both submitted: neither lease existed yet (a job takes its lease seconds after sbatch, once it runs).
+    assert [p.returncode for p in procs] == [0, 0], outs
+    jobs = [job_of(subprocess.CompletedProcess([], 0, o, e)) for o, e in outs]
+
+    def ended(run: str) -> dict | None:
+        s = json.loads(ftc("status", run, "--json", home=home).stdout)
+        return s if s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+    states = {run: wait_until(f"{run} to end", lambda r=run: ended(r), timeout=300)["state"] for run, _ in jobs}
+    assert sorted(states.values()) == ["FAILED", "SUCCEEDED"], (states, log_text(tmp_path)[-4000:])
+    (won, won_job), (lost, lost_job) = sorted(jobs, key=lambda j: states[j[0]] != "SUCCEEDED")
+    lost_log = next(p for p in tmp_path.glob(f"slurm-*-{lost_job}.out")).read_text()
+    refused = IN_USE.search(lost_log)
+    assert refused and refused.group(1) == won and refused.group(2) == won_job, lost_log[-3000:]
+    assert refused.group(3) in ("n1", "n2")
+    assert f"ftcluster cancel {won}" in lost_log and "Traceback" not in lost_log
+    assert "committed" not in lost_log
+    out = tmp_path / "out"
+    uids = {json.loads((d / "state.json").read_text())["run_uid"] for d in (out / "checkpoints").glob("step-*")
+            if (d / "manifest.json").is_file()}
+    uids.add(json.loads((out / "adapter" / "ftcluster_meta.json").read_text())["run"]["uid"])
+    assert len(uids) == 1
+    assert not (out / ".ftcluster").exists()  # the winner released it at its end
+
+
+def training_pids(job: str) -> list[int]:
+    """The launcher and workers of Slurm job ``job`` (the lab's nodes are this machine)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env and b"ftcluster.train" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_requeued_job_takes_its_own_lease_back_at_once(tmp_path):
+    """A job whose training processes are killed outright (SIGKILL, as by the OOM killer or a node crash: its
+    lease stays, valid for 5 min) and that is then requeued keeps its job id: it takes its own lease back
+    without waiting for the expiry and resumes."""
+    import signal
+
+    home = tmp_path / "home"
+    run, job = job_of(ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=300",
+                          "--set", "output.checkpoint_every_steps=10", "--set", "data.general_eval=null", home=home))
+    out = tmp_path / "out"
+    wait_until("a committed checkpoint", lambda: list((out / "checkpoints").glob("step-*/manifest.json")),
+               timeout=180, every=0.1)
+    lease = json.loads((out / ".ftcluster" / "lease.json").read_text())
+    assert lease["run_id"] == run and lease["job_id"] == job
+    pids = training_pids(job)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until("the job to fail", lambda: scontrol(job).get("JobState") in ("FAILED", "CANCELLED", "COMPLETED"))
+    assert scontrol(job)["JobState"] == "FAILED" and "requeueing job" not in log_text(tmp_path)
+    assert json.loads((out / ".ftcluster" / "lease.json").read_text())["token"] == lease["token"]  # a crash leaves it
+    time.sleep(2)  # see test_preempted_job_checkpoints_requeues_and_resumes: credentials are compared in seconds
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    requeued = time.time()
+    wait_until("the requeued job to finish", lambda: scontrol(job).get("JobState") in ("COMPLETED", "FAILED"),
+               timeout=180)
+    log = log_text(tmp_path)
+    assert scontrol(job)["JobState"] == "COMPLETED", log[-3000:]
+    assert "taking back this run's own lease" in log and "resumed from checkpoint step" in log, log[-3000:]
+    assert time.time() - requeued < lease["ttl_s"]  # it did not wait for the expiry
+    committed(out, "adapter")

@@ -40,6 +40,17 @@ def own_tmpdir(request, tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
 
 
+@pytest.fixture(autouse=True)
+def one_run_per_test(request, monkeypatch) -> None:
+    """What a test starts by hand (torchrun with no backend) is one run: ``FTCLUSTER_RUN_ID`` names it, so a
+    rerun after a crash the test caused takes that run's own output lease back at once, as a requeued job
+    does (ftcluster/storage/lease.py). The local and Slurm backends set their own run's id; a test of two
+    runs on one output sets an id per run."""
+    import hashlib
+
+    monkeypatch.setenv("FTCLUSTER_RUN_ID", "test-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10])
+
+
 @pytest.fixture
 def live_slurm() -> None:
     """Tests that need the live Slurm (.ci/test.sh starts it): skip without it, fail under STRICT=1."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BackendError, FtclusterError
 from ...plan.launch import compile_plan, derived_port
 from ...procs import alive
+from ...storage.lease import RUN_ID_ENV
 from ..base import (
     Backend,
     RunStatus,
@@ -99,11 +100,12 @@ class LocalBackend(Backend):
                                       for s in req.meta.get("steps", [])])
             save_status(req.run_dir, status)
             with open(req.run_dir / "supervisor.log", "ab") as log:
-                # RUN_ENV marks the supervisor and everything it starts as this run's (proctree).
+                # RUN_ENV marks the supervisor and everything it starts as this run's (proctree);
+                # RUN_ID_ENV names the run as the holder of its output's lease (storage/lease.py).
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "ftcluster.backends.local.supervisor", run_key(req.run_dir)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=req.cwd,
-                    env={**os.environ, RUN_ENV: run_key(req.run_dir)},
+                    env={**os.environ, RUN_ENV: run_key(req.run_dir), RUN_ID_ENV: req.run_id},
                 )
         write_atomic(req.run_dir / "supervisor.pid", str(proc.pid))
         return status  # no job id: a local run is named by its run id (the supervisor's pid is in the run folder)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BackendError
+from ...storage.lease import RUN_ID_ENV
 from ..base import (
     Backend,
     RunStatus,
@@ -160,6 +161,9 @@ class SlurmBackend(Backend):
             # (on stdin, see .ssh); locally sbatch inherits them from this process anyway.
             login = req.meta["login"]
             env = {n: os.environ[n] for n in req.meta.get("env_passthrough", ()) if n in os.environ} if login else {}
+            # The run's id reaches the job the same way (sbatch's default --export=ALL): the holder of its
+            # output's lease, kept across requeues with the job id (storage/lease.py).
+            env[RUN_ID_ENV] = req.run_id
             proc = self.runner(login)(["sbatch", "--parsable", *req.meta.get("sbatch_args", ())], stdin=script, env=env)
             if proc.returncode != 0:
                 unreachable = controller_unreachable(proc.stderr + proc.stdout)

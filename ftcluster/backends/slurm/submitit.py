@@ -110,6 +110,10 @@ def submitit_parameters(spec: Any, request: Any = None) -> dict[str, Any]:
         elif o.value is None:  # a flag (exclusive: null): True for submitit
             extra[o.name] = True
         elif o.name == "nodes":
+            if "-" in o.value:
+                raise BackendError(f"{spec._source_file or '<spec>'}: resources.min_nodes: submitit asks Slurm for a "
+                                   "fixed number of nodes; remove min_nodes, or submit with `ftcluster submit` (its "
+                                   "sbatch script runs on MIN-MAX nodes)")
             params["nodes"] = int(o.value)
         elif o.name == "time":
             params["timeout_min"] = math.ceil(r.time_limit_seconds / 60)

@@ -9,6 +9,10 @@ layer and once at the root (embeddings, final norm, output layer: a tied output 
 root group with the embedding it shares), a ``MixedPrecisionPolicy`` that computes in the spec's
 precision and reduces gradients in fp32, and an optional ``CPUOffloadPolicy``.
 
+The model is built on the meta device on every rank and only the shards are allocated; rank 0
+alone builds the whole model and broadcasts it into the shards, unless a resume's checkpoint fills
+them (:func:`build`), so a rank never holds more than its shards on its device.
+
 Checkpoints are DCP's (torch.distributed.checkpoint): every rank writes its own
 ``__<rank>_<n>.distcp`` file(s) into the folder the checkpoint manager gives it and the coordinator
 (rank 0) writes ``.metadata``. On several nodes each node's folder holds its ranks' files (rank 0's
@@ -20,6 +24,8 @@ reshards on load, so a checkpoint resumes on any number of processes (``reshardi
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +41,105 @@ RECIPE = ENGINES["fsdp"]
 SCHEDULER = "scheduler.pt"  # the LR schedule's state, beside DCP's files (rank 0)
 
 
+INIT_ENV = "FTCLUSTER_FSDP_INIT"  # "every-rank": the whole model on every rank first (comparisons only)
+
+
 def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
-    """The model sharded with FSDP2 (compiled layers when ``training.compile``); nothing to keep alive."""
+    """The model sharded with FSDP2 (compiled layers when ``training.compile``); nothing to keep alive.
+
+    Every rank builds the model's structure on the meta device (:func:`~..model.load_base_model`
+    with ``meta``: the same architecture, grown embeddings and ties as the full build), compiles
+    and shards it, and allocates only its own shards (``to_empty``); the buffers no state dict
+    carries (RoPE's ``inv_freq``) are computed again on every rank. The weights come later, once:
+    from a checkpoint when the run resumes (:meth:`FsdpEngine.load` fills every shard), else
+    broadcast from rank 0, the one process that builds the whole model (:func:`full_weights`), at
+    the engine's first use (:meth:`FsdpEngine.materialize`). So no rank ever holds more than its
+    shards on its device, and only rank 0 holds the whole model in host memory, once, before the
+    first step (torchtitan's and accelerate's ``cpu_ram_efficient_loading`` do the same).
+    ``FTCLUSTER_FSDP_INIT=every-rank`` builds the whole model on every rank's device before the
+    sharding instead (the first FSDP2 engine's way, for comparisons)."""
+    import os
+
     import torch
 
     from .. import model as M
 
     spec, ctx = inputs.spec, inputs.ctx
+    every_rank = os.environ.get(INIT_ENV, "") == "every-rank"
     # fp32 parameters: they are the optimizer's master weights (DeepSpeed keeps an fp32 copy of the
-    # bf16 module; FSDP2 shards the fp32 parameters and casts to param_dtype for compute). The
-    # whole model is built on the device before it is sharded (meta-device init is a later step).
-    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, ctx.device, inputs.cache_dir)
+    # bf16 module; FSDP2 shards the fp32 parameters and casts to param_dtype for compute).
+    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, ctx.device, inputs.cache_dir,
+                              meta=not every_rank)
     if spec.training.compile:
         M.compile_layers(model)  # before fully_shard, per block, as torchtitan's apply_compile
     shard_model(model, spec.fsdp, inputs.dtype, ctx)
-    return FsdpEngine(model, spec, ctx, inputs.total_steps), None
+    weights = None
+    if not every_rank:
+        _allocate_shards(model, spec.fsdp.cpu_offload and ctx.device.type == "cuda", ctx.device)
+        M.init_nonpersistent_buffers(model)
+        weights = lambda: full_weights(inputs)  # noqa: E731 - called on rank 0 only
+    return FsdpEngine(model, spec, ctx, inputs.total_steps, weights=weights), None
+
+
+def _allocate_shards(model: Any, offload: bool, device: Any) -> None:
+    """This rank's shards, uninitialised (``to_empty``): on ``device``, or in (pinned) host memory
+    with CPU offload, where FSDP keeps them; the buffers on ``device`` either way (torchtitan's
+    ``init_device`` and ``buffer_device``)."""
+    import torch
+
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload:
+        for mod in model.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf.to(device)
+
+
+def full_weights(inputs: EngineInputs) -> dict[str, Any]:
+    """Rank 0's whole state dict: exactly the weights the every-rank build gives (the same seed,
+    init, loaded tensors and grown rows), from :func:`~..model.load_base_model` itself.
+
+    Loaded weights (``model.path``, a hub id) land in host memory, read tensor by tensor from the
+    memory-mapped safetensors files by transformers: the model once, in the dtype its files hold
+    when every floating tensor there is bf16 or fp16 (:func:`stored_dtype`: 2 bytes a parameter;
+    the shards' fp32 copy of each is exact, and the embeddings, grown rows included, are fp32 as in
+    the every-rank build), else in fp32. A ``random_init`` model is drawn on rank 0's device, as the
+    other engines draw it, so its weights equal theirs (same generator), and broadcast from there."""
+    import torch
+
+    from .. import model as M
+
+    spec, ctx = inputs.spec, inputs.ctx
+    if spec.model.random_init is not None:
+        where, load_dtype = ctx.device, None
+    else:
+        where, load_dtype = torch.device("cpu"), stored_dtype(spec, inputs.cache_dir)
+    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, where, inputs.cache_dir, load_dtype=load_dtype)
+    log.info("fsdp: rank 0 holds the whole model in %s (%.1f GB) to broadcast it", str(load_dtype or torch.float32)
+             .replace("torch.", ""), sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9)
+    return model.state_dict()
+
+
+def stored_dtype(spec: Any, cache_dir: Path) -> Any:
+    """bf16 or fp16 when every floating tensor of ``model.path``'s safetensors files has that
+    dtype (read from the files' headers), else None (fp32; a hub id: its files are not local yet)."""
+    import torch
+
+    if not spec.model.path:
+        return None
+    from safetensors import safe_open
+
+    from ...storage.fetch import fetch_dir
+
+    folder = Path(fetch_dir(spec.model.path, spec.model.storage_options, cache_dir / "models"))
+    dtypes: set[Any] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is no dict
+                dtypes.add(fh.get_slice(key).get_dtype())
+    halves = {"BF16": torch.bfloat16, "F16": torch.float16}
+    floating = dtypes - {"I64", "I32", "I16", "I8", "U8", "BOOL"}
+    return halves[next(iter(floating))] if len(floating) == 1 and floating <= set(halves) else None
 
 
 def shard_model(model: Any, fsdp: Any, dtype: Any, ctx: Any) -> int:
@@ -96,12 +186,17 @@ class FsdpEngine:
     kind = RECIPE.checkpoint_kind  # "fsdp"
     resharding = "self"  # torch.distributed.checkpoint reshards on load (checkpoint.py)
 
-    def __init__(self, model: Any, spec: Any, ctx: Any, total_steps: int):
+    def __init__(self, model: Any, spec: Any, ctx: Any, total_steps: int,
+                 weights: Callable[[], dict[str, Any]] | None = None):
         import torch
         import torch.distributed as dist
 
         tr = spec.training
         self.module = model
+        self.rank = ctx.rank
+        # Rank 0's whole state dict, to broadcast into the shards at the first use (None: the shards
+        # hold their weights already); a resume's load fills them instead (build's docstring).
+        self._weights = weights
         self.device = ctx.device
         self.world_size = ctx.world_size
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -122,6 +217,31 @@ class FsdpEngine:
         self._pending: Any = None  # the last asynchronous DCP save's future
         self._stager: Any = None  # DCP's stager, kept: it reuses its (pinned) host copies from one save to the next
 
+    # ------------------------------------------------------------------ weights
+    def materialize(self) -> None:
+        """The weights into the shards, unless they are there (collective; every public method that
+        reads or changes them calls it first, and :meth:`load` makes it a no-op): rank 0 builds the
+        whole state dict (:func:`full_weights`) and ``set_model_state_dict`` broadcasts it tensor by
+        tensor, each rank keeping its shard of each; rank 0's copy is released at once."""
+        if self._weights is None:
+            return
+        import gc
+
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        weights, self._weights = self._weights, None
+        began = time.monotonic()
+        full = weights() if self.rank == 0 else {}
+        set_model_state_dict(self.module, full, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True))
+        del full, weights
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("fsdp: the weights built on rank 0 and broadcast into every rank's shards in %.1f s",
+                 time.monotonic() - began)
+
     # ------------------------------------------------------------------ step
     @property
     def grad_accum_scale(self) -> int:
@@ -132,6 +252,7 @@ class FsdpEngine:
         """One optimizer step; gradients are reduced only after the last micro-batch."""
         import torch
 
+        self.materialize()
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for i, mb in enumerate(micro_batches):
@@ -167,6 +288,7 @@ class FsdpEngine:
         return float(self.scheduler.get_last_lr()[0])
 
     def eval_sums(self, batch: dict[str, Any]):
+        self.materialize()
         return base.eval_ce_sum(self.module, batch, self.device, varlen=self.varlen)
 
     # ------------------------------------------------------------------ state
@@ -195,6 +317,7 @@ class FsdpEngine:
         import torch.distributed.checkpoint as dcp
 
         writer = writer or CheckpointWriter(deferred=False)
+        self.materialize()
         self._wait_pending()
         state = self._state()
         if writer.deferred:
@@ -237,6 +360,8 @@ class FsdpEngine:
         if not (folder / ".metadata").is_file():
             raise TrainError(f"{folder}: no torch.distributed.checkpoint metadata; the checkpoint was written by "
                              "another engine or is incomplete; use a new output.uri")
+        # The checkpoint fills every shard: rank 0 need not build the whole model (build's docstring).
+        self._weights = None
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder), process_group=self.ckpt_group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
@@ -249,6 +374,7 @@ class FsdpEngine:
         state dict is gathered to rank 0's host memory, shard by shard)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        self.materialize()
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank != 0:
             return

@@ -800,3 +800,20 @@ def test_scancel_stays_cancelled(tmp_path):
 def log_of(tmp_path: Path, job_id: str) -> str:
     path = tmp_path / f"slurm-inj-{job_id}.out"
     return path.read_text() if path.exists() else ""
+
+
+def test_min_nodes_asks_for_a_node_range_and_launches_on_the_nodes_it_got(tmp_path):
+    """resources.min_nodes: ``#SBATCH --nodes=MIN-MAX``; srun and torchrun take the allocation's node
+    count (SLURM_JOB_NUM_NODES), so a job requeued onto fewer nodes launches on those."""
+    spec = load_spec(ROOT / "examples" / "full-slurm-2node.yaml", overrides=["resources.min_nodes=1",
+                                                                             "slurm.setup=[]"])
+    script = render(spec, "slurm")[f"{spec.name}.sbatch"]
+    assert "#SBATCH --nodes=1-2" in script
+    res = run_script(script, tmp_path, env={"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node-a",
+                                            "SLURM_NNODES": "1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    argv = srun_argv(tmp_path)
+    assert "--nodes=1" in argv and "--nnodes=1" in argv, argv
+    # min_nodes equal to nodes is a fixed count, as without it
+    fixed = load_spec(ROOT / "examples" / "full-slurm-2node.yaml", overrides=["resources.min_nodes=2"])
+    assert "#SBATCH --nodes=2\n" in render(fixed, "slurm")[f"{fixed.name}.sbatch"]

@@ -91,3 +91,4 @@ def test_no_accelerator_warning_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Setting accelerator to CPU" not in res.stdout + res.stderr
+
