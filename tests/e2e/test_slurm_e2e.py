@@ -216,6 +216,9 @@ def test_requeue_onto_fewer_nodes_resumes_on_the_nodes_it_gets(tmp_path, engine)
         text = text.replace("deepspeed: {zero_stage: 3}", "engine: fsdp")
     job_file = tmp_path / "elastic.yaml"
     job_file.write_text(text)
+    # MIN-MAX starts with the nodes free at that moment: wait until the previous test's job has left both
+    wait_until("both nodes idle", lambda: subprocess.run(["sinfo", "-h", "-o", "%D %t", "-t", "idle"], capture_output=True,
+                                                         text=True).stdout.split()[:1] == ["2"], timeout=120)
     run, job = job_of(ftc("submit", str(job_file), *lab_sets(tmp_path, output_uri=False), home=home))
     first = tmp_path / "out" / "checkpoints" / f"step-{every:08d}" / "manifest.json"
     try:
@@ -310,8 +313,11 @@ def test_a_requeued_job_takes_its_own_lease_back_at_once(tmp_path):
     import signal
 
     home = tmp_path / "home"
+    # max_restarts 0: the killed job must fail and be requeued by hand (a fault restart would requeue it
+    # itself: tests/e2e/test_slurm_faults.py), as a manual resubmission of a crashed job would
     run, job = job_of(ftc("submit", "examples/quickstart.yaml", *lab_sets(tmp_path), "--set", "training.max_steps=300",
-                          "--set", "output.checkpoint_every_steps=10", "--set", "data.general_eval=null", home=home))
+                          "--set", "output.checkpoint_every_steps=10", "--set", "data.general_eval=null",
+                          "--set", "resources.max_restarts=0", home=home))
     out = tmp_path / "out"
     wait_until("a committed checkpoint", lambda: list((out / "checkpoints").glob("step-*/manifest.json")),
                timeout=180, every=0.1)
