@@ -32,6 +32,7 @@ from tests.e2e.test_train_runtime import (  # noqa: E402
     full_overrides,
     full_spec_file,
     launch,
+    launch_two_nodes,
     records,
     wait_for_step,
     write_payload,
@@ -118,7 +119,7 @@ def test_killed_rank_on_the_second_node_ends_both_nodes_fast(tmp_path, cache_dir
     payload = write_payload(tmp_path, "run", full_overrides(
         out, 2, "resources.nodes=2", "resources.procs_per_node=1", "training.max_steps=40",
         "output.checkpoint_every_steps=4", f"training.hang_timeout={HANG}"), base=spec_file)
-    procs = _two_named_nodes(payload, cache_dir, tmp_path)
+    procs = launch_two_nodes(payload, cache_dir, tmp_path, named=True)
     wait_for_step(procs[0], out, 6)
     victim = [p for p in _children(procs[1].pid) if "RANK" in _env_of(p)]
     assert len(victim) == 1
@@ -134,27 +135,6 @@ def test_killed_rank_on_the_second_node_ends_both_nodes_fast(tmp_path, cache_dir
     assert f"rank {rank} on node1: lost" in res[0][1], res[0][1][-3000:]
     steps = committed_steps(out)
     assert steps and max(steps) <= max(r["step"] for r in records(out, "train"))
-
-
-def _two_named_nodes(payload: Path, cache: Path, tmp: Path):
-    """As test_train_runtime.launch_two_nodes, each launcher's node named node0 / node1
-    (FTCLUSTER_NODE_NAME, as SLURMD_NODENAME names a Slurm node)."""
-    import subprocess
-    import sys
-
-    from tests.e2e.test_train_runtime import ROOT, _free_port
-
-    port = _free_port()
-    procs = []
-    for node in (0, 1):
-        env = {**os.environ, "FTCLUSTER_CACHE": str(cache), "FTCLUSTER_LOCAL_DIR": str(tmp / f"disk{node}"),
-               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", "FTCLUSTER_NODE_NAME": f"node{node}"}
-        cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
-               "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    return procs
 
 
 # --------------------------------------------------------------------------- the local backend's restarts

@@ -83,13 +83,16 @@ def launch(payload: Path, nproc: int, cache: Path, tmp: Path, **popen) -> subpro
                             start_new_session=True, **popen)
 
 
-def launch_two_nodes(payload: Path, cache: Path, tmp: Path) -> list[subprocess.Popen]:
-    """Two "nodes" on this host: a launcher each (one process), c10d rendezvous, a node-local folder each."""
+def launch_two_nodes(payload: Path, cache: Path, tmp: Path, named: bool = False) -> list[subprocess.Popen]:
+    """Two "nodes" on this host: a launcher each (one process), c10d rendezvous, a node-local folder each;
+    ``named``: each launcher's node is called node0 / node1 (FTCLUSTER_NODE_NAME, as SLURMD_NODENAME names a
+    Slurm node)."""
     port = _free_port()
     procs = []
     for node in (0, 1):
         env = {**os.environ, "FTCLUSTER_CACHE": str(cache), "FTCLUSTER_LOCAL_DIR": str(tmp / f"disk{node}"),
-               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+               "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120",
+               **({"FTCLUSTER_NODE_NAME": f"node{node}"} if named else {})}
         cmd = [sys.executable, "-m", "ftcluster.train.launch", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={payload.stem}",
                "--max-restarts=0", "-m", "ftcluster.train", "--spec", str(payload)]
