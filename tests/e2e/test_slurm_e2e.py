@@ -89,6 +89,19 @@ def committed(out: Path, name: str) -> dict:
     return json.loads(manifest.read_text())
 
 
+def release_and_wait(job: str, run: str, home: Path, timeout: float) -> dict:
+    """Release requeued job ``job`` (held ~2 min in BeginTime) and return run ``run``'s status once it ends.
+
+    Slurm holds a requeued job ~2 min (BeginTime) so that no node still holds the revoked credential of
+    its last run. slurmd compares credential times in whole seconds: a release within the same second
+    as the requeue fails the launch with "Job credential revoked". Let one second pass, then release."""
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    return wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
+        "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
+        timeout=timeout)
+
+
 ZERO3 = """\
 name: zero3-cpu
 method: full
@@ -165,14 +178,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert "requeueing job" in log
     assert (tmp_path / "out" / "checkpoints" / f"step-{saved:08d}" / "manifest.json").is_file()
     assert info["Reason"] in ("BeginTime", "None", "Priority", "Resources"), info
-    # Slurm holds a requeued job ~2 min (BeginTime) so that no node still holds the revoked credential of
-    # its last run. slurmd compares credential times in whole seconds: a release within the same second
-    # as the requeue fails the launch with "Job credential revoked". Let one second pass, then release.
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
-    st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
-        "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
-        timeout=150)
+    st = release_and_wait(job, run, home, timeout=150)
     log = log_text(tmp_path)
     assert st["state"] == "SUCCEEDED", log[-3000:]
     assert f"resumed from checkpoint step {saved}" in log
@@ -229,11 +235,7 @@ def test_requeue_onto_fewer_nodes_resumes_on_the_nodes_it_gets(tmp_path, engine)
         wait_until("the requeue", lambda: scontrol(job).get("Restarts") == "1" and scontrol(job).get("JobState")
                    == "PENDING")
         saved = int(re.search(r"stop requested \(\w+\): saving step (\d+)", log_text(tmp_path)).group(1))
-        time.sleep(2)  # see test_preempted_job_checkpoints_requeues_and_resumes
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
-        st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
-            "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
-            timeout=240)
+        st = release_and_wait(job, run, home, timeout=240)
     finally:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True)
     log = log_text(tmp_path)

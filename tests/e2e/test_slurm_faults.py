@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.e2e.test_slurm_e2e import (
     job_of,
     lab_sets,
     log_text,
+    release_and_wait,
     scontrol,
     wait_until,
     zero3_job,
@@ -102,11 +102,7 @@ def test_lost_rank_or_node_ends_fast_named_then_requeues_and_resumes(tmp_path, l
             files = json.loads((d / "manifest.json").read_text())["files"]
             assert all((d / rel).stat().st_size == info["size"] for rel, info in files.items()), d
             committed_steps.append(int(d.name[5:]))
-    time.sleep(2)  # see test_slurm_e2e: a release within the requeue's second fails the launch
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
-    st = wait_until("the resumed job to finish", lambda: (lambda s: s if s["state"] in (
-        "SUCCEEDED", "FAILED", "CANCELLED") else None)(json.loads(ftc("status", run, "--json", home=home).stdout)),
-        timeout=180)
+    st = release_and_wait(job, run, home, timeout=180)
     log = log_text(tmp_path)
     assert st["state"] == "SUCCEEDED", log[-3000:]
     resumed = re.findall(r"resumed from checkpoint step (\d+)", log)
