@@ -109,11 +109,15 @@ def fit_to_world(payload: dict[str, Any], world: int) -> tuple[dict[str, Any], s
     rate schedule's meaning stay as planned; where it does not divide the accumulation stays and the
     line says the global batch changes. A DeepSpeed config's batch keys follow. Pure.
     """
+    from ..spec.schema import ResourcesSpec
+
     spec = payload["spec"]
     res, tr = spec["resources"], spec["training"]
-    nproc = res.get("procs_per_node") or max(int(res.get("gpus_per_node") or 0), 1)
+    if not world or res.get("min_nodes") is None:
+        return payload, None
+    nproc = ResourcesSpec.model_validate(res).nproc_per_node
     planned = int(res["nodes"]) * nproc
-    if not world or world == planned or res.get("min_nodes") is None:
+    if world == planned:
         return payload, None
     if world % nproc:
         raise TrainError(f"this job runs {world} processes, not a multiple of the {nproc} per node the spec sets "
