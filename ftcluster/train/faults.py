@@ -175,6 +175,9 @@ class Watchdog:
         self.started = clock()
         self.store_ok_at = self.started
         self._own = (-1, self.started)  # this rank's progress counter and when it last changed (own clock)
+        # The host of rank 0, whose launcher hosts the workers' c10d store: read once at start so that a
+        # store lost in the first seconds (before any watchdog round) is still named with its node.
+        self.rank0_host: str | None = self.host if rank == 0 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -209,7 +212,7 @@ class Watchdog:
             if now - self.store_ok_at > self.timeout:
                 where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
                 return Fault(INFRA, None, where.split(":")[0],
-                             f"the job's c10d store at {where} (hosted by the first node's launcher) has not "
+                             f"the job's c10d store at {where} (hosted by rank 0's launcher) has not "
                              f"answered for {_secs(now - self.store_ok_at)} ({type(exc).__name__}): that node "
                              "is probably lost")
             return None
@@ -264,8 +267,17 @@ class Watchdog:
             return []
 
     # -- the thread ------------------------------------------------------------
+    def learn_rank0_host(self) -> None:
+        """Wait (up to the store's timeout) for rank 0's first record and keep its host."""
+        if self.rank0_host is None:
+            try:
+                self.rank0_host = json.loads(self.store.get(HB_PREFIX + "0"))["host"]
+            except Exception:  # noqa: BLE001 - rank 0 never published or the store is gone: unknown
+                pass
+
     def start(self, on_fault: Callable[[Fault], None]) -> Watchdog:
         def loop() -> None:
+            self.learn_rank0_host()
             while not self._stop.wait(self.interval):
                 fault = self.check()
                 if fault is not None and not self._stop.is_set():
@@ -370,10 +382,12 @@ def exit_for(exc: BaseException, rank: int) -> tuple[int, str]:
         write_cause(rank, own)
         return (FAULT_EXIT if own.kind == INFRA else 1), f"; {verdict(own.kind)}"
     if own.kind == INFRA and not store_answers(store):
-        # The store is gone with the launcher that hosted it: the first node's (torchrun's rendezvous
-        # rank 0 hosts the workers' store; its ranks are 0 .. LOCAL_WORLD_SIZE-1).
+        # The store is gone with the launcher that hosted it: rank 0's node's (torchrun's rendezvous
+        # rank 0 hosts the workers' store; its ranks are 0 .. LOCAL_WORLD_SIZE-1). That is usually the
+        # first node of the allocation, not always: nodes sharing an address race for the endpoint.
         rec = dog.peers[0].rec if dog is not None and 0 in dog.peers else None
-        stands = Fault(INFRA, 0, (rec or {}).get("host", "the first node"),
+        host = (rec or {}).get("host") or (dog.rank0_host if dog is not None else None)
+        stands = Fault(INFRA, 0, host or f"{os.environ.get('MASTER_ADDR', 'the store host')}",
                        "lost with its node: the job's c10d store, which that node's launcher hosts, stopped "
                        "answering (the node failed or its launcher was killed)")
         write_cause(rank, stands)

@@ -211,6 +211,41 @@ def test_a_lost_store_names_the_first_node(tmp_path):
     assert code == FAULT_EXIT and "rank 0 on n1: lost with its node: the job's c10d store" in tail
 
 
+def test_a_store_lost_before_any_watchdog_round_still_names_rank_0_s_node(tmp_path):
+    """CI, 2026-12-07: a node lost a second after training started (the watchdog's first round is
+    hang_timeout/20 s away) was named "rank 0 on the first node": the rank had read no heartbeat yet.
+    The watchdog learns rank 0's host as it starts."""
+    import datetime
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
+                               f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+                               "time.sleep(60)"])
+    me = None
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=20))
+        F.Watchdog(store, 0, 2, 300.0, host="n2", progress=F.Progress()).publish()
+        me = F.Watchdog(store, 1, 2, 300.0, host="n1", progress=F.Progress()).start(lambda f: None)
+        F._state.update(store=store, watchdog=me)
+        time.sleep(1.0)  # the thread's start; its first round is 15 s away
+        assert me.peers[0].rec is None
+        server.kill()
+        server.wait()
+        code, tail = F.exit_for(RuntimeError("gloo: Connection reset by peer"), 1)
+    finally:
+        if me is not None:
+            me.stop()
+        F._state.clear()
+        server.kill()
+    assert code == FAULT_EXIT and "rank 0 on n2: lost with its node" in tail, tail
+
+
 def test_the_same_error_on_every_rank_is_said_once():
     store = dist.HashStore()
     F.claim_first(store, F.Fault(F.USER, 0, "n1", "ValueError: bad record"))
