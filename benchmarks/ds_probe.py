@@ -7,7 +7,10 @@ checkpoint cost is measured by the cases that checkpoint every N steps), and
 attention, no block-diagonal mask), ``PROBE_BATCHES=1`` records every micro-batch's width and
 real/learned token counts (speed.py's fill fraction). (Liger-Kernel, once tried here with
 ``PROBE_LIGER=1``, is the runtime's own now: ``FTCLUSTER_FUSED_CE``, train/speedups.py.)
-``PROBE_PHASES=0`` turns the timing off. ``PROBE_STEP_PROFILE=1`` profiles any torch training
+``PROBE_PHASES=0`` turns the timing off.
+``PROBE_DUMP=DIR`` records the run's initial weights and every micro-batch for the fidelity check
+(benchmarks/fidelity.py); ``PROBE_ROUND_INIT=bfloat16`` rounds the built model's weights through
+that dtype (a bf16 checkpoint's values). ``PROBE_STEP_PROFILE=1`` profiles any torch training
 script (plain FSDP2 baseline or ftcluster's FSDP2 engine alike) from the end of optimizer step
 ``PROBE_FROM`` (default 5) to the end of step ``PROBE_FROM + 2``, through torch's global optimizer
 step hook: rank 0 writes PROBE_OUT/TAG_profile.txt (CUDA and CPU time tables) and the two steps'
@@ -56,6 +59,100 @@ def _patch_ftcluster() -> None:
         E.token_ce_sum = token_ce_sum
     if os.environ.get("PROBE_BATCHES") == "1":
         _record_batches()
+    if os.environ.get("PROBE_CPU_BF16") == "1":
+        _cpu_bf16()
+    if os.environ.get("PROBE_ROUND_INIT"):
+        _round_init(os.environ["PROBE_ROUND_INIT"])
+    if os.environ.get("PROBE_DUMP"):
+        _dump_run(os.environ["PROBE_DUMP"])
+
+
+def _cpu_bf16() -> None:
+    """An experiment (benchmarks/fidelity.py): compute in bf16 on a CPU as on a GPU (the runtime
+    computes in fp32 on CPUs), DeepSpeed's bf16 mode kept on."""
+    import torch
+
+    import ftcluster.train.engines.deepspeed as D
+    import ftcluster.train.model as M
+
+    orig_dtype, orig_cfg = M.compute_dtype, D.prepare_ds_config
+    M.compute_dtype = lambda precision, device: torch.bfloat16 if precision == "bf16" else orig_dtype(precision, device)
+
+    def prepare_ds_config(ds_config, device):
+        cfg = orig_cfg(ds_config, device)
+        cfg["bf16"] = ds_config.get("bf16", {"enabled": False})
+        return cfg
+
+    D.prepare_ds_config = prepare_ds_config
+
+
+def _round_init(dtype_name: str) -> None:
+    """An experiment (benchmarks/fidelity.py): the base model's floating-point weights rounded
+    through ``dtype_name`` (e.g. bfloat16) as they are built, as a checkpoint stored in that dtype
+    would give them."""
+    import torch
+
+    import ftcluster.train.model as M
+
+    orig = M.load_base_model
+
+    def load_base_model(*a, **kw):
+        model = orig(*a, **kw)
+        with torch.no_grad():
+            for t in model.parameters():
+                if t.is_floating_point() and not t.is_meta:
+                    t.copy_(t.to(getattr(torch, dtype_name)).to(t.dtype))
+        return model
+
+    M.load_base_model = load_base_model
+
+
+def _dump_run(folder: str) -> None:
+    """The fidelity check's record of an ftcluster run (benchmarks/fidelity.py): rank 0's initial
+    weights as the engine built them (after LoRA is applied, for LoRA) in ``FOLDER/init.pt`` with
+    the model's config, and every training micro-batch of every rank in ``FOLDER/b.rRANK.NNNNNN.pt``,
+    so that a plain stack can train the same model on the same batches."""
+    import torch
+
+    import ftcluster.train.model as M
+    from ftcluster.train.data import ShardedBatches
+
+    os.makedirs(folder, exist_ok=True)
+    rank = _rank()
+
+    def save_init(model, lora: bool) -> None:
+        params = list(model.parameters())
+        if rank != 0 or not params or any(p.is_meta for p in params):
+            return  # FSDP's meta structure on the other ranks; rank 0 builds the real weights
+        base = model.get_base_model() if lora else model
+        torch.save({"state": {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()},
+                    "config": base.config.to_dict(), "vocab": getattr(base, "ftcluster_vocab", None),
+                    "dtypes": sorted({str(p.dtype) for p in params}), "lora": lora},
+                   os.path.join(folder, "init.pt"))
+
+    orig_load, orig_lora = M.load_base_model, M.apply_lora
+
+    def load_base_model(*a, **kw):
+        model = orig_load(*a, **kw)
+        save_init(model, False)
+        return model
+
+    def apply_lora(*a, **kw):
+        model = orig_lora(*a, **kw)
+        save_init(model, True)
+        return model
+
+    M.load_base_model, M.apply_lora = load_base_model, apply_lora
+    orig_next, count = ShardedBatches.next_batch, [0]
+
+    def next_batch(self):
+        b = orig_next(self)
+        torch.save({k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)},
+                   os.path.join(folder, f"b.r{rank}.{count[0]:06d}.pt"))
+        count[0] += 1
+        return b
+
+    ShardedBatches.next_batch = next_batch
 
 
 def _record_batches() -> None:

@@ -73,7 +73,7 @@ def model_source(spec: Any) -> str:
 
 
 def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_dir: Path, *,
-                    zero3: bool = False, meta: bool = False, load_dtype: Any = None):
+                    zero3: bool = False, meta: bool = False, load_dtype: Any = None, init_dtype: Any = None):
     """The base causal LM on ``device`` (ZeRO-3: partitioned at construction by transformers'
     DeepSpeed integration, which the caller enables with an ``HfDeepSpeedConfig``).
 
@@ -86,7 +86,14 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     ``load_dtype``: loaded weights (a path or hub id) are kept in this dtype instead of ``dtype``
     (FSDP's rank 0 holds a bf16 checkpoint in bf16: :func:`.engines.fsdp.full_weights`); the
     embedding matrices are cast to ``dtype`` first, so rows grown for new tokens are the mean
-    computed and stored in ``dtype``, as without it."""
+    computed and stored in ``dtype``, as without it.
+
+    ``init_dtype``: a ``random_init`` model's weights are drawn, then rounded to this dtype and kept in
+    ``dtype``: the FSDP2 engine keeps fp32 parameters and passes the compute dtype (bf16), so its
+    random weights are the values the DeepSpeed and LoRA engines draw directly in bf16 (torch draws a
+    bf16 tensor in fp32 and rounds it), as from a checkpoint stored in bf16. Without it, the same job
+    trained on a GPU from different starting points per engine, which shows at small learning rates
+    (docs/training.md, "Fidelity")."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -102,6 +109,8 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
             # initialise in place: an 8B model never lands in host memory
             with torch.device("meta" if meta else device):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
+        if init_dtype is not None and init_dtype != dtype and not meta:
+            round_through(model, init_dtype)
     else:
         if m.path:
             from ..storage.fetch import fetch_dir
@@ -140,6 +149,17 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     apply_varlen_attention(model, device)
     enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
+
+
+def round_through(model: Any, dtype: Any) -> None:
+    """Every floating parameter of ``model`` rounded to ``dtype`` in place (kept in its own dtype). Not
+    the buffers: RoPE's inv_freq is fp32 whatever the model's dtype."""
+    import torch
+
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.is_floating_point() and t.dtype != dtype:
+                t.copy_(t.to(dtype))
 
 
 def _structure(where: str, trust_remote_code: bool, kwargs: dict[str, Any]):

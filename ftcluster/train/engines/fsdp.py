@@ -69,7 +69,7 @@ def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
     # fp32 parameters: they are the optimizer's master weights (DeepSpeed keeps an fp32 copy of the
     # bf16 module; FSDP2 shards the fp32 parameters and casts to param_dtype for compute).
     model = M.load_base_model(spec, inputs.tokenizer, torch.float32, ctx.device, inputs.cache_dir,
-                              meta=not every_rank)
+                              meta=not every_rank, init_dtype=inputs.dtype)
     if spec.training.compile:
         M.compile_layers(model)  # before fully_shard, per block, as torchtitan's apply_compile
     shard_model(model, spec.fsdp, inputs.dtype, ctx)
@@ -104,7 +104,8 @@ def full_weights(inputs: EngineInputs) -> dict[str, Any]:
     when every floating tensor there is bf16 or fp16 (:func:`stored_dtype`: 2 bytes a parameter;
     the shards' fp32 copy of each is exact, and the embeddings, grown rows included, are fp32 as in
     the every-rank build), else in fp32. A ``random_init`` model is drawn on rank 0's device, as the
-    other engines draw it, so its weights equal theirs (same generator), and broadcast from there."""
+    other engines draw it, and rounded to the compute dtype (``init_dtype``), so its weights equal
+    theirs (same generator, same values), and broadcast from there."""
     import torch
 
     from .. import model as M
@@ -114,7 +115,8 @@ def full_weights(inputs: EngineInputs) -> dict[str, Any]:
         where, load_dtype = ctx.device, None
     else:
         where, load_dtype = torch.device("cpu"), stored_dtype(spec, inputs.cache_dir)
-    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, where, inputs.cache_dir, load_dtype=load_dtype)
+    model = M.load_base_model(spec, inputs.tokenizer, torch.float32, where, inputs.cache_dir, load_dtype=load_dtype,
+                              init_dtype=inputs.dtype)
     log.info("fsdp: rank 0 holds the whole model in %s (%.1f GB) to broadcast it", str(load_dtype or torch.float32)
              .replace("torch.", ""), sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9)
     return model.state_dict()

@@ -110,3 +110,22 @@ def test_a_buffer_transformers_does_not_compute_is_refused_in_one_line(cache):
     with pytest.raises(TrainError, match=r"^engine: fsdp .* its buffer model\.norm\.scale \(LlamaRMSNorm\); use "
                                          r"engine: deepspeed$"):
         M.init_nonpersistent_buffers(meta)
+
+
+def test_a_random_init_rounded_to_the_compute_dtype_is_the_bf16_draw(cache):
+    """FSDP2 keeps fp32 parameters; its random init (init_dtype=bf16) holds exactly the values the
+    DeepSpeed and LoRA engines draw in bf16, so every engine starts a job from the same weights
+    (CI test_fidelity shows the curves; before, FSDP2 kept the fp32 draw)."""
+    spec = full_spec()
+    tok = load_or_train_tokenizer(spec, cache / "tokenizers")
+    fsdp = M.load_base_model(spec, tok, torch.float32, CPU, cache, init_dtype=torch.bfloat16)
+    other = M.load_base_model(spec, tok, torch.bfloat16, CPU, cache)
+    plain32 = M.load_base_model(spec, tok, torch.float32, CPU, cache)
+    pairs = list(zip(fsdp.named_parameters(), other.named_parameters(), plain32.named_parameters(), strict=True))
+    assert pairs
+    for (name, a), (_, b), (_, c) in pairs:
+        assert a.dtype == torch.float32 and torch.equal(a, b.float()), name
+        assert torch.equal(a, c.to(torch.bfloat16).float()), name
+    assert any(not torch.equal(a, c) for (_, a), _, (_, c) in pairs)  # the fp32 draw is another start
+    inv = [b for n, b in fsdp.named_buffers() if n.endswith("inv_freq")]
+    assert inv and all(b.dtype == torch.float32 for b in inv)
