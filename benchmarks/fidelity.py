@@ -165,7 +165,7 @@ def replay(run: dict, args, lr_factor: float = 1.0) -> dict:
         raise SystemExit(f"{run['run']}: the initial weights do not fit the plain model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if init["lora"] and base_dtype != torch.float32:
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(base_dtype)
     model.to(dev)

@@ -5,6 +5,8 @@
 # (a) learning rate 1e-5, 12 steps: DeepSpeed ZeRO-2, FSDP2, and FSDP2 with its fp32 random init rounded to
 #     bf16 (PROBE_ROUND_INIT): the engines' GPU curves differed last session (docs/BENCHMARKS.md, FSDP2 table).
 # (b) learning rate 2e-4 (it trains), 40 steps: ZeRO-2, FSDP2, FSDP2 + compile.
+# NOT RUN YET: prepared in session 2026-12-08, which had 125 s of device time left (status). .whl/ needs
+# liger_kernel-0.8.5-py3-none-any.whl beside the others (pip download liger-kernel --no-deps).
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
