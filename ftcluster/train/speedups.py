@@ -77,6 +77,9 @@ def apply_fused_kernels(model: Any, device: Any, kernels: bool = True) -> bool:
     except ImportError:
         if os.environ.get("FTCLUSTER_FUSED_CE") == "1":
             log.warning("FTCLUSTER_FUSED_CE=1 but liger-kernel is not importable: using the plain loss")
+        else:
+            log.info("fused linear cross-entropy off: liger-kernel is not installed (pip install 'ftcluster[train,gpu]' "
+                     "brings it; the planner assumes it: set FTCLUSTER_FUSED_CE=0 to match); using the plain loss")
         return False
     _apply_liger_kernel_to_instance(model=model, rope=kernels, swiglu=kernels, rms_norm=kernels, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
