@@ -68,15 +68,22 @@ def varlen_of(run: dict) -> bool:
 def runtime_of(run: dict) -> str:
     """'current', 'plain' or 'probe' (see the module docstring)."""
     # The varlen switch is modelled on its own (varlen_of); it leaves the other speed-ups on.
-    # The engine is modelled too (engine_of); compile is not (yet): a compiled run is a probe.
+    # The engine is modelled too (engine_of), and compiled layers (compiled_of, since 2026-12-08).
     over = {k: v for k, v in (run.get("overrides") or {}).items()
-            if k not in ("env.FTCLUSTER_VARLEN", "engine", "fsdp.reshard_after_forward")}
+            if k not in ("env.FTCLUSTER_VARLEN", "engine", "fsdp.reshard_after_forward", "training.compile")}
     rt = str(run.get("runtime", ""))
     if over and not set(over) <= OFF_SWITCHES:
         return "probe"
     if over:
         return "plain" if all(str(v).lower() in ("0", "off", "auto") for v in over.values()) else "probe"
     return "current" if rt.startswith("train/speedups.py on") else "plain"
+
+
+def compiled_of(run: dict) -> bool:
+    """The run compiled its decoder layers: ``training.compile: true`` (every measured run before
+    2026-12-08 left it at false, the default then; a GPU run's ``auto`` is on, as the planner models it)."""
+    v = (run.get("overrides") or {}).get("training.compile", run.get("compile", False))
+    return v is True or (v == "auto" and str(run.get("device", "")).lower() != "cpu")
 
 
 def engine_of(run: dict) -> tuple[str, int | None]:
@@ -103,7 +110,8 @@ def predict(run: dict) -> tuple[float, float]:
     w = Workload(shape, int(run["seq_len"]), precision=run.get("precision", "bf16"),
                  attn_implementation=attn, lora_r=int(run.get("lora_r", 16)),
                  lora_targets=targets if isinstance(targets, str) else tuple(targets),
-                 lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on)
+                 lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on,
+                 compiled=compiled_of(run))
     nodes = int(run.get("nodes", 1))
     lay = Layout(method, nodes, int(run["gpus"]) // nodes, int(run["micro_batch_size"]),
                  int(run.get("gradient_accumulation_steps", 1)), float(run["gradient_checkpointing"]),
@@ -172,7 +180,7 @@ def describe(r: dict) -> str:
         ("full FSDP2" if stage == 3 else "full FSDP2 no-reshard") if engine == "fsdp" else f"full Z{stage}")
     seq = f"{r['seq_len'] // 1024}k" if r["seq_len"] % 1024 == 0 else str(r["seq_len"])
     return (f"{size} {how} {r['gpus']}g mb{r['micro_batch_size']} {seq} "
-            f"{_ckpt(r['gradient_checkpointing'])}")
+            f"{_ckpt(r['gradient_checkpointing'])}" + (" compiled" if compiled_of(r) else ""))
 
 
 def _ckpt(share: bool | float) -> str:

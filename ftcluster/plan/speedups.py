@@ -16,6 +16,9 @@ Switches (environment variables, ``0``/``off``/``false``/``no`` turn one off; un
 * ``FTCLUSTER_VARLEN`` - variable-length attention for packed batches, on a GPU, for an SDPA model;
 * ``FTCLUSTER_ZERO3_KEEP`` - ZeRO-3 keeps gathered weights from forward to backward when the
   16-bit model plus this rank's shards fit in :data:`KEEP_FRACTION` of the GPU;
+* ``training.compile`` (the spec, not the environment; ``auto`` by default) - each decoder layer
+  compiled: on a GPU, for the model types of :data:`COMPILE_MODEL_TYPES`, not with DeepSpeed
+  ZeRO-3 (:func:`compile_on`);
 * ``FTCLUSTER_NCCL_PROTO`` - the NCCL protocol for multi-GPU runs (default ``Simple``; ``auto``
   leaves NCCL's choice; an ``NCCL_PROTO`` already set wins).
 """
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 FUSED_CE_MODEL_TYPES = ("llama",)  # Liger's forward for these accepts shift_labels and num_items_in_batch
+# training.compile: auto compiles these model types' decoder layers (ftcluster's fidelity check and
+# speed runs cover Llama; Mistral and Qwen2/3 share its decoder layer's structure); `true` compiles any.
+COMPILE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 KEEP_FRACTION = 0.6  # of GPU memory that the gathered model plus this rank's ZeRO shards may take
 OFF = ("0", "off", "false", "no")
 FUSED_CE, VARLEN, ZERO3_KEEP, NCCL_PROTO = "FTCLUSTER_FUSED_CE", "FTCLUSTER_VARLEN", "FTCLUSTER_ZERO3_KEEP", "FTCLUSTER_NCCL_PROTO"
@@ -40,6 +46,19 @@ def switched_off(name: str, environ: Mapping[str, str]) -> bool:
 def fused_ce_on(gpu: bool, model_type: str | None, environ: Mapping[str, str]) -> bool:
     """Liger's fused linear cross-entropy: on a GPU, for a Llama-family model, unless switched off."""
     return gpu and model_type in FUSED_CE_MODEL_TYPES and not switched_off(FUSED_CE, environ)
+
+
+def compile_on(gpu: bool, setting: bool | str, *, zero3: bool, model_type: str | None = None) -> bool:
+    """``training.compile`` as the runtime applies it. ``true``: compiled (a spec with ZeRO-3 is refused
+    on load; a DeepSpeed config_file that sets stage 3 runs uncompiled); ``false``: never; ``auto``:
+    on a GPU (on a CPU compiling costs more than it gains), not with ZeRO-3, for a model type of
+    :data:`COMPILE_MODEL_TYPES` (``model_type`` None: not known yet, as at plan time for a model
+    read from a path or hub: assumed one)."""
+    if setting is True:
+        return not zero3
+    if setting is False or setting != "auto":
+        return False
+    return gpu and not zero3 and (model_type is None or model_type in COMPILE_MODEL_TYPES)
 
 
 def liger_kernels_on(compile: bool) -> bool:
@@ -82,11 +101,15 @@ class Speedups:
     liger_kernels: bool  # Liger's RoPE/SwiGLU/RMSNorm kernels with it
     varlen: bool  # variable-length attention (FlashAttention-2's varlen kernel) for packed batches
     zero3_keep: bool  # ZeRO-3 keeps gathered weights when they fit; off too when the user's DeepSpeed file is given
-    compile: bool  # training.compile: each decoder layer compiled
+    compile: bool  # training.compile as decided for this spec's GPUs (compile_on; the model type unknown)
     nccl_proto: str | None  # NCCL_PROTO the runtime sets, or None
 
     def fused_ce_for(self, model_type: str | None) -> bool:
         return self.fused_ce and model_type in FUSED_CE_MODEL_TYPES
+
+    def compile_for(self, model_type: str | None, setting: bool | str = "auto") -> bool:
+        """Compiled layers for a model of ``model_type`` (``auto`` compiles only the tested families)."""
+        return self.compile and (setting is True or model_type is None or model_type in COMPILE_MODEL_TYPES)
 
     def to_dict(self) -> dict[str, Any]:
         return {"fused_ce": self.fused_ce, "liger_kernels": self.liger_kernels, "varlen": self.varlen,
@@ -110,7 +133,8 @@ def decide(spec: Any, environ: Mapping[str, str] | None = None) -> Speedups:
     # FSDP2 keeps or frees gathered parameters by fsdp.reshard_after_forward itself: DeepSpeed's keep
     # does not apply (and the planner, which models an fsdp job as ZeRO-3, must not count it).
     fsdp = getattr(spec, "engine", None) == "fsdp"
-    compile = bool(getattr(spec.training, "compile", False))
+    zero3 = not fsdp and ds is not None and getattr(spec, "method", None) == "full" and ds.zero_stage == 3
+    compile = compile_on(gpu, getattr(spec.training, "compile", False), zero3=zero3)
     return Speedups(
         fused_ce=fused_ce_on(gpu, FUSED_CE_MODEL_TYPES[0], env),
         liger_kernels=liger_kernels_on(compile),

@@ -170,14 +170,24 @@ def validation_messages(exc: Any, data: dict[str, Any], root: Any = None) -> lis
         if loc and loc[0] in ("lora", "full"):
             loc = loc[1:]  # the discriminator tag pydantic puts first
         # A union's members tag the path (lora.target_modules.list[str]): one line per field instead.
-        tagged = any(isinstance(p, str) and "[" in p for p in loc)
-        loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p))
+        tagged = any(_union_tag(p) for p in loc)
+        loc = tuple(p for p in loc if not _union_tag(p))
         for path, custom, e in _split_custom(err, loc):
             msg = custom or _message(e, path, method, root)
             if tagged and out and out[-1][0] == path:
-                msg = out.pop()[1].removesuffix(_got(e)) + " or " + msg.removeprefix("expected ")
+                before = out.pop()[1].removesuffix(_got(e))
+                rest = msg.removeprefix("expected ")
+                if before == "expected true or false" and rest.startswith("one of "):  # bool | Literal[...]
+                    msg = "expected true, false or " + rest.removeprefix("one of ")
+                else:
+                    msg = before + " or " + rest
             out.append((path, msg))
     return out
+
+
+def _union_tag(part: Any) -> bool:
+    """A union member's tag pydantic puts in an error's path (``list[str]``, ``bool``, ``literal['auto']``)."""
+    return isinstance(part, str) and ("[" in part or part in ("bool", "int", "float", "str"))
 
 
 def _got(err: dict[str, Any]) -> str:

@@ -260,10 +260,14 @@ class TrainingSpec(_Model):
         False, description="Recompute activations in backward to save memory: `true` every decoder layer, "
         "`false` none, or a fraction such as 0.5 for that share of the layers, evenly spaced (selective "
         "checkpointing: less recompute where memory allows; `ftcluster plan` shows the least that fits).")
-    compile: bool = Field(
-        False, description="Compile each decoder layer with torch.compile (regional compilation: one layer's "
-        "graph serves them all): fuses the norms, activations, RoPE and LoRA's element-wise work. The first "
-        "steps pay the compilation (tens of seconds for an 8B model). LoRA, ZeRO stages 0-2 and FSDP; not with ZeRO-3.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="Compile each decoder layer with torch.compile (regional compilation: one layer's "
+        "graph serves them all): fuses the norms, activations, RoPE and LoRA's element-wise work; trains the same "
+        "curve (benchmarks/fidelity.py). `auto` (the default): on for GPU runs of LoRA, DeepSpeed ZeRO stages 0-2 "
+        "and FSDP2 with a Llama, Mistral or Qwen2/3 model; off on CPUs (compiling costs more than it gains there), "
+        "with ZeRO-3 and for other models. `true`: also for other models (refused with ZeRO-3); `false`: never. "
+        "A layer dynamo cannot compile runs uncompiled, said in one line after the first step, as are later "
+        "recompilations. The first steps pay the compilation (tens of seconds for an 8B model).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision (CPU runs fall back to fp32).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
@@ -774,7 +778,7 @@ class FullJob(_JobBase):
 
     @model_validator(mode="after")
     def _compile_stage(self) -> FullJob:
-        if self.training.compile and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
+        if self.training.compile is True and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ValueError("training.compile: not supported with deepspeed.zero_stage 3 (its parameter gathers "
                              "hook every module); use zero_stage 2, engine: fsdp or compile: false")
         return self

@@ -167,6 +167,7 @@ class MetricsWindow:
 def run_steps(lc: LoopContext) -> bool:
     """Train up to the last step; True when stopped by a signal (checkpointed)."""
     from .engines.base import count_label_tokens
+    from .model import compile_report
 
     ctx, state = lc.ctx, lc.state
     window = MetricsWindow(ctx, lc.report)
@@ -190,6 +191,9 @@ def run_steps(lc: LoopContext) -> bool:
         ce_sum, grad_norm = lc.engine.train_step(micro, scale)
         loss = ctx.all_sum_device(ce_sum) / max(g_labels, 1.0)
         state.step += 1
+        compiled = compile_report(state.step)  # None unless training.compile compiled layers
+        if compiled:
+            log.info("%s", compiled)
         state.tokens_seen += int(g_tokens)
         window.add(state.step, loss, grad_norm, lr, int(g_tokens), state.tokens_seen, state.elapsed(), started)
         stop, time_due, uploading = lc.stop.agree(*lc.checkpoints.flags(), group=ctx.ctl_group)

@@ -145,7 +145,8 @@ def load_base_model(spec: Any, tokenizer: Any, dtype: Any, device: Any, cache_di
     # Before LoRA or DeepSpeed wrap it: the engines read these flags to take the fused loss path
     # and to pass packed examples' boundaries to the attention.
     # Compiled layers get their norms, SwiGLU and RoPE fused by inductor: Liger keeps the loss only.
-    model.ftcluster_fused_ce = apply_fused_kernels(model, device, kernels=not spec.training.compile)
+    model.ftcluster_compile = compile_wanted(spec, device, model, zero3=zero3)
+    model.ftcluster_fused_ce = apply_fused_kernels(model, device, kernels=not model.ftcluster_compile)
     apply_varlen_attention(model, device)
     enable_checkpointing(model, spec.training.checkpoint_fraction)
     return model
@@ -345,26 +346,106 @@ def enable_checkpointing(model: Any, fraction: float) -> int:
     return len(keep)
 
 
+def compile_wanted(spec: Any, device: Any, model: Any, *, zero3: bool = False) -> bool:
+    """``training.compile`` for this model on ``device`` (:func:`ftcluster.plan.speedups.compile_on`),
+    with a line saying why when ``auto`` leaves it off on a GPU or ``true`` cannot apply."""
+    from ..plan import speedups as decisions
+
+    setting = spec.training.compile
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    gpu = getattr(device, "type", str(device)) == "cuda"
+    on = decisions.compile_on(gpu, setting, zero3=zero3, model_type=model_type)
+    if setting is True and zero3:
+        log.warning("training.compile: not with ZeRO-3 (deepspeed.config_file sets stage 3); running uncompiled")
+    elif setting == "auto" and gpu and not on:
+        why = "ZeRO-3's parameter gathers hook every module" if zero3 else (
+            f"model type {model_type!r} is not among those compile is tested with "
+            f"({', '.join(decisions.COMPILE_MODEL_TYPES)}); set training.compile: true to compile it anyway")
+        log.info("training.compile auto: off (%s)", why)
+    return on
+
+
 def compile_layers(model: Any) -> int:
     """``torch.compile`` each decoder layer (regional compilation: the layers share one graph, so
     an 8B model compiles one layer's forward and backward, not 32); returns how many.
 
     Called after the LoRA wrap (its modules are inside the layers) and before DeepSpeed's. The
     checkpointing wrapper stays outside the compiled call, so a recomputed layer reruns the
-    compiled graph. ``FTCLUSTER_COMPILE_BACKEND`` picks another backend (tests: aot_eager)."""
+    compiled graph. ``FTCLUSTER_COMPILE_BACKEND`` picks another backend (tests: aot_eager; a
+    ``module:function`` names a backend callable).
+
+    A frame dynamo cannot capture or the backend cannot compile runs eagerly instead of ending the
+    run (``torch._dynamo.config.suppress_errors``); :func:`compile_report` says so after the first
+    step, with the first failure's reason, and names later recompilations."""
+    import importlib
     import os
+
+    import torch._dynamo
 
     layers = decoder_layers(model)
     if not layers:
         log.warning("training.compile: this model has no decoder layers that transformers marks "
                     "(GradientCheckpointingLayer); running it uncompiled")
         return 0
-    backend = os.environ.get("FTCLUSTER_COMPILE_BACKEND", "inductor")
+    name = os.environ.get("FTCLUSTER_COMPILE_BACKEND", "inductor")
+    backend: Any = name
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        backend = getattr(importlib.import_module(module), attr)
+    torch._dynamo.config.suppress_errors = True
+    failures = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _DynamoFailures) for f in failures.filters):
+        failures.addFilter(_DynamoFailures())
+    _COMPILED.update(layers=len(layers), seen=None, why=None)
     for layer in layers:
         layer.compile(backend=backend)
     log.info("training.compile: %d decoder layers compiled (torch.compile, backend %s); the first steps compile",
              len(layers), backend)
     return len(layers)
+
+
+_COMPILED: dict[str, Any] = {"layers": 0, "seen": None, "why": None}
+
+
+class _DynamoFailures(logging.Filter):
+    """Dynamo's warning when it gives a frame up (suppress_errors) is a traceback per frame: keep the
+    first one's reason for :func:`compile_report`'s line and drop the rest (shown with FTCLUSTER_DEBUG=1)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and _COMPILED["why"] is None:
+            lines = [ln.strip() for ln in record.getMessage().splitlines() if ln.strip()]
+            skip = ("File ", "WON'T CONVERT", "Set TORCHDYNAMO_VERBOSE", "For even more", "from user code", "^")
+            reasons = [ln for ln in lines if not ln.startswith(skip)]
+            errors = [ln for ln in reasons if "Error" in ln.split(":", 1)[0] or "Exception" in ln.split(":", 1)[0]]
+            _COMPILED["why"] = ((errors or reasons or lines or ["unknown"])[-1 if errors else 0])[:240]
+        import os
+
+        return os.environ.get("FTCLUSTER_DEBUG") == "1" or record.levelno < logging.WARNING
+
+
+def compile_report(step: int) -> str | None:
+    """One line about the compiled layers, or None: after the first step how many graphs were
+    compiled and whether any frame fell back to eager (and why); later, a recompilation (a new batch
+    shape or argument type), so a run that keeps recompiling says so instead of only getting slow."""
+    if not _COMPILED["layers"]:
+        return None
+    from torch._dynamo.utils import counters
+
+    total, ok = counters["frames"]["total"], counters["frames"]["ok"]
+    seen, _COMPILED["seen"] = _COMPILED["seen"], (total, ok)
+    if seen is None:
+        failed = total - ok
+        if failed:
+            return (f"training.compile: {failed} of {total} compiled frame(s) fell back to eager, so those layers run "
+                    f"uncompiled (slower, the same training): {_COMPILED['why'] or 'see the warning above'}")
+        return (f"training.compile: {counters['stats']['unique_graphs']} graph(s) compiled in the first step for "
+                f"{_COMPILED['layers']} layers")
+    if total > seen[0]:
+        more = total - seen[0]
+        fails = more - (ok - seen[1])
+        return (f"training.compile: recompiled {more} time(s) before step {step} (a new batch shape or argument type; "
+                f"{total} compilations in all)" + (f", {fails} fell back to eager" if fails else ""))
+    return None
 
 
 def token_rows(model: Any, lora: Any) -> dict[str, list[int]]:

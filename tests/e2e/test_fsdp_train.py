@@ -180,6 +180,8 @@ def test_fsdp_with_compiled_layers_and_checkpointing_trains_the_same_steps(refer
                             tmp_path))
     assert rc == 0, log[-3000:]
     assert "2 decoder layers compiled (torch.compile, backend aot_eager)" in log
+    assert "graph(s) compiled in the first step for 2 layers" in log, log[-3000:]  # loop's compile_report
+    assert "fell back to eager" not in log
     assert worst(curve(out), curve(ref_out)) <= SAME_BATCHES_TOL
 
 

@@ -31,6 +31,16 @@ class Workload:
     # the plain path (no liger-kernel, a non-Llama model, or FTCLUSTER_FUSED_CE=0 / _ZERO3_KEEP=0).
     fused_ce: bool = False
     zero3_keep: bool = False
+    # training.compile as the runtime decides it (plan/speedups.py compile_on): inductor fuses each
+    # decoder layer's norms, SwiGLU and RoPE (Liger's kernels are then off; the fused loss stays).
+    compiled: bool = False
+
+    def on(self, lay: Layout) -> Workload:
+        """This workload as the runtime runs it on ``lay``: compiled layers are off with DeepSpeed ZeRO-3
+        (its parameter gathers hook every module)."""
+        if self.compiled and lay.method == "full" and lay.engine == "deepspeed" and (lay.zero_stage or 0) == 3:
+            return replace(self, compiled=False)
+        return self
 
     @property
     def act_bytes(self) -> int:

@@ -29,6 +29,12 @@ MFU = {("lora", False): 0.49, ("full", False): 0.69, ("lora", True): 0.63, ("ful
 # Hidden size at which the share is MFU / 2 (see matmul_efficiency): 0.70 x MFU at hidden 4096
 # (Llama 8B), 0.54 x MFU at 2048 (Llama 1B).
 GEMM_HALF_DIM = 1750
+# training.compile: how much faster the compiled decoder layers compute than eager ones (the loss is
+# not compiled), by (method, engine). Measured (docs/BENCHMARKS.md): LoRA 8B r16 all-linear mb 2, Liger's
+# kernels on when eager, 1.21x on an H200 (12,629 -> 15,302 tok/s, 2026-12-01) and 1.28x on an H100
+# (10,985 -> 14,022, 2026-12); FSDP2 8B cut to 8 layers mb 4 seq 2048, plain loss, 0.333 -> 0.292 s on an
+# H100 (1.14x, 2026-12-07); DeepSpeed ZeRO-2 on the same shape unchanged on an H200 (2026-12-01).
+COMPILE_GAIN = {("lora", "deepspeed"): 1.25, ("lora", "fsdp"): 1.25, ("full", "fsdp"): 1.14, ("full", "deepspeed"): 1.0}
 CE_BYTES_PER_LOGIT = {False: 40,  # fp32 upcast, log_softmax, its backward and the 16-bit casts, read + written
                       True: 10}  # Liger: 16-bit chunk written, read by the kernel, gradient written in place, read twice
 # ZeRO-3's all-gathers and reduce-scatters pass two stages in series, so their rates add as
@@ -158,9 +164,12 @@ def zero3_gather_seconds(w: Workload, lay: Layout, keep: bool = False) -> float:
 
 def step_seconds(w: Workload, lay: Layout, gpu: Gpu, params: int, trainable: int, keep: bool = False) -> float:
     """Seconds per optimizer step on every GPU of the layout (``keep``: memory.zero3_keeps)."""
+    w = w.on(lay)
     tokens = lay.micro_batch_size * w.seq_len
     peak = gpu.bf16_tflops * 1e12 * (0.5 if w.precision == "fp32" else 1.0)  # TF32 tensor cores
     compute = tokens * flops_per_token(w, lay.method, lay.gradient_checkpointing) / (peak * matmul_efficiency(w, lay.method))
+    if w.compiled:
+        compute /= COMPILE_GAIN[(lay.method, lay.engine)]
     compute += tokens * w.shape.vocab_size * CE_BYTES_PER_LOGIT[w.fused_ce] / (gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY)
     compute += w.shape.num_hidden_layers * layer_overhead_s(lay.method, lay.gradient_checkpointing)
     per_micro, per_step = comm_seconds(w, lay, gpu, params, trainable, keep)

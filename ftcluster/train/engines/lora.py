@@ -23,8 +23,9 @@ def build(inputs: EngineInputs) -> tuple[PlainEngine, None]:
 
     spec, ctx = inputs.spec, inputs.ctx
     model = M.load_base_model(spec, inputs.tokenizer, inputs.dtype, ctx.device, inputs.cache_dir)
+    compiled = model.ftcluster_compile  # load_base_model decided (training.compile)
     model = M.apply_lora(model, spec.lora, spec.training.seed)
-    if spec.training.compile:
+    if compiled:
         M.compile_layers(model)
     return PlainEngine(model, spec, ctx.device, inputs.dtype, inputs.total_steps, ctx.world_size), None
 

@@ -77,4 +77,5 @@ def test_decide_from_a_spec_matches_the_predicates():
     assert d.fused_ce_for("llama") == S.fused_ce_on(gpu, "llama", spec.env)
     assert d.fused_ce_for("qwen2") is False
     assert d.varlen == S.varlen_on(gpu, spec.model.attn_implementation, spec.env)
-    assert d.liger_kernels == (not spec.training.compile) and d.to_dict()["compile"] == spec.training.compile
+    assert d.compile == S.compile_on(gpu, spec.training.compile, zero3=False) and d.to_dict()["compile"] == d.compile
+    assert d.liger_kernels == (not d.compile)

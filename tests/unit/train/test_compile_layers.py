@@ -96,4 +96,93 @@ output: {uri: file:///nowhere}
     with pytest.raises(SpecError) as err:
         load_spec(path)
     msg = str(err.value)
-    assert msg.count("\n") == 0 and "job.yaml:6:" in msg and "training.compile" in msg, msg
+    assert msg.count("\n") == 0 and "job.yaml:6:" in msg and "training.compile: expected true, false or auto" in msg, msg
+
+
+def _fail_backend(gm, example_inputs):  # FTCLUSTER_COMPILE_BACKEND=tests.unit.train.test_compile_layers:_fail_backend
+    raise RuntimeError("this backend cannot compile anything")
+
+
+def test_a_layer_the_backend_cannot_compile_runs_eager_and_is_reported(monkeypatch):
+    """The fallback of training.compile: the failing frames run uncompiled, the loss and gradients are
+    eager's, and the first step's report says so with the reason."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FTCLUSTER_COMPILE_BACKEND", "tests.unit.train.test_compile_layers:_fail_backend")
+    torch._dynamo.reset()
+    counters.clear()
+    data = _packed()
+    ce_eager, _, g_eager = _loss_and_grads(_model(0.0), data, varlen=True)
+    model = _model(0.0)
+    assert M.compile_layers(model) > 0
+    ce, _, g = _loss_and_grads(model, data, varlen=True)
+    line = M.compile_report(1)
+    assert line and "fell back to eager" in line and "cannot compile anything" in line, line
+    assert ce == pytest.approx(ce_eager, rel=1e-6)
+    for name in g_eager:
+        torch.testing.assert_close(g[name], g_eager[name], msg=name)
+    assert M.compile_report(2) is None  # nothing new
+
+
+@pytest.mark.slow
+def test_a_new_batch_width_is_reported_as_a_recompilation(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FTCLUSTER_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(0.0)
+    M.compile_layers(model)
+
+    def step(width: int) -> None:
+        ids = torch.randint(3, 60, (2, width))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+
+    step(32)
+    first = M.compile_report(1)
+    assert first and "graph(s) compiled in the first step" in first, first
+    step(32)
+    assert M.compile_report(2) is None
+    step(64)
+    again = M.compile_report(3)
+    assert again and "recompiled" in again and "before step 3" in again, again
+
+
+@pytest.mark.parametrize("setting,gpu,zero3,model_type,expect", [
+    ("auto", True, False, "llama", True),
+    ("auto", True, False, None, True),  # not known yet (plan time): assumed a tested family
+    ("auto", False, False, "llama", False),  # CPU
+    ("auto", True, True, "llama", False),  # ZeRO-3
+    ("auto", True, False, "gpt_neox", False),
+    (True, True, False, "gpt_neox", True),
+    (True, False, False, "llama", True),
+    (True, True, True, "llama", False),  # a config_file's stage 3
+    (False, True, False, "llama", False),
+])
+def test_compile_auto_decision(setting, gpu, zero3, model_type, expect):
+    from ftcluster.plan.speedups import compile_on
+
+    assert compile_on(gpu, setting, zero3=zero3, model_type=model_type) is expect
+
+
+def test_compile_defaults_to_auto_and_the_plan_decides_by_gpus_and_stage():
+    from ftcluster.plan.speedups import decide
+
+    def spec(extra: str, gpus: int = 1):
+        return load_spec_text(f"""
+name: j
+method: full
+model: {{random_init: {{preset: tiny}}}}
+data: {{train: x.jsonl, seq_len: 32}}
+training: {{max_steps: 2}}
+{extra}
+resources: {{gpus_per_node: {gpus}}}
+output: {{uri: file:///nowhere}}
+""", "j.yaml")
+
+    assert spec("deepspeed: {zero_stage: 2}").training.compile == "auto"
+    assert decide(spec("deepspeed: {zero_stage: 2}")).compile is True
+    assert decide(spec("deepspeed: {zero_stage: 3}")).compile is False  # auto with ZeRO-3: off, not refused
+    assert decide(spec("engine: fsdp")).compile is True
+    assert decide(spec("engine: fsdp", gpus=0)).compile is False
