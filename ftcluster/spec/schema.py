@@ -269,6 +269,12 @@ class TrainingSpec(_Model):
         "A layer dynamo cannot compile runs uncompiled, said in one line after the first step, as are later "
         "recompilations. The first steps pay the compilation (tens of seconds for an 8B model).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision (CPU runs fall back to fp32).")
+    fp8: Literal["tensorwise", "rowwise"] | None = Field(
+        None, description="Full fine-tuning: run the decoder layers' linear layers' matmuls in FP8 (torchao's float8 "
+        "training: weights, inputs and gradients cast to float8 with dynamic scales per tensor or per row; the "
+        "weights and optimizer stay in bf16/fp32). Needs a GPU of compute capability 8.9 or newer (H100, H200, L40S), "
+        "torchao (`ftcluster[gpu]`) and precision bf16; with FSDP2 or DeepSpeed ZeRO stages 0-2. The output layer "
+        "stays bf16. On CPUs it is emulated (tests). What it changes in the loss: docs/training.md, \"FP8\".")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
@@ -732,6 +738,13 @@ class LoraJob(_JobBase):
     method: Literal["lora"] = Field(..., description="`lora` (adapters) or `full` (full fine-tune: DeepSpeed or FSDP2, see `engine`).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
 
+    @model_validator(mode="after")
+    def _no_fp8(self) -> LoraJob:
+        if self.training.fp8 is not None:
+            raise ValueError("training.fp8: FP8 matmuls are for method: full; LoRA on an FP8-stored base is not "
+                             "implemented yet: remove training.fp8")
+        return self
+
 
 class FullJob(_JobBase):
     """Full fine-tuning with DeepSpeed ZeRO or PyTorch FSDP2, one or many nodes."""
@@ -774,6 +787,18 @@ class FullJob(_JobBase):
             why = "zero_stage 0" if ds.zero_stage == 0 else "nvme offload"
             raise ValueError(f"resources.min_nodes: a DeepSpeed checkpoint with {why} cannot resume on another number "
                              "of processes; use zero_stage 1-3 without nvme offload, engine: fsdp, or remove min_nodes")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8(self) -> FullJob:
+        if self.training.fp8 is None:
+            return self
+        if self.training.precision != "bf16":
+            raise ValueError(f"training.fp8: needs precision bf16 (the weights and the other layers' compute), got "
+                             f"{self.training.precision}; set training.precision: bf16 or remove fp8")
+        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
+            raise ValueError("training.fp8: not with deepspeed.zero_stage 3 (its parameter gathers replace the weights "
+                             "the float8 layers cast); use engine: fsdp or zero_stage 2")
         return self
 
     @model_validator(mode="after")

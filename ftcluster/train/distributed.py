@@ -240,6 +240,13 @@ def setup_logging(rank: int) -> None:
         logger.propagate = False
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # torchao (imported by transformers and peft when installed) says at import which of its GPU kernels
+    # a CPU host cannot load, and registers types torch calls deprecated: not actionable here.
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         import transformers
 

@@ -136,6 +136,29 @@ def test_fsdp_tied_embeddings_export_one_shared_matrix(tmp_path, cache_dir):
     assert got == pytest.approx(records(out, "summary")[0]["eval_loss"], rel=1e-4)
 
 
+def test_fsdp_fp8_trains_checkpoints_and_exports_a_plain_model(tmp_path, cache_dir):
+    """training.fp8 (torchao's float8 linear layers, emulated on the CPU): the run commits checkpoints with
+    the usual keys and exports a plain bf16/fp32 Llama whose eval loss is the reported one within what
+    the float8 rounding of the reported (float8) evaluation changes."""
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, spec_file = tmp_path / "out", fsdp_spec_file(tmp_path)
+    sets = [f"output.uri={out.as_uri()}", "training.max_steps=6", "output.checkpoint_every_steps=3",
+            "training.fp8=tensorwise"]
+    rc, log = finish(launch(write_payload(tmp_path, "fp8", sets, base=spec_file), 2, cache_dir, tmp_path))
+    assert rc == 0, log[-3000:]
+    assert "training.fp8: 14 linear layers of the decoder layers compute in float8 (tensorwise scaling" in log
+    assert "Failed to load" not in log and "_pytree" not in log  # torchao's CPU-host chatter kept out
+    assert committed_steps(out)[-2:] == [3, 6]
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert all(type(m).__name__ != "Float8Linear" for m in model.modules())
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    got = eval_loss_of(model, load_spec(spec_file, overrides=sets), tok)
+    assert got == pytest.approx(records(out, "summary")[0]["eval_loss"], rel=1e-2)
+
+
 # --------------------------------------------------------------------------- (b) the same losses as ZeRO-2 and 1 process
 
 

@@ -338,6 +338,9 @@ def build_plan(spec: Any, *, gpu: str | Gpu | None = None, price: float | None =
     if w.fused_ce and fused_ce is None:
         notes.append("assumes the runtime's fused linear cross-entropy (liger-kernel installed where the job runs); "
                      "without it set env FTCLUSTER_FUSED_CE: '0' or pass --fused-ce off")
+    if getattr(spec.training, "fp8", None):
+        notes.append(f"training.fp8 ({spec.training.fp8}) is not modelled: memory and step time here are bf16's "
+                     "(float8 casts keep bf16 weights; their speed-up is not measured here yet)")
     if w.compiled:
         notes.append("compiled decoder layers (training.compile) modelled from measured runs: their activations as "
                      "with fused kernels; their compute 1.25x faster for LoRA, 1.14x for FSDP2, unchanged for "

@@ -45,6 +45,13 @@ def build(inputs: EngineInputs) -> tuple[DeepSpeedEngine, Any]:
         keep = HfDeepSpeedConfig(cfg)  # kept alive: transformers builds the model partitioned
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     model = M.load_base_model(spec, inputs.tokenizer, inputs.dtype, ctx.device, inputs.cache_dir, zero3=zero3)
+    if spec.training.fp8 is not None:
+        if zero3:  # a config_file that sets stage 3 (the spec's own zero_stage 3 is refused on load)
+            raise TrainError("training.fp8: not with ZeRO-3 (deepspeed.config_file sets stage 3); use stage 2 or "
+                             "engine: fsdp")
+        from ..fp8 import apply_fp8
+
+        apply_fp8(model, spec.training.fp8, ctx.device)
     if getattr(model, "ftcluster_compile", False):  # load_base_model decided (off with ZeRO-3, said why)
         M.compile_layers(model)
     return DeepSpeedEngine(model, spec, cfg, ctx.device, inputs.total_steps, ctx.world_size, ctx=ctx), keep

@@ -70,6 +70,9 @@ def build(inputs: EngineInputs) -> tuple[FsdpEngine, None]:
     # bf16 module; FSDP2 shards the fp32 parameters and casts to param_dtype for compute).
     model = M.load_base_model(spec, inputs.tokenizer, torch.float32, ctx.device, inputs.cache_dir,
                               meta=not every_rank, init_dtype=inputs.dtype)
+    from ..fp8 import apply_fp8
+
+    apply_fp8(model, spec.training.fp8, ctx.device)  # before compile and fully_shard, as torchtitan
     if getattr(model, "ftcluster_compile", False):
         M.compile_layers(model)  # before fully_shard, per block, as torchtitan's apply_compile
     shard_model(model, spec.fsdp, inputs.dtype, ctx)

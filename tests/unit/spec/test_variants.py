@@ -86,7 +86,7 @@ variants:
         "job.yaml:16:7: variants[1].set.training.learning_rate: Input should be greater than 0 (got -1)",
         "job.yaml:17:30: variants[1].set.data.seq_len: Input should be greater than or equal to 8 (got 2)",
         "job.yaml:19:11: variants[2].set.training.max_stepz: unknown field 'max_stepz'; did you mean 'max_steps'? "
-        "valid fields: adam_beta1, adam_beta2, compile, epochs, eval_every_steps, gradient_accumulation_steps, "
+        "valid fields: adam_beta1, adam_beta2, compile, epochs, eval_every_steps, fp8, gradient_accumulation_steps, "
         "gradient_checkpointing, hang_timeout, learning_rate, log_every_steps, lr_schedule, max_grad_norm, max_steps, "
         "micro_batch_size, precision, seed, warmup_steps, weight_decay",
         "job.yaml:21:25: variants[3].set.lora.alpha: lora is also set, and a mapping replaces the whole section; "
