@@ -245,7 +245,8 @@ def spec_dict(c: dict, data: Path, out: Path, steps: int, overrides: dict) -> di
         "tokenizer": {"train_vocab_size": 8000 if c["shape"] != "tiny" else 400},
         "data": {"train": str(data), "format": "instruction" if c["data"] else "text", "seq_len": c["seq"],
                  "packing": True},
-        "training": {"learning_rate": 1.0e-5, "warmup_steps": 2, "max_steps": steps, "micro_batch_size": c["mb"],
+        # a rate that trains (issue #24: 1e-5 hid differences between set-ups); runs before 2026-12-08 used 1e-5
+        "training": {"learning_rate": 2.0e-4, "warmup_steps": 2, "max_steps": steps, "micro_batch_size": c["mb"],
                      "gradient_checkpointing": c["grad_ckpt"], "precision": "bf16", "log_every_steps": 1},
         "resources": {"gpus_per_node": c["gpus"]},
         "output": {"uri": out.as_uri(), "keep_last": 1},
