@@ -111,7 +111,10 @@ def predict(run: dict) -> tuple[float, float]:
                  attn_implementation=attn, lora_r=int(run.get("lora_r", 16)),
                  lora_targets=targets if isinstance(targets, str) else tuple(targets),
                  lora_dropout=float(run.get("lora_dropout", 0.0)), fused_ce=on, zero3_keep=on,
-                 compiled=compiled_of(run))
+                 compiled=compiled_of(run),
+                 # the planner's estimate of the corpus's packed example span (speed.py records it since
+                 # 2026-12-08; earlier records: the whole row, as the planner assumed then)
+                 attention_span=run.get("attention_span") if run.get("packing", True) else None)
     nodes = int(run.get("nodes", 1))
     lay = Layout(method, nodes, int(run["gpus"]) // nodes, int(run["micro_batch_size"]),
                  int(run.get("gradient_accumulation_steps", 1)), float(run["gradient_checkpointing"]),

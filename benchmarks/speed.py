@@ -350,9 +350,12 @@ def run_ft(c: dict, args, work: Path, data: Path, results: Path, overrides: dict
     with log.open("w") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=str(work),
                             timeout=args.timeout).returncode
+    from ftcluster.plan.planner.data import estimate_tokens
+
+    span = estimate_tokens(spec.data, spec.tokenizer.train_vocab_size).attention_span(spec.data.seq_len)
     res = {"case": c["name"], "stack": "ftcluster" + (f" {tag.split('.', 2)[-1]}" if tag.count(".") > 1 else ""),
            "exit_code": rc, "wall_s": round(time.monotonic() - t0, 1), "overrides": overrides,
-           "packing": spec.data.packing, "data": c["data"] or "text"}
+           "packing": spec.data.packing, "data": c["data"] or "text", "attention_span": span}
     metrics = out / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         res["error"] = log.read_text()[-2500:]
@@ -372,7 +375,7 @@ def plan_record(c: dict, res: dict, overrides: dict, env_note: dict) -> dict:
            "model": dict(layers=layers, hidden=h, intermediate=inter, heads=heads, kv_heads=kv, vocab=vocab, tied=tied),
            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"} if c["method"] == "lora" else None,
            "precision": "bf16", "attn_implementation": "sdpa", "packing": res.get("packing", True),
-           "data": c["data"] or "text", "overrides": overrides,
+           "data": c["data"] or "text", "overrides": overrides, "attention_span": res.get("attention_span"),
            "exit_code": res["exit_code"], **env_note}
     if "error" in res:
         rec["error_tail"] = res["error"][-400:]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ...errors import FtclusterError
@@ -325,6 +325,8 @@ def build_plan(spec: Any, *, gpu: str | Gpu | None = None, price: float | None =
             else DataEstimate(None, None, "not counted"))
     seqs = sequences(data, spec.data.seq_len, spec.data.packing)
     w = workload_of(spec, shape, fused_ce, launch)
+    if spec.data.packing and w.attn_implementation == "flash_attention_2":
+        w = replace(w, attention_span=data.attention_span(spec.data.seq_len))
     ev = Evaluator(w, g, spec, seqs, (w.lora_r, w.lora_targets, w.lora_dropout))
     req_layout = requested_layout(spec, g.name, launch.recipe.planner_model)
     req = ev.evaluate(req_layout)

@@ -27,6 +27,18 @@ class DataEstimate:
     examples: int | None
     how: str  # 'counted', 'estimated from size', or why it is unknown
     shard_tokens: tuple[int, ...] | None = None  # a prepared corpus's shards: its blocks are exact
+    # sum over counted examples of tokens^2 and of tokens: their ratio is the token-weighted mean
+    # example length, the span a packed token attends over (attention_span)
+    length_moments: tuple[float, float] | None = None
+
+    def attention_span(self, seq_len: int) -> float | None:
+        """The mean number of positions a packed token's example spans (token-weighted, each example
+        cut into seq_len pieces): variable-length attention computes each example's own causal square,
+        so its work per token scales with this, not with seq_len. None when no example was counted."""
+        if not self.length_moments or self.length_moments[1] <= 0:
+            return None
+        sq, n = self.length_moments
+        return min(float(seq_len), sq / n)
 
 
 def chars_per_token(train_vocab_size: int | None) -> float:
@@ -74,21 +86,26 @@ def estimate_tokens(data: Any, train_vocab_size: int | None = None, *, network: 
         return DataEstimate(None, None, f"{uri}: no such file")
     tokens = examples = 0
     how = "counted"
+    moments = [0.0, 0.0]
     for f in files:
         if f.endswith((".jsonl", ".json")) and not f.endswith(".gz"):
-            t, e, sampled = _jsonl_tokens(f, data, cpt)
+            t, e, sampled = _jsonl_tokens(f, data, cpt, moments)
             how = "estimated from a sample" if sampled and how == "counted" else how
         else:
             t, e = _size_tokens(os.path.getsize(f), f, data, cpt)
             how = "estimated from size"
         tokens += t
         examples += e
-    return DataEstimate(tokens, examples, how)
+    return DataEstimate(tokens, examples, how, length_moments=(moments[0], moments[1]) if moments[1] else None)
 
 
-def _jsonl_tokens(path: str, data: Any, cpt: float) -> tuple[int, int, bool]:
+def _jsonl_tokens(path: str, data: Any, cpt: float, moments: list[float] | None = None) -> tuple[int, int, bool]:
+    """(tokens, examples, sampled) of a local jsonl file; adds each counted example's sum of squared
+    piece lengths (pieces of at most data.seq_len) and its tokens to ``moments``."""
     size = os.path.getsize(path)
     chars = n = read = 0
+    per = TEMPLATE_TOKENS[data.format]
+    seq = int(data.seq_len)
     with open(path, "rb") as fh:
         for line in fh:
             read += len(line)
@@ -98,12 +115,17 @@ def _jsonl_tokens(path: str, data: Any, cpt: float) -> tuple[int, int, bool]:
                 except ValueError:
                     continue
                 if isinstance(rec, dict):
-                    chars += _record_chars(rec, data.format, data.fields)
+                    c = _record_chars(rec, data.format, data.fields)
+                    chars += c
                     n += 1
+                    if moments is not None:
+                        length = c / cpt + per
+                        full, rest = divmod(length, seq)
+                        moments[0] += full * seq * seq + rest * rest
+                        moments[1] += length
             if read >= SAMPLE_BYTES:
                 break
     scale = size / read if read else 1.0
-    per = TEMPLATE_TOKENS[data.format]
     return int((chars / cpt + per * n) * scale), int(n * scale), read < size
 
 

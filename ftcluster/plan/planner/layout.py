@@ -34,6 +34,9 @@ class Workload:
     # training.compile as the runtime decides it (plan/speedups.py compile_on): inductor fuses each
     # decoder layer's norms, SwiGLU and RoPE (Liger's kernels are then off; the fused loss stays).
     compiled: bool = False
+    # variable-length attention over packed examples: the token-weighted mean example length
+    # (DataEstimate.attention_span), the span each token attends over; None: the whole row
+    attention_span: float | None = None
 
     def on(self, lay: Layout) -> Workload:
         """This workload as the runtime runs it on ``lay``: compiled layers are off with DeepSpeed ZeRO-3

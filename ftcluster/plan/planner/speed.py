@@ -84,7 +84,10 @@ def attention_flops_per_token(w: Workload, method: str, checkpointing: float) ->
     kernel with a float bias and eager a full softmax: both compute the whole seq x seq square."""
     s = w.shape
     square = 1.0 if w.attn_implementation == "flash_attention_2" else 2.0
-    return square * 2.0 * s.num_hidden_layers * w.seq_len * s.q_dim * _passes(method, checkpointing)
+    # The varlen kernel (modelled as flash_attention_2) computes each packed example's own causal
+    # square: a token attends over its example, not the row (Workload.attention_span).
+    span = w.attention_span if (w.attention_span and w.attn_implementation == "flash_attention_2") else w.seq_len
+    return square * 2.0 * s.num_hidden_layers * min(span, w.seq_len) * s.q_dim * _passes(method, checkpointing)
 
 
 def flops_per_token(w: Workload, method: str, checkpointing: float) -> float:
