@@ -411,7 +411,14 @@ def _wait(run_id: str, run_ref: str) -> int:
                    f"follow it: ftcluster logs -f {run_id}   stop it: ftcluster cancel {run_id}", err=True)
         return 130
     click.echo(f"{st.run_id}: {st.state}{' - ' + st.message if st.message else ''}", err=True)
+    _plot_hint(st)
     return api.EXIT_CODES.get(st.state, 1)
+
+
+def _plot_hint(st: Any) -> None:
+    """After a run that trained (``submit --wait``, ``logs -f``): how to look at its curves."""
+    if st.terminal and st.output_uri:
+        click.echo(f"curves: ftcluster plot {st.run_id} -o {st.name or 'run'}.png", err=True)
 
 
 @cli.command()
@@ -489,6 +496,7 @@ def logs(run: str, follow: bool, rank: int | None) -> None:
     options: dict[str, Any] = {"rank": rank} if rank is not None else {}
     if follow:
         _follow(run, **options)
+        _plot_hint(api.status(run))
         return
     for line in api.logs(run, **options):
         click.echo(line, nl=False)
@@ -574,6 +582,22 @@ def sample(run_or_uri: str | None, prompt: str, adapters: tuple[str, ...], base:
     argv = api.sample_command(run_or_uri, prompt, input_text, max_new_tokens, temperature, list(adapters), base,
                               force)
     sys.exit(subprocess.run(argv).returncode)  # the core never imports torch: the train layer runs apart
+
+
+@cli.command()
+@click.argument("targets", metavar="RUN_OR_URI...", nargs=-1, required=True, shell_complete=_complete_run_or_uri)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="ftcluster-plot.png", show_default=True,
+              help="The picture to write (PNG; another suffix matplotlib knows, e.g. .svg or .pdf, picks that format).")
+def plot(targets: tuple[str, ...], output: str) -> None:
+    """Compare runs in one picture: loss and eval loss against tokens seen, forgetting (general eval before and
+    after), tokens/s with checkpoint stalls and memory per step against the planner's figures. RUN_OR_URI: a run id
+    (a job array's variants and a pipeline's stages are under it), RUN/path, or an output URI or path."""
+    from .ui import plot as P
+
+    series = P.collect(list(targets))
+    click.echo(P.table(series))
+    P.draw(series, output)
+    click.echo(f"wrote {output} ({len(series)} run(s))")
 
 
 @cli.command()

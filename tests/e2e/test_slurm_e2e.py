@@ -146,6 +146,13 @@ def test_lora_variants_array_trains_one_adapter_per_variant(tmp_path):
         config = json.loads((tmp_path / "out" / variant / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == r and adapter["meta"]["training"]["name"] == f"quickstart-{variant}"
         assert f"lora run 'quickstart-{variant}'" in res.stdout
+    # ftcluster plot compares the array's adapters: the output root holds one run per variant
+    png = tmp_path / "variants.png"
+    shown = ftc("plot", str(tmp_path / "out"), "-o", str(png), home=home)
+    rows = shown.stdout.splitlines()
+    assert [r.split()[0] for r in rows[1:3]] == [f"{tmp_path / 'out'}/r2", f"{tmp_path / 'out'}/r4"], shown.stdout
+    assert all(r.split()[1] == "10" for r in rows[1:3]) and "wrote" in rows[-1] and "(2 run(s))" in rows[-1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_node_deepspeed_zero3_on_cpu_completes(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,7 @@ def test_quickstart_trains_and_leaves_a_loadable_adapter(tmp_path, cache_dir):
                           "--set", f"output.uri={out.as_uri()}"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert re.search(r"^curves: ftcluster plot \S+ -o quickstart\S*\.png$", res.stderr, re.M), res.stderr[-1000:]
     spec = load_spec(QUICKSTART, overrides=[f"output.uri={out.as_uri()}"])
     steps = spec.training.max_steps
     assert sorted(curve(out)) == list(range(1, steps + 1))
@@ -209,6 +211,15 @@ def test_quickstart_trains_and_leaves_a_loadable_adapter(tmp_path, cache_dir):
     assert all(trained[n].abs().sum() > 0 for n in trained if "lora_B" in n)
     # The adapter on disk is the one that produced the reported final eval loss.
     assert eval_loss_of(model, spec, tok) == pytest.approx(evals[-1]["loss"], rel=1e-4)
+    # ftcluster plot draws this run (an output path) and prints the numbers behind the picture
+    png = tmp_path / "quickstart.png"
+    res = subprocess.run([sys.executable, "-m", "ftcluster.cli", "plot", str(out), "-o", str(png)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    row = res.stdout.splitlines()[1]
+    assert str(out) in row and f" {steps} " in row and f"{evals[-1]['loss']:.4f}" in row, res.stdout
+    assert f"{general['before']:.4f} -> {general['after']:.4f}" in row, res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
 # --------------------------------------------------------------------------- a tiny LoRA run: what it says, what it leaves
