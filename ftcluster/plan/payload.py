@@ -79,6 +79,7 @@ def select_payload(payload: dict[str, Any], environ: Mapping[str, str]) -> dict[
     index = _variant_index(names, environ)
     entry, base = variants[index], payload["base"]
     return {"ftcluster_version": payload.get("ftcluster_version"), "variant": entry["variant"],
+            "group": (base.get("spec") or {}).get("name"),  # the job's name: its variants' shared tracker experiment
             "spec": apply_changes(base["spec"], entry.get("set", {}), entry.get("unset", [])),
             "deepspeed": entry["deepspeed"] if "deepspeed" in entry else base["deepspeed"]}
 

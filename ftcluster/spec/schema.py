@@ -404,6 +404,38 @@ class ResourcesSpec(_Model):
         return ((int(d or 0) * 24 + int(h)) * 60 + int(m)) * 60 + int(s)
 
 
+class MlflowTracking(_Model):
+    """An MLflow tracking server (or store) the run reports to."""
+
+    uri: str = Field(..., description="Tracking URI: http(s)://host:port, databricks, or a local file:/sqlite: store. Credentials never here: the job reads MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD from its environment (slurm.env_passthrough, kubernetes.secret_env).")
+    experiment: str | None = Field(None, description="Experiment name (created when missing); default: the job's name (a variant's or stage's parent job name, so they compare side by side).")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_userinfo(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(v).password is not None or (urlsplit(v).username and "@" in v.split("//", 1)[-1]):
+            raise ValueError("credentials in the URI: set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or "
+                             "MLFLOW_TRACKING_TOKEN) in the job's environment by reference instead (slurm.env_passthrough, "
+                             "kubernetes.secret_env), and give the URI without them")
+        return v
+
+
+class TensorboardTracking(_Model):
+    """TensorBoard event files."""
+
+    dir: str | None = Field(None, description="Where the event files go (a local path or fsspec URI); default: <output.uri>/tensorboard, beside the checkpoints.")
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers the run reports to from rank 0 (docs/tracking.md). A tracker that is down never stops
+    training: it is retried in the background and its failure is one warning line."""
+
+    mlflow: MlflowTracking | None = Field(None, description="Report to MLflow: parameters (the resolved spec, secrets masked), every metric with its step, the planner's predictions, the artifacts' URIs and record.")
+    tensorboard: TensorboardTracking | None = Field(None, description="Write TensorBoard event files (`tensorboard: {}` for the default folder).")
+
+
 class OutputSpec(_Model):
     """Where checkpoints, adapters and metrics go."""
 
@@ -664,6 +696,7 @@ class _JobBase(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Nodes, GPUs, CPUs, memory, time.")
     output: OutputSpec = Field(..., description="Checkpoints and artifacts.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment trackers (MLflow, TensorBoard) the run reports to; none by default.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment for every process on every backend, e.g. NCCL_SOCKET_IFNAME (no secrets).")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Slurm backend settings.")
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec, description="Kubernetes settings.")

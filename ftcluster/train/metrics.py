@@ -76,8 +76,11 @@ class MetricsReporter:
     """Rank-0 reporting. ``enabled=False`` (other ranks) makes every call a no-op."""
 
     def __init__(self, *, enabled: bool, total_steps: int, start_step: int, log_every: int,
-                 sink: JsonlSink | None, tty: bool | None = None, on_close: Callable[[], None] | None = None):
+                 sink: JsonlSink | None, tty: bool | None = None, on_close: Callable[[], None] | None = None,
+                 tracker: Any = None, on_tracker_close: Callable[[Any], None] | None = None):
         self.enabled = enabled
+        self.tracker = tracker  # train/tracking.py's Trackers: every record is queued there too
+        self.on_tracker_close = on_tracker_close
         self.on_close = on_close  # after the sink's close (the run's: its last upload of metrics.jsonl)
         self.total = total_steps
         self.start_step = start_step
@@ -117,6 +120,8 @@ class MetricsReporter:
         rec["eta_s"] = elapsed_run / done * (self.total - rec["step"]) if done > 0 else None
         if self.sink is not None:
             self.sink.write({"kind": "train", **rec})
+        if self.tracker is not None:
+            self.tracker.record({"kind": "train", **rec})
         if self._progress is not None:
             info = f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:,.0f} tok/s"
             self._progress.update(self._task, completed=rec["step"], info=info)
@@ -133,6 +138,8 @@ class MetricsReporter:
         if self.sink is not None:
             self.sink.write(rec)
             self.sink.flush()
+        if self.tracker is not None:
+            self.tracker.record(rec)
         if message:
             self.print(message)
 
@@ -146,11 +153,17 @@ class MetricsReporter:
             self.sink.close()
         if self.on_close is not None:
             self.on_close()
+        if self.tracker is not None and self.on_tracker_close is not None:
+            self.on_tracker_close(self.tracker)
+            self.tracker = None
 
 
-def open_reporter(spec: Any, ctx: Any, work_dir: Path, total_steps: int, start_step: int) -> MetricsReporter:
+def open_reporter(spec: Any, ctx: Any, work_dir: Path, total_steps: int, start_step: int,
+                  group: str | None = None) -> MetricsReporter:
     """The run's reporter: on rank 0, metrics.jsonl in ``work_dir``, published under the output URI
-    at each flush (a resumed run continues it from ``start_step``); a no-op on the other ranks."""
+    at each flush (a resumed run continues it from ``start_step``), and the experiment trackers of
+    ``spec.tracking`` (``group``: a job array's job name, their shared experiment); a no-op on the
+    other ranks."""
     if not ctx.is_main:
         return MetricsReporter(enabled=False, total_steps=total_steps, start_step=start_step,
                                log_every=spec.training.log_every_steps, sink=None)
@@ -158,5 +171,9 @@ def open_reporter(spec: Any, ctx: Any, work_dir: Path, total_steps: int, start_s
 
     writer = MetricsWriter(spec.output.uri, spec.output.storage_options, local_dir=work_dir, resume_step=start_step)
     sink = JsonlSink(writer.local_path, on_flush=lambda p: writer.upload())
+    from .tracking import end_of_run, open_trackers
+
+    trackers = open_trackers(spec, work_dir, start_step, group)
     return MetricsReporter(enabled=True, total_steps=total_steps, start_step=start_step,
-                           log_every=spec.training.log_every_steps, sink=sink, on_close=writer.close)
+                           log_every=spec.training.log_every_steps, sink=sink, on_close=writer.close,
+                           tracker=trackers, on_tracker_close=lambda t: t.close(*end_of_run(spec)))

@@ -164,7 +164,8 @@ class Trainer:
             self._remove_work_dir()
             raise
         self.state.start_clock()
-        self.reporter = open_reporter(self.spec, self.ctx, self.work_dir, self.total_steps, self.state.step)
+        self.reporter = open_reporter(self.spec, self.ctx, self.work_dir, self.total_steps, self.state.step,
+                                      group=self.payload.get("group"))
         self.evals = Evaluator(self.engine, self.ctx, self.data.eval, self.data.general_eval, self.reporter,
                                self.state)
         self.saves = Checkpointing(self.ckpt, self.outputs, self.reporter, lambda: self.evals.last)

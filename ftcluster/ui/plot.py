@@ -201,8 +201,11 @@ def draw(series: list[Series], path: str) -> None:
         if s.predicted.get("mem_gb"):
             ax_mem.axhline(s.predicted["mem_gb"], color=c, ls="--", lw=0.8, alpha=0.7)
     # forgetting: general-eval loss before and after, per run
-    gens = [(s, {r.get("when"): r.get("loss") for r in s.kind("general_eval")}) for s in series]
-    gens = [(s, g) for s, g in gens if g.get("before") is not None and g.get("after") is not None]
+    gens: list[tuple[Series, dict[str, float]]] = []
+    for s in series:
+        g = {str(r.get("when")): r.get("loss") for r in s.kind("general_eval")}
+        if isinstance(g.get("before"), (int, float)) and isinstance(g.get("after"), (int, float)):
+            gens.append((s, {"before": float(g["before"]), "after": float(g["after"])}))  # type: ignore[arg-type]
     if gens:
         xs = range(len(gens))
         ax_gen.bar([x - 0.2 for x in xs], [g["before"] for _, g in gens], 0.4, label="before", color="#999999")
