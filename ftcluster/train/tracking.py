@@ -35,6 +35,7 @@ log = logging.getLogger("ftcluster.train")
 STATE = ".ftcluster/tracking.json"  # under output.uri: the tracker runs this output reports to
 MAX_PENDING = 200_000  # records a failing tracker keeps to send later (the oldest are dropped beyond)
 CLOSE_TIMEOUT_S = 30.0
+SEND_EVERY_S = 2.0  # records are sent in batches at most this often: one request per batch, not per step
 
 
 def metric_items(rec: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
@@ -244,6 +245,7 @@ class Trackers:
             except queue.Empty:
                 item = None
             batch = [] if item is None else [item]
+            self._close.wait(SEND_EVERY_S if item is not None else 0)  # gather a batch (not when closing)
             while True:
                 try:
                     batch.append(self.q.get_nowait())

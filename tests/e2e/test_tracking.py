@@ -115,6 +115,9 @@ def test_a_run_reports_everything_and_survives_a_tracker_outage(tmp_path, cache_
     proc = launch(payload, 1, cache_dir, tmp_path)
     state = out / ".ftcluster" / "tracking.json"
     wait_for_step(proc, out, 10)
+    end = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < end:  # the tracker's thread opens the MLflow run
+        time.sleep(0.2)
     assert json.loads(state.read_text())["mlflow"]["uri"] == server.uri
     server.stop()  # the tracker goes down mid-run
     wait_for_step(proc, out, 60)
