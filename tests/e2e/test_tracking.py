@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ pytest.importorskip("tensorboard")
 from tests.e2e.test_train_runtime import (  # noqa: E402
     QUICKSTART,
     ROOT,
+    _free_port,
     cache_dir,  # noqa: F401 - the module's shared cache fixture
     finish,
     launch,
@@ -39,17 +39,11 @@ from tests.e2e.test_train_runtime import (  # noqa: E402
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``mlflow server`` on loopback; stop() kills it, start() brings it back on the same port and store."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _port()
+        self.root, self.port = root, _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

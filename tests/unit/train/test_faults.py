@@ -3,6 +3,7 @@ on a real c10d store (HashStore) and a clock the test moves; the processes are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -180,9 +181,10 @@ def test_the_launcher_names_a_rank_it_saw_killed(tmp_path):
     assert first_failure(failed(r0=FAULT_EXIT), tmp_path).kind == F.INFRA
 
 
-def test_a_lost_store_names_the_first_node(tmp_path):
-    """The workers' c10d store lives in the first node's launcher: when it stops answering after a
-    collective failed, the rank names that node's rank 0 (from the heartbeats it read) as lost."""
+@contextlib.contextmanager
+def store_host():
+    """(a client connection, the process hosting the c10d store): the test kills that process to lose
+    the store as a lost node's launcher would; ``F._state`` is cleared and the host killed after."""
     import datetime
     import socket
     import subprocess
@@ -195,7 +197,16 @@ def test_a_lost_store_names_the_first_node(tmp_path):
                                f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
                                "time.sleep(60)"])
     try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=20))
+        yield dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=20)), server
+    finally:
+        F._state.clear()
+        server.kill()
+
+
+def test_a_lost_store_names_the_first_node(tmp_path):
+    """The workers' c10d store lives in the first node's launcher: when it stops answering after a
+    collective failed, the rank names that node's rank 0 (from the heartbeats it read) as lost."""
+    with store_host() as (store, server):
         clock = Clock()
         node0 = F.Watchdog(store, 0, 2, T, host="n1", clock=clock, progress=F.Progress())
         me = F.Watchdog(store, 1, 2, T, host="n2", clock=clock, progress=F.Progress())
@@ -205,9 +216,6 @@ def test_a_lost_store_names_the_first_node(tmp_path):
         server.kill()
         server.wait()
         code, tail = F.exit_for(RuntimeError("gloo: Connection reset by peer"), 1)
-    finally:
-        F._state.clear()
-        server.kill()
     assert code == FAULT_EXIT and "rank 0 on n1: lost with its node: the job's c10d store" in tail
 
 
@@ -215,21 +223,10 @@ def test_a_store_lost_before_any_watchdog_round_still_names_rank_0_s_node(tmp_pa
     """CI, 2026-12-07: a node lost a second after training started (the watchdog's first round is
     hang_timeout/20 s away) was named "rank 0 on the first node": the rank had read no heartbeat yet.
     The watchdog learns rank 0's host as it starts."""
-    import datetime
-    import socket
-    import subprocess
-    import sys
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
-                               f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
-                               "time.sleep(60)"])
     me = None
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=20))
+    with store_host() as (store, server):
         F.Watchdog(store, 0, 2, 300.0, host="n2", progress=F.Progress()).publish()
         me = F.Watchdog(store, 1, 2, 300.0, host="n1", progress=F.Progress()).start(lambda f: None)
         F._state.update(store=store, watchdog=me)
@@ -238,11 +235,7 @@ def test_a_store_lost_before_any_watchdog_round_still_names_rank_0_s_node(tmp_pa
         server.kill()
         server.wait()
         code, tail = F.exit_for(RuntimeError("gloo: Connection reset by peer"), 1)
-    finally:
-        if me is not None:
-            me.stop()
-        F._state.clear()
-        server.kill()
+        me.stop()
     assert code == FAULT_EXIT and "rank 0 on n2: lost with its node" in tail, tail
 
 
