@@ -98,10 +98,8 @@ def _round_init(dtype_name: str) -> None:
 
     def load_base_model(*a, **kw):
         model = orig(*a, **kw)
-        with torch.no_grad():
-            for t in model.parameters():
-                if t.is_floating_point() and not t.is_meta:
-                    t.copy_(t.to(getattr(torch, dtype_name)).to(t.dtype))
+        if not any(p.is_meta for p in model.parameters()):
+            M.round_through(model, getattr(torch, dtype_name))
         return model
 
     M.load_base_model = load_base_model

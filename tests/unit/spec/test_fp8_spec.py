@@ -46,3 +46,16 @@ def test_fp8_refusals_are_one_located_line(kw, line, words):
         spec(**kw)
     msg = str(err.value)
     assert msg.count("\n") == 0 and f"job.yaml:{line}:" in msg and "training.fp8" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("tracking,words", [
+    ("{mlflow: {experiment: x}}", "tracking.mlflow.uri"),
+    ("{wandb: {project: x}}", "tracking.wandb: unknown field"),
+    ("{tensorboard: {dirr: /tmp}}", "tracking.tensorboard.dirr: unknown field"),
+])
+def test_tracking_mistakes_are_one_located_line(tracking, words):
+    text = BASE.format(method="full", fp8="null", precision="bf16", engine="") + f"tracking: {tracking}\n"
+    with pytest.raises(SpecError) as err:
+        load_spec_text(text, "job.yaml")
+    msg = str(err.value)
+    assert msg.count("\n") == 0 and "job.yaml:11:" in msg and words in msg, msg
